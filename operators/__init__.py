@@ -1,0 +1,1 @@
+"""shmflow's operator library: concrete operators implementing runtime.task's protocol."""

@@ -1,0 +1,1 @@
+"""The workloads behind ``shmflow bench`` (not collected by pytest)."""

@@ -1,0 +1,110 @@
+"""The ``shmflow`` command: run | coordinator | worker | bench | status | config | sweep.
+
+Imports: any runtime module, lazily inside each subcommand, so ``shmflow --help``
+stays fast and a subcommand's imports cannot break another's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from runtime._version import __version__
+
+
+def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        print(f"shmflow {name}: not available in this version ({__version__})", file=sys.stderr)
+        return 2
+    return command
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from runtime.memory import list_regions
+    regions = list_regions()
+    if args.json:
+        print(json.dumps(regions, indent=2))
+    elif not regions:
+        print("no shmflow regions in /dev/shm")
+    else:
+        from runtime.memory import format_bytes
+        for r in regions:
+            state = "orphaned (creator dead)" if r["orphaned"] else f"creator pid {r['creator_pid']}"
+            print(f"{r['name']:40} {format_bytes(r['bytes']):>10}  {state}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from runtime.memory import sweep
+    removed = sweep()
+    for name in removed:
+        print(f"removed {name}")
+    if not removed:
+        print("nothing to sweep: every shmflow region has a live creator")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.workload == "alloc":
+        from runtime.bench import alloc
+        return alloc.main(["--quick"] if args.quick else [])
+    print(f"shmflow bench {args.workload}: not available in this version ({__version__})", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shmflow",
+        description="A streaming runtime whose worker processes share one memory region.",
+    )
+    parser.add_argument("--version", action="version", version=f"shmflow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a job script on an embedded local cluster")
+    p.add_argument("job", help="path of the job script")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--config", default=None, help="TOML configuration file")
+    p.set_defaults(func=_not_yet("run"))
+
+    p = sub.add_parser("coordinator", help="start a standing coordinator")
+    p.add_argument("--bind", default="tcp://127.0.0.1:6123")
+    p.set_defaults(func=_not_yet("coordinator"))
+
+    p = sub.add_parser("worker", help="start a worker that joins a standing coordinator")
+    p.add_argument("--coordinator", required=True)
+    p.set_defaults(func=_not_yet("worker"))
+
+    p = sub.add_parser("bench", help="measure cross-process throughput against baselines")
+    p.add_argument("workload", nargs="?", default="all", choices=["w1", "w2", "w3", "latency", "alloc", "all"])
+    p.add_argument("--quick", action="store_true", help="a smoke run of under a minute")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("status", help="list shmflow regions in /dev/shm and their creators")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("sweep", help="remove regions whose creating process is dead")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("config", help="print the effective configuration and where each value came from")
+    p.set_defaults(func=_not_yet("config"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The exception hierarchy of shmflow.
+
+Role: every error shmflow raises on purpose is a ``ShmflowError``. Messages
+follow one grammar: *subject, rule; got actual*, with the numbers involved and
+a remedy (a config key or a call) where one exists.
+
+Imports: nothing from the project.
+"""
+
+from __future__ import annotations
+
+
+class ShmflowError(Exception):
+    """Base of everything shmflow raises on purpose."""
+
+
+class ConfigError(ShmflowError, ValueError):
+    """A configuration key has a bad value or combination: names key, value, what is valid."""
+
+
+class OutOfMemoryError(ShmflowError, MemoryError):
+    """An allocator, budget or /dev/shm is exhausted: requested, largest free, total free, key to raise."""
+
+
+class InsufficientNetworkBuffersError(ShmflowError):
+    """A job needs more network buffers than exist: required, available, key to change."""
+
+
+class InvalidSizeError(ShmflowError, ValueError):
+    """A size argument is zero, negative or otherwise unusable."""
+
+
+class DoubleFreeError(ShmflowError):
+    """A segment was freed (or released) twice."""
+
+
+class InvalidHandleError(ShmflowError):
+    """A handle or segment is foreign to this allocator/region, malformed, or stale (generation moved on)."""
+
+
+class SegmentFreedError(ShmflowError):
+    """A segment was accessed after it was freed (use after free)."""
+
+
+class SegmentIndexError(ShmflowError, IndexError):
+    """A read or write falls outside a segment's bounds."""
+
+
+class ReadOnlySegmentError(ShmflowError, PermissionError):
+    """A write was attempted on a segment that is read-only in this process."""
+
+
+class RegionError(ShmflowError):
+    """A shared region cannot be created or attached (bad name, bad header, closed)."""
+
+
+class DeserializationError(ShmflowError):
+    """A corrupt, truncated or oversize frame: names the channel and offset."""
+
+
+class WorkerLostError(ShmflowError):
+    """A worker process died; carries ``worker_id``, ``pid`` and ``exitcode``."""
+
+    def __init__(self, msg: str, *, worker_id: int | None = None, pid: int | None = None,
+                 exitcode: int | None = None) -> None:
+        super().__init__(msg)
+        self.worker_id = worker_id
+        self.pid = pid
+        self.exitcode = exitcode
+
+
+class JobFailedError(ShmflowError):
+    """A job failed: names the operator, the worker and the cause (a user function's traceback)."""
+
+
+__all__ = [
+    "ShmflowError",
+    "ConfigError",
+    "OutOfMemoryError",
+    "InsufficientNetworkBuffersError",
+    "InvalidSizeError",
+    "DoubleFreeError",
+    "InvalidHandleError",
+    "SegmentFreedError",
+    "SegmentIndexError",
+    "ReadOnlySegmentError",
+    "RegionError",
+    "DeserializationError",
+    "WorkerLostError",
+    "JobFailedError",
+]

@@ -1,0 +1,497 @@
+"""SharedRegion: create, attach, close and unlink the one shared-memory block; the start-up sweep.
+
+Imports: runtime.errors, runtime.memory.segment (stdlib and numpy otherwise).
+
+Layout of the block (all integers little-endian)::
+
+    [ header (HEADER_FIXED bytes) | generation table (uint32 per granule) | pad | usable area ]
+                                                                            ^ offset 0 of every segment
+
+The header names the creator (pid and the kernel's start time of that pid), so a
+block whose creator is gone can be recognised and removed by :func:`sweep`, even
+if the pid has since been reused. The generation table holds one counter per
+``granule`` bytes of the usable area; freeing a block bumps the counter of its
+first granule, which makes every handle taken before the free stale, in any
+process.
+
+Ownership: only the creating process unlinks the block (on ``close()``, at
+normal interpreter exit, on an uncaught exception, on SIGINT and SIGTERM).
+Attaching processes never register the block with Python's resource tracker, so
+the tracker neither unlinks it nor warns about it when they exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import mmap
+import os
+import re
+import secrets
+import signal
+import struct
+import sys
+import threading
+import weakref
+from multiprocessing import resource_tracker, shared_memory
+from typing import Any, Iterator
+
+import numpy as np
+
+from runtime.errors import InvalidHandleError, InvalidSizeError, OutOfMemoryError, RegionError
+from runtime.memory.segment import MemorySegment, SegmentHandle
+from runtime.memory.units import format_bytes
+
+try:  # POSIX only; shmflow needs /dev/shm.
+    import _posixshmem
+except ImportError:  # pragma: no cover
+    _posixshmem = None
+
+MAGIC = b"SHMFLOW1"
+VERSION = 1
+SHM_DIR = "/dev/shm"
+DEFAULT_PREFIX = "shmflow-"
+PREFIX_ENV = "SHMFLOW_SHM_PREFIX"
+DEFAULT_GRANULE = 256
+
+# magic, version, header_bytes, usable_bytes, granule, creator_pid, creator_start_ticks
+_HEADER = struct.Struct("<8sIIQQQQ")
+HEADER_FIXED = 64
+_USABLE_ALIGN = 4096
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def _process_start_ticks(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return None
+    # Field 2 (comm) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return int(fields[19])  # field 22 overall
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Untracked:
+    """Open a block through SharedMemory without the resource tracker claiming its name (gh-82300).
+
+    Returns the block's name and its mmap; the SharedMemory object is
+    disarmed, so its ``__del__`` never tries to close a mapping that numpy views
+    still export. An mmap with live exports is unmapped when the last goes.
+    """
+
+    _lock = threading.Lock()
+
+    @classmethod
+    def open(cls, name: str, *, create: bool, size: int = 0) -> tuple[str, mmap.mmap]:
+        if sys.version_info >= (3, 13):
+            shm = shared_memory.SharedMemory(name, create=create, size=size, track=False)
+        else:
+            with cls._lock:
+                original = resource_tracker.register
+                resource_tracker.register = lambda *args, **kwargs: None
+                try:
+                    shm = shared_memory.SharedMemory(name, create=create, size=size)
+                finally:
+                    resource_tracker.register = original
+        mapping = shm._mmap
+        shm._buf.release()
+        shm._buf = None
+        shm._mmap = None
+        os.close(shm._fd)
+        shm._fd = -1
+        return shm.name.lstrip("/"), mapping
+
+
+def _unlink_name(name: str) -> bool:
+    """Remove ``name`` from /dev/shm without telling the resource tracker. True if it existed."""
+    try:
+        _posixshmem.shm_unlink("/" + name.lstrip("/"))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class _CleanupRegistry:
+    """Unlinks the blocks this process created when it exits, normally or by SIGINT/SIGTERM.
+
+    Process: the creating process. The signal handler only unlinks names (no
+    allocation, no locks held across user code) and then chains to the handler
+    that was installed before it.
+    """
+
+    def __init__(self) -> None:
+        self._names: dict[str, int] = {}  # name -> creator pid (a forked child must not unlink)
+        self._lock = threading.Lock()
+        self._installed = False
+        self._previous: dict[int, Any] = {}
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._names[name] = os.getpid()
+            if not self._installed:
+                self._install()
+
+    def discard(self, name: str) -> None:
+        with self._lock:
+            self._names.pop(name, None)
+
+    def unlink_all(self) -> None:
+        me = os.getpid()
+        for name, pid in list(self._names.items()):
+            if pid == me:
+                _unlink_name(name)
+            self._names.pop(name, None)
+
+    def _install(self) -> None:
+        self._installed = True
+        atexit.register(self.unlink_all)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            if signum == signal.SIGINT and previous is signal.default_int_handler:
+                # KeyboardInterrupt unwinds the stack and runs atexit: nothing to add.
+                continue
+            if previous not in (signal.SIG_DFL, None) and not callable(previous):
+                continue  # SIG_IGN: the user wants the signal ignored.
+            self._previous[signum] = previous
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.unlink_all()
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+            return
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+_CLEANUP = _CleanupRegistry()
+
+
+def default_prefix() -> str:
+    """The name prefix for new regions: ``$SHMFLOW_SHM_PREFIX`` or ``shmflow-``."""
+    prefix = os.environ.get(PREFIX_ENV, DEFAULT_PREFIX)
+    if not prefix.startswith(DEFAULT_PREFIX) or not _NAME_RE.match(prefix):
+        msg = f"{PREFIX_ENV} must start with {DEFAULT_PREFIX!r} and use [A-Za-z0-9._-]; got {prefix!r}"
+        raise RegionError(msg)
+    return prefix
+
+
+def shm_free_bytes() -> int:
+    """Bytes still free in /dev/shm (tmpfs), as the kernel reports them."""
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def _layout(size: int, granule: int) -> tuple[int, int]:
+    """(offset of the generation table's end, header bytes) for ``size`` usable bytes."""
+    table_bytes = 4 * ((size + granule - 1) // granule)
+    header = HEADER_FIXED + table_bytes
+    header = (header + _USABLE_ALIGN - 1) // _USABLE_ALIGN * _USABLE_ALIGN
+    return table_bytes, header
+
+
+class SharedRegion:
+    """One named shared-memory block: a header with a generation table, then ``size`` usable bytes.
+
+    Create it in the coordinator with :meth:`create` (or as a context manager,
+    which unlinks on exit) and attach in other processes with :meth:`attach`.
+
+    Ownership: the creator owns the name and alone unlinks it. Every process
+    maps the block; a mapping outlives its name, so attached processes keep
+    working after an early unlink. Segments are carved by a
+    :class:`~runtime.memory.buddy.BuddyAllocator`; the region itself hands out
+    nothing.
+    Process: any. Not thread-safe for create/close; segment access is.
+    """
+
+    def __init__(self, name: str, mapping: mmap.mmap, *, creator: bool) -> None:
+        self._mmap: mmap.mmap | None = mapping
+        self._creator = creator
+        self._unlinked = False
+        self.name: str = name
+        if len(mapping) < HEADER_FIXED:
+            raise RegionError(f"shared block {name!r} is {len(mapping)} bytes, smaller than a shmflow header")
+        magic, version, header_bytes, usable, granule, pid, _ = _HEADER.unpack_from(mapping, 0)
+        if magic != MAGIC or version != VERSION:
+            msg = f"shared block {name!r} is not a shmflow region (magic {magic!r}, version {version})"
+            raise RegionError(msg)
+        if header_bytes + usable > len(mapping):
+            msg = (f"shared block {name!r} is truncated: header says {header_bytes + usable} bytes, "
+                   f"block has {len(mapping)}")
+            raise RegionError(msg)
+        self.size: int = usable
+        self.granule: int = granule
+        self.header_bytes: int = header_bytes
+        self.creator_pid: int = pid
+        # The views every segment slices; they pin the mapping until released.
+        whole = memoryview(mapping)
+        self.buf: memoryview = whole[header_bytes: header_bytes + usable]
+        self.array: np.ndarray = np.frombuffer(self.buf, dtype=np.uint8)
+        table_len = (usable + granule - 1) // granule
+        self._generations = whole[HEADER_FIXED: HEADER_FIXED + 4 * table_len].cast("I")
+        whole.release()
+        weakref.finalize(self, SharedRegion._finalize, self.name if creator else None)
+
+    # ----------------------------------------------------------------- creation
+    @classmethod
+    def create(cls, size: int, *, granule: int = DEFAULT_GRANULE, prefix: str | None = None,
+               sweep_dead: bool = True) -> "SharedRegion":
+        """Create a new region with ``size`` usable bytes (the header comes on top).
+
+        ``granule`` is the resolution of the generation table: allocators on this
+        region need ``min_block >= granule``. The name is
+        ``<prefix><creator pid>-<random>``; ``prefix`` defaults to
+        ``$SHMFLOW_SHM_PREFIX`` or ``shmflow-``. With ``sweep_dead`` (default),
+        blocks of dead creators are removed first (see :func:`sweep`).
+
+        Raises:
+            InvalidSizeError: size or granule not positive, granule not a power of two.
+            OutOfMemoryError: /dev/shm has less free space than the block needs.
+        """
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise TypeError(f"size must be an int; got {type(size).__name__}")
+        if size <= 0:
+            raise InvalidSizeError(f"region size must be > 0 bytes; got {size}")
+        if granule < 8 or granule & (granule - 1):
+            raise InvalidSizeError(f"granule must be a power of two >= 8; got {granule}")
+        prefix = default_prefix() if prefix is None else prefix
+        if not prefix.startswith(DEFAULT_PREFIX) or not _NAME_RE.match(prefix):
+            raise RegionError(f"prefix must start with {DEFAULT_PREFIX!r} and use [A-Za-z0-9._-]; got {prefix!r}")
+        if sweep_dead:
+            sweep()
+        _, header_bytes = _layout(size, granule)
+        total = header_bytes + size
+        free = shm_free_bytes()
+        if total > free:
+            msg = (f"cannot create a shared region of {format_bytes(total)} ({format_bytes(size)} usable): "
+                   f"{SHM_DIR} has {format_bytes(free)} free (containers often give 64 MB); "
+                   f"lower memory.region.size or enlarge {SHM_DIR}")
+            raise OutOfMemoryError(msg)
+        pid = os.getpid()
+        while True:
+            name = f"{prefix}{pid}-{secrets.token_hex(4)}"
+            try:
+                name, mapping = _Untracked.open(name, create=True, size=total)
+            except FileExistsError:
+                continue
+            break
+        _CLEANUP.add(name)
+        try:
+            ticks = _process_start_ticks(pid) or 0
+            _HEADER.pack_into(mapping, 0, MAGIC, VERSION, header_bytes, size, granule, pid, ticks)
+            return cls(name, mapping, creator=True)
+        except BaseException:
+            _unlink_name(name)
+            _CLEANUP.discard(name)
+            mapping.close()
+            raise
+
+    @classmethod
+    def attach(cls, name: str) -> "SharedRegion":
+        """Map an existing region by name. The caller never unlinks it.
+
+        Raises:
+            RegionError: no such block, or it is not a shmflow region.
+        """
+        name = name.lstrip("/")
+        try:
+            name, mapping = _Untracked.open(name, create=False)
+        except FileNotFoundError:
+            msg = f"no shared region named {name!r} in {SHM_DIR}; was its creator stopped?"
+            raise RegionError(msg) from None
+        try:
+            return cls(name, mapping, creator=False)
+        except BaseException:
+            mapping.close()
+            raise
+
+    # ----------------------------------------------------------------- segments
+    @property
+    def is_creator(self) -> bool:
+        return self._creator
+
+    @property
+    def closed(self) -> bool:
+        return self._mmap is None
+
+    def generation(self, offset: int) -> int:
+        """The current generation of the block starting at usable ``offset``."""
+        return self._generations[offset // self.granule]
+
+    def bump_generation(self, offset: int) -> int:
+        """Advance the generation of the block at ``offset`` (called by its allocator on free)."""
+        i = offset // self.granule
+        g = (self._generations[i] + 1) & 0xFFFFFFFF
+        self._generations[i] = g
+        return g
+
+    def segment(self, handle: SegmentHandle | tuple | list, *, readonly: bool = False) -> MemorySegment:
+        """A view of the bytes a handle names, checked against the generation table.
+
+        Ownership: the view borrows the bytes; whoever allocated them still owns
+        them and may free them, after which every access through this view
+        raises :class:`SegmentFreedError`.
+
+        Raises:
+            InvalidHandleError: malformed, out of the region, or stale.
+        """
+        self._check_open()
+        try:
+            offset, size, generation = (int(x) for x in handle)
+        except (TypeError, ValueError):
+            msg = f"a segment handle is (offset, size, generation); got {handle!r}"
+            raise InvalidHandleError(msg) from None
+        if offset < 0 or size <= 0 or offset + size > self.size or offset % self.granule:
+            msg = (f"handle (offset={offset}, size={size}) does not lie in region {self.name!r} "
+                   f"of {self.size} bytes on a {self.granule}-byte granule")
+            raise InvalidHandleError(msg)
+        current = self.generation(offset)
+        if current != generation:
+            msg = (f"stale handle for offset {offset}: generation {generation}, region has {current}; "
+                   f"the block was freed since the handle was taken")
+            raise InvalidHandleError(msg)
+        return MemorySegment(self, offset, size, generation, readonly=readonly, checked=True)
+
+    # ----------------------------------------------------------------- lifetime
+    def unlink(self) -> None:
+        """Remove the name from /dev/shm (creator only). Mappings stay valid until closed."""
+        if not self._creator:
+            raise RegionError(f"only the creator (pid {self.creator_pid}) unlinks region {self.name!r}")
+        if not self._unlinked:
+            _unlink_name(self.name)
+            _CLEANUP.discard(self.name)
+            self._unlinked = True
+
+    def close(self) -> None:
+        """Unmap (and, for the creator, unlink). Idempotent.
+
+        Views still held by user code (numpy arrays from ``as_array``) keep the
+        mapping alive until they are dropped; the name is gone at once.
+        """
+        if self._mmap is None:
+            return
+        if self._creator:
+            self.unlink()
+        mapping, self._mmap = self._mmap, None
+        self.array = None  # type: ignore[assignment]
+        for view in (self._generations, self.buf):
+            try:
+                view.release()
+            except BufferError:
+                pass  # still exported to a numpy view; released with it.
+        try:
+            mapping.close()
+        except BufferError:
+            pass  # views held by user code pin the mapping; it is unmapped when the last goes.
+
+    @staticmethod
+    def _finalize(name: str | None) -> None:
+        if name is not None:
+            _unlink_name(name)
+            _CLEANUP.discard(name)
+
+    def _check_open(self) -> None:
+        if self._mmap is None:
+            raise RegionError(f"region {self.name!r} is closed")
+
+    def __enter__(self) -> "SharedRegion":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._mmap is None else ("creator" if self._creator else "attached")
+        return f"<SharedRegion {self.name!r} {format_bytes(self.size)} {state}>"
+
+
+# --------------------------------------------------------------------- the sweep
+def _region_names(prefix: str) -> Iterator[str]:
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.startswith(prefix):
+            yield entry
+
+
+def creator_of(name: str) -> tuple[int | None, int | None]:
+    """(pid, start ticks) of the process that created block ``name``, from its header.
+
+    Falls back to the pid embedded in the name (``<prefix><pid>-<random>``)
+    when the header cannot be read (a creator killed mid-create).
+    """
+    path = os.path.join(SHM_DIR, name)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_HEADER.size)
+    except OSError:
+        raw = b""
+    if len(raw) == _HEADER.size:
+        magic, _, _, _, _, pid, ticks = _HEADER.unpack(raw)
+        if magic == MAGIC:
+            return pid, ticks or None
+    m = re.search(r"(\d+)-[0-9a-f]+$", name)
+    return (int(m.group(1)), None) if m else (None, None)
+
+
+def is_orphaned(name: str) -> bool:
+    """True if block ``name``'s creator is dead (by pid and, where recorded, its start time)."""
+    pid, ticks = creator_of(name)
+    if pid is None:
+        return False  # not ours to judge
+    if not _pid_alive(pid):
+        return True
+    if ticks is not None:
+        current = _process_start_ticks(pid)
+        return current is not None and current != ticks  # pid reused by another process
+    return False
+
+
+def sweep(prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """Remove ``prefix*`` blocks in /dev/shm whose creating process is dead. Returns their names.
+
+    A block's owner is recognised by the creator pid and the kernel start time
+    of that pid, both written into the block's header at creation; a pid that
+    is gone, or now belongs to a process started at another time, marks the
+    block as orphaned. Blocks of live creators are never touched.
+    """
+    removed = []
+    for name in _region_names(prefix):
+        if is_orphaned(name) and _unlink_name(name):
+            removed.append(name)
+    return removed
+
+
+def list_regions(prefix: str = DEFAULT_PREFIX) -> list[dict[str, Any]]:
+    """The ``prefix*`` blocks in /dev/shm with their creator and whether it is alive."""
+    out = []
+    for name in sorted(_region_names(prefix)):
+        pid, _ = creator_of(name)
+        try:
+            size = os.stat(os.path.join(SHM_DIR, name)).st_size
+        except OSError:
+            continue
+        out.append({"name": name, "bytes": size, "creator_pid": pid, "orphaned": is_orphaned(name)})
+    return out
+
+
+__all__ = ["SharedRegion", "sweep", "list_regions", "is_orphaned", "creator_of", "shm_free_bytes",
+           "default_prefix"]

@@ -1,0 +1,63 @@
+"""The installed command and the examples, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime import __version__
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_shmflow_help_and_version():
+    out = run(sys.executable, "-m", "runtime.cli", "--help")
+    assert out.returncode == 0
+    for command in ("run", "coordinator", "worker", "bench", "status", "config"):
+        assert command in out.stdout
+    out = run(sys.executable, "-m", "runtime.cli", "--version")
+    assert out.stdout.strip() == f"shmflow {__version__}"
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).parent / "shmflow"
+    if not exe.exists():
+        pytest.skip("console script not on this interpreter's bin path (not installed with pip)")
+    out = run(str(exe), "--version")
+    assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_memory_demo_runs():
+    out = run(sys.executable, "examples/memory_demo.py")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    summed = next(line for line in out.stdout.splitlines() if "summed the segment" in line)
+    got, expected = summed.split(": ")[1].split(" (expected ")
+    assert got == expected.rstrip(")")
+    assert "one free block of 64 MiB" in out.stdout
+
+
+def test_alloc_benchmark_prints_json():
+    out = run(sys.executable, "-m", "runtime.bench.alloc", "--quick")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["unit"] == "allocate+free pairs/s"
+    assert all(r["pairs_per_s"] > 0 for r in report["results"].values())
+
+
+def test_status_lists_a_live_region():
+    from runtime.memory import SharedRegion
+    with SharedRegion.create(1 << 20) as region:
+        out = run(sys.executable, "-m", "runtime.cli", "status", "--json")
+        entries = {r["name"]: r for r in json.loads(out.stdout)}
+        assert entries[region.name]["creator_pid"] == os.getpid()
+        assert entries[region.name]["orphaned"] is False
