@@ -54,6 +54,10 @@ class RegionError(ShmflowError):
     """A shared region cannot be created or attached (bad name, bad header, closed)."""
 
 
+class SpillError(ShmflowError, OSError):
+    """A spill file could not be written or read back intact (full disk, missing or corrupt file)."""
+
+
 class DeserializationError(ShmflowError):
     """A corrupt, truncated or oversize frame: names the channel and offset."""
 
@@ -85,6 +89,7 @@ __all__ = [
     "SegmentIndexError",
     "ReadOnlySegmentError",
     "RegionError",
+    "SpillError",
     "DeserializationError",
     "WorkerLostError",
     "JobFailedError",
