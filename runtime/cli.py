@@ -46,6 +46,32 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every config-reading command takes: --config FILE, -D key=value, --workers N."""
+    parser.add_argument("--config", default=None, metavar="FILE", help="TOML configuration file")
+    parser.add_argument("-D", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a configuration key (repeatable); wins over file and environment")
+    parser.add_argument("--workers", type=int, default=None, help="number of worker processes")
+
+
+def load_cli_config(args: argparse.Namespace, *, check_shm: bool = True):
+    """The effective configuration: defaults < TOML < SHMFLOW_* env < -D flags < --workers."""
+    from runtime.config import load_config, parse_cli_overrides
+    overrides = parse_cli_overrides(args.overrides)
+    if args.workers is not None:
+        overrides["workers"] = str(args.workers)
+    return load_config(args.config, overrides=overrides, check_shm=check_shm)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_cli_config(args)
+    if args.json:
+        print(json.dumps({k: {"value": v, "source": cfg.source(k)} for k, v in cfg.as_dict().items()}, indent=2))
+    else:
+        print(cfg.describe())
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.workload == "alloc":
         from runtime.bench import alloc
@@ -64,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a job script on an embedded local cluster")
     p.add_argument("job", help="path of the job script")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--config", default=None, help="TOML configuration file")
+    add_config_arguments(p)
     p.set_defaults(func=_not_yet("run"))
 
     p = sub.add_parser("coordinator", help="start a standing coordinator")
@@ -89,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("config", help="print the effective configuration and where each value came from")
-    p.set_defaults(func=_not_yet("config"))
+    add_config_arguments(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_config)
     return parser
 
 
@@ -99,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from runtime.errors import ConfigError
     try:
         return args.func(args)
+    except ConfigError as exc:
+        print(f"shmflow: configuration error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -61,3 +61,22 @@ def test_status_lists_a_live_region():
         entries = {r["name"]: r for r in json.loads(out.stdout)}
         assert entries[region.name]["creator_pid"] == os.getpid()
         assert entries[region.name]["orphaned"] is False
+
+
+def test_config_command_prints_values_and_sources(tmp_path):
+    toml = tmp_path / "shmflow.toml"
+    toml.write_text('[memory]\nregion.size = "128mb"\n')
+    env = {**os.environ, "SHMFLOW_NETWORK_BUFFER_TIMEOUT": "5ms"}
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "config", "--config", str(toml),
+                          "-D", "workers=3", "--json"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["memory.region.size"] == {"value": 128 << 20, "source": f"file {toml}"}
+    assert report["network.buffer-timeout"]["source"] == "env SHMFLOW_NETWORK_BUFFER_TIMEOUT"
+    assert report["workers"]["value"] == 3
+
+
+def test_config_command_rejects_bad_values_with_the_key():
+    out = run(sys.executable, "-m", "runtime.cli", "config", "-D", "memory.segment.size=3000")
+    assert out.returncode == 2
+    assert "memory.segment.size must be a power of two" in out.stderr and "got 3000" in out.stderr
