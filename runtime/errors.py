@@ -50,6 +50,10 @@ class ReadOnlySegmentError(ShmflowError, PermissionError):
     """A write was attempted on a segment that is read-only in this process."""
 
 
+class ClosedResourceError(ShmflowError):
+    """A pool, channel or region was used after it was closed or destroyed."""
+
+
 class RegionError(ShmflowError):
     """A shared region cannot be created or attached (bad name, bad header, closed)."""
 
@@ -88,6 +92,7 @@ __all__ = [
     "SegmentFreedError",
     "SegmentIndexError",
     "ReadOnlySegmentError",
+    "ClosedResourceError",
     "RegionError",
     "SpillError",
     "DeserializationError",

@@ -2,3 +2,13 @@
 
 Imports: runtime.memory, runtime.errors (and pyzmq, msgpack).
 """
+
+from runtime.network.buffer_pool import (
+    BufferDescriptor,
+    LocalBufferPool,
+    NetworkBuffer,
+    NetworkBufferPool,
+    buffer_view,
+)
+
+__all__ = ["BufferDescriptor", "LocalBufferPool", "NetworkBuffer", "NetworkBufferPool", "buffer_view"]

@@ -1,0 +1,747 @@
+"""Network buffer pools: a NetworkBufferPool per worker, a LocalBufferPool per gate or partition.
+
+Imports: runtime.memory, runtime.errors (stdlib otherwise); not runtime.config: callers pass numbers,
+messages name the keys. Modelled on Flink's NetworkBufferPool, LocalBufferPool and NetworkBuffer:
+
+- NetworkBufferPool carves ONE block into ``num_buffers`` buffers of ``buffer_size`` bytes, once;
+  buffer ``i`` lies at ``block.offset + i * buffer_size``.
+- LocalBufferPool (``create_buffer_pool(min, max, name=)``): ``min`` buffers guaranteed (all mins
+  must fit, else InsufficientNetworkBuffersError at deployment), up to ``max`` from the excess.
+  ``request_buffer`` blocks while the share is exhausted: backpressure starts here.
+- NetworkBuffer: refcounted, recycled to its local pool at 0. Another process gets a
+  BufferDescriptor, reads through ``buffer_view(region, desc)`` (read-only) and sends it back;
+  the producer's receiving thread calls ``local_pool.recycle_descriptor(desc)``.
+
+Redistribution: a local pool takes from the network pool's free list while it holds fewer than its
+min, or fewer than its max while more buffers are free than the other pools' untaken guarantees
+(first come, first served). A recycled buffer stays with its pool while the pool holds fewer than
+its min; otherwise it returns to the network pool and every waiting pool is woken.
+Locking: one Lock per NetworkBufferPool, shared by its local pools (each waits on its own
+Condition over it). Request and recycle are O(1) (deques of free indices); listeners run unlocked.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, NamedTuple
+
+from runtime.errors import (ClosedResourceError, DoubleFreeError, InsufficientNetworkBuffersError,
+                            InvalidHandleError, InvalidSizeError, OutOfMemoryError, RegionError,
+                            ShmflowError)
+from runtime.memory import BuddyAllocator, MemorySegment, SharedRegion, format_bytes
+
+__all__ = ["BufferDescriptor", "ClosedResourceError", "LocalBufferPool", "LocalBufferPoolStats",
+           "NetworkBuffer", "NetworkBufferPool", "NetworkBufferPoolStats", "buffer_view"]
+
+_REMEDY = ("raise memory.network.fraction, memory.network.min or memory.region.size, "
+           "or lower network.buffers-per-channel / network.floating-buffers-per-gate")
+
+
+class BufferDescriptor(NamedTuple):
+    """What crosses processes for a network buffer (msgpack packs it as a 6-element array).
+    ``generation`` is that of the pool's block at ``block_offset``; freeing the block makes it stale."""
+
+    pool_id: int       # LocalBufferPool.pool_id, unique within its NetworkBufferPool
+    index: int         # buffer index in the NetworkBufferPool
+    size: int          # bytes filled
+    offset: int        # usable-area offset of the buffer's first byte
+    generation: int
+    block_offset: int
+
+
+class _Stats:
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class LocalBufferPoolStats(_Stats):
+    """A snapshot of a LocalBufferPool. ``blocked_seconds`` is the backpressure metric."""
+
+    name: str
+    pool_id: int
+    min: int
+    max: int
+    held: int              # buffers this pool holds: in use + available locally
+    in_use: int
+    available: int         # buffers a request could get now without blocking
+    peak_in_use: int
+    requests: int          # buffers handed out (request_buffer and try_request_buffer)
+    blocked_requests: int  # request_buffer calls that had to wait
+    blocked_seconds: float  # total time request_buffer spent waiting
+    waiters: int           # threads blocked in request_buffer / wait_available right now
+    destroyed: bool
+
+
+@dataclass(frozen=True)
+class NetworkBufferPoolStats(_Stats):
+    """A snapshot of a NetworkBufferPool."""
+
+    num_buffers: int
+    buffer_size: int
+    block_bytes: int
+    free: int               # buffers no local pool holds
+    required: int           # sum of the mins of live local pools
+    reserved: int           # guarantees not yet taken: sum of max(0, min - held)
+    in_use: int
+    local_pools: int
+    in_use_by_pool: dict[str, int] = field(default_factory=dict)
+
+
+def _retire(segment: MemorySegment) -> None:
+    """Mark a buffer's view freed: every later access raises SegmentFreedError."""
+    segment._freed = True
+
+
+def _parse(descriptor: Any) -> BufferDescriptor:
+    try:
+        return BufferDescriptor(*(int(x) for x in descriptor))
+    except (TypeError, ValueError):
+        msg = ("a buffer descriptor is (pool_id, index, size, offset, generation, block_offset); "
+               f"got {descriptor!r}")
+        raise InvalidHandleError(msg) from None
+
+
+def _count(value: Any, what: str, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        msg = f"{what} must be an int; got {type(value).__name__}"
+        raise TypeError(msg)
+    if value < low:
+        msg = f"{what} must be >= {low}; got {value}"
+        raise InvalidSizeError(msg)
+    return value
+
+
+class _BufferView(MemorySegment):
+    """A read-only view of a received buffer; every access also checks the pool block's generation."""
+
+    __slots__ = ("_block_offset",)
+
+    def __init__(self, region: SharedRegion, offset: int, size: int, generation: int,
+                 block_offset: int) -> None:
+        super().__init__(region, offset, size, generation, readonly=True)
+        self._block_offset = block_offset
+
+    def _check(self, pos: int, nbytes: int, what: str) -> int:
+        self.freed  # noqa: B018 - sets _freed once the block's generation moved on
+        return MemorySegment._check(self, pos, nbytes, what)
+
+    @property
+    def freed(self) -> bool:
+        if not self._freed and not self.region.closed:
+            self._freed = self.region.generation(self._block_offset) != self.generation
+        return self._freed
+
+
+def buffer_view(region: SharedRegion, descriptor: BufferDescriptor | tuple | list) -> MemorySegment:
+    """A read-only view of the ``size`` filled bytes of the buffer a descriptor names.
+
+    Ownership: the view borrows the bytes; the producer's pool owns them. Stop using the view
+    before sending the descriptor back (the producer may then refill the buffer). Once the
+    producer's network pool frees its block, every access raises SegmentFreedError.
+    Process: any process that attached ``region`` (normally the consumer).
+
+    Raises InvalidHandleError (malformed, outside the region, or stale), RegionError (closed).
+    """
+    pool_id, index, size, offset, generation, block_offset = _parse(descriptor)
+    if region.closed:
+        msg = f"region {region.name!r} is closed"
+        raise RegionError(msg)
+    if not 0 <= block_offset <= offset or size < 0 or offset + size > region.size \
+            or block_offset % region.granule:
+        msg = (f"buffer descriptor (offset={offset}, size={size}, block_offset={block_offset}) must lie "
+               f"in region {region.name!r} of {region.size} bytes; got one outside it")
+        raise InvalidHandleError(msg)
+    current = region.generation(block_offset)
+    if current != generation:
+        msg = (f"stale buffer descriptor (pool {pool_id}, buffer {index}): generation {generation}, "
+               f"block at offset {block_offset} has {current}; its network buffer pool was closed")
+        raise InvalidHandleError(msg)
+    return _BufferView(region, offset, size, generation, block_offset)
+
+
+class NetworkBuffer:
+    """A lent network buffer: ``segment`` (a view of ``capacity`` bytes), ``size`` filled, a refcount.
+
+    Ownership: ``request`` gives the caller refcount 1. ``retain()`` adds a reference,
+    ``release()`` drops one; at 0 the buffer is recycled to its pool and ``segment`` raises
+    SegmentFreedError from then on. ``Channel.send()`` takes over the caller's reference.
+    Process: the process of its pool; other processes see it through ``descriptor()``.
+    Thread-safe (the refcount changes under the pool's lock).
+    """
+
+    __slots__ = ("index", "segment", "capacity", "_size", "_refcount", "_pool")
+
+    def __init__(self, pool: LocalBufferPool, index: int, segment: MemorySegment) -> None:
+        self.index = index
+        self.segment = segment
+        self.capacity = segment.size
+        self._size = 0
+        self._refcount = 1
+        self._pool = pool
+
+    @property
+    def refcount(self) -> int:
+        return self._refcount
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @size.setter
+    def size(self, nbytes: int) -> None:
+        if not 0 <= nbytes <= self.capacity:
+            msg = f"buffer size must be in [0, {self.capacity}]; got {nbytes}"
+            raise InvalidSizeError(msg)
+        self._size = nbytes
+
+    def retain(self) -> NetworkBuffer:
+        """Add a reference (returns self). Raises DoubleFreeError if the buffer was recycled.
+
+        Ownership: the caller owns one more reference and must ``release()`` it. Process: the pool's.
+        """
+        with self._pool._lock:
+            if self._refcount <= 0:
+                msg = (f"retain of network buffer {self.index} of {self._pool.name!r}, which was "
+                       "recycled; request a new buffer")
+                raise DoubleFreeError(msg)
+            self._refcount += 1
+        return self
+
+    def release(self) -> None:
+        """Drop a reference; at 0 the buffer is recycled to its pool (and listeners run).
+
+        Ownership: the caller gives up its reference; the buffer must not be used after its last.
+        Process: the pool's process, any thread. Raises DoubleFreeError if already at 0.
+        """
+        self._pool._release(self)
+
+    def descriptor(self) -> BufferDescriptor:
+        """The buffer's portable name for another process (see :func:`buffer_view`).
+
+        Ownership: unchanged; the reference travels with the descriptor only when a channel
+        sends it, and comes back through ``LocalBufferPool.recycle_descriptor``.
+        Process: the pool's process.
+        """
+        if self._refcount <= 0:
+            msg = f"descriptor of network buffer {self.index} of {self._pool.name!r}, which was recycled"
+            raise DoubleFreeError(msg)
+        net = self._pool._network
+        return BufferDescriptor(self._pool.pool_id, self.index, self._size, self.segment.offset,
+                                net.generation, net.block_offset)
+
+    def __repr__(self) -> str:
+        return (f"<NetworkBuffer {self.index} of {self._pool.name!r} {self._size}/{self.capacity} bytes "
+                f"refcount={self._refcount}>")
+
+
+class LocalBufferPool:
+    """A task's share of a NetworkBufferPool: ``min`` guaranteed buffers, up to ``max``.
+
+    Create it with ``NetworkBufferPool.create_buffer_pool``.
+    Process: the worker owning the network pool. Thread-safe: a channel's receiving thread
+    recycles while the task thread requests.
+    """
+
+    def __init__(self, network: NetworkBufferPool, pool_id: int, min_buffers: int, max_buffers: int,
+                 name: str) -> None:
+        self._network = network
+        self._lock = network._lock
+        self._cond = threading.Condition(network._lock)
+        self.pool_id = pool_id
+        self.min = min_buffers
+        self.max = max_buffers
+        self.name = name
+        # Guarded by self._lock (the network pool's):
+        self._available: deque[int] = deque()  # idle indices held here; only while held <= min
+        self._out: dict[int, NetworkBuffer] = {}  # index -> the buffer object lent for it
+        self._listeners: list[Callable[[LocalBufferPool], Any]] = []
+        self._destroyed = False
+        self._waiters = self._requests = self._blocked_requests = self._peak = 0
+        self._blocked_seconds = 0.0
+
+    # ------------------------------------------------------------- request
+    def request_buffer(self, *, timeout: float | None = None) -> NetworkBuffer:
+        """Take a buffer, blocking until one is recycled if the share is exhausted (backpressure).
+
+        Ownership: the caller owns the result (refcount 1): ``release()`` it exactly once, or
+        pass it to ``Channel.send()``, which takes ownership.
+        Process: the pool's worker, any thread.
+
+        Raises:
+            TimeoutError: none came back within ``timeout`` seconds; names the pool, its shares,
+                the in-use count and the key network.buffers-per-channel.
+            ClosedResourceError: the pool was destroyed (also wakes blocked requesters).
+        """
+        with self._lock:
+            index = self._take_locked()
+            if index is None:
+                self._blocked_requests += 1
+                index = self._wait_locked(timeout, self._take_locked, "request_buffer", blocked=True)
+            return self._lend_locked(index)
+
+    def try_request_buffer(self) -> NetworkBuffer | None:
+        """Take a buffer if one is available now, else return None.
+
+        Ownership: as :meth:`request_buffer`. Process: as :meth:`request_buffer`.
+        Raises ClosedResourceError if the pool was destroyed.
+        """
+        with self._lock:
+            index = self._take_locked()
+            return None if index is None else self._lend_locked(index)
+
+    def wait_available(self, *, timeout: float | None = None) -> None:
+        """Block until a request would not block (Flink's BufferListener, synchronously).
+
+        Process: the pool's worker, any thread. Raises TimeoutError, ClosedResourceError.
+        """
+        def ready() -> bool | None:
+            if self._destroyed:
+                self._raise_destroyed()
+            return True if self._available_locked() else None
+
+        with self._lock:
+            if not ready():
+                self._wait_locked(timeout, ready, "wait_available", blocked=False)
+
+    def _take_locked(self) -> int | None:
+        """One index from here or from the network pool, or None. Caller holds the lock."""
+        if self._destroyed:
+            self._raise_destroyed()
+        if self._available:
+            return self._available.popleft()
+        net = self._network
+        held = len(self._out)  # nothing is available locally, so held == in use
+        if held < self.min and net._free:
+            net._reserved -= 1
+            return net._free.popleft()
+        if held < self.max and len(net._free) > net._reserved:
+            return net._free.popleft()
+        return None
+
+    def _lend_locked(self, index: int) -> NetworkBuffer:
+        net = self._network
+        seg = MemorySegment(net.region, net.block_offset + index * net.buffer_size, net.buffer_size,
+                            net.generation, owner=self.name)
+        buf = NetworkBuffer(self, index, seg)
+        self._out[index] = buf
+        self._requests += 1
+        if len(self._out) > self._peak:
+            self._peak = len(self._out)
+        return buf
+
+    def _wait_locked(self, timeout: float | None, attempt: Callable[[], Any], what: str, *,
+                     blocked: bool) -> Any:
+        net = self._network
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        self._waiters += 1
+        net._waiting.add(self)
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    msg = (f"{what} on local buffer pool {self.name!r} timed out after {timeout} s: "
+                           f"{len(self._out)} buffers in use (min {self.min}, max {self.max}), "
+                           f"{len(net._free)} of {net.num_buffers} free in the network pool; the "
+                           "consumers recycle too slowly, or raise network.buffers-per-channel")
+                    raise TimeoutError(msg)
+                self._cond.wait(remaining)
+                result = attempt()
+                if result is not None:
+                    return result
+        finally:
+            self._waiters -= 1
+            if not self._waiters:
+                net._waiting.discard(self)
+            if blocked:
+                self._blocked_seconds += time.monotonic() - start
+
+    def _raise_destroyed(self) -> None:
+        msg = f"local buffer pool {self.name!r} was destroyed; no buffers can be requested from it"
+        raise ClosedResourceError(msg)
+
+    # ------------------------------------------------------------- recycle
+    def recycle(self, buffer: NetworkBuffer) -> None:
+        """Return ``buffer`` to this pool whatever its refcount (what ``release`` does at 0).
+
+        Ownership: the pool takes the buffer back; every reference to it is void.
+        Process: the pool's worker, any thread.
+
+        Raises DoubleFreeError (recycled already), InvalidHandleError (another pool's buffer).
+        """
+        if buffer._pool is not self:
+            msg = f"network buffer {buffer.index} belongs to {buffer._pool.name!r}, not to {self.name!r}"
+            raise InvalidHandleError(msg)
+        with self._lock:
+            if buffer._refcount <= 0:
+                self._raise_double_free(buffer.index)
+            buffer._refcount = 0
+            todo = self._recycle_locked(buffer)
+        _call_listeners(todo)
+
+    def recycle_index(self, index: int) -> None:
+        """Release the reference that travelled to another process with buffer ``index``.
+
+        At refcount 0 (the usual case) the buffer is recycled.
+        Ownership: the consumer gave the buffer back; it must no longer read it.
+        Process: the pool's worker, typically a channel's receiving thread.
+
+        Raises DoubleFreeError (not lent by this pool: recycled already), InvalidHandleError
+        (out of range).
+        """
+        with self._lock:
+            buf = self._out.get(index)
+            if buf is None:
+                if not 0 <= index < self._network.num_buffers:
+                    msg = f"buffer index must be in [0, {self._network.num_buffers}); got {index}"
+                    raise InvalidHandleError(msg)
+                self._raise_double_free(index)
+            todo = self._release_locked(buf)
+        _call_listeners(todo)
+
+    def recycle_descriptor(self, descriptor: BufferDescriptor | tuple | list) -> None:
+        """As :meth:`recycle_index`, for a descriptor sent back by another process.
+
+        Ownership and Process: as :meth:`recycle_index`.
+        Raises InvalidHandleError if the descriptor names no buffer of this pool (wrong pool id,
+        offset or generation), DoubleFreeError if its buffer was recycled already.
+        """
+        pool_id, index, _size, offset, generation, block_offset = _parse(descriptor)
+        net = self._network
+        if (pool_id, generation, block_offset) != (self.pool_id, net.generation, net.block_offset) \
+                or offset != net.block_offset + index * net.buffer_size:
+            msg = (f"buffer descriptor {tuple(descriptor)!r} does not name a buffer of local pool "
+                   f"{self.name!r} (pool id {self.pool_id}, block offset {net.block_offset}, "
+                   f"generation {net.generation})")
+            raise InvalidHandleError(msg)
+        self.recycle_index(index)
+
+    def _release(self, buffer: NetworkBuffer) -> None:
+        with self._lock:
+            todo = self._release_locked(buffer)
+        _call_listeners(todo)
+
+    def _release_locked(self, buffer: NetworkBuffer) -> tuple:
+        if buffer._refcount <= 0:
+            self._raise_double_free(buffer.index)
+        buffer._refcount -= 1
+        return () if buffer._refcount else self._recycle_locked(buffer)
+
+    def _raise_double_free(self, index: int) -> None:
+        msg = (f"network buffer {index} of local pool {self.name!r} was released after it was "
+               "recycled; release each reference exactly once")
+        raise DoubleFreeError(msg)
+
+    def _recycle_locked(self, buffer: NetworkBuffer) -> tuple:
+        """Take ``buffer`` back (refcount already 0); returns the listeners to call.
+
+        If you change where a buffer goes, update ``_take_locked`` and ``available``.
+        """
+        index = buffer.index
+        del self._out[index]
+        _retire(buffer.segment)
+        net = self._network
+        if net._closed:
+            return ()
+        if not self._destroyed and len(self._out) + len(self._available) < self.min:
+            self._available.append(index)
+            if self._waiters:
+                self._cond.notify_all()
+            return tuple((fn, self) for fn in self._listeners) if self._listeners else ()
+        # Excess, shared first come first served; or a destroyed pool's late return (Flink's lazy destroy).
+        if self._destroyed and not self._out:
+            net._draining.discard(self)
+        net._free.append(index)
+        net._wake_waiting_locked()
+        if not net._listening:
+            return ()
+        return tuple((fn, pool) for pool in net._listening
+                     if pool is self or len(pool._out) + len(pool._available) < pool.max
+                     for fn in pool._listeners)
+
+    def add_listener(self, fn: Callable[[LocalBufferPool], Any]) -> None:
+        """Call ``fn(pool)`` after each recycle that may let this pool hand out a buffer.
+
+        Listeners run outside the lock, in the recycling thread; they must not block.
+        Process: the pool's worker.
+        """
+        with self._lock:
+            self._listeners.append(fn)
+            self._network._listening.add(self)
+
+    def remove_listener(self, fn: Callable[[LocalBufferPool], Any]) -> None:
+        with self._lock:
+            self._listeners.remove(fn)
+            if not self._listeners:
+                self._network._listening.discard(self)
+
+    # ------------------------------------------------------------- state
+    def available(self) -> int:
+        """How many buffers requests could get now without blocking."""
+        with self._lock:
+            return self._available_locked()
+
+    def _available_locked(self) -> int:
+        if self._destroyed:
+            return 0
+        net = self._network
+        held = len(self._out) + len(self._available)
+        free = len(net._free)
+        own = min(max(0, self.min - held), free)
+        extra = max(0, min(self.max - held - own, free - own - (net._reserved - max(0, self.min - held))))
+        return len(self._available) + own + extra
+
+    def in_use(self) -> int:
+        return len(self._out)
+
+    @property
+    def network_pool(self) -> NetworkBufferPool:
+        return self._network
+
+    @property
+    def destroyed(self) -> bool:
+        return self._destroyed
+
+    def stats(self) -> LocalBufferPoolStats:
+        with self._lock:
+            return LocalBufferPoolStats(
+                name=self.name, pool_id=self.pool_id, min=self.min, max=self.max,
+                held=len(self._out) + len(self._available), in_use=len(self._out),
+                available=self._available_locked(), peak_in_use=self._peak, requests=self._requests,
+                blocked_requests=self._blocked_requests, blocked_seconds=self._blocked_seconds,
+                waiters=self._waiters, destroyed=self._destroyed)
+
+    statistics = stats
+
+    def destroy(self) -> None:
+        """Give this pool's buffers back to the network pool and wake blocked requesters
+        (they raise ClosedResourceError). Idempotent.
+
+        Ownership: buffers still lent stay valid; they go to the network pool when released.
+        Process: the pool's worker.
+        """
+        with self._lock:
+            self._destroy_locked()
+
+    close = destroy
+
+    def _destroy_locked(self) -> None:
+        if self._destroyed:
+            return
+        net = self._network
+        self._destroyed = True
+        net._reserved -= max(0, self.min - len(self._out) - len(self._available))
+        net._free.extend(self._available)
+        self._available.clear()
+        del net._pools[self.pool_id]
+        net._listening.discard(self)
+        if self._out:
+            net._draining.add(self)
+        self._cond.notify_all()
+        net._wake_waiting_locked()
+
+    def __repr__(self) -> str:
+        state = " destroyed" if self._destroyed else ""
+        return (f"<LocalBufferPool {self.name!r} id={self.pool_id} min={self.min} max={self.max} "
+                f"in_use={len(self._out)}{state}>")
+
+
+def _call_listeners(todo: tuple) -> None:
+    for fn, pool in todo:
+        fn(pool)
+
+
+class NetworkBufferPool:
+    """A fixed count of fixed-size buffers carved once from one block; lent out via LocalBufferPools.
+
+    Ownership: the pool owns its block (frees it on ``close()``) when it allocated it itself;
+    a block passed to :meth:`from_segment` stays its granter's.
+    Process: the owning worker (the allocator is not thread-safe: construct and close in the
+    thread that owns the allocator). Local pools are thread-safe.
+    """
+
+    def __init__(self, allocator: BuddyAllocator, num_buffers: int, buffer_size: int = 32768, *,
+                 owner: Any = "network") -> None:
+        _count(num_buffers, "num_buffers", 1)
+        _count(buffer_size, "buffer_size", 1)
+        if buffer_size & (buffer_size - 1) or buffer_size < allocator.min_block:
+            msg = (f"network buffer size must be a power of two >= the allocator's min_block "
+                   f"({allocator.min_block}); got {buffer_size}; change memory.segment.size")
+            raise InvalidSizeError(msg)
+        nbytes = num_buffers * buffer_size
+        try:
+            block = allocator.allocate(nbytes, owner=owner)
+        except OutOfMemoryError as exc:
+            msg = (f"cannot carve {num_buffers} network buffers of {format_bytes(buffer_size)} "
+                   f"({format_bytes(nbytes)}) for {owner!r}: largest free block "
+                   f"{format_bytes(allocator.largest_free_block())}, {format_bytes(allocator.free_bytes)} "
+                   f"of {format_bytes(allocator.total_bytes)} free; raise memory.region.size, or lower "
+                   "memory.network.fraction / memory.network.max")
+            raise OutOfMemoryError(msg) from exc
+        self._setup(block, num_buffers, buffer_size, owner, owns_block=True)
+
+    @classmethod
+    def from_segment(cls, segment: MemorySegment, buffer_size: int = 32768, *,
+                     num_buffers: int | None = None, owner: Any = "network") -> NetworkBufferPool:
+        """Carve an already-granted block (``num_buffers`` defaults to as many as fit).
+
+        Ownership: the block stays its granter's; ``close()`` does not free it, and must come
+        before the granter frees or reclaims it.
+        Process: the worker the block was granted to.
+        """
+        _count(buffer_size, "buffer_size", 1)
+        segment.handle()  # raises SegmentFreedError on a freed segment
+        if segment.readonly:
+            msg = f"a network buffer pool needs a writable segment; got a read-only one at {segment.offset}"
+            raise InvalidHandleError(msg)
+        granule = segment.region.granule
+        if buffer_size & (buffer_size - 1) or buffer_size < granule or buffer_size > segment.size:
+            msg = (f"network buffer size must be a power of two in [{granule}, {segment.size}] for this "
+                   f"segment; got {buffer_size}; change memory.segment.size")
+            raise InvalidSizeError(msg)
+        fits = segment.size // buffer_size
+        n = fits if num_buffers is None else _count(num_buffers, "num_buffers", 1)
+        if n > fits:
+            msg = (f"num_buffers must be <= {fits} for a segment of {format_bytes(segment.size)} and "
+                   f"buffers of {format_bytes(buffer_size)}; got {n}")
+            raise InsufficientNetworkBuffersError(msg)
+        self = cls.__new__(cls)
+        self._setup(segment, n, buffer_size, owner, owns_block=False)
+        return self
+
+    def _setup(self, block: MemorySegment, num_buffers: int, buffer_size: int, owner: Any, *,
+               owns_block: bool) -> None:
+        self.region = block.region
+        self.num_buffers = num_buffers
+        self.buffer_size = buffer_size
+        self.owner = owner
+        self.block_offset = block.offset
+        self.generation = block.generation
+        self._block = block
+        self._owns_block = owns_block
+        self._lock = threading.Lock()
+        # Guarded by self._lock:
+        self._free: deque[int] = deque(range(num_buffers))  # indices no local pool holds
+        self._reserved = 0  # guarantees not yet taken: sum over live pools of max(0, min - held)
+        self._pools: dict[int, LocalBufferPool] = {}
+        self._draining: set[LocalBufferPool] = set()  # destroyed, buffers still lent
+        self._waiting: set[LocalBufferPool] = set()  # pools with threads blocked on their condition
+        self._listening: set[LocalBufferPool] = set()  # pools with listeners
+        self._next_id = 0
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def segment(self) -> MemorySegment:
+        """The carved block: region, offset and generation for a receiver's handshake."""
+        return self._block
+
+    def create_buffer_pool(self, min_buffers: int, max_buffers: int, *, name: str) -> LocalBufferPool:
+        """A local pool guaranteed ``min_buffers`` and allowed up to ``max_buffers``.
+
+        Ownership: the caller owns the local pool and destroys it (``destroy_buffer_pool`` or
+        ``pool.destroy()``) when its task ends.
+        Process: the owning worker.
+
+        Raises:
+            InsufficientNetworkBuffersError: the mins of all pools would exceed ``num_buffers``
+                (Flink's "Insufficient number of network buffers"); names required, available
+                and the keys to change.
+            ClosedResourceError: this network pool was closed.
+        """
+        _count(min_buffers, "min_buffers", 0)
+        _count(max_buffers, "max_buffers", max(1, min_buffers))
+        with self._lock:
+            if self._closed:
+                msg = f"network buffer pool {self.owner!r} is closed; cannot create local pool {name!r}"
+                raise ClosedResourceError(msg)
+            unreserved = self.num_buffers - sum(p.min for p in self._pools.values())
+            if min_buffers > unreserved:
+                msg = (f"insufficient network buffers for {name!r}: required {min_buffers}, available "
+                       f"{unreserved} of {self.num_buffers} (buffer size {format_bytes(self.buffer_size)}); "
+                       f"{_REMEDY}")
+                raise InsufficientNetworkBuffersError(msg)
+            pool = LocalBufferPool(self, self._next_id, min_buffers, max_buffers, name)
+            self._next_id += 1
+            self._pools[pool.pool_id] = pool
+            self._reserved += min_buffers
+            return pool
+
+    def destroy_buffer_pool(self, pool: LocalBufferPool) -> None:
+        """Destroy a local pool of this network pool (see ``LocalBufferPool.destroy``)."""
+        if pool._network is not self:
+            msg = f"local buffer pool {pool.name!r} belongs to another network buffer pool"
+            raise InvalidHandleError(msg)
+        pool.destroy()
+
+    def _wake_waiting_locked(self) -> None:
+        for pool in self._waiting:
+            pool._cond.notify_all()
+
+    def stats(self) -> NetworkBufferPoolStats:
+        with self._lock:
+            pools = [*self._pools.values(), *self._draining]
+            return NetworkBufferPoolStats(
+                num_buffers=self.num_buffers, buffer_size=self.buffer_size, block_bytes=self._block.size,
+                free=len(self._free), required=sum(p.min for p in self._pools.values()),
+                reserved=self._reserved, in_use=sum(len(p._out) for p in pools),
+                local_pools=len(self._pools),
+                in_use_by_pool={p.name: len(p._out) for p in pools if p._out})
+
+    statistics = stats
+
+    def close(self, *, check: bool = True) -> None:
+        """Destroy every local pool, void every lent buffer and free the block (if owned). Idempotent.
+
+        Ownership: buffers still lent become unusable (their segments raise SegmentFreedError;
+        a late ``release`` is ignored). Descriptors become stale once the block is freed.
+        Process: the owning worker, in the allocator's thread.
+
+        Raises:
+            ShmflowError: with ``check``, after cleaning up, if buffers were still lent: how many
+                and to which local pools (a leak).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            for pool in list(self._pools.values()):
+                pool._destroy_locked()
+            leaks = {p.name: len(p._out) for p in self._draining if p._out}
+            for pool in self._draining:
+                for buf in pool._out.values():
+                    _retire(buf.segment)
+            self._draining.clear()
+            self._closed = True
+        if self._owns_block:
+            self._block.free()
+        if leaks and check:
+            lent = ", ".join(f"{n} by {name!r}" for name, n in sorted(leaks.items()))
+            msg = (f"network buffer pool {self.owner!r} closed with {sum(leaks.values())} buffers still "
+                   f"in use: {lent}; release them before close()")
+            raise ShmflowError(msg)
+
+    def __enter__(self) -> NetworkBufferPool:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(check=exc_type is None)
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True) is False:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        state = " closed" if getattr(self, "_closed", False) else ""
+        return (f"<NetworkBufferPool {self.owner!r} {self.num_buffers} x {format_bytes(self.buffer_size)} "
+                f"at offset {self.block_offset}{state}>")

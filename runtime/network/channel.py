@@ -1,0 +1,663 @@
+"""Result partitions and input gates: network buffers between workers with credit-based flow control.
+
+Imports: runtime.memory, runtime.network (buffer_pool, messages, transport), runtime.errors.
+
+A **ResultPartition** (sender side) has one subpartition per consumer; each
+subpartition is an :class:`OutputChannel`, a DEALER socket connected to the
+consumer's gate. An **InputGate** (receiver side) binds one ROUTER socket that
+every producer's channel connects to. Buffers move in two ways:
+
+* ``shm``: the bytes stay in the shared region; a ``D`` message carries
+  (index, size) descriptors of buffers in the sender's pool. The receiver
+  reads them through read-only views and hands the indices back in ``R``
+  messages, which recycles them into the sender's pool. Zero copy.
+* ``tcp``: the bytes travel as zmq frames sent with ``copy=False``; the sender
+  recycles a buffer once zmq reports the frame sent (a MessageTracker).
+
+**Credits** (Flink's credit-based flow control): a sender ships a buffer only
+against a credit. Each channel is granted ``exclusive`` credits at the
+handshake; a gate lends up to ``floating`` more to channels that report a
+backlog, and takes them back when their backlog is gone. So the buffers in
+flight on one channel never exceed ``exclusive + floating``, and a slow
+consumer stops its producers instead of growing memory: a sender without
+credits blocks (backpressure), and the time it blocks is counted.
+
+Descriptors and credits travel in batches: a sender ships every queued buffer
+its credits allow in one message, and a receiver returns recycles in one
+message per channel, when half its credits are used or before it would block.
+
+Threads: none. A partition and a gate are each used by one thread, which
+polls their sockets when it has to wait.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from runtime.errors import DeserializationError, ShmflowError
+from runtime.memory import SharedRegion
+from runtime.network import messages as msg
+from runtime.network.transport import bind, connect, context, local_endpoint, make_socket
+
+TRANSPORTS = ("shm", "tcp")
+
+
+class ChannelClosedError(ShmflowError):
+    """A channel's peer went away (consumer died or closed); names the channel."""
+
+
+# --------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class PartitionStats:
+    buffers_sent: int
+    bytes_sent: int
+    messages_sent: int
+    in_flight: int
+    max_in_flight_per_channel: int
+    backpressure_seconds: float  # time spent blocked for want of a credit or a free buffer
+    backlog: int
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GateStats:
+    buffers_received: int
+    bytes_received: int
+    messages_received: int
+    credits_granted: int
+    floating_lent: int
+    unreleased: int
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------ sender
+class OutputChannel:
+    """One subpartition: queued buffers, credits, and the buffers in flight to one consumer.
+
+    Ownership: a buffer passed to :meth:`enqueue` belongs to the channel; it is
+    released back to its pool when the consumer recycles it (shm), when zmq
+    has sent its bytes (tcp), or when the channel is reclaimed.
+    Process: the producing worker, one thread.
+    """
+
+    def __init__(self, partition: "ResultPartition", index: int, endpoint: str, channel_id: int) -> None:
+        self.partition = partition
+        self.index = index
+        self.endpoint = endpoint
+        self.name = f"{partition.name}[{index}]"
+        self.socket = make_socket(partition.ctx, zmq.DEALER, identity=b"ch%d" % channel_id)
+        connect(self.socket, endpoint)
+        self.credits = 0
+        self.queue: deque = deque()  # full buffers waiting for credit: the backlog
+        self.in_flight: dict[int, Any] = {}  # shm: buffer index -> buffer, until recycled
+        self.tracked: deque = deque()  # tcp: (MessageTracker, [buffers]) until zmq sent them
+        self.max_in_flight = 0
+        self.closed = False
+        self.socket.send(msg.encode_hello(channel=channel_id, **partition.hello_fields))
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.in_flight) + sum(len(bufs) for _, bufs in self.tracked)
+
+    def enqueue(self, buffer: Any) -> None:
+        if self.closed:
+            raise ChannelClosedError(f"channel {self.name} to {self.endpoint} is closed; its consumer is gone")
+        self.queue.append(buffer)
+
+    def ship(self) -> int:
+        """Send as many queued buffers as credits allow, in one message. Returns how many."""
+        n = min(self.credits, len(self.queue))
+        if n <= 0:
+            return 0
+        queue = self.queue
+        batch = [queue.popleft() for _ in range(n)]
+        self.credits -= n
+        part = self.partition
+        if part.transport == "shm":
+            desc = np.empty(n, msg.DESCRIPTOR)
+            desc["index"] = [b.index for b in batch]
+            desc["size"] = [b.size for b in batch]
+            self.socket.send(msg.encode_data(len(queue), desc), copy=False)
+            in_flight = self.in_flight
+            for b in batch:
+                in_flight[b.index] = b
+        else:
+            frames = [msg.encode_bytes_header(len(queue), n)]
+            frames += [b.segment.view(0, b.size) for b in batch]
+            tracker = self.socket.send_multipart(frames, copy=False, track=True)
+            self.tracked.append((tracker, batch))
+        part._buffers_sent += n
+        part._bytes_sent += sum(b.size for b in batch)
+        part._messages_sent += 1
+        if self.outstanding > self.max_in_flight:
+            self.max_in_flight = self.outstanding
+        return n
+
+    def reap_sent(self) -> None:
+        """tcp: release buffers whose frames zmq has finished sending."""
+        tracked = self.tracked
+        while tracked and tracked[0][0].done:
+            for b in tracked.popleft()[1]:
+                b.release()
+
+    def on_control(self, frames: list) -> None:
+        """Apply a credit (``C``) or recycle (``R``) message from the consumer."""
+        frame = frames[0].buffer
+        kind = frame[0]
+        if kind not in (msg.CREDIT, msg.RECYCLE):
+            raise DeserializationError(f"channel {self.name}: unexpected control message kind {kind!r}")
+        credits, indices = msg.decode_credit(frame, where=f"channel {self.name}")
+        self.credits += credits
+        in_flight = self.in_flight
+        for i in indices.tolist():
+            buf = in_flight.pop(i, None)
+            if buf is None:
+                raise DeserializationError(f"channel {self.name}: consumer recycled buffer {i}, not in flight")
+            buf.release()
+
+    def reclaim(self) -> int:
+        """The consumer is gone: return every buffer this channel holds to its pool. Returns how many."""
+        n = 0
+        for buf in list(self.queue) + list(self.in_flight.values()):
+            buf.release()
+            n += 1
+        self.queue.clear()
+        self.in_flight.clear()
+        for tracker, bufs in self.tracked:
+            for buf in bufs:
+                buf.release()
+                n += 1
+        self.tracked.clear()
+        self.closed = True
+        return n
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class ResultPartition:
+    """The sending side of one producer subtask: one :class:`OutputChannel` per consumer.
+
+    ``pool`` is the producer's LocalBufferPool; ``endpoints[i]`` is the gate of
+    consumer ``i`` and ``channel_ids[i]`` this producer's channel number in
+    that gate. ``region`` is required for ``shm``.
+
+    Ownership: :meth:`request_buffer` gives the caller a buffer (refcount 1);
+    :meth:`send_buffer` takes it back (the channel owns it until recycled).
+    Process: the producing worker. Not thread-safe.
+    """
+
+    def __init__(self, pool: Any, endpoints: list[str], *, channel_ids: list[int] | int,
+                 transport: str = "shm", name: str = "partition", ship_batch: int = 0,
+                 max_backlog: int = 10) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}; got {transport!r}")
+        self.pool = pool
+        self.transport = transport
+        self.name = name
+        self.ctx = context()
+        self.hello_fields = {"transport": transport, **pool_hello_fields(pool)}
+        if isinstance(channel_ids, int):
+            channel_ids = [channel_ids] * len(endpoints)
+        self.channels = [OutputChannel(self, i, ep, cid) for i, (ep, cid) in enumerate(zip(endpoints, channel_ids))]
+        # Ship when this many buffers queue up on a channel (0: half the channel's credits, at least 1).
+        self.ship_batch = ship_batch
+        # Full buffers a channel may queue beyond its credits before send_buffer blocks
+        # (Flink's max-buffers-per-channel): bounds the backlog a slow consumer causes.
+        self.max_backlog = max(1, max_backlog)
+        self._poller = zmq.Poller()
+        for ch in self.channels:
+            self._poller.register(ch.socket, zmq.POLLIN)
+        self._by_socket = {ch.socket: ch for ch in self.channels}
+        self._buffers_sent = self._bytes_sent = self._messages_sent = 0
+        self._blocked = 0.0
+
+    # ---------------------------------------------------------------- buffers
+    def request_buffer(self, *, timeout: float | None = None) -> Any:
+        """A free buffer from the pool; while there is none, ship and wait for recycles.
+
+        Raises:
+            TimeoutError: no buffer came back within ``timeout`` seconds.
+        """
+        buf = self.pool.try_request_buffer()
+        if buf is not None:
+            return buf
+        start = time.monotonic()
+        try:
+            while True:
+                self.ship_all()
+                self._wait_control(0.05 if timeout is None else max(0.0, min(0.05, start + timeout - time.monotonic())))
+                buf = self.pool.try_request_buffer()
+                if buf is not None:
+                    return buf
+                if timeout is not None and time.monotonic() - start >= timeout:
+                    msg_ = (f"partition {self.name}: no network buffer recycled within {timeout}s "
+                            f"({self._in_flight()} in flight, {self._backlog()} queued); the consumers are not "
+                            f"reading — raise network.buffers-per-channel or check the consumers")
+                    raise TimeoutError(msg_)
+        finally:
+            self._blocked += time.monotonic() - start
+
+    def send_buffer(self, subpartition: int, buffer: Any) -> None:
+        """Queue a filled buffer (``buffer.size`` bytes) for consumer ``subpartition``.
+
+        Ownership: the channel owns the buffer from now on.
+        """
+        ch = self.channels[subpartition]
+        ch.enqueue(buffer)
+        threshold = self.ship_batch or max(1, ch.credits // 2)
+        if len(ch.queue) >= threshold:
+            self._drain_control()
+            ch.ship()
+        if len(ch.queue) >= self.max_backlog:
+            self._wait_backlog(ch)
+
+    def _wait_backlog(self, ch: OutputChannel) -> None:
+        """Backpressure: block until the channel's backlog is below ``max_backlog``."""
+        start = time.monotonic()
+        while len(ch.queue) >= self.max_backlog and not ch.closed:
+            self._wait_control(0.05)
+            ch.ship()
+        self._blocked += time.monotonic() - start
+
+    def available(self) -> bool:
+        """True if a buffer can be requested and queued without blocking."""
+        return self.pool.available() > 0 and all(
+            len(ch.queue) < self.max_backlog for ch in self.channels)
+
+    def ship_all(self) -> None:
+        """Apply pending control messages, then ship every queued buffer that has a credit."""
+        self._drain_control()
+        for ch in self.channels:
+            if ch.queue and ch.credits:
+                ch.ship()
+
+    def flush(self, *, timeout: float | None = None) -> None:
+        """Ship every queued buffer, waiting for credits as needed (backpressure)."""
+        start = time.monotonic()
+        blocked_from = None
+        while True:
+            self.ship_all()
+            if not self._backlog():
+                break
+            blocked_from = blocked_from or time.monotonic()
+            if timeout is not None and time.monotonic() - start >= timeout:
+                raise TimeoutError(f"partition {self.name}: {self._backlog()} buffers found no credit in {timeout}s")
+            self._wait_control(0.05)
+        if blocked_from is not None:
+            self._blocked += time.monotonic() - blocked_from
+
+    def wait_all_recycled(self, *, timeout: float) -> None:
+        """Block until every sent buffer is back in the pool (before the pool is destroyed)."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"partition {self.name}: {self._in_flight()} buffers not recycled in {timeout}s")
+            self._wait_control(0.05)
+
+    # ------------------------------------------------------------------ control
+    def _drain_control(self) -> None:
+        for ch in self.channels:
+            sock = ch.socket
+            while sock.poll(0):
+                ch.on_control(sock.recv_multipart(copy=False))
+            if ch.tracked:
+                ch.reap_sent()
+
+    def _wait_control(self, timeout: float) -> None:
+        tracked = [t for ch in self.channels for t, _ in ch.tracked]
+        if tracked and not any(t.done for t in tracked):
+            tracked[0].wait(timeout)  # tcp: buffers return when zmq has sent them
+        else:
+            for sock, _ in self._poller.poll(timeout * 1000):
+                ch = self._by_socket[sock]
+                ch.on_control(sock.recv_multipart(copy=False))
+        self._drain_control()
+
+    def reclaim_channel(self, subpartition: int) -> int:
+        """Consumer ``subpartition`` died: its leased buffers return to the pool. Returns how many."""
+        return self.channels[subpartition].reclaim()
+
+    def _in_flight(self) -> int:
+        return sum(ch.outstanding for ch in self.channels)
+
+    def _backlog(self) -> int:
+        return sum(len(ch.queue) for ch in self.channels)
+
+    def stats(self) -> PartitionStats:
+        return PartitionStats(
+            buffers_sent=self._buffers_sent, bytes_sent=self._bytes_sent, messages_sent=self._messages_sent,
+            in_flight=self._in_flight(), max_in_flight_per_channel=max(ch.max_in_flight for ch in self.channels),
+            backpressure_seconds=self._blocked, backlog=self._backlog(),
+        )
+
+    statistics = stats
+
+    def close(self) -> None:
+        """Close the sockets; buffers still held return to the pool."""
+        for ch in self.channels:
+            ch.reclaim()
+            ch.close()
+
+    def __enter__(self) -> "ResultPartition":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pool_hello_fields(pool: Any) -> dict[str, Any]:
+    """What a receiver needs to turn (index, size) descriptors into views of the sender's pool."""
+    network = pool.network_pool
+    block = network.segment
+    return {
+        "region": block.region.name,
+        "pool_offset": block.offset,
+        "pool_generation": block.generation,
+        "buffer_size": network.buffer_size,
+        "num_buffers": network.num_buffers,
+    }
+
+
+# ---------------------------------------------------------------------- receiver
+class ReceivedBuffer:
+    """A buffer that arrived on a channel: a read-only view of its bytes until :meth:`release`.
+
+    Ownership: the gate lends it; call ``release()`` exactly once when done
+    (that recycles it to its sender and returns the credit). The view must not
+    be used after that.
+    """
+
+    __slots__ = ("gate", "channel", "index", "view", "_released")
+
+    def __init__(self, gate: "InputGate", channel: int, index: int, view: Any) -> None:
+        self.gate = gate
+        self.channel = channel
+        self.index = index
+        self.view = view
+        self._released = False
+
+    @property
+    def size(self) -> int:
+        return len(self.view)
+
+    def release(self) -> None:
+        if self._released:
+            from runtime.errors import DoubleFreeError
+            raise DoubleFreeError(f"buffer {self.index} of channel {self.channel} was released twice")
+        self._released = True
+        self.view = None
+        self.gate._release(self.channel, self.index)
+
+
+class _ChannelState:
+    """Receiver-side state of one input channel: credits, floating loans, pending returns."""
+
+    __slots__ = ("index", "identity", "name", "hello", "base", "buffer_size", "region", "granted",
+                 "floating", "backlog", "pending_credits", "pending_recycles", "unreleased", "finished")
+
+    def __init__(self, index: int, name: str) -> None:
+        self.index = index
+        self.name = name
+        self.identity: bytes | None = None
+        self.hello: dict | None = None
+        self.base = 0
+        self.buffer_size = 0
+        self.region: SharedRegion | None = None
+        self.granted = 0  # credits granted and not yet consumed by a buffer
+        self.floating = 0  # floating credits lent to this channel (granted or in use)
+        self.backlog = 0
+        self.pending_credits = 0
+        self.pending_recycles: list[int] = []
+        self.unreleased = 0
+        self.finished = False
+
+
+class InputGate:
+    """The receiving side of one consumer subtask: reads the channels of every producer.
+
+    ``num_channels`` producers connect to :attr:`endpoint`; producer channel
+    ``i`` must say ``channel_id=i`` in its handshake. ``exclusive`` credits per
+    channel and ``floating`` credits for the whole gate bound the buffers in
+    flight (``network.buffers-per-channel`` / ``network.floating-buffers-per-gate``).
+    ``region`` is the shared region (shm transport); when None, the gate
+    attaches to the region a producer names in its handshake.
+
+    Process: the consuming worker. Not thread-safe.
+    """
+
+    def __init__(self, num_channels: int, *, exclusive: int = 2, floating: int = 8, name: str = "gate",
+                 endpoint: str | None = None, region: SharedRegion | None = None) -> None:
+        if exclusive < 1:
+            raise ValueError(f"exclusive credits per channel must be >= 1 (network.buffers-per-channel); got {exclusive}")
+        self.name = name
+        self.exclusive = exclusive
+        self.floating_total = floating
+        self.floating_free = floating
+        self.ctx = context()
+        self.socket = make_socket(self.ctx, zmq.ROUTER)
+        self.endpoint = bind(self.socket, endpoint or local_endpoint("ipc"))
+        self.channels = [_ChannelState(i, f"{name}<-{i}") for i in range(num_channels)]
+        self._by_identity: dict[bytes, _ChannelState] = {}
+        self._region = region
+        self._attached: dict[str, SharedRegion] = {}
+        self._ready: deque[ReceivedBuffer] = deque()
+        self._buffers = self._bytes = self._messages = 0
+        self._granted_total = 0
+
+    # ---------------------------------------------------------------- receiving
+    def next_buffer(self, *, timeout: float | None = None) -> ReceivedBuffer | None:
+        """The next buffer in arrival order (per channel in send order), or None on timeout.
+
+        Ownership: the caller must ``release()`` it.
+        """
+        ready = self._ready
+        if not ready:
+            self._wait_ready(timeout)
+        return ready.popleft() if ready else None
+
+    def next_buffers(self, *, timeout: float | None = None) -> list[ReceivedBuffer]:
+        """Every buffer received so far (waiting up to ``timeout`` for the first)."""
+        if not self._ready:
+            self._wait_ready(timeout)
+        out = list(self._ready)
+        self._ready.clear()
+        return out
+
+    def _wait_ready(self, timeout: float | None) -> None:
+        """Receive until a buffer is ready or ``timeout`` passes (control messages do not count)."""
+        if timeout is not None and timeout <= 0:
+            self._receive(0)
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            self._receive(remaining)
+
+    def _receive(self, timeout: float | None) -> None:
+        """Process incoming messages; block up to ``timeout`` for the first one."""
+        self.flush_credits()  # about to wait: return everything released so far
+        sock = self.socket
+        wait_ms = None if timeout is None else int(timeout * 1000)
+        if not sock.poll(wait_ms):
+            return
+        while True:
+            self._on_message(sock.recv_multipart(copy=False))
+            if not sock.poll(0):
+                break
+
+    def _on_message(self, frames: list) -> None:
+        identity = frames[0].bytes
+        head = frames[1]
+        kind = head.buffer[0]
+        self._messages += 1
+        ch = self._by_identity.get(identity)
+        if kind == msg.HELLO:
+            self._on_hello(identity, head.bytes)
+            return
+        if ch is None:
+            raise DeserializationError(f"gate {self.name}: message from unknown peer {identity!r} before its hello")
+        where = f"channel {ch.name}"
+        if kind == msg.DATA:
+            backlog, desc = msg.decode_data(head.buffer, where=where)
+            n = len(desc)
+            if ch.region is not None and ch.region.generation(ch.base) != ch.hello["pool_generation"]:
+                raise ChannelClosedError(f"{where}: the sender's buffer pool was freed (its worker is gone)")
+            buf = ch.region.buf if ch.region is not None else None
+            base, bsize = ch.base, ch.buffer_size
+            ready = self._ready
+            idx_list = desc["index"].tolist()
+            size_list = desc["size"].tolist()
+            for i, size in zip(idx_list, size_list):
+                if i >= ch.hello["num_buffers"] or size > bsize:
+                    raise DeserializationError(f"{where}: descriptor ({i}, {size}) outside the sender's pool")
+                start = base + i * bsize
+                ready.append(ReceivedBuffer(self, ch.index, i, buf[start:start + size].toreadonly()))
+            self._bytes += sum(size_list)
+        elif kind == msg.BYTES:
+            payload = frames[2:]
+            n = len(payload)
+            backlog = msg.decode_bytes_header(head.buffer, n, where=where)
+            ready = self._ready
+            for f in payload:
+                ready.append(ReceivedBuffer(self, ch.index, -1, f.buffer))
+                self._bytes += len(f.buffer)
+        else:
+            raise DeserializationError(f"{where}: unexpected message kind {kind!r}")
+        if n > ch.granted:
+            raise DeserializationError(f"{where}: sender shipped {n} buffers with {ch.granted} credits")
+        ch.granted -= n
+        ch.unreleased += n
+        ch.backlog = backlog
+        self._buffers += n
+        if backlog and self.floating_free:  # lend floating credits to a channel with a backlog
+            lend = min(backlog, self.floating_free)
+            self.floating_free -= lend
+            ch.floating += lend
+            self._grant(ch, lend)
+
+    def _on_hello(self, identity: bytes, frame: bytes) -> None:
+        hello = msg.decode_hello(frame, where=f"gate {self.name}")
+        cid = hello.get("channel")
+        if not isinstance(cid, int) or not 0 <= cid < len(self.channels):
+            raise DeserializationError(f"gate {self.name}: hello names channel {cid!r}; expected 0..{len(self.channels) - 1}")
+        ch = self.channels[cid]
+        if ch.identity is not None:
+            raise DeserializationError(f"gate {self.name}: channel {cid} connected twice")
+        ch.identity = identity
+        ch.hello = hello
+        self._by_identity[identity] = ch
+        if hello.get("transport") == "shm":
+            ch.region = self._region_named(hello["region"])
+            ch.base = hello["pool_offset"]
+            ch.buffer_size = hello["buffer_size"]
+        self._grant(ch, self.exclusive)
+        self.flush_credits()
+
+    def _region_named(self, name: str) -> SharedRegion:
+        if self._region is not None and self._region.name == name:
+            return self._region
+        if name not in self._attached:
+            self._attached[name] = SharedRegion.attach(name)
+        return self._attached[name]
+
+    # ------------------------------------------------------------------ credits
+    def _grant(self, ch: _ChannelState, n: int) -> None:
+        ch.granted += n
+        ch.pending_credits += n
+        self._granted_total += n
+
+    def _release(self, channel: int, index: int) -> None:
+        ch = self.channels[channel]
+        ch.unreleased -= 1
+        if index >= 0:
+            ch.pending_recycles.append(index)
+        if ch.floating and ch.backlog == 0:  # give the loan back to the gate
+            ch.floating -= 1
+            self.floating_free += 1
+        else:
+            self._grant(ch, 1)
+        if len(ch.pending_recycles) + ch.pending_credits >= max(2, (self.exclusive + ch.floating) // 2):
+            self._send_credits(ch)
+
+    def _send_credits(self, ch: _ChannelState) -> None:
+        if ch.identity is None:
+            return
+        if ch.pending_recycles:
+            frame = msg.encode_recycle(ch.pending_credits, ch.pending_recycles)
+            ch.pending_recycles = []
+        elif ch.pending_credits:
+            frame = msg.encode_credit(ch.pending_credits)
+        else:
+            return
+        ch.pending_credits = 0
+        self.socket.send_multipart([ch.identity, frame], copy=False)
+
+    def flush_credits(self) -> None:
+        """Send every pending credit and recycle (called before blocking and on close)."""
+        for ch in self.channels:
+            if ch.pending_credits or ch.pending_recycles:
+                self._send_credits(ch)
+
+    # ------------------------------------------------------------------ lifetime
+    @property
+    def connected(self) -> int:
+        return sum(ch.identity is not None for ch in self.channels)
+
+    def wait_connected(self, *, timeout: float) -> None:
+        """Block until every producer's channel has said hello."""
+        deadline = time.monotonic() + timeout
+        while self.connected < len(self.channels):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"gate {self.name}: {self.connected} of {len(self.channels)} channels "
+                                   f"connected within {timeout}s")
+            self._receive(min(remaining, 0.1))
+
+    def stats(self) -> GateStats:
+        return GateStats(
+            buffers_received=self._buffers, bytes_received=self._bytes, messages_received=self._messages,
+            credits_granted=self._granted_total, floating_lent=self.floating_total - self.floating_free,
+            unreleased=sum(ch.unreleased for ch in self.channels),
+        )
+
+    statistics = stats
+
+    def close(self) -> None:
+        """Release what the caller dropped, return every credit, close the socket and regions."""
+        for rb in self._ready:
+            rb.release()
+        self._ready.clear()
+        self.flush_credits()
+        self.socket.close(linger=0)
+        for region in self._attached.values():
+            region.close()
+        self._attached.clear()
+
+    def __enter__(self) -> "InputGate":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["ResultPartition", "OutputChannel", "InputGate", "ReceivedBuffer", "ChannelClosedError",
+           "PartitionStats", "GateStats", "TRANSPORTS", "pool_hello_fields"]

@@ -1,0 +1,149 @@
+"""Channels between real processes: buffers arrive in order, credits bound what is in flight,
+a dead consumer's buffers return to their pool. Over the shm (descriptor) and tcp (bytes) transports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from helpers import SPAWN, reap
+from runtime.memory import BuddyAllocator, SharedRegion
+from runtime.network import NetworkBufferPool
+from runtime.network.channel import InputGate, ResultPartition
+
+MiB = 1 << 20
+BUF = 32 * 1024
+
+
+def _endpoint_for(transport: str) -> str | None:
+    return "tcp://127.0.0.1:*" if transport == "tcp" else None
+
+
+def producer(region_name, arena, transport, endpoint, nbufs, conn, exclusive_bound):
+    """Send ``nbufs`` buffers; buffer i holds the uint64 value i in every word."""
+    region = SharedRegion.attach(region_name)
+    alloc = BuddyAllocator(region, offset=arena[0], size=arena[1])
+    net = NetworkBufferPool(alloc, 64, BUF)
+    pool = net.create_buffer_pool(8, 64, name="producer")
+    part = ResultPartition(pool, [endpoint], channel_ids=0, transport=transport, name="p", max_backlog=4)
+    conn.send("ready")
+    conn.recv()  # start
+    for i in range(nbufs):
+        buf = part.request_buffer(timeout=30)
+        buf.segment.as_array(np.uint64)[:] = i
+        buf.size = BUF if i % 3 else BUF // 2  # partly filled buffers too
+        part.send_buffer(0, buf)
+    part.flush(timeout=30)
+    part.wait_all_recycled(timeout=30)
+    stats = part.stats()
+    conn.send({"max_in_flight": stats.max_in_flight_per_channel, "sent": stats.buffers_sent,
+               "peak_pool": pool.stats().peak_in_use, "blocked": stats.backpressure_seconds,
+               "in_use_after": pool.in_use()})
+    conn.recv()  # the test may kill the consumer meanwhile
+    part.close()
+    pool.destroy()
+    net.close()
+    region.close()
+
+
+def consumer(transport, nbufs, conn, slow, exclusive, floating, hold_forever):
+    gate = InputGate(1, exclusive=exclusive, floating=floating, endpoint=_endpoint_for(transport))
+    conn.send(gate.endpoint)
+    got, expected_next, ok = 0, 0, True
+    while got < nbufs:
+        rb = gate.next_buffer(timeout=30)
+        assert rb is not None, "no buffer within 30s"
+        words = np.frombuffer(rb.view, np.uint64)
+        size_ok = len(rb.view) == (BUF if got % 3 else BUF // 2)
+        ok = ok and size_ok and bool((words == expected_next).all())
+        expected_next += 1
+        got += 1
+        if hold_forever:
+            conn.send(("holding", got))
+            conn.recv()  # never answered: SIGKILL
+        if slow:
+            time.sleep(0.002)  # sleep-ok: a slow consumer is what this test measures
+        rb.release()
+    conn.send(("done", got, ok))
+    gate.close()
+
+
+def _run_pair(transport, nbufs, *, slow=False, exclusive=2, floating=4):
+    with SharedRegion.create(64 * MiB) as region:
+        p_conn, p_child = SPAWN.Pipe()
+        c_conn, c_child = SPAWN.Pipe()
+        cons = SPAWN.Process(target=consumer, args=(transport, nbufs, c_child, slow, exclusive, floating, False))
+        cons.start()
+        try:
+            assert c_conn.poll(60)
+            endpoint = c_conn.recv()
+            prod = SPAWN.Process(target=producer, args=(region.name, (0, 8 * MiB), transport, endpoint, nbufs,
+                                                        p_child, exclusive + floating))
+            prod.start()
+            try:
+                assert p_conn.poll(60) and p_conn.recv() == "ready"
+                p_conn.send("go")
+                assert c_conn.poll(120), "consumer did not finish"
+                status, got, ok = c_conn.recv()
+                assert (status, got, ok) == ("done", nbufs, True)
+                assert p_conn.poll(60)
+                stats = p_conn.recv()
+                p_conn.send("bye")
+                prod.join(30)
+                cons.join(30)
+                assert prod.exitcode == 0 and cons.exitcode == 0
+                return stats
+            finally:
+                reap(prod)
+        finally:
+            reap(cons)
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_buffers_arrive_in_order_and_all_return(transport):
+    stats = _run_pair(transport, 3000)
+    assert stats["sent"] == 3000
+    assert stats["in_use_after"] == 0
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_slow_consumer_backpressures_within_the_credit_bound(transport):
+    exclusive, floating = 2, 4
+    stats = _run_pair(transport, 400, slow=True, exclusive=exclusive, floating=floating)
+    assert stats["max_in_flight"] <= exclusive + floating
+    assert stats["blocked"] > 0  # the producer waited for credits
+    # the producer's memory is flat: bounded by credits and the backlog limit, not by the input
+    assert stats["peak_pool"] <= exclusive + floating + 4 + 1  # in flight + max_backlog + one being filled
+
+
+def test_a_dead_consumers_buffers_return_to_the_pool():
+    with SharedRegion.create(64 * MiB) as region:
+        alloc = BuddyAllocator(region, offset=0, size=8 * MiB)
+        net = NetworkBufferPool(alloc, 16, BUF)
+        pool = net.create_buffer_pool(4, 16, name="producer")
+        c_conn, c_child = SPAWN.Pipe()
+        cons = SPAWN.Process(target=consumer, args=("shm", 100, c_child, False, 4, 0, True))
+        cons.start()
+        try:
+            assert c_conn.poll(60)
+            part = ResultPartition(pool, [c_conn.recv()], channel_ids=0, transport="shm", name="p")
+            for i in range(4):
+                buf = part.request_buffer(timeout=30)
+                buf.size = 8
+                part.send_buffer(0, buf)
+            part.flush(timeout=30)
+            assert c_conn.poll(60) and c_conn.recv() == ("holding", 1)
+            assert pool.in_use() == 4
+            os.kill(cons.pid, signal.SIGKILL)
+            cons.join(30)
+            assert part.reclaim_channel(0) == 4
+            assert pool.in_use() == 0
+            part.close()
+        finally:
+            reap(cons)
+        pool.destroy()
+        net.close()
