@@ -54,6 +54,10 @@ class ClosedResourceError(ShmflowError):
     """A pool, channel or region was used after it was closed or destroyed."""
 
 
+class SegmentBusyError(ShmflowError, RuntimeError):
+    """A segment was submitted to the IOManager while a request on it is still pending."""
+
+
 class RegionError(ShmflowError):
     """A shared region cannot be created or attached (bad name, bad header, closed)."""
 
@@ -94,6 +98,7 @@ __all__ = [
     "ReadOnlySegmentError",
     "ClosedResourceError",
     "RegionError",
+    "SegmentBusyError",
     "SpillError",
     "DeserializationError",
     "WorkerLostError",
