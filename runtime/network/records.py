@@ -1,0 +1,326 @@
+"""Record writers and readers: batches <-> serialized frames in network buffers, partitioned by channel.
+
+Imports: runtime.network (channel, serializer, events), runtime.errors (numpy, msgpack).
+
+A :class:`RecordWriter` splits each batch across a ResultPartition's channels
+(:class:`Partitioner`: forward, hash, rebalance, broadcast), serializes each
+channel's share into that channel's current buffer and sends full buffers.
+It never blocks: when no buffer is free it keeps the rest of the batch (Python
+objects, at most one step's output) and writes it when buffers come back —
+:meth:`RecordWriter.available` is False meanwhile, so the worker does not feed
+it more. Partly filled buffers are sent after ``network.buffer-timeout``
+(0: after every batch) and at end of stream.
+
+A :class:`RecordReader` turns the buffers of an InputGate back into batches
+and events, one deserializer per channel (frames may span buffers).
+
+Event-time batches (TimestampedBatch) travel as a ``UserEvent`` carrying the
+timestamps, immediately followed by the RECORDS frame of their records.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Callable, Iterable
+
+import msgpack
+import numpy as np
+
+from runtime.network.channel import InputGate, ResultPartition
+from runtime.network.events import EVENT_TYPES, UserEvent
+from runtime.network.serializer import BufferDeserializer, BufferSerializer, iter_records, pack_to_buffers
+
+_TIMESTAMPS = "__shmflow.timestamps__"
+
+
+class TimestampedBatch(list):
+    """A list of records with a parallel list of event timestamps (seconds, float)."""
+
+    __slots__ = ("timestamps",)
+
+    def __init__(self, records: Iterable[Any] = (), timestamps: Iterable[float] = ()) -> None:
+        super().__init__(records)
+        self.timestamps: list[float] = list(timestamps)
+        if len(self.timestamps) != len(self):
+            msg = f"a timestamped batch needs one timestamp per record; got {len(self)} records, {len(self.timestamps)} timestamps"
+            raise ValueError(msg)
+
+
+def _timestamped(records: list, timestamps: list) -> "TimestampedBatch":
+    return TimestampedBatch(records, timestamps)
+
+
+# ---------------------------------------------------------------------- partitioning
+class Partitioner:
+    """Splits a batch into ``(channel, sub-batch)`` pairs.
+
+    ``hash``: a record goes to channel ``hash(key_fn(record)) % n`` (workers share
+    PYTHONHASHSEED); a columnar batch is split by its ``columnar_key`` column
+    with numpy (integer keys: ``key % n``, the same channel ``hash`` gives an int).
+    ``rebalance`` sends whole batches round-robin; ``broadcast`` sends every
+    batch to every channel; ``forward`` has one channel.
+    """
+
+    def __init__(self, kind: str, n: int, *, key_fn: Callable[[Any], Any] | None = None,
+                 columnar_key: str | None = None) -> None:
+        self.kind = kind
+        self.n = n
+        self.key_fn = key_fn
+        self.columnar_key = columnar_key
+        self._next = 0
+
+    def split(self, batch: Any) -> list[tuple[int, Any]]:
+        n = self.n
+        if n == 1 or self.kind == "forward":
+            return [(0, batch)]
+        if self.kind == "broadcast":
+            return [(i, batch) for i in range(n)]
+        if self.kind == "rebalance":
+            self._next = (self._next + 1) % n
+            return [(self._next, batch)]
+        if isinstance(batch, dict) or isinstance(batch, np.ndarray):
+            return self._split_columnar(batch)
+        key_fn = self.key_fn
+        buckets: list[list] = [[] for _ in range(n)]
+        dests = [hash(k) % n for k in map(key_fn, batch)]
+        timestamps = getattr(batch, "timestamps", None)
+        if timestamps is None:
+            appends = [b.append for b in buckets]
+            for rec, d in zip(batch, dests):
+                appends[d](rec)
+            return [(i, b) for i, b in enumerate(buckets) if b]
+        ts_buckets: list[list] = [[] for _ in range(n)]
+        for rec, ts, d in zip(batch, timestamps, dests):
+            buckets[d].append(rec)
+            ts_buckets[d].append(ts)
+        return [(i, _timestamped(b, ts_buckets[i])) for i, b in enumerate(buckets) if b]
+
+    def _split_columnar(self, batch: Any) -> list[tuple[int, Any]]:
+        col = self.columnar_key
+        if col is None:
+            msg = "a columnar batch (dict of arrays) can only be hash-partitioned by a column: use key_by('column')"
+            raise TypeError(msg)
+        keys = batch[col]
+        if keys.dtype.kind in "iu":
+            dest = np.remainder(keys, self.n)
+        else:
+            dest = np.fromiter((hash(k) % self.n for k in keys.tolist()), dtype=np.int64, count=len(keys))
+        order = np.argsort(dest, kind="stable")
+        counts = np.bincount(dest, minlength=self.n)
+        out = []
+        start = 0
+        for i, c in enumerate(counts.tolist()):
+            if c:
+                idx = order[start:start + c]
+                if isinstance(batch, dict):
+                    out.append((i, {name: arr[idx] for name, arr in batch.items()}))
+                else:
+                    out.append((i, batch[idx]))
+            start += c
+        return out
+
+
+# ---------------------------------------------------------------------------- writer
+class _ChannelWriter:
+    __slots__ = ("index", "ser", "buffer", "items", "continuing", "first_write")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.ser = BufferSerializer()
+        self.buffer: Any = None  # the NetworkBuffer being filled; owned by this writer until sent
+        self.items: deque = deque()  # batches and events not yet written (no buffer was free)
+        self.continuing = False  # the serializer holds the rest of a spanning frame
+        self.first_write: float | None = None
+
+
+class RecordWriter:
+    """Serializes batches into a ResultPartition's buffers, one serializer per channel.
+
+    Ownership: a buffer requested from the partition's pool belongs to the
+    writer until it is full (or flushed) and handed to ``send_buffer``.
+    Process: the producing worker, its loop thread.
+    """
+
+    def __init__(self, partition: ResultPartition, partitioner: Partitioner, *, buffer_timeout: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.partition = partition
+        self.partitioner = partitioner
+        self.buffer_timeout = buffer_timeout
+        self.clock = clock
+        self.pool = partition.pool
+        self.channels = [_ChannelWriter(i) for i in range(len(partition.channels))]
+
+    def emit(self, batch: Any) -> None:
+        for index, sub in self.partitioner.split(batch):
+            cw = self.channels[index]
+            if getattr(sub, "timestamps", None) is not None:
+                cw.items.append(UserEvent((_TIMESTAMPS, list(sub.timestamps))))
+                cw.items.append(list(sub))
+            else:
+                cw.items.append(sub)
+            self._pump(cw)
+            if self.buffer_timeout == 0:
+                self._flush_channel(cw)
+
+    def emit_event(self, event: Any) -> None:
+        """An in-band event to every channel, in order with the records before it."""
+        for cw in self.channels:
+            cw.items.append(event)
+            self._pump(cw)
+            if self.buffer_timeout == 0:
+                self._flush_channel(cw)
+
+    # ------------------------------------------------------------------ writing
+    def _pump(self, cw: _ChannelWriter) -> bool:
+        """Write pending items while buffers are free. True when nothing is left pending."""
+        ser = cw.ser
+        while True:
+            if cw.buffer is None:
+                buf = self.pool.try_request_buffer()
+                if buf is None:
+                    self.partition.ship_all()  # recycles may be waiting
+                    buf = self.pool.try_request_buffer()
+                    if buf is None:
+                        return False
+                cw.buffer = buf
+                view = buf.segment.view()
+                if cw.continuing:
+                    cw.continuing = False
+                    self._after_write(cw, ser.continue_into(view))
+                    continue
+                ser.set_buffer(view)
+            if not cw.items:
+                return True
+            item = cw.items.popleft()
+            if type(item) is list:
+                result = ser.write_records(item)
+            elif isinstance(item, EVENT_TYPES):
+                result = ser.write_event(item)
+            else:
+                result = ser.write_batch(item)
+            self._after_write(cw, result)
+
+    def _after_write(self, cw: _ChannelWriter, result: Any) -> None:
+        if result.is_full_buffer:
+            self._send(cw)
+            cw.continuing = not result.is_full_record
+        elif cw.first_write is None:
+            cw.first_write = self.clock()
+
+    def _send(self, cw: _ChannelWriter) -> None:
+        buf = cw.buffer
+        buf.size = cw.ser.position
+        cw.buffer = None
+        cw.first_write = None
+        self.partition.send_buffer(cw.index, buf)
+
+    def _flush_channel(self, cw: _ChannelWriter) -> None:
+        """Send the channel's partly filled buffer (if it holds complete frames only)."""
+        if cw.buffer is not None and not cw.continuing and cw.ser.position:
+            self._send(cw)
+
+    # ------------------------------------------------------------------ control
+    def available(self) -> bool:
+        """True when nothing waits for a buffer and the partition can take more."""
+        return all(not cw.items and not cw.continuing for cw in self.channels) and self.partition.available()
+
+    def pump(self) -> bool:
+        """Write what is pending as buffers allow; True when everything is written."""
+        done = True
+        for cw in self.channels:
+            if cw.items or cw.continuing:
+                done = self._pump(cw) and done
+        return done
+
+    def flush_if_due(self, now: float) -> None:
+        self.pump()
+        timeout = self.buffer_timeout
+        for cw in self.channels:
+            if cw.first_write is not None and now - cw.first_write >= timeout:
+                self._flush_channel(cw)
+
+    def next_flush_due(self) -> float | None:
+        due = [cw.first_write + self.buffer_timeout for cw in self.channels if cw.first_write is not None]
+        return min(due) if due else None
+
+    def flush(self) -> None:
+        """Send partly filled buffers (non-blocking; call :meth:`drained` to know it all went out)."""
+        self.pump()
+        for cw in self.channels:
+            if not cw.items:
+                self._flush_channel(cw)
+        self.partition.ship_all()
+
+    def drained(self) -> bool:
+        """Everything emitted is in buffers handed to the partition and shipped."""
+        self.flush()
+        return (all(not cw.items and not cw.continuing and cw.buffer is None for cw in self.channels)
+                and self.partition.stats().backlog == 0)
+
+    def stats(self) -> Any:
+        return self.partition.stats()
+
+    def close(self) -> None:
+        """Return buffers still being filled to the pool."""
+        for cw in self.channels:
+            if cw.buffer is not None:
+                cw.buffer.release()
+                cw.buffer = None
+            cw.items.clear()
+            cw.ser.clear()
+
+
+# ---------------------------------------------------------------------------- reader
+class RecordReader:
+    """Reads batches and events from an InputGate, in order per channel.
+
+    Ownership: a buffer's bytes are released (recycled to the sender) at the
+    next :meth:`poll`, so zero-copy columnar arrays returned by one poll are
+    valid until the next one; operators that keep them must copy.
+    """
+
+    def __init__(self, gate: InputGate) -> None:
+        self.gate = gate
+        self._des = [BufferDeserializer(ch.name) for ch in gate.channels]
+        self._timestamps: list[list | None] = [None] * len(gate.channels)
+        self._held: list[Any] = []
+
+    def poll(self) -> list[tuple[int, Any]]:
+        """Everything that arrived since the last poll: ``(channel, batch_or_event)`` pairs."""
+        for rb in self._held:
+            rb.release()
+        self._held = []
+        out: list[tuple[int, Any]] = []
+        for rb in self.gate.next_buffers(timeout=0):
+            ch = rb.channel
+            self._held.append(rb)
+            for item in self._des[ch].feed(rb.view):
+                if type(item) is UserEvent and type(item.payload) is tuple and item.payload[:1] == (_TIMESTAMPS,):
+                    self._timestamps[ch] = item.payload[1]
+                    continue
+                ts = self._timestamps[ch]
+                if ts is not None and type(item) is list:
+                    item = _timestamped(item, ts)
+                    self._timestamps[ch] = None
+                out.append((ch, item))
+        return out
+
+    def close(self) -> None:
+        for rb in self._held:
+            rb.release()
+        self._held = []
+
+
+# ------------------------------------------------------------------ client shipping
+def pack_batch(batch: Any, *, chunk: int = 1 << 20) -> bytes:
+    """A batch as bytes for the control plane (collect sinks); tuples stay tuples."""
+    records = batch if isinstance(batch, (dict, np.ndarray)) else list(batch)
+    parts = pack_to_buffers([records], buffer_size=chunk)
+    return msgpack.packb([bytes(buf[:n]) for buf, n in parts], use_bin_type=True)
+
+
+def unpack_batch(payload: bytes) -> list[Any]:
+    """The records packed by :func:`pack_batch` (a columnar batch comes back as one item)."""
+    chunks = msgpack.unpackb(payload, raw=False)
+    return list(iter_records(chunks, channel="collect"))
