@@ -1,0 +1,169 @@
+"""Sinks: CollectSink, PrintSink and FileSink.
+
+Role: ``.collect()``, ``.print()``, ``.write_text(path)``. Each writes a whole
+batch with one call (``str.join`` over ``map(str, batch)``), not one call per
+record.
+
+Imports: runtime.task, runtime.errors, operators.stateless (batch helpers), stdlib.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from runtime.errors import ShmflowError
+from runtime.task import Batch, Emit, OperatorContext, SinkOperator
+
+from operators.stateless import to_records
+
+__all__ = ["CollectSink", "PrintSink", "FileSink"]
+
+
+def _lines(batch: Batch, prefix: str = "") -> str:
+    """``prefix + str(record) + "\\n"`` for every record, as one string."""
+    records = to_records(batch)
+    if not records:
+        return ""
+    if prefix:
+        return prefix + ("\n" + prefix).join(map(str, records)) + "\n"
+    return "\n".join(map(str, records)) + "\n"
+
+
+class CollectSink(SinkOperator):
+    """Ship every batch to the client: ``ctx.send_to_client(sink_id, batch)`` (``.collect()``).
+
+    ``CollectSink(sink_id)``; the runtime delivers the batches to the client
+    that waits on ``sink_id``. Batches are passed on as they are (list,
+    TimestampedBatch or columnar dict).
+
+    >>> got = []
+    >>> sink = CollectSink("out")
+    >>> sink.open(OperatorContext(send_to_client=lambda sink_id, batch: got.append((sink_id, batch))))
+    >>> sink.process_batch([1, 2], None)
+    >>> got
+    [('out', [1, 2])]
+    """
+
+    name = "collect_sink"
+
+    def __init__(self, sink_id: str) -> None:
+        if not isinstance(sink_id, str) or not sink_id:
+            msg = f"CollectSink: sink_id must be a non-empty str; got {sink_id!r}"
+            raise TypeError(msg)
+        self.sink_id = sink_id
+        self._send: Any = None
+
+    def open(self, ctx: OperatorContext) -> None:
+        super().open(ctx)
+        if ctx.send_to_client is None:
+            msg = (f"CollectSink {self.sink_id!r} needs a runtime that ships results to the client; "
+                   f"got OperatorContext.send_to_client=None")
+            raise ShmflowError(msg)
+        self._send = ctx.send_to_client
+
+    def process_batch(self, batch: Batch, emit: Emit) -> None:
+        self._send(self.sink_id, batch)
+
+
+class PrintSink(SinkOperator):
+    """Print every record on its own line to stdout (``.print()``).
+
+    ``PrintSink(prefix=None)``. Like Flink: with parallelism > 1 each line
+    starts with ``"{subtask_index + 1}> "``; with a prefix it is
+    ``"{prefix}:{subtask_index + 1}> "`` (parallelism > 1) or ``"{prefix}> "``.
+
+    >>> sink = PrintSink()
+    >>> sink.open(OperatorContext(subtask_index=1, parallelism=2))
+    >>> sink.process_batch(["a", ("b", 1)], None)
+    2> a
+    2> ('b', 1)
+    >>> sink = PrintSink("words")
+    >>> sink.open(OperatorContext())
+    >>> sink.process_batch([3], None)
+    words> 3
+    """
+
+    name = "print_sink"
+
+    def __init__(self, prefix: str | None = None) -> None:
+        if prefix is not None and not isinstance(prefix, str):
+            msg = f"PrintSink: prefix must be a str or None; got {type(prefix).__name__}"
+            raise TypeError(msg)
+        self.prefix = prefix
+        self._line_prefix = "" if prefix is None else f"{prefix}> "
+
+    def open(self, ctx: OperatorContext) -> None:
+        super().open(ctx)
+        if ctx.parallelism > 1:
+            tag = f"{ctx.subtask_index + 1}> "
+            self._line_prefix = tag if self.prefix is None else f"{self.prefix}:{tag}"
+        else:
+            self._line_prefix = "" if self.prefix is None else f"{self.prefix}> "
+
+    def process_batch(self, batch: Batch, emit: Emit) -> None:
+        text = _lines(batch, self._line_prefix)
+        if text:
+            out = sys.stdout  # looked up per batch: tests and the worker may redirect it
+            out.write(text)
+            out.flush()
+
+
+class FileSink(SinkOperator):
+    """Write ``str(record)`` per line (``.write_text(path)``).
+
+    ``FileSink(path, *, encoding="utf-8")``. Parallelism 1 writes the file
+    ``path``; parallelism > 1 writes the directory ``path/`` with one
+    ``part-{subtask_index}`` file per subtask. Parent directories are
+    created. The file is opened (truncated) in ``open`` and closed in ``close``.
+
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "out", "words.txt")
+    >>> sink = FileSink(path)
+    >>> sink.open(OperatorContext())
+    >>> sink.process_batch(["to", ("be", 2)], None); sink.close()
+    >>> with open(path) as f:
+    ...     f.read()
+    "to\\n('be', 2)\\n"
+    >>> import shutil; shutil.rmtree(os.path.dirname(os.path.dirname(path)))
+    """
+
+    name = "file_sink"
+
+    def __init__(self, path: str | os.PathLike, *, encoding: str = "utf-8") -> None:
+        self.path = os.fspath(path)
+        self.encoding = encoding
+        self.target: str | None = None  # the file this subtask writes, known at open
+        self._file: Any = None
+
+    def open(self, ctx: OperatorContext) -> None:
+        super().open(ctx)
+        if ctx.parallelism > 1:
+            if os.path.isfile(self.path):
+                msg = (f"FileSink with parallelism {ctx.parallelism} writes a directory of part files, "
+                       f"but {self.path!r} is a file; remove it or choose another path")
+                raise FileExistsError(msg)
+            os.makedirs(self.path, exist_ok=True)
+            self.target = os.path.join(self.path, f"part-{ctx.subtask_index}")
+        else:
+            parent = os.path.dirname(self.path)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            self.target = self.path
+        self._file = open(self.target, "w", encoding=self.encoding)  # noqa: SIM115 - closed in close()
+
+    def process_batch(self, batch: Batch, emit: Emit) -> None:
+        if self._file is None:
+            msg = f"FileSink {self.path!r} must be opened (open(ctx)) before process_batch"
+            raise RuntimeError(msg)
+        self._file.write(_lines(batch))
+
+    def finish(self, emit: Emit) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

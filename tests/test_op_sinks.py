@@ -1,0 +1,94 @@
+"""Sinks: CollectSink ships batches to the client, PrintSink prints like Flink, FileSink writes files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from operators.sinks import CollectSink, FileSink, PrintSink
+from operators.stateless import Map
+from runtime.errors import ShmflowError
+from runtime.task import OperatorContext, TimestampedBatch, run_chain
+
+
+def test_collect_sink_ships_every_batch():
+    shipped = []
+    sink = CollectSink("result-1")
+    sink.open(OperatorContext(send_to_client=lambda sink_id, batch: shipped.append((sink_id, list(batch)))))
+    run_chain([Map(lambda x: x * 2), sink], [1, 2], None)
+    run_chain([Map(lambda x: x * 2), sink], [], None)  # empty batches never reach a sink
+    run_chain([Map(lambda x: x * 2), sink], TimestampedBatch([3], [1.0]), None)
+    sink.finish(None)
+    sink.close()
+    assert shipped == [("result-1", [2, 4]), ("result-1", [6])]
+
+
+def test_collect_sink_without_a_client_channel_is_an_error():
+    with pytest.raises(ShmflowError, match=r"^CollectSink 'x' needs a runtime that ships results to the client; "
+                                           r"got OperatorContext.send_to_client=None$"):
+        CollectSink("x").open(OperatorContext())
+
+
+def test_print_sink_parallelism_one(capsys):
+    sink = PrintSink()
+    sink.open(OperatorContext())
+    run_chain([sink], ["a", ("b", 2), {"c": 3}], None)
+    assert capsys.readouterr().out == "a\n('b', 2)\n{'c': 3}\n"
+
+
+def test_print_sink_prefixes_like_flink(capsys):
+    sink = PrintSink()
+    sink.open(OperatorContext(subtask_index=2, parallelism=4))
+    run_chain([sink], [1, 2], None)
+    named = PrintSink("words")
+    named.open(OperatorContext(subtask_index=0, parallelism=2))
+    run_chain([named], ["x"], None)
+    single = PrintSink("words")
+    single.open(OperatorContext())
+    run_chain([single], ["y"], None)
+    assert capsys.readouterr().out == "3> 1\n3> 2\nwords:1> x\nwords> y\n"
+
+
+def test_print_sink_columnar(capsys):
+    sink = PrintSink()
+    sink.open(OperatorContext())
+    run_chain([sink], {"k": np.array([1, 2])}, None)
+    assert capsys.readouterr().out == "{'k': 1}\n{'k': 2}\n"
+
+
+def test_file_sink_parallelism_one_creates_parents(tmp_path):
+    path = tmp_path / "a" / "b" / "out.txt"
+    sink = FileSink(path)
+    sink.open(OperatorContext())
+    run_chain([sink], ["to", "be"], None)
+    run_chain([sink], [("or", 1)], None)
+    sink.finish(None)
+    sink.close()
+    assert path.read_text() == "to\nbe\n('or', 1)\n"
+
+
+def test_file_sink_parallel_writes_part_files(tmp_path):
+    path = tmp_path / "out"
+    for i in range(3):
+        sink = FileSink(path)
+        sink.open(OperatorContext(subtask_index=i, parallelism=3))
+        run_chain([sink], [f"record-{i}", i], None)
+        sink.close()
+    assert sorted(p.name for p in path.iterdir()) == ["part-0", "part-1", "part-2"]
+    assert (path / "part-1").read_text() == "record-1\n1\n"
+
+
+def test_file_sink_parallel_onto_an_existing_file_is_an_error(tmp_path):
+    path = tmp_path / "taken"
+    path.write_text("x")
+    with pytest.raises(FileExistsError, match=r"^FileSink with parallelism 2 writes a directory of part files, "):
+        FileSink(path).open(OperatorContext(parallelism=2))
+
+
+def test_file_sink_close_is_idempotent(tmp_path):
+    sink = FileSink(tmp_path / "o.txt")
+    sink.close()  # close is always called, also when open failed
+    sink.open(OperatorContext())
+    sink.close()
+    sink.close()
+    assert (tmp_path / "o.txt").read_text() == ""
