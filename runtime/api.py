@@ -1,0 +1,312 @@
+"""The public facade: StreamEnvironment and DataStream, a fluent API in the spirit of Flink's DataStream.
+
+Imports: the one runtime module allowed to import ``operators``; also
+runtime.graph, runtime.config, runtime.errors and, lazily, the cluster
+(runtime.coordinator) that executes jobs.
+
+A program builds :class:`StreamNode` s through DataStream calls; ``execute()``
+turns them into a job graph (chaining forward edges; in batch mode putting a
+combiner before each keyed shuffle) and runs it on an embedded local cluster,
+or on a standing one when ``coordinator=`` names it.
+"""
+
+from __future__ import annotations
+
+import operator as _operator
+from typing import Any, Callable, Iterable
+
+from operators import keyed, sinks, sources, stateless, window
+from runtime.graph import JobGraph, StreamNode, build_job_graph
+from runtime.jobs import JobResult
+
+MODES = ("auto", "streaming", "batch")
+
+
+class CollectResult:
+    """The records a ``collect()`` sink shipped back to the client; filled by ``execute()``."""
+
+    def __init__(self, sink_id: str) -> None:
+        self.sink_id = sink_id
+        self._values: list[Any] = []
+        self.done = False
+
+    def values(self) -> list[Any]:
+        """All records, in arrival order (per upstream subtask in emission order)."""
+        return self._values
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def _extend(self, batch: Iterable[Any]) -> None:
+        self._values.extend(batch)
+
+
+class StreamEnvironment:
+    """Builds and runs streaming jobs.
+
+    ``StreamEnvironment(workers=2)`` runs jobs on an embedded local cluster:
+    a coordinator in this process and ``workers`` worker processes sharing
+    one memory region, started by ``execute()`` and torn down after it.
+    ``StreamEnvironment(coordinator="tcp://127.0.0.1:6123")`` submits to a
+    standing cluster instead (``shmflow coordinator`` / ``shmflow worker``).
+    ``config`` is a ShmflowConfig, a TOML path, or a dict of keys;
+    ``mode`` is "streaming", "batch", or "auto" (batch when every source is bounded).
+    """
+
+    def __init__(self, workers: int | None = None, *, config: Any = None, mode: str = "auto",
+                 coordinator: str | None = None, secret_file: str | None = None) -> None:
+        from runtime.config import ShmflowConfig, load_config
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+        overrides = {} if workers is None else {"workers": workers}
+        if isinstance(config, ShmflowConfig):
+            cfg = config.with_overrides(overrides, source="StreamEnvironment(workers=...)") if overrides else config
+        elif isinstance(config, dict):
+            cfg = load_config(overrides={**config, **overrides})
+        else:
+            cfg = load_config(config, overrides=overrides)
+        self.config = cfg
+        self.workers: int = cfg.workers
+        self.mode = mode
+        self.coordinator = coordinator
+        self.secret_file = secret_file
+        self._nodes: list[StreamNode] = []
+        self._collects: dict[str, CollectResult] = {}
+        self._keyed_aggs: list[int] = []  # node ids of keyed aggregations (batch mode adds combiners)
+
+    # ----------------------------------------------------------------- sources
+    def from_collection(self, items: Iterable[Any], *, name: str = "from_collection") -> "DataStream":
+        """A bounded source over ``items``, split into contiguous shares across the workers."""
+        return self._source(sources.CollectionSource(list(items)), name)
+
+    def from_generator(self, fn: Callable[[int], Any], rate: float | None = None, *, count: int | None = None,
+                       name: str = "from_generator") -> "DataStream":
+        """An unbounded source (bounded with ``count``): ``fn(i)`` makes record ``i``; ``rate`` in records/s."""
+        return self._source(sources.GeneratorSource(fn, rate=rate, count=count), name)
+
+    def read_text(self, path: str, *, name: str | None = None) -> "DataStream":
+        """A bounded source of the lines of a text file, split at line boundaries across workers."""
+        return self._source(sources.TextFileSource(str(path)), name or f"read_text({path})")
+
+    def _source(self, op: Any, name: str) -> "DataStream":
+        node = self._add(name, op, inputs=[], is_source=True)
+        return DataStream(self, node)
+
+    def _add(self, name: str, op: Any, *, inputs: list, parallelism: int | None = None,
+             is_source: bool = False, is_sink: bool = False, columnar_key: str | None = None) -> StreamNode:
+        node = StreamNode(id=len(self._nodes), name=name, operator=op,
+                          parallelism=parallelism or self.workers, inputs=inputs,
+                          is_source=is_source, is_sink=is_sink, columnar_key=columnar_key)
+        self._nodes.append(node)
+        return node
+
+    # ---------------------------------------------------------------- execution
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        bounded = all(getattr(n.operator, "bounded", True) for n in self._nodes if n.is_source)
+        return "batch" if bounded else "streaming"
+
+    def job_graph(self, name: str = "job") -> JobGraph:
+        """The graph ``execute()`` would run (for inspection and tests)."""
+        mode = self.resolved_mode()
+        nodes = [StreamNode(**{**n.__dict__, "inputs": list(n.inputs)}) for n in self._nodes]
+        for n in nodes:
+            op = n.operator
+            if isinstance(op, (keyed.KeyedAggregate, window.WindowAggregate)):
+                op.mode = mode
+        if mode == "batch":
+            nodes = _insert_combiners(nodes, self._keyed_aggs)
+        return build_job_graph(name, nodes, mode=mode)
+
+    def execute(self, name: str = "job", *, timeout: float | None = None) -> JobResult:
+        """Run the job; blocks until it ends. Raises JobFailedError on any failure."""
+        from runtime.coordinator import run_job
+        graph = self.job_graph(name)
+        for result in self._collects.values():
+            result._values = []
+        return run_job(graph, self.config, collect=self._collects, coordinator=self.coordinator,
+                       secret_file=self.secret_file, timeout=timeout)
+
+
+def _insert_combiners(nodes: list[StreamNode], keyed_ids: list[int]) -> list[StreamNode]:
+    """Batch mode: put a KeyedCombine before each combinable keyed shuffle (Flink's combiner).
+
+    ``upstream -> hash(key_fn) -> KeyedAggregate`` becomes
+    ``upstream -> KeyedCombine -> hash(key of partial) -> KeyedAggregate(partial_input=True)``,
+    so only one partial per key and subtask crosses the network.
+    """
+    out = list(nodes)
+    for nid in keyed_ids:
+        agg_node = out[nid]
+        op = agg_node.operator
+        if not isinstance(op, keyed.KeyedAggregate) or not keyed.combinable(op.aggregation):
+            continue
+        (up, part, key_fn), = agg_node.inputs
+        upstream = out[up]
+        combine = StreamNode(id=len(out), name=f"combine({agg_node.name})",
+                             operator=keyed.KeyedCombine(op.key_fn, op.aggregation),
+                             parallelism=upstream.parallelism, inputs=[(up, "forward", None)])
+        out.append(combine)
+        op.partial_input = True
+        agg_node.inputs = [(combine.id, "hash", _operator.itemgetter(0))]
+    return out
+
+
+class DataStream:
+    """A stream of records. Every method returns a new stream (or a sink's handle)."""
+
+    def __init__(self, env: StreamEnvironment, node: StreamNode) -> None:
+        self.env = env
+        self.node = node
+
+    def _then(self, name: str, op: Any, partitioning: str = "forward", key_fn: Any = None, **kw: Any) -> "DataStream":
+        node = self.env._add(name, op, inputs=[(self.node.id, partitioning, key_fn)], **kw)
+        return DataStream(self.env, node)
+
+    # ------------------------------------------------------------ stateless
+    def map(self, fn: Callable[[Any], Any], *, name: str = "map") -> "DataStream":
+        return self._then(name, stateless.Map(fn))
+
+    def filter(self, fn: Callable[[Any], bool], *, name: str = "filter") -> "DataStream":
+        return self._then(name, stateless.Filter(fn))
+
+    def flat_map(self, fn: Callable[[Any], Iterable[Any]], *, name: str = "flat_map") -> "DataStream":
+        return self._then(name, stateless.FlatMap(fn))
+
+    def map_batches(self, fn: Callable[[Any], Any], *, name: str = "map_batches") -> "DataStream":
+        """Apply ``fn`` to whole batches: lists of records, or dicts of numpy arrays (columnar)."""
+        return self._then(name, stateless.MapBatches(fn))
+
+    def with_timestamps(self, fn: Callable[[Any], float], out_of_orderness: float = 0.0, *,
+                        name: str = "with_timestamps") -> "DataStream":
+        """Event time: ``fn(record)`` gives its timestamp (seconds); watermarks trail the maximum by
+        ``out_of_orderness`` and travel in-band."""
+        return self._then(name, stateless.WithTimestamps(fn, out_of_orderness))
+
+    # ------------------------------------------------------------ partitioning
+    def key_by(self, key: Callable[[Any], Any] | str) -> "KeyedStream":
+        """Partition by key: a function of the record, or a column name for columnar batches."""
+        return KeyedStream(self, key)
+
+    def rebalance(self) -> "DataStream":
+        return self._then("rebalance", stateless.Map(_identity), partitioning="rebalance")
+
+    def broadcast(self) -> "DataStream":
+        return self._then("broadcast", stateless.Map(_identity), partitioning="broadcast")
+
+    def union(self, *others: "DataStream") -> "DataStream":
+        inputs = [(s.node.id, "forward", None) for s in (self, *others)]
+        node = self.env._add("union", stateless.Map(_identity), inputs=inputs)
+        return DataStream(self.env, node)
+
+    def set_parallelism(self, n: int) -> "DataStream":
+        """Run this operator with ``n`` parallel subtasks (at most the number of workers)."""
+        if not isinstance(n, int) or not 1 <= n <= self.env.workers:
+            raise ValueError(f"parallelism of {self.node.name!r} must be in [1, {self.env.workers}] (workers); got {n!r}")
+        self.node.parallelism = n
+        return self
+
+    # ------------------------------------------------------------ sinks
+    def collect(self) -> CollectResult:
+        """Ship every record back to the client; read them with ``.values()`` after execute()."""
+        sink_id = f"collect-{len(self.env._collects)}"
+        result = CollectResult(sink_id)
+        self.env._collects[sink_id] = result
+        self._then(f"collect[{sink_id}]", sinks.CollectSink(sink_id), is_sink=True)
+        return result
+
+    def print(self, prefix: str | None = None) -> None:
+        self._then("print", sinks.PrintSink(prefix), is_sink=True)
+
+    def to_file(self, path: str) -> None:
+        self._then(f"to_file({path})", sinks.FileSink(str(path)), is_sink=True)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class KeyedStream:
+    """A stream partitioned by key; aggregations keep state per key."""
+
+    def __init__(self, stream: DataStream, key: Callable[[Any], Any] | str) -> None:
+        self.stream = stream
+        self.columnar_key = key if isinstance(key, str) else None
+        self.key_fn = _column_key(key) if isinstance(key, str) else key
+
+    def _aggregate(self, name: str, aggregation: Any) -> DataStream:
+        env = self.stream.env
+        op = keyed.KeyedAggregate(self.key_fn, aggregation, mode=env.resolved_mode())
+        out = self.stream._then(name, op, partitioning="hash", key_fn=self.key_fn, columnar_key=self.columnar_key)
+        env._keyed_aggs.append(out.node.id)
+        return out
+
+    def reduce(self, fn: Callable[[Any, Any], Any]) -> DataStream:
+        return self._aggregate("reduce", keyed.reduce(fn))
+
+    def sum(self, field: int | str | None = None) -> DataStream:
+        return self._aggregate("sum", keyed.sum(field))
+
+    def count(self) -> DataStream:
+        return self._aggregate("count", keyed.count())
+
+    def min(self, field: int | str | None = None) -> DataStream:
+        return self._aggregate("min", keyed.min(field))
+
+    def max(self, field: int | str | None = None) -> DataStream:
+        return self._aggregate("max", keyed.max(field))
+
+    def map_batches(self, fn: Callable[[Any], Any], *, name: str = "map_batches") -> DataStream:
+        """Hash-shuffle whole batches by key, then apply ``fn`` per batch (columnar keyed pipelines)."""
+        return self.stream._then(name, stateless.MapBatches(fn), partitioning="hash", key_fn=self.key_fn,
+                                 columnar_key=self.columnar_key)
+
+    def window(self, assigner: Any) -> "WindowedStream":
+        return WindowedStream(self, assigner)
+
+
+class WindowedStream:
+    """Keyed windows; each aggregation emits ``(key, value, window_start, window_end)`` per key and window."""
+
+    def __init__(self, keyed_stream: KeyedStream, assigner: Any) -> None:
+        self.keyed = keyed_stream
+        self.assigner = assigner
+
+    def _aggregate(self, name: str, aggregation: Any) -> DataStream:
+        ks = self.keyed
+        op = window.WindowAggregate(ks.key_fn, self.assigner, aggregation)
+        return ks.stream._then(f"window-{name}", op, partitioning="hash", key_fn=ks.key_fn)
+
+    def reduce(self, fn: Callable[[Any, Any], Any]) -> DataStream:
+        return self._aggregate("reduce", keyed.reduce(fn))
+
+    def sum(self, field: int | str | None = None) -> DataStream:
+        return self._aggregate("sum", keyed.sum(field))
+
+    def count(self) -> DataStream:
+        return self._aggregate("count", keyed.count())
+
+    def min(self, field: int | str | None = None) -> DataStream:
+        return self._aggregate("min", keyed.min(field))
+
+    def max(self, field: int | str | None = None) -> DataStream:
+        return self._aggregate("max", keyed.max(field))
+
+
+def _column_key(column: str) -> Callable[[Any], Any]:
+    return _operator.itemgetter(column)
+
+
+# Window assigners, re-exported for users: from runtime.api import TumblingEventTimeWindows
+TumblingEventTimeWindows = window.TumblingEventTimeWindows
+SlidingEventTimeWindows = window.SlidingEventTimeWindows
+TumblingProcessingTimeWindows = window.TumblingProcessingTimeWindows
+SlidingProcessingTimeWindows = window.SlidingProcessingTimeWindows
+
+__all__ = ["StreamEnvironment", "DataStream", "KeyedStream", "WindowedStream", "CollectResult", "JobResult",
+           "TumblingEventTimeWindows", "SlidingEventTimeWindows", "TumblingProcessingTimeWindows",
+           "SlidingProcessingTimeWindows"]

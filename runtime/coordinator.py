@@ -1,0 +1,330 @@
+"""The coordinator (Flink's JobManager + ResourceManager): owns the region, grants arenas, runs jobs.
+
+Imports: runtime.memory, runtime.control, runtime.graph, runtime.network
+(transport), runtime.errors. Never imports ``operators``.
+
+The coordinator alone creates, carves and unlinks the shared region. Each
+worker that registers is granted an arena (one buddy block of
+``MemoryPlan.arena_bytes``) and reclaimed when it leaves or dies. A job runs
+in three steps: ``deploy`` the pickled job graph to every worker (each builds
+subtask ``i`` of every vertex and binds its input gates), ``start`` once every
+gate's endpoint is known, then wait for ``finished`` from every worker while
+relaying ``collect`` batches to the client. A ``failed`` message, a worker
+process that exits, or a worker that misses its heartbeats fails the job with
+:class:`JobFailedError`; the other workers are told to ``cancel``.
+
+:class:`LocalCluster` is the embedded cluster behind ``StreamEnvironment(workers=N)``
+and ``shmflow run``: a coordinator in the calling process plus N worker
+processes. Once every worker has attached, it unlinks the region's name
+early, so even a SIGKILL of every process leaves nothing in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from runtime import control
+from runtime.errors import JobFailedError, WorkerLostError
+from runtime.graph import JobGraph
+from runtime.memory import BuddyAllocator, MemorySegment, SharedRegion, format_bytes
+from runtime.network.transport import bind, context, local_endpoint, make_socket
+
+log = logging.getLogger("shmflow.coordinator")
+
+HEARTBEAT_TIMEOUT = 10.0  # seconds of silence after which a worker counts as lost
+STARTUP_TIMEOUT = 60.0
+
+
+def _exitcode(proc: Any) -> int | None:
+    """The exit code of a worker process (Popen or multiprocessing.Process), None while it runs."""
+    if proc is None:
+        return None
+    if hasattr(proc, "poll"):
+        return proc.poll()
+    return proc.exitcode
+
+
+@dataclass
+class WorkerHandle:
+    """The coordinator's view of one worker."""
+
+    worker_id: int
+    identity: bytes
+    pid: int
+    arena: MemorySegment | None = None
+    attached: bool = False
+    last_heard: float = field(default_factory=time.monotonic)
+    process: Any = None  # the worker's process handle when this coordinator started it
+
+
+class Coordinator:
+    """Owns the region and its global allocator; registers workers and runs jobs on them.
+
+    Ownership: the coordinator allocates one arena per worker from the global
+    allocator (``grant``) and frees it when the worker is gone (``reclaim``);
+    nothing else is allocated from the global range. Only the coordinator
+    unlinks the region.
+    Process: the coordinator process, one thread.
+    """
+
+    def __init__(self, config: Any, *, endpoint: str | None = None, secret: bytes | None = None) -> None:
+        self.config = config
+        self.plan = config.memory_plan()
+        self.secret = secret or control.new_secret()
+        self.region = SharedRegion.create(config.region_size)
+        try:
+            self.allocator = BuddyAllocator(self.region, config.min_block)
+            self.ctx = context()
+            self.sock = make_socket(self.ctx, zmq.ROUTER)
+            self.sock.router_mandatory = True
+            self.endpoint = bind(self.sock, endpoint or local_endpoint("ipc"))
+        except BaseException:
+            self.region.close()
+            raise
+        self.workers: dict[int, WorkerHandle] = {}
+        self._by_identity: dict[bytes, WorkerHandle] = {}
+        self.refused = 0  # messages that failed authentication
+
+    # ---------------------------------------------------------------- messaging
+    def send(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
+        try:
+            control.send(self.sock, self.secret, message, identity=handle.identity)
+        except zmq.ZMQError as exc:  # peer gone (router_mandatory): its loss is detected separately
+            log.debug("could not send %s to worker %d: %s", message["type"], handle.worker_id, exc)
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        for handle in list(self.workers.values()):
+            self.send(handle, message)
+
+    def poll(self, timeout: float) -> tuple[bytes, dict[str, Any]] | None:
+        """One authenticated message, or None on timeout. Unauthenticated ones are logged and dropped."""
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        received = control.recv_from(self.sock, self.secret)
+        if received is None:
+            self.refused += 1
+            return None
+        identity, message = received
+        handle = self._by_identity.get(identity)
+        if handle is not None:
+            handle.last_heard = time.monotonic()
+        kind = message["type"]
+        if kind == "register":
+            self._on_register(identity, message)
+            return None
+        if kind == "attached" and handle is not None:
+            handle.attached = True
+            return None
+        if kind == "heartbeat":
+            return None
+        return identity, message
+
+    # ----------------------------------------------------------- grant/reclaim
+    def _on_register(self, identity: bytes, message: dict[str, Any]) -> None:
+        wid = int(message["worker"])
+        if wid in self.workers:
+            log.warning("worker %d registered twice; refusing pid %s", wid, message.get("pid"))
+            return
+        handle = WorkerHandle(wid, identity, int(message["pid"]))
+        handle.arena = self.allocator.allocate(self.plan.arena_bytes, owner=f"worker-{wid} arena")
+        self.workers[wid] = handle
+        self._by_identity[identity] = handle
+        self.send(handle, {
+            "type": "welcome", "region": self.region.name,
+            "arena": list(handle.arena.handle()), "min_block": self.config.min_block,
+            "segment_size": self.config.segment_size,
+            "network_buffers": self.plan.network_buffers_per_worker,
+            "managed_bytes": self.plan.managed_bytes_per_worker,
+        })
+
+    def reclaim(self, wid: int) -> None:
+        """Forget a worker and free its arena (which makes every descriptor into it stale)."""
+        handle = self.workers.pop(wid, None)
+        if handle is None:
+            return
+        self._by_identity.pop(handle.identity, None)
+        if handle.arena is not None and not handle.arena.freed:
+            self.allocator.free(handle.arena)
+
+    def wait_workers_attached(self, n: int, *, timeout: float = STARTUP_TIMEOUT,
+                              processes: list[Any] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(h.attached for h in self.workers.values()) < n:
+            for i, proc in enumerate(processes or []):
+                code = _exitcode(proc)
+                if code is not None:
+                    raise WorkerLostError(f"worker {i} (pid {proc.pid}) exited with {code} during start-up",
+                                          worker_id=i, pid=proc.pid, exitcode=code)
+            if time.monotonic() > deadline:
+                attached = sum(h.attached for h in self.workers.values())
+                raise TimeoutError(f"{attached} of {n} workers attached within {timeout}s")
+            self.poll(0.1)
+
+    # --------------------------------------------------------------------- jobs
+    def run_job(self, graph: JobGraph, payload: bytes, *, on_collect: Callable[[str, bytes], None],
+                timeout: float | None = None) -> dict[int, dict[str, Any]]:
+        """Deploy, start and watch one job; returns per-worker metrics. Raises JobFailedError."""
+        job = secrets.token_hex(6)
+        needed = graph.max_parallelism
+        if len(self.workers) < needed:
+            raise JobFailedError(f"job {graph.name!r} needs {needed} workers (its largest parallelism); "
+                                 f"{len(self.workers)} registered; raise workers")
+        participants = {wid: self.workers[wid] for wid in sorted(self.workers)[:needed]}
+        cfg = self.config.as_dict()
+        for handle in participants.values():
+            self.send(handle, {"type": "deploy", "job": job, "graph": payload, "config": cfg})
+        deadline = None if timeout is None else time.monotonic() + timeout
+        deployed: dict[int, dict[str, str]] = {}
+        finished: dict[int, dict[str, Any]] = {}
+        try:
+            while len(deployed) < len(participants):
+                self._watch(graph, participants, job, deadline, deployed, None, on_collect)
+            gates = {str(v.id): [deployed[i][str(v.id)] for i in range(v.parallelism)]
+                     for v in graph.vertices if v.inputs}
+            for handle in participants.values():
+                self.send(handle, {"type": "start", "job": job, "gates": gates})
+            while len(finished) < len(participants):
+                self._watch(graph, participants, job, deadline, None, finished, on_collect)
+        except BaseException:
+            for handle in participants.values():
+                self.send(handle, {"type": "cancel", "job": job})
+            raise
+        return finished
+
+    def _watch(self, graph: JobGraph, participants: dict[int, WorkerHandle], job: str, deadline: float | None,
+               deployed: dict | None, finished: dict | None, on_collect: Callable[[str, bytes], None]) -> None:
+        self._check_alive(graph, participants)
+        if deadline is not None and time.monotonic() > deadline:
+            raise JobFailedError(f"job {graph.name!r} did not finish within its timeout")
+        received = self.poll(0.1)
+        if received is None:
+            return
+        _, message = received
+        if message.get("job") != job:
+            return
+        wid = message["worker"]
+        kind = message["type"]
+        if kind == "collect":
+            on_collect(message["sink"], message["records"])
+        elif kind == "deployed" and deployed is not None:
+            deployed[wid] = message["gates"]
+        elif kind == "finished" and finished is not None:
+            finished[wid] = message["metrics"]
+        elif kind == "failed":
+            handle = participants.get(wid)
+            pid = handle.pid if handle else "?"
+            msg = (f"job {graph.name!r} failed: operator {message['operator']!r} on worker {wid} (pid {pid}) "
+                   f"raised:\n{message['traceback']}")
+            raise JobFailedError(msg)
+
+    def _check_alive(self, graph: JobGraph, participants: dict[int, WorkerHandle]) -> None:
+        now = time.monotonic()
+        for wid, handle in participants.items():
+            code = _exitcode(handle.process)
+            silent = now - handle.last_heard > HEARTBEAT_TIMEOUT
+            if code is not None or silent:
+                ops = ", ".join(repr(v.name) for v in graph.vertices if v.parallelism > wid)
+                cause = f"exited with {code}" if code is not None else f"sent no heartbeat for {HEARTBEAT_TIMEOUT:.0f}s"
+                arena = handle.arena.size if handle.arena is not None else 0
+                self.reclaim(wid)
+                msg = (f"job {graph.name!r} failed: worker {wid} (pid {handle.pid}) {cause} while running "
+                       f"{ops}; its arena of {format_bytes(arena)} was reclaimed")
+                raise JobFailedError(msg)
+
+    # ----------------------------------------------------------------- shutdown
+    def close(self) -> None:
+        self.broadcast({"type": "shutdown"})
+        for wid in list(self.workers):
+            self.reclaim(wid)
+        self.sock.close(linger=500)
+        self.region.close()
+
+
+class LocalCluster:
+    """An embedded cluster: a coordinator in this process and ``config.workers`` worker processes.
+
+    Workers start as ``python -m runtime.worker`` with this process's import
+    path (so they can import the user's modules too), never by re-importing
+    the user's main module, so job scripts need no ``if __name__ ==
+    "__main__"`` guard. They die with this process (PR_SET_PDEATHSIG) and
+    ignore Ctrl-C, which the coordinator handles by tearing everything down.
+    """
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.coordinator = Coordinator(config)
+        self.processes: list[subprocess.Popen] = []
+        try:
+            self._start_workers()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_workers(self) -> None:
+        coord = self.coordinator
+        env = dict(os.environ)
+        env["PYTHONHASHSEED"] = env.get("PYTHONHASHSEED") or "0"  # hash partitioning needs one seed
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
+        for wid in range(self.config.workers):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "runtime.worker", str(wid), coord.endpoint, str(os.getpid())],
+                stdin=subprocess.PIPE, env=env)
+            assert proc.stdin is not None
+            proc.stdin.write(coord.secret.hex().encode() + b"\n")  # the secret never shows in `ps`
+            proc.stdin.close()
+            self.processes.append(proc)
+        coord.wait_workers_attached(len(self.processes), processes=self.processes)
+        for wid, handle in coord.workers.items():
+            handle.process = self.processes[wid]
+        coord.region.unlink()  # every worker has mapped it: the name is no longer needed
+
+    def close(self) -> None:
+        try:
+            self.coordinator.close()
+        finally:
+            for proc in self.processes:
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.terminate()
+                    try:
+                        proc.wait(5)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait(5)
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_job(graph: JobGraph, config: Any, *, collect: dict[str, Any], coordinator: str | None = None,
+            secret_file: str | None = None, timeout: float | None = None) -> Any:
+    """Run ``graph`` and fill the collect results; returns a JobResult (see runtime.api)."""
+    from runtime.jobs import JobResult, check_shippable, decode_collect, summarize
+    payload = check_shippable(graph)
+    started = time.monotonic()
+
+    def on_collect(sink: str, records: bytes) -> None:
+        collect[sink]._extend(decode_collect(records))
+
+    if coordinator is None:
+        with LocalCluster(config) as cluster:
+            metrics = cluster.coordinator.run_job(graph, payload, on_collect=on_collect, timeout=timeout)
+    else:
+        from runtime.client import submit
+        metrics = submit(coordinator, graph, payload, on_collect=on_collect, secret_file=secret_file,
+                         timeout=timeout)
+    seconds = time.monotonic() - started
+    return JobResult(graph.name, seconds, summarize(metrics, seconds))

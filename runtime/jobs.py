@@ -1,0 +1,124 @@
+"""Client-side job plumbing: shipping a job graph, decoding collected results, summarising metrics.
+
+Imports: runtime.graph, runtime.network.records, runtime.errors (cloudpickle).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from runtime.errors import JobFailedError
+from runtime.graph import JobGraph
+from runtime.network.records import unpack_batch
+
+_PROJECT_DIRS = tuple(os.path.dirname(os.path.dirname(os.path.abspath(p)))
+                      for p in (__file__, sys.modules["runtime"].__file__))
+_SYSTEM_DIRS = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
+def _user_modules() -> list[Any]:
+    """Modules of the user's own code (a job script's helpers, a test file), to ship by value.
+
+    Workers of a standing cluster cannot import them; embedded workers could,
+    but shipping by value makes both behave alike.
+    """
+    out = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not path or name == "__main__" or name.startswith(("runtime", "operators")):
+            continue
+        path = os.path.abspath(path)
+        if path.startswith(_SYSTEM_DIRS) or "site-packages" in path or "dist-packages" in path:
+            continue
+        if path.startswith(os.path.join(_PROJECT_DIRS[0], "runtime")) or path.startswith(
+                os.path.join(_PROJECT_DIRS[0], "operators")):
+            continue
+        out.append(module)
+    return out
+
+
+def check_shippable(graph: JobGraph) -> bytes:
+    """Pickle the job graph for the workers; a function that cannot be shipped fails here, by name.
+
+    Raises:
+        JobFailedError: names the operator whose function cannot be pickled.
+    """
+    registered = []
+    for module in _user_modules():
+        try:
+            cloudpickle.register_pickle_by_value(module)
+            registered.append(module)
+        except (ValueError, TypeError):
+            pass
+    try:
+        for vertex in graph.vertices:
+            for node in vertex.nodes:
+                try:
+                    cloudpickle.dumps(node.operator)
+                except Exception as exc:
+                    msg = (f"operator {node.name!r} of job {graph.name!r} cannot be shipped to the workers: "
+                           f"{type(exc).__name__}: {exc}")
+                    raise JobFailedError(msg) from exc
+        return cloudpickle.dumps(graph)
+    finally:
+        for module in registered:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+@dataclass
+class JobResult:
+    """What ``execute()`` returns: the job's name, wall time and metrics per operator."""
+
+    name: str
+    seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"JobResult({self.name!r}, {self.seconds:.3f}s, {self.metrics.get('records', 0)} records)"
+
+    def summary(self) -> str:
+        """One paragraph: records, throughput, memory high-water, backpressure, per operator chain."""
+        from runtime.memory.units import format_bytes
+        m = self.metrics
+        lines = [f"job {self.name!r}: {m.get('records', 0):,} records in {self.seconds:.2f}s "
+                 f"({m.get('records_per_s', 0):,.0f} records/s); memory high-water "
+                 f"{format_bytes(m.get('memory_high_water_bytes', 0))}; backpressure "
+                 f"{m.get('backpressure_seconds', 0):.2f}s"]
+        for name, ops in m.get("operators", {}).items():
+            late = f", {ops['late_records_dropped']:,} late records dropped" if ops.get("late_records_dropped") else ""
+            lines.append(f"  {name}: {ops.get('records_in', 0):,} in, {ops.get('records_out', 0):,} out{late}")
+        return "\n".join(lines)
+
+
+def decode_collect(records: bytes) -> list[Any]:
+    return unpack_batch(records)
+
+
+def summarize(per_worker: dict[int, dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Merge the workers' metrics: per operator chain, records in/out and backpressure; totals."""
+    operators: dict[str, dict[str, float]] = {}
+    high_water = 0
+    for metrics in per_worker.values():
+        for name, values in metrics.items():
+            if name == "memory_high_water_bytes":
+                high_water += values
+                continue
+            chain = name.rsplit("[", 1)[0]
+            agg = operators.setdefault(chain, {})
+            for k, v in values.items():
+                agg[k] = agg.get(k, 0) + v
+    records = sum(m.get("source_records", 0) for m in operators.values())
+    return {
+        "seconds": seconds,
+        "operators": operators,
+        "records": records,
+        "records_per_s": records / seconds if seconds > 0 else 0.0,
+        "backpressure_seconds": sum(m.get("backpressure_seconds", 0) for m in operators.values()),
+        "memory_high_water_bytes": high_water,
+    }

@@ -1,0 +1,159 @@
+"""Streaming jobs end to end on real worker processes sharing one region."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from helpers import wait_until
+from runtime import StreamEnvironment
+from runtime.api import SlidingEventTimeWindows, TumblingEventTimeWindows
+from runtime.errors import JobFailedError
+
+CORPUS = [f"The quick brown fox {i % 7} jumps over THE lazy dog {i % 13}" for i in range(3000)]
+EXPECTED = collections.Counter(w.lower() for line in CORPUS for w in line.split())
+
+
+def wordcount(env):
+    return (env.from_collection(CORPUS).flat_map(str.split).map(str.lower)
+            .key_by(lambda w: w).count().collect())
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_wordcount_equals_counter(workers):
+    env = StreamEnvironment(workers=workers)
+    out = wordcount(env)
+    result = env.execute("wordcount")
+    assert dict(out.values()) == EXPECTED
+    assert len(out.values()) == len(EXPECTED)  # batch mode: one final record per key
+    assert result.metrics["seconds"] > 0
+
+
+def test_streaming_mode_last_update_per_key_equals_batch():
+    env = StreamEnvironment(workers=2, mode="streaming")
+    out = wordcount(env)
+    env.execute("wordcount-streaming")
+    assert len(out.values()) == sum(EXPECTED.values())  # every update
+    last = {}
+    for word, count in out.values():
+        assert count == last.get(word, 0) + 1  # per key, updates arrive in order
+        last[word] = count
+    assert last == EXPECTED
+
+
+def test_operators_chain_and_shuffle_with_tuples_intact():
+    env = StreamEnvironment(workers=2)
+    nums = env.from_collection(range(1000))
+    out = (nums.filter(lambda x: x % 3 == 0).map(lambda x: (x % 10, x)).key_by(lambda t: t[0])
+           .sum(1).collect())
+    env.execute("sum")
+    expected = {}
+    for x in range(0, 1000, 3):
+        expected[x % 10] = expected.get(x % 10, 0) + x
+    assert sorted(out.values()) == sorted(expected.items())
+    assert all(type(r) is tuple for r in out.values())
+
+
+def test_union_rebalance_broadcast_and_reduce():
+    env = StreamEnvironment(workers=2)
+    a = env.from_collection([("a", 1)] * 10)
+    b = env.from_collection([("b", 2)] * 10)
+    out = a.union(b).rebalance().key_by(lambda t: t[0]).reduce(lambda x, y: (x[0], x[1] + y[1])).collect()
+    bc = env.from_collection([1, 2, 3]).broadcast().collect()
+    env.execute("union")
+    assert sorted(out.values()) == [("a", 10), ("b", 20)]
+    assert sorted(bc.values()) == [1, 1, 2, 2, 3, 3]  # every subtask got every record
+
+
+def test_event_time_windows_equal_a_pure_python_reference():
+    events = [(f"s{i % 3}", (i * 7) % 50 + (i // 50) * 50, 1.0) for i in range(600)]  # out of order within 50s
+    env = StreamEnvironment(workers=2)
+    stream = env.from_collection(events).with_timestamps(lambda e: float(e[1]), out_of_orderness=50.0)
+    tumbling = stream.key_by(lambda e: e[0]).window(TumblingEventTimeWindows.of(10.0)).count().collect()
+    sliding = stream.key_by(lambda e: e[0]).window(SlidingEventTimeWindows.of(20.0, 10.0)).count().collect()
+    env.execute("windows")
+    ref_t = collections.Counter((k, (t // 10) * 10.0) for k, t, _ in events)
+    assert sorted((k, s, n) for k, n, s, e in tumbling.values()) == sorted((k, s, n) for (k, s), n in ref_t.items())
+    ref_s = collections.Counter()
+    for k, t, _ in events:
+        start = (t // 10) * 10.0
+        ref_s[(k, start)] += 1
+        ref_s[(k, start - 10.0)] += 1
+    assert sorted((k, s, n) for k, n, s, e in sliding.values()) == sorted((k, s, n) for (k, s), n in ref_s.items())
+    assert all(e - s == 20.0 for _, _, s, e in sliding.values())
+
+
+def _boom(x):
+    if x == 777:
+        raise ValueError(f"bad record {x}")
+    return x
+
+
+def test_a_failing_user_function_fails_the_job_with_its_traceback():
+    env = StreamEnvironment(workers=2)
+    env.from_collection(range(2000)).map(_boom, name="explode").collect()
+    with pytest.raises(JobFailedError, match=r"(?s)operator 'explode' on worker \d \(pid \d+\) raised:.*"
+                       r"ValueError: bad record 777"):
+        env.execute("failing")
+
+
+def test_a_function_that_cannot_be_shipped_fails_at_once_with_the_operator_name():
+    lock = threading.Lock()
+    env = StreamEnvironment(workers=2)
+    env.from_collection([1]).map(lambda x: (lock, x), name="holds-a-lock").collect()
+    started = time.monotonic()
+    with pytest.raises(JobFailedError, match="operator 'holds-a-lock' of job 'unshippable' cannot be shipped"):
+        env.execute("unshippable")
+    assert time.monotonic() - started < 5
+
+
+def _worker_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if ppid == os.getpid() and b"runtime.worker" in cmd:
+            pids.append(int(entry))
+    return pids
+
+
+def test_a_sigkilled_worker_fails_the_job_cleanly():
+    env = StreamEnvironment(workers=2)
+    env.from_generator(lambda i: i, rate=2000).map(lambda x: x + 1).key_by(lambda x: x % 5).count().collect()
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            env.execute("doomed")
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        wait_until(lambda: len(_worker_pids()) == 2, timeout=60, msg="two workers running")
+        victim = _worker_pids()[0]
+        time.sleep(1.0)  # sleep-ok: let the job run a while before the kill
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        thread.join(30)
+        assert not thread.is_alive()
+        assert time.monotonic() - killed_at < 15
+    finally:
+        thread.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], JobFailedError)
+    assert f"(pid {victim}) exited with -9" in str(errors[0])
+    assert "was reclaimed" in str(errors[0])
+    wait_until(lambda: not _worker_pids(), timeout=15, msg="workers gone")
