@@ -112,13 +112,23 @@ def summarize(per_worker: dict[int, dict[str, Any]], seconds: float) -> dict[str
             chain = name.rsplit("[", 1)[0]
             agg = operators.setdefault(chain, {})
             for k, v in values.items():
-                agg[k] = agg.get(k, 0) + v
+                if k == "first_record_at":
+                    agg[k] = min(agg.get(k, v), v)
+                elif k == "finished_at":
+                    agg[k] = max(agg.get(k, v), v)
+                else:
+                    agg[k] = agg.get(k, 0) + v
     records = sum(m.get("source_records", 0) for m in operators.values())
+    starts = [m["first_record_at"] for m in operators.values() if "first_record_at" in m]
+    ends = [m["finished_at"] for m in operators.values() if "finished_at" in m]
+    # The timed region of WORKLOADS.md: first source record to the last subtask's end (monotonic, system-wide).
+    timed = (max(ends) - min(starts)) if starts and ends else seconds
     return {
+        "timed_seconds": timed,
         "seconds": seconds,
         "operators": operators,
         "records": records,
-        "records_per_s": records / seconds if seconds > 0 else 0.0,
+        "records_per_s": records / timed if timed > 0 else 0.0,
         "backpressure_seconds": sum(m.get("backpressure_seconds", 0) for m in operators.values()),
         "memory_high_water_bytes": high_water,
     }

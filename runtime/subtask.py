@@ -12,6 +12,7 @@ turn, stops reading input, which stops returning credits upstream.
 
 from __future__ import annotations
 
+import time
 import traceback
 from typing import Any, Callable
 
@@ -53,6 +54,8 @@ class Subtask:
         self._ending = False  # input done; waiting for the writers to drain
         self.records_in = 0
         self.records_out = 0
+        self.first_record_at: float | None = None  # time.monotonic() (system-wide) of the first record
+        self.finished_at: float | None = None
         self._source: SourceOperator | None = operators[0] if vertex.is_source else None
         for i, op in enumerate(operators):
             op.open(ctx_factory(vertex.nodes[i].name, index, vertex.parallelism))
@@ -125,6 +128,7 @@ class Subtask:
         if self._ending:
             if all(w.drained() for w in self.writers):
                 self.finished = True
+                self.finished_at = time.monotonic()
                 return True
             return False
         if not self.output_available():
@@ -136,6 +140,8 @@ class Subtask:
                 return True
             if not batch_len(batch):
                 return False
+            if self.first_record_at is None:
+                self.first_record_at = time.monotonic()
             self.records_in += batch_len(batch)
             self._source_emit(batch)
             return True
@@ -217,6 +223,10 @@ class Subtask:
         out = {"records_in": self.records_in, "records_out": self.records_out, **extra}
         if self._source is not None:
             out["source_records"] = self.records_in
+            if self.first_record_at is not None:
+                out["first_record_at"] = self.first_record_at
+        if self.finished_at is not None:
+            out["finished_at"] = self.finished_at
         if self.writers:
             out["backpressure_seconds"] = sum(w.stats().backpressure_seconds for w in self.writers)
         return out
