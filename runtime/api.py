@@ -13,6 +13,7 @@ or on a standing one when ``coordinator=`` names it.
 from __future__ import annotations
 
 import operator as _operator
+import os
 from typing import Any, Callable, Iterable
 
 from operators import keyed, sinks, sources, stateless, window
@@ -89,6 +90,8 @@ class StreamEnvironment:
 
     def read_text(self, path: str, *, name: str | None = None) -> "DataStream":
         """A bounded source of the lines of a text file, split at line boundaries across workers."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"read_text: no such file {str(path)!r}")
         return self._source(sources.TextFileSource(str(path)), name or f"read_text({path})")
 
     def _source(self, op: Any, name: str) -> "DataStream":

@@ -72,6 +72,69 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Run a job script with the CLI's configuration as the default for every StreamEnvironment in it."""
+    import os
+    import runpy
+    from pathlib import Path
+    from runtime.config import parse_cli_overrides
+    load_cli_config(args)  # validate before anything starts: a bad flag fails here, with its key
+    for key, value in parse_cli_overrides(args.overrides).items():
+        os.environ["SHMFLOW_" + key.upper().replace(".", "_").replace("-", "_")] = str(value)
+    if args.workers is not None:
+        os.environ["SHMFLOW_WORKERS"] = str(args.workers)
+    if args.config:
+        os.environ["SHMFLOW_CONFIG"] = str(Path(args.config).resolve())
+    script = Path(args.job).resolve()
+    if not script.is_file():
+        print(f"shmflow run: no such job script: {args.job}", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *args.args]
+    sys.path.insert(0, str(script.parent))
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    from runtime import control
+    from runtime.coordinator import Coordinator
+    logging.basicConfig(level=logging.INFO, format="coordinator: %(message)s")
+    cfg = load_cli_config(args)
+    secret = control.load_or_create_secret(args.secret_file)
+    coord = Coordinator(cfg, endpoint=args.bind, secret=secret)
+    stopping: list[bool] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C or kill: stop serving, then tear down
+        signal.signal(signum, lambda *_: stopping.append(True))
+    print(f"coordinator listening on {coord.endpoint}; region {coord.region.name} "
+          f"({cfg.workers} worker arenas); secret in {args.secret_file or control.DEFAULT_SECRET_FILE}", flush=True)
+    try:
+        coord.serve(stop=lambda: bool(stopping))
+    finally:
+        coord.close()
+        print("coordinator stopped; region unlinked", flush=True)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        # Hash partitioning needs one hash seed across all workers: restart with it fixed.
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        os.execve(sys.executable, [sys.executable, "-m", "runtime.cli", *sys.argv[1:]], env)
+    from runtime import control
+    from runtime.worker import worker_main
+    secret = control.load_or_create_secret(args.secret_file, create=False)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        worker_main(-1, args.coordinator, secret)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.workload == "alloc":
         from runtime.bench import alloc
@@ -91,15 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a job script on an embedded local cluster")
     p.add_argument("job", help="path of the job script")
     add_config_arguments(p)
-    p.set_defaults(func=_not_yet("run"))
+    p.add_argument("args", nargs="*", help="arguments for the job script (after --)")
+    p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("coordinator", help="start a standing coordinator")
-    p.add_argument("--bind", default="tcp://127.0.0.1:6123")
-    p.set_defaults(func=_not_yet("coordinator"))
+    p = sub.add_parser("coordinator", help="start a standing coordinator (workers join with `shmflow worker`)")
+    p.add_argument("--bind", default="tcp://127.0.0.1:6123", help="endpoint to listen on (default loopback only)")
+    p.add_argument("--secret-file", default=None, help="cluster secret (created 0600 if missing; "
+                                                        "default ~/.shmflow/cluster.secret)")
+    add_config_arguments(p)
+    p.set_defaults(func=_cmd_coordinator)
 
     p = sub.add_parser("worker", help="start a worker that joins a standing coordinator")
-    p.add_argument("--coordinator", required=True)
-    p.set_defaults(func=_not_yet("worker"))
+    p.add_argument("--coordinator", required=True, help="the coordinator's endpoint, e.g. tcp://127.0.0.1:6123")
+    p.add_argument("--secret-file", default=None, help="the cluster secret the coordinator uses")
+    p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("bench", help="measure cross-process throughput against baselines")
     p.add_argument("workload", nargs="?", default="all", choices=["w1", "w2", "w3", "latency", "alloc", "all"])
@@ -122,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) != "run":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.args = [a for a in [*args.args, *extra] if a != "--"]
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

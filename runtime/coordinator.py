@@ -33,7 +33,7 @@ from typing import Any, Callable
 import zmq
 
 from runtime import control
-from runtime.errors import JobFailedError, WorkerLostError
+from runtime.errors import InsufficientNetworkBuffersError, JobFailedError, WorkerLostError
 from runtime.graph import JobGraph
 from runtime.memory import BuddyAllocator, MemorySegment, SharedRegion, format_bytes
 from runtime.network.transport import bind, context, local_endpoint, make_socket
@@ -93,6 +93,8 @@ class Coordinator:
         self.workers: dict[int, WorkerHandle] = {}
         self._by_identity: dict[bytes, WorkerHandle] = {}
         self.refused = 0  # messages that failed authentication
+        self._on_tick: Callable[[], None] | None = None
+        self._next_tick = 0.0
 
     # ---------------------------------------------------------------- messaging
     def send(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
@@ -125,12 +127,21 @@ class Coordinator:
             handle.attached = True
             return None
         if kind == "heartbeat":
+            if handle is not None:
+                self.send(handle, {"type": "ack"})  # lets the worker tell a live coordinator from a dead one
             return None
         return identity, message
 
     # ----------------------------------------------------------- grant/reclaim
     def _on_register(self, identity: bytes, message: dict[str, Any]) -> None:
         wid = int(message["worker"])
+        if wid < 0:  # a standing worker: the coordinator numbers it
+            wid = next(i for i in range(len(self.workers) + 1) if i not in self.workers)
+        if wid >= self.config.workers:
+            log.warning("refusing worker pid %s: the region has arenas for %d workers (raise workers)",
+                        message.get("pid"), self.config.workers)
+            control.send(self.sock, self.secret, {"type": "shutdown", "reason": "no arena left"}, identity=identity)
+            return
         if wid in self.workers:
             log.warning("worker %d registered twice; refusing pid %s", wid, message.get("pid"))
             return
@@ -138,8 +149,9 @@ class Coordinator:
         handle.arena = self.allocator.allocate(self.plan.arena_bytes, owner=f"worker-{wid} arena")
         self.workers[wid] = handle
         self._by_identity[identity] = handle
+        log.info("worker %d (pid %d) registered; granted %s", wid, handle.pid, format_bytes(handle.arena.size))
         self.send(handle, {
-            "type": "welcome", "region": self.region.name,
+            "type": "welcome", "worker": wid, "region": self.region.name,
             "arena": list(handle.arena.handle()), "min_block": self.config.min_block,
             "segment_size": self.config.segment_size,
             "network_buffers": self.plan.network_buffers_per_worker,
@@ -171,7 +183,7 @@ class Coordinator:
 
     # --------------------------------------------------------------------- jobs
     def run_job(self, graph: JobGraph, payload: bytes, *, on_collect: Callable[[str, bytes], None],
-                timeout: float | None = None) -> dict[int, dict[str, Any]]:
+                timeout: float | None = None, on_tick: Callable[[], None] | None = None) -> dict[int, dict[str, Any]]:
         """Deploy, start and watch one job; returns per-worker metrics. Raises JobFailedError."""
         job = secrets.token_hex(6)
         needed = graph.max_parallelism
@@ -179,12 +191,14 @@ class Coordinator:
             raise JobFailedError(f"job {graph.name!r} needs {needed} workers (its largest parallelism); "
                                  f"{len(self.workers)} registered; raise workers")
         participants = {wid: self.workers[wid] for wid in sorted(self.workers)[:needed]}
+        self.check_network_buffers(graph)
         cfg = self.config.as_dict()
         for handle in participants.values():
             self.send(handle, {"type": "deploy", "job": job, "graph": payload, "config": cfg})
         deadline = None if timeout is None else time.monotonic() + timeout
         deployed: dict[int, dict[str, str]] = {}
         finished: dict[int, dict[str, Any]] = {}
+        self._on_tick, self._next_tick = on_tick, time.monotonic()
         try:
             while len(deployed) < len(participants):
                 self._watch(graph, participants, job, deadline, deployed, None, on_collect)
@@ -200,15 +214,43 @@ class Coordinator:
             raise
         return finished
 
+    def check_network_buffers(self, graph: JobGraph) -> None:
+        """Refuse a job whose partitions need more buffers than a worker's pool holds (before deploying).
+
+        Each result partition of a subtask reserves one buffer per consumer channel
+        plus one (see ``JobRun._connect`` in runtime.worker; keep the two in step).
+        """
+        available = self.plan.network_buffers_per_worker
+        for wid in range(graph.max_parallelism):
+            required = 0
+            for vertex in graph.vertices:
+                if wid >= vertex.parallelism:
+                    continue
+                for edge in vertex.outputs:
+                    targets = 1 if edge.partitioning == "forward" else graph.vertex(edge.target).parallelism
+                    required += targets + 1
+            if required > available:
+                msg = (f"insufficient network buffers for job {graph.name!r} on worker {wid}: required {required}, "
+                       f"available {available} (buffer size {format_bytes(self.config.segment_size)}); raise "
+                       f"memory.network.fraction, memory.network.min/max or memory.region.size")
+                raise InsufficientNetworkBuffersError(msg)
+
     def _watch(self, graph: JobGraph, participants: dict[int, WorkerHandle], job: str, deadline: float | None,
                deployed: dict | None, finished: dict | None, on_collect: Callable[[str, bytes], None]) -> None:
         self._check_alive(graph, participants)
+        if self._on_tick is not None and time.monotonic() >= self._next_tick:
+            self._next_tick = time.monotonic() + 1.0
+            self._on_tick()
         if deadline is not None and time.monotonic() > deadline:
             raise JobFailedError(f"job {graph.name!r} did not finish within its timeout")
         received = self.poll(0.1)
         if received is None:
             return
-        _, message = received
+        identity, message = received
+        if message["type"] == "submit":
+            control.send(self.sock, self.secret, {"type": "error", "message": "the coordinator is running another job; "
+                                                   "submit again when it ends"}, identity=identity)
+            return
         if message.get("job") != job:
             return
         wid = message["worker"]
@@ -239,6 +281,37 @@ class Coordinator:
                 msg = (f"job {graph.name!r} failed: worker {wid} (pid {handle.pid}) {cause} while running "
                        f"{ops}; its arena of {format_bytes(arena)} was reclaimed")
                 raise JobFailedError(msg)
+
+    # ----------------------------------------------------------- standing mode
+    def serve(self, *, stop: Callable[[], bool] = lambda: False) -> None:
+        """Accept workers and run the jobs clients submit, one at a time, until ``stop()``."""
+        from runtime.jobs import check_graph_payload
+        while not stop():
+            self._reap_silent()
+            received = self.poll(0.2)
+            if received is None:
+                continue
+            identity, message = received
+            if message["type"] != "submit":
+                continue
+            try:
+                graph = check_graph_payload(message["graph"])
+                metrics = self.run_job(graph, message["graph"], timeout=message.get("timeout"),
+                                       on_collect=lambda sink, records: control.send(
+                                           self.sock, self.secret, {"type": "collect", "sink": sink,
+                                                                    "records": records}, identity=identity),
+                                       on_tick=lambda: control.send(self.sock, self.secret, {"type": "running"},
+                                                                    identity=identity))
+                control.send(self.sock, self.secret, {"type": "result", "metrics": metrics}, identity=identity)
+            except Exception as exc:  # the client gets the failure; the coordinator keeps serving
+                control.send(self.sock, self.secret, {"type": "error", "message": str(exc)}, identity=identity)
+
+    def _reap_silent(self) -> None:
+        now = time.monotonic()
+        for wid, handle in list(self.workers.items()):
+            if _exitcode(handle.process) is not None or now - handle.last_heard > HEARTBEAT_TIMEOUT:
+                log.warning("worker %d (pid %d) is gone; reclaiming its arena", wid, handle.pid)
+                self.reclaim(wid)
 
     # ----------------------------------------------------------------- shutdown
     def close(self) -> None:

@@ -86,14 +86,22 @@ class JobResult:
         """One paragraph: records, throughput, memory high-water, backpressure, per operator chain."""
         from runtime.memory.units import format_bytes
         m = self.metrics
-        lines = [f"job {self.name!r}: {m.get('records', 0):,} records in {self.seconds:.2f}s "
-                 f"({m.get('records_per_s', 0):,.0f} records/s); memory high-water "
+        lines = [f"job {self.name!r}: {m.get('records', 0):,} records in {m.get('timed_seconds', self.seconds):.2f}s "
+                 f"({m.get('records_per_s', 0):,.0f} records/s; {self.seconds:.2f}s with start-up); memory high-water "
                  f"{format_bytes(m.get('memory_high_water_bytes', 0))}; backpressure "
                  f"{m.get('backpressure_seconds', 0):.2f}s"]
         for name, ops in m.get("operators", {}).items():
             late = f", {ops['late_records_dropped']:,} late records dropped" if ops.get("late_records_dropped") else ""
             lines.append(f"  {name}: {ops.get('records_in', 0):,} in, {ops.get('records_out', 0):,} out{late}")
         return "\n".join(lines)
+
+
+def check_graph_payload(payload: bytes) -> JobGraph:
+    """Unpickle a submitted job graph (its HMAC was verified before this is called)."""
+    graph = cloudpickle.loads(payload)
+    if not isinstance(graph, JobGraph):
+        raise JobFailedError(f"a submitted job must be a JobGraph; got {type(graph).__name__}")
+    return graph
 
 
 def decode_collect(records: bytes) -> list[Any]:

@@ -104,6 +104,7 @@ class Worker:
             if message is None:
                 continue
             if message["type"] == "welcome":
+                self.worker_id = int(message["worker"])
                 self._setup_arena(message)
                 self.send({"type": "attached", "worker": self.worker_id})
                 return
@@ -239,6 +240,7 @@ class JobRun:
                 channel_id = edge.channel_offset + (0 if edge.partitioning == "forward" else st.index)
                 n = len(targets)
                 per_channel = cfg["network.buffers-per-channel"] + cfg["network.floating-buffers-per-gate"]
+                # n + 1 guaranteed buffers: Coordinator.check_network_buffers counts the same
                 pool = w.network.create_buffer_pool(n + 1, n * per_channel + 1,
                                                     name=f"{st.vertex.name}[{st.index}]->{target.id}")
                 self.pools.append(pool)

@@ -157,3 +157,17 @@ def test_a_sigkilled_worker_fails_the_job_cleanly():
     assert f"(pid {victim}) exited with -9" in str(errors[0])
     assert "was reclaimed" in str(errors[0])
     wait_until(lambda: not _worker_pids(), timeout=15, msg="workers gone")
+
+
+def test_a_job_needing_more_network_buffers_than_exist_fails_at_deployment():
+    from runtime.errors import InsufficientNetworkBuffersError
+    config = {"memory.region.size": "64mb", "memory.network.min": "0", "memory.network.max": "384kb",
+              "memory.network.fraction": "0.5"}
+    env = StreamEnvironment(workers=2, config=config)
+    stream = env.from_collection(range(100))
+    for _ in range(5):  # five shuffles: 5 x (2 channels + 1) = 15 buffers per worker, 12 exist
+        stream = stream.rebalance()
+    stream.collect()
+    with pytest.raises(InsufficientNetworkBuffersError, match=r"^insufficient network buffers for job 'greedy' on "
+                       r"worker 0: required 15, available 12 \(buffer size 32 KiB\); raise memory\.network"):
+        env.execute("greedy")
