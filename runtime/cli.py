@@ -135,6 +135,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_layout(args: argparse.Namespace) -> int:
+    from runtime.coordinator import render_cluster_layout
+    print(render_cluster_layout(load_cli_config(args), width=args.width))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.workload == "alloc":
         from runtime.bench import alloc
@@ -180,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="remove regions whose creating process is dead")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("layout", help="draw how the region is carved into arenas, buffer pools and free blocks")
+    add_config_arguments(p)
+    p.add_argument("--width", type=int, default=64, help="characters per bar")
+    p.set_defaults(func=_cmd_layout)
 
     p = sub.add_parser("config", help="print the effective configuration and where each value came from")
     add_config_arguments(p)

@@ -401,3 +401,31 @@ def run_job(graph: JobGraph, config: Any, *, collect: dict[str, Any], coordinato
                          timeout=timeout)
     seconds = time.monotonic() - started
     return JobResult(graph.name, seconds, summarize(metrics, seconds))
+
+
+def render_cluster_layout(config: Any, *, width: int = 64) -> str:
+    """A text picture of how a cluster with ``config`` carves its region, built with the real parts.
+
+    Creates the region (then removes it), grants one arena per worker as the
+    coordinator does, and carves each arena's network buffer pool as a worker
+    does; managed memory is allocated on demand from the rest of the arena.
+    """
+    from runtime.memory.layout import render_layout
+    from runtime.network import NetworkBufferPool
+    plan = config.memory_plan()
+    with SharedRegion.create(config.region_size) as region:
+        coordinator = BuddyAllocator(region, config.min_block)
+        views = [("region (coordinator's allocator)", coordinator)]
+        pools = []
+        for wid in range(config.workers):
+            arena = coordinator.allocate(plan.arena_bytes, owner=f"worker-{wid} arena")
+            alloc = BuddyAllocator(region, config.min_block, offset=arena.offset, size=arena.size)
+            pools.append(NetworkBufferPool(alloc, plan.network_buffers_per_worker, config.segment_size,
+                                           owner=f"worker-{wid} network buffers"))
+            views.append((f"worker {wid} arena", alloc))
+        text = render_layout(views, width=width)
+        for pool in pools:
+            pool.close()
+    managed = (f"managed memory: up to {format_bytes(plan.managed_bytes_per_worker)} per worker, "
+               f"allocated on demand from the free part of its arena (memory.managed.fraction)")
+    return f"{text}\n{managed}"

@@ -80,3 +80,14 @@ def test_config_command_rejects_bad_values_with_the_key():
     out = run(sys.executable, "-m", "runtime.cli", "config", "-D", "memory.segment.size=3000")
     assert out.returncode == 2
     assert "memory.segment.size must be a power of two" in out.stderr and "got 3000" in out.stderr
+
+
+def test_layout_command_draws_arenas_pools_and_free_blocks():
+    out = run(sys.executable, "-m", "runtime.cli", "layout", "--workers", "2", "-D", "memory.region.size=64mb",
+              "-D", "memory.network.min=1mb", "--width", "32")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("region (coordinator's allocator): [0x0, 0x4000000) 64 MiB")
+    assert lines[1] == "  |" + "A" * 16 + "B" * 16 + "|"
+    assert "A worker-0 arena" in out.stdout and "worker-1 network buffers" in out.stdout
+    assert "free: " in out.stdout and out.stdout.rstrip().endswith("(memory.managed.fraction)")
