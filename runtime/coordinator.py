@@ -63,6 +63,7 @@ class WorkerHandle:
     arena: MemorySegment | None = None
     attached: bool = False
     last_heard: float = field(default_factory=time.monotonic)
+    progress: dict[str, list[int]] | None = None  # from the last heartbeat: chain -> [records in, out]
     process: Any = None  # the worker's process handle when this coordinator started it
 
 
@@ -128,6 +129,7 @@ class Coordinator:
             return None
         if kind == "heartbeat":
             if handle is not None:
+                handle.progress = message.get("progress")
                 self.send(handle, {"type": "ack"})  # lets the worker tell a live coordinator from a dead one
             return None
         return identity, message
@@ -239,7 +241,7 @@ class Coordinator:
                deployed: dict | None, finished: dict | None, on_collect: Callable[[str, bytes], None]) -> None:
         self._check_alive(graph, participants)
         if self._on_tick is not None and time.monotonic() >= self._next_tick:
-            self._next_tick = time.monotonic() + 1.0
+            self._next_tick = time.monotonic() + 0.5
             self._on_tick()
         if deadline is not None and time.monotonic() > deadline:
             raise JobFailedError(f"job {graph.name!r} did not finish within its timeout")
@@ -394,13 +396,47 @@ def run_job(graph: JobGraph, config: Any, *, collect: dict[str, Any], coordinato
 
     if coordinator is None:
         with LocalCluster(config) as cluster:
-            metrics = cluster.coordinator.run_job(graph, payload, on_collect=on_collect, timeout=timeout)
+            tick = _progress_printer(graph.name, cluster.coordinator, started) if sys.stderr.isatty() else None
+            try:
+                metrics = cluster.coordinator.run_job(graph, payload, on_collect=on_collect, timeout=timeout,
+                                                      on_tick=tick)
+            finally:
+                if tick is not None:
+                    sys.stderr.write("\r\x1b[K")
+                    sys.stderr.flush()
     else:
         from runtime.client import submit
         metrics = submit(coordinator, graph, payload, on_collect=on_collect, secret_file=secret_file,
                          timeout=timeout)
     seconds = time.monotonic() - started
     return JobResult(graph.name, seconds, summarize(metrics, seconds))
+
+
+def progress_line(name: str, elapsed: float, progress: dict[str, list[int]], *, width: int = 120) -> str:
+    """``[wordcount 3.2s] read_text -> flat_map: 1,204 in / 9,811 out | count: ...`` cut to ``width``."""
+    parts = []
+    for chain, (records_in, records_out) in progress.items():
+        short = chain if len(chain) <= 32 else chain[:29] + "..."
+        parts.append(f"{short}: {records_in:,} in / {records_out:,} out")
+    line = f"[{name} {elapsed:.1f}s] " + " | ".join(parts)
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def _progress_printer(name: str, coordinator: Coordinator, started: float) -> Callable[[], None]:
+    """A tick callback that redraws the progress line on a terminal (stderr)."""
+    import shutil
+
+    def tick() -> None:
+        merged: dict[str, list[int]] = {}
+        for handle in coordinator.workers.values():
+            for chain, (records_in, records_out) in (handle.progress or {}).items():
+                acc = merged.setdefault(chain, [0, 0])
+                acc[0] += records_in
+                acc[1] += records_out
+        width = shutil.get_terminal_size((120, 20)).columns - 1
+        sys.stderr.write("\r\x1b[K" + progress_line(name, time.monotonic() - started, merged, width=width))
+        sys.stderr.flush()
+    return tick
 
 
 def render_cluster_layout(config: Any, *, width: int = 64) -> str:

@@ -75,6 +75,7 @@ class Worker:
         self.welcome: dict[str, Any] = {}
         self._last_heartbeat = 0.0
         self._last_heard = time.monotonic()
+        self.progress: Any = None  # () -> {operator chain: [records in, records out]} while a job runs
 
     # ------------------------------------------------------------------ control
     def send(self, message: dict[str, Any]) -> None:
@@ -91,7 +92,8 @@ class Worker:
     def heartbeat(self, now: float) -> None:
         if now - self._last_heartbeat >= HEARTBEAT_INTERVAL:
             self._last_heartbeat = now
-            self.send({"type": "heartbeat", "worker": self.worker_id})
+            progress = self.progress() if self.progress is not None else None
+            self.send({"type": "heartbeat", "worker": self.worker_id, "progress": progress})
         if now - self._last_heard > COORDINATOR_SILENCE:
             raise SystemExit(f"worker {self.worker_id}: no word from the coordinator for {COORDINATOR_SILENCE}s")
 
@@ -166,6 +168,7 @@ class JobRun:
 
     # ------------------------------------------------------------------ phases
     def run(self) -> None:
+        self.worker.progress = lambda: {st.vertex.name: [st.records_in, st.records_out] for st in self.subtasks}
         try:
             self._deploy()
             start = self._wait_for("start")
@@ -181,6 +184,7 @@ class JobRun:
             self.send({"type": "failed", "operator": self._current or "runtime",
                        "traceback": "".join(traceback.format_exception(exc))})
         finally:
+            self.worker.progress = None
             self._close()
 
     _current: str | None = None

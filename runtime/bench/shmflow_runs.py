@@ -1,0 +1,439 @@
+"""shmflow's side of ``shmflow bench``: W1 through the network stack; W2, W3 and latency as jobs.
+
+Imports: runtime.bench.workloads, runtime.bench.baselines (its process plumbing), operators.stateless,
+runtime.memory, runtime.network, runtime.api, numpy, the standard library.
+
+Each public function runs ONE repetition and returns one result record in the
+shape of :func:`runtime.bench.workloads.record` (the baselines' shape), so the
+runner treats shmflow and its baselines alike. Every run checks its answer
+(checksum, per-key sums, word counts, record counts); a wrong answer or a
+failure gives ``ok: False`` with an ``error``, never an exception.
+
+``corrupt=True`` perturbs the answer after it is produced and before it is
+checked (one bit of the W1 checksum, one W2 sum, one W3 count, one latency
+record dropped): the test hook that proves a wrong answer fails loudly.
+
+Timing follows ../shared/WORKLOADS.md. W1: ``time.monotonic()`` right before the
+producer's first send (after both processes passed a ready barrier) to the
+consumer's end of work on the last buffer. Jobs: ``JobResult.metrics
+["timed_seconds"]``, from the first source record to the last subtask's end
+(monotonic, system-wide). Measures; never asserts on time.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+import traceback
+from operator import itemgetter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from operators.stateless import MapBatches
+from runtime.bench.baselines import (
+    READY_TIMEOUT, RUN_TIMEOUT, SPAWN, _ChildFailed, _failed, _run_children, _w1_expected, _w1_volume, _w2_n,
+)
+from runtime.bench.workloads import (
+    MASK64, W1_RING_BYTES, W1_WINDOW, W2_KEYS, W3_LINES, W3_QUICK_FRACTION, clock, data_dir, w1_pool,
+    w1_record, w1_slice, w1_touch, w2_check, w2_columnar_consume, w2_columns, w2_expected, w2_record, w2_rows,
+    w3_check, w3_corpus_path, w3_generate, w3_record, w3_reference,
+)
+
+#: W1 credits: exclusive + floating = 64, the baselines' in-flight bound (Queue maxsize, zmq HWM).
+W1_EXCLUSIVE = 32
+W1_FLOATING = W1_WINDOW - W1_EXCLUSIVE
+#: W1 over tcp is slower than shm; its full volume is 1 GiB, its quick volume 64 MiB.
+W1_TCP_BYTES = 1 << 30
+W1_TCP_QUICK_BYTES = 64 << 20
+#: Latency job: records/s and how many records (full: 10 s, quick: 2 s).
+LATENCY_RATE = 10_000
+LATENCY_N = 100_000
+LATENCY_QUICK_N = 20_000
+LATENCY_KEYS = 100
+#: Workers of the W2/W3/latency jobs.
+JOB_WORKERS = 2
+
+
+# ============================================================================== W1 through the network stack
+def w1_pool_buffers(buf_bytes: int) -> int:
+    """Buffers in the producer's pool: as many as fit the baseline ring's 8 MiB (256 x 32 KiB, 8 x 1 MiB),
+    but at least the 64 credits plus 2 to fill while the rest are in flight."""
+    return max(W1_RING_BYTES // buf_bytes, W1_WINDOW + 2)
+
+
+def _w1_region_bytes(buf_bytes: int) -> int:
+    """A power of two holding the producer's buffer pool (the buddy allocator carves it as one block)."""
+    need = w1_pool_buffers(buf_bytes) * buf_bytes
+    return 1 << (need - 1).bit_length()
+
+
+def _w1_producer(region_name: str, endpoints: Any, barrier: Any, done: Any, buf_bytes: int, nbufs: int,
+                 nbuffers: int, transport: str) -> dict:
+    from runtime.memory import BuddyAllocator, SharedRegion
+    from runtime.network import NetworkBufferPool
+    from runtime.network.channel import ResultPartition
+
+    region = SharedRegion.attach(region_name)
+    net = pool = part = None
+    try:
+        net = NetworkBufferPool(BuddyAllocator(region), nbuffers, buf_bytes, owner="bench-w1")
+        pool = net.create_buffer_pool(nbuffers, nbuffers, name="bench-w1-producer")
+        src = w1_pool()
+        part = ResultPartition(pool, [endpoints.get(timeout=READY_TIMEOUT)], channel_ids=0, transport=transport,
+                               name="bench-w1", max_backlog=nbuffers)
+        request, send, copyto, uint64 = part.request_buffer, part.send_buffer, np.copyto, np.uint64
+        barrier.wait(READY_TIMEOUT)
+        t_start = clock()
+        for i in range(nbufs):
+            buf = request(timeout=RUN_TIMEOUT)
+            copyto(buf.segment.as_array(uint64), w1_slice(src, i, buf_bytes))
+            buf.size = buf_bytes
+            send(0, buf)
+        part.flush(timeout=RUN_TIMEOUT)
+        t_sent = clock()
+        done.wait(RUN_TIMEOUT)
+        part.wait_all_recycled(timeout=30)
+        return {"t_start": t_start, "t_sent": t_sent, "stats": part.stats().as_dict()}
+    finally:
+        if part is not None:
+            part.close()
+        if pool is not None:
+            pool.destroy()
+        if net is not None:
+            net.close()
+        region.close()
+
+
+def _w1_consumer(endpoints: Any, barrier: Any, done: Any, nbufs: int, transport: str) -> dict:
+    from runtime.network.channel import InputGate
+
+    gate = InputGate(1, exclusive=W1_EXCLUSIVE, floating=W1_FLOATING, name="bench-w1",
+                     endpoint="tcp://127.0.0.1:*" if transport == "tcp" else None)
+    try:
+        endpoints.put(gate.endpoint)
+        gate.wait_connected(timeout=READY_TIMEOUT)
+        barrier.wait(READY_TIMEOUT)
+        next_buffers, touch = gate.next_buffers, w1_touch
+        acc = count = 0
+        while count < nbufs:
+            got = next_buffers(timeout=RUN_TIMEOUT)
+            if not got:
+                raise TimeoutError(f"no buffer within {RUN_TIMEOUT} s after {count} of {nbufs}")
+            for rb in got:
+                acc = (acc + touch(rb.view)) & MASK64
+                rb.release()
+            count += len(got)
+        t_end = clock()
+        gate.flush_credits()
+        done.set()
+        return {"t_end": t_end, "checksum": acc, "count": count, "stats": gate.stats().as_dict()}
+    finally:
+        gate.close()
+
+
+def w1_shmflow(buf_bytes: int, *, transport: str = "shm", quick: bool = False, total_bytes: int | None = None,
+               corrupt: bool = False) -> dict[str, Any]:
+    """W1 through a ResultPartition -> InputGate channel between two spawned processes.
+
+    The driver creates the SharedRegion; the producer attaches it, carves a
+    NetworkBufferPool from a BuddyAllocator over it, and per buffer i requests
+    a network buffer, ``np.copyto``-s ``w1_slice(pool, i, B)`` into it and
+    sends it. The consumer's InputGate (32 exclusive + 32 floating credits = 64
+    in flight at most) hands out buffers; it ``w1_touch``-es each and
+    releases it. ``shm`` moves (index, size) descriptors, the bytes stay in the
+    region; ``tcp`` moves the bytes as zmq frames over loopback.
+    """
+    from runtime.memory import SharedRegion
+
+    if transport not in ("shm", "tcp"):
+        raise ValueError(f"transport must be 'shm' or 'tcp'; got {transport!r}")
+    if total_bytes is None and transport == "tcp":
+        total_bytes = W1_TCP_QUICK_BYTES if quick else W1_TCP_BYTES
+    nbufs = _w1_volume(buf_bytes, quick, total_bytes)
+    nbuffers = w1_pool_buffers(buf_bytes)
+    peer = "shmflow"
+    variant = (f"{transport}: ResultPartition -> InputGate, credits {W1_EXCLUSIVE}+{W1_FLOATING}, "
+               f"pool {nbuffers} x {buf_bytes // 1024} KiB")
+    if transport == "tcp":
+        variant += f", {nbufs * buf_bytes >> 20} MiB (reduced volume)"
+    params = {"transport": transport, "exclusive_credits": W1_EXCLUSIVE, "floating_credits": W1_FLOATING,
+              "pool_buffers": nbuffers, "quick": quick}
+    full_params = {"buf_bytes": buf_bytes, "nbufs": nbufs, "total_bytes": buf_bytes * nbufs, **params}
+    endpoints, barrier, done = SPAWN.Queue(), SPAWN.Barrier(2), SPAWN.Event()
+    region = None
+    try:
+        region = SharedRegion.create(_w1_region_bytes(buf_bytes), sweep_dead=False)
+        out = _run_children([
+            ("consumer", _w1_consumer, (endpoints, barrier, done, nbufs, transport)),
+            ("producer", _w1_producer, (region.name, endpoints, barrier, done, buf_bytes, nbufs, nbuffers,
+                                        transport)),
+        ])
+    except _ChildFailed as exc:
+        return _failed("W1", peer, variant, full_params, "GB/s", str(exc))
+    except Exception:  # noqa: BLE001 - a broken run is reported, not raised
+        return _failed("W1", peer, variant, full_params, "GB/s", traceback.format_exc())
+    finally:
+        endpoints.close()
+        endpoints.join_thread()
+        if region is not None:
+            region.close()
+    cons, prod = out["consumer"], out["producer"]
+    checksum = cons["checksum"] ^ 1 if corrupt else cons["checksum"]
+    expected = _w1_expected(buf_bytes, nbufs)
+    ok = cons["count"] == nbufs and checksum == expected
+    extra: dict[str, Any] = {"channel": {"max_in_flight": prod["stats"].get("max_in_flight_per_channel"),
+                                         "messages_sent": prod["stats"].get("messages_sent"),
+                                         "backpressure_seconds": round(prod["stats"].get("backpressure_seconds", 0), 4)}}
+    if not ok:
+        extra["error"] = f"checksum {checksum} over {cons['count']} buffers, expected {expected} over {nbufs}"
+    return w1_record(peer, variant, buf_bytes, nbufs, cons["t_end"] - prod["t_start"], ok, params=params, **extra)
+
+
+# ============================================================================== jobs: shared helpers
+def _job_env(workers: int, **kw: Any) -> Any:
+    from runtime.api import StreamEnvironment
+
+    return StreamEnvironment(workers=workers, **kw)
+
+
+def _job_extra(result: Any) -> dict[str, Any]:
+    m = result.metrics
+    return {"job": {"wall_seconds": round(result.seconds, 4), "timed_seconds": round(m.get("timed_seconds", 0), 6),
+                    "records": m.get("records"), "backpressure_seconds": round(m.get("backpressure_seconds", 0), 4),
+                    "memory_high_water_bytes": m.get("memory_high_water_bytes")}}
+
+
+_first = itemgetter(0)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+# ============================================================================== W2 keyed records
+def w2_rows_job(*, quick: bool = False, n: int | None = None, workers: int = JOB_WORKERS,
+                corrupt: bool = False) -> dict[str, Any]:
+    """W2 as a job: ``from_collection(w2_rows(N)).key_by(r[0]).sum(1).collect()``.
+
+    Batch mode (every source bounded), so shmflow puts its combiner before the
+    keyed shuffle (one partial per key and source subtask crosses the network).
+    """
+    n = _w2_n(quick, n)
+    peer = "shmflow"
+    variant = f"job, {workers} workers: from_collection(rows).key_by(r[0]).sum(1), batch mode (own combiner)"
+    params = {"workers": workers, "quick": quick, "mode": "batch", "combiner": True}
+    try:
+        rows = w2_rows(n)
+        env = _job_env(workers)
+        out = env.from_collection(rows).key_by(_first).sum(1).collect()
+        del rows
+        result = env.execute("bench-w2-rows", timeout=RUN_TIMEOUT)
+        pairs = out.values()
+        sums = {key: total for key, total in pairs}
+        if corrupt and sums:
+            key = next(iter(sums))
+            sums[key] += 1.0
+        count = result.metrics["records"]
+        ok, maxerr = w2_check(sums, n, count, w2_expected(n))
+        ok = ok and len(pairs) == len(sums)  # one result per key
+    except Exception:  # noqa: BLE001
+        return _failed("W2", peer, variant, {"n": n, **params}, "records/s", traceback.format_exc())
+    extra = _job_extra(result)
+    if not ok:
+        extra["error"] = f"{count} of {n} records, {len(pairs)} results for {len(sums)} keys; largest error {maxerr}"
+    return w2_record(peer, variant, n, result.metrics["timed_seconds"], ok, maxerr, params=params, **extra)
+
+
+class _ColumnSums:
+    """``map_batches`` state of the columnar W2 job: per-key sums of the batches a subtask saw.
+
+    Called per shuffled columnar batch (``{"key": int64[], "value": float64[]}``):
+    adds it with ``np.add.at`` (W2's columnar consumer work) and emits nothing.
+    :class:`_ColumnSumsOp` emits the sums once, at end of input (plain ``map_batches`` has no end hook).
+    """
+
+    def __init__(self) -> None:
+        self.acc: np.ndarray | None = None
+        self.count = 0
+
+    def __call__(self, batch: dict) -> dict:
+        if self.acc is None:
+            self.acc = np.zeros(W2_KEYS, dtype=np.float64)
+        keys = batch["key"]
+        w2_columnar_consume(self.acc, keys, batch["value"])
+        self.count += len(keys)
+        return {}
+
+
+class _ColumnSumsOp(MapBatches):
+    """``key_by("key").map_batches(_ColumnSums())`` plus a ``finish`` that emits ``[(count, sums)]`` once."""
+
+    name = "w2_column_sums"
+
+    def process_batch(self, batch: Any, emit: Any) -> None:
+        self.fn(batch)
+
+    def finish(self, emit: Any) -> None:
+        fn = self.fn
+        emit([(fn.count, fn.acc if fn.acc is not None else np.zeros(W2_KEYS, dtype=np.float64))])
+
+
+def w2_columnar_job(*, quick: bool = False, n: int | None = None, workers: int = JOB_WORKERS,
+                    corrupt: bool = False) -> dict[str, Any]:
+    """W2 columnar as a job: a dict of numpy columns, hash-shuffled by the ``key`` column, summed per subtask.
+
+    ``from_collection({"key": keys, "value": values}).key_by("key")`` then a
+    ``map_batches`` operator that does ``np.add.at(acc, key, value)`` per
+    batch and emits its 100,000 sums once at end of input; the client adds
+    the subtasks' sums (keys are disjoint across subtasks).
+    """
+    n = _w2_n(quick, n)
+    peer = "shmflow"
+    variant = f"job, {workers} workers: columnar from_collection.key_by('key'), map_batches np.add.at, sums at end"
+    params = {"workers": workers, "quick": quick, "mode": "batch"}
+    try:
+        keys, values = w2_columns(n)
+        env = _job_env(workers)
+        keyed = env.from_collection({"key": keys, "value": values}).key_by("key")
+        # KeyedStream.map_batches with an operator that also has finish(): the same hash shuffle by column.
+        stream = keyed.stream._then("w2_column_sums", _ColumnSumsOp(_ColumnSums()), partitioning="hash", key_fn=keyed.key_fn,
+                                    columnar_key=keyed.columnar_key)
+        out = stream.collect()
+        del keys, values
+        result = env.execute("bench-w2-columnar", timeout=RUN_TIMEOUT)
+        parts = out.values()
+        sums = np.zeros(W2_KEYS, dtype=np.float64)
+        for _, part in parts:
+            sums += part
+        count = sum(c for c, _ in parts)
+        if corrupt:
+            sums[0] += 1.0
+        ok, maxerr = w2_check(sums, n, count, w2_expected(n))
+        ok = ok and len(parts) == workers
+    except Exception:  # noqa: BLE001
+        return _failed("W2", peer, variant, {"n": n, **params}, "records/s", traceback.format_exc())
+    extra = _job_extra(result)
+    if not ok:
+        extra["error"] = f"{count} of {n} records in {len(parts)} partial results; largest error {maxerr}"
+    return w2_record(peer, variant, n, result.metrics["timed_seconds"], ok, maxerr, params=params, **extra)
+
+
+# ============================================================================== W3 word count
+def _tokens(line: str) -> list[str]:
+    return line.lower().split()
+
+
+_W3_REF: dict[str, tuple[Path, collections.Counter]] = {}
+
+
+def w3_input(quick: bool = False, lines: int | None = None) -> tuple[Path, collections.Counter]:
+    """(a corpus file, its reference Counter): the full corpus, its first 1/10 (quick), or ``lines`` generated.
+
+    Cached in :func:`data_dir`; the Counter is cached per process (one at a time).
+    """
+    key = f"lines={lines}" if lines is not None else ("quick" if quick else "full")
+    if key not in _W3_REF:
+        full = w3_corpus_path()
+        if lines is not None:
+            path = data_dir() / f"w3_corpus_generated_l{lines}.txt"
+            text = w3_generate(lines)
+        elif quick:
+            path = data_dir() / f"w3_corpus_quick_l{W3_LINES // W3_QUICK_FRACTION}.txt"
+            with open(full, encoding="ascii") as f:
+                text = "".join(line for _, line in zip(range(W3_LINES // W3_QUICK_FRACTION), f))
+        else:
+            path, text = full, full.read_text(encoding="ascii")
+        if path != full and (not path.exists() or path.read_text(encoding="ascii") != text):
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text, encoding="ascii")
+            os.replace(tmp, path)
+        _W3_REF.clear()
+        _W3_REF[key] = (path, w3_reference(text))
+    return _W3_REF[key]
+
+
+def w3_job(*, quick: bool = False, lines: int | None = None, workers: int = JOB_WORKERS,
+           corrupt: bool = False) -> dict[str, Any]:
+    """W3 as a job: ``read_text(corpus).flat_map(line.lower().split()).key_by(word).count().collect()``.
+
+    Batch mode, so shmflow's own combiner pre-aggregates counts before the
+    keyed shuffle (WORKLOADS.md requires saying so; the reference does not
+    pre-aggregate). Workers read contiguous line ranges of the file.
+    """
+    peer = "shmflow"
+    variant = (f"job, {workers} workers: read_text.flat_map(line.lower().split()).key_by(word).count(), "
+               "batch mode: shmflow's combiner pre-aggregates before the shuffle")
+    params = {"workers": workers, "quick": quick, "mode": "batch", "combiner": True,
+              "lines": lines if lines is not None else ("1/10 of corpus" if quick else "full corpus")}
+    try:
+        path, ref = w3_input(quick, lines)
+        total_words = sum(ref.values())
+        env = _job_env(workers)
+        out = env.read_text(str(path)).flat_map(_tokens).key_by(_identity).count().collect()
+        result = env.execute("bench-w3", timeout=RUN_TIMEOUT)
+        pairs = out.values()
+        counts = dict(pairs)
+        if corrupt and counts:
+            counts[next(iter(counts))] += 1
+        ok = len(pairs) == len(counts) and w3_check(counts, ref)
+    except Exception:  # noqa: BLE001
+        return _failed("W3", peer, variant, params, "words/s", traceback.format_exc())
+    extra = _job_extra(result)
+    if not ok:
+        extra["error"] = f"{len(pairs)} results for {len(counts)} words, {len(ref)} expected; counts differ"
+    return w3_record(peer, variant, total_words, result.metrics["timed_seconds"], ok, params=params, **extra)
+
+
+# ============================================================================== latency
+def _stamp(i: int) -> tuple[int, float]:
+    return (i % LATENCY_KEYS, time.monotonic())
+
+
+def _latencies(batch: list) -> list[float]:
+    now = time.monotonic
+    return [now() - r[1] for r in batch]
+
+
+def latency_job(*, quick: bool = False, count: int | None = None, rate: float = LATENCY_RATE,
+                workers: int = JOB_WORKERS, corrupt: bool = False) -> dict[str, Any]:
+    """End-to-end latency of a keyed job at ``rate`` records/s, ``network.buffer-timeout`` 1 ms, streaming mode.
+
+    ``from_generator((i % 100, monotonic()), rate, count).key_by(r[0])`` then,
+    after the hash shuffle, ``map_batches`` computes ``monotonic() - r[1]``
+    per record (CLOCK_MONOTONIC is system-wide, so stamps from the source's
+    process subtract). Reports p50, p99 and max in ms; checks that every
+    record arrived once.
+    """
+    count = count if count is not None else (LATENCY_QUICK_N if quick else LATENCY_N)
+    peer = "shmflow"
+    variant = (f"job, {workers} workers, streaming, {rate:,.0f} records/s, buffer-timeout 1 ms: "
+               "generator -> key_by (shuffle) -> map_batches(now - stamp)")
+    params = {"workers": workers, "rate": rate, "count": count, "buffer_timeout": "1ms", "mode": "streaming",
+              "quick": quick}
+    fail = {"workload": "latency", "peer": peer, "variant": variant, "params": params, "seconds": None,
+            "rate": None, "unit": "ms", "ok": False}
+    try:
+        env = _job_env(workers, config={"network.buffer-timeout": "1ms"}, mode="streaming")
+        out = (env.from_generator(_stamp, rate=rate, count=count).key_by(_first)
+               .map_batches(_latencies).collect())
+        result = env.execute("bench-latency", timeout=RUN_TIMEOUT)
+        lat = np.asarray(out.values(), dtype=np.float64)
+        if corrupt:
+            lat = lat[1:]
+    except Exception:  # noqa: BLE001
+        return {**fail, "error": traceback.format_exc()}
+    ok = lat.size == count and bool(np.all(np.isfinite(lat))) and bool(np.all(lat >= 0))
+    ms = lat * 1e3 if lat.size else np.zeros(1)
+    figures = {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "max": float(ms.max())}
+    out_rec = {"workload": "latency", "peer": peer, "variant": variant, "params": params,
+               "seconds": round(result.metrics["timed_seconds"], 6), "rate": round(figures["p99"], 4), "unit": "ms",
+               "ok": ok, "figures": {k: round(v, 4) for k, v in figures.items()}, **_job_extra(result)}
+    if not ok:
+        out_rec["error"] = f"{lat.size} latencies for {count} records (or a negative / non-finite one)"
+    return out_rec
+
+
+__all__ = ["latency_job", "w1_pool_buffers", "w1_shmflow", "w2_columnar_job", "w2_rows_job", "w3_input", "w3_job"]
