@@ -171,3 +171,58 @@ def test_a_job_needing_more_network_buffers_than_exist_fails_at_deployment():
     with pytest.raises(InsufficientNetworkBuffersError, match=r"^insufficient network buffers for job 'greedy' on "
                        r"worker 0: required 15, available 12 \(buffer size 32 KiB\); raise memory\.network"):
         env.execute("greedy")
+
+
+CTRL_C_JOB = """
+from runtime import StreamEnvironment
+env = StreamEnvironment(workers=2)
+env.from_generator(lambda i: i, rate=1000).key_by(lambda x: x % 3).count().collect()
+print("starting", flush=True)
+env.execute("forever")
+"""
+
+
+def test_ctrl_c_shuts_everything_down_cleanly(tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "forever.py"
+    script.write_text(CTRL_C_JOB)
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "run", str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "starting"
+
+        def workers():
+            return [pid for pid in _all_pids() if _ppid(pid) == proc.pid]
+        wait_until(lambda: len(workers()) == 2, timeout=60, msg="two workers")
+        children = workers()
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+        proc.wait(30)
+        assert proc.returncode != 0
+        wait_until(lambda: not [p for p in children if _alive(p)], timeout=15, msg="workers exited")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def _all_pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()]
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
