@@ -254,9 +254,13 @@ class ResultPartition:
         finally:
             self._blocked += time.monotonic() - start
 
-    def send_buffer(self, subpartition: int, buffer: Any) -> None:
+    def send_buffer(self, subpartition: int, buffer: Any, *, block: bool = True) -> None:
         """Queue a filled buffer (``buffer.size`` bytes) for consumer ``subpartition``.
 
+        With ``block`` (the default), wait while the channel's backlog is at
+        ``max_backlog`` (backpressure). Callers that must never block (the
+        worker's loop, through RecordWriter) pass ``block=False`` and check
+        :meth:`available` before producing more.
         Ownership: the channel owns the buffer from now on.
         """
         ch = self.channels[subpartition]
@@ -265,7 +269,7 @@ class ResultPartition:
         if len(ch.queue) >= threshold:
             self._drain_control()
             ch.ship()
-        if len(ch.queue) >= self.max_backlog:
+        if block and len(ch.queue) >= self.max_backlog:
             self._wait_backlog(ch)
 
     def _wait_backlog(self, ch: OutputChannel) -> None:

@@ -213,7 +213,7 @@ class RecordWriter:
         buf.size = cw.ser.position
         cw.buffer = None
         cw.first_write = None
-        self.partition.send_buffer(cw.index, buf)
+        self.partition.send_buffer(cw.index, buf, block=False)  # the worker's loop never blocks
 
     def _flush_channel(self, cw: _ChannelWriter) -> None:
         """Send the channel's partly filled buffer (if it holds complete frames only)."""
