@@ -233,7 +233,29 @@ def _identity(x: Any) -> Any:
     return x
 
 
-class KeyedStream:
+class _Aggregations:
+    """reduce / sum / count / min / max, shared by keyed and windowed streams."""
+
+    def _aggregate(self, name: str, aggregation: Any) -> "DataStream":
+        raise NotImplementedError
+
+    def reduce(self, fn: Callable[[Any, Any], Any]) -> DataStream:
+        return self._aggregate("reduce", keyed.reduce(fn))
+
+    def sum(self, field: int | str | None = None) -> DataStream:
+        return self._aggregate("sum", keyed.sum(field))
+
+    def count(self) -> DataStream:
+        return self._aggregate("count", keyed.count())
+
+    def min(self, field: int | str | None = None) -> DataStream:
+        return self._aggregate("min", keyed.min(field))
+
+    def max(self, field: int | str | None = None) -> DataStream:
+        return self._aggregate("max", keyed.max(field))
+
+
+class KeyedStream(_Aggregations):
     """A stream partitioned by key; aggregations keep state per key."""
 
     def __init__(self, stream: DataStream, key: Callable[[Any], Any] | str) -> None:
@@ -248,20 +270,6 @@ class KeyedStream:
         env._keyed_aggs.append(out.node.id)
         return out
 
-    def reduce(self, fn: Callable[[Any, Any], Any]) -> DataStream:
-        return self._aggregate("reduce", keyed.reduce(fn))
-
-    def sum(self, field: int | str | None = None) -> DataStream:
-        return self._aggregate("sum", keyed.sum(field))
-
-    def count(self) -> DataStream:
-        return self._aggregate("count", keyed.count())
-
-    def min(self, field: int | str | None = None) -> DataStream:
-        return self._aggregate("min", keyed.min(field))
-
-    def max(self, field: int | str | None = None) -> DataStream:
-        return self._aggregate("max", keyed.max(field))
 
     def map_batches(self, fn: Callable[[Any], Any], *, name: str = "map_batches") -> DataStream:
         """Hash-shuffle whole batches by key, then apply ``fn`` per batch (columnar keyed pipelines)."""
@@ -272,7 +280,7 @@ class KeyedStream:
         return WindowedStream(self, assigner)
 
 
-class WindowedStream:
+class WindowedStream(_Aggregations):
     """Keyed windows; each aggregation emits ``(key, value, window_start, window_end)`` per key and window."""
 
     def __init__(self, keyed_stream: KeyedStream, assigner: Any) -> None:
@@ -284,20 +292,6 @@ class WindowedStream:
         op = window.WindowAggregate(ks.key_fn, self.assigner, aggregation)
         return ks.stream._then(f"window-{name}", op, partitioning="hash", key_fn=ks.key_fn)
 
-    def reduce(self, fn: Callable[[Any, Any], Any]) -> DataStream:
-        return self._aggregate("reduce", keyed.reduce(fn))
-
-    def sum(self, field: int | str | None = None) -> DataStream:
-        return self._aggregate("sum", keyed.sum(field))
-
-    def count(self) -> DataStream:
-        return self._aggregate("count", keyed.count())
-
-    def min(self, field: int | str | None = None) -> DataStream:
-        return self._aggregate("min", keyed.min(field))
-
-    def max(self, field: int | str | None = None) -> DataStream:
-        return self._aggregate("max", keyed.max(field))
 
 
 def _column_key(column: str) -> Callable[[Any], Any]:
