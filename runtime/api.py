@@ -12,6 +12,7 @@ or on a standing one when ``coordinator=`` names it.
 
 from __future__ import annotations
 
+import copy
 import operator as _operator
 import os
 from typing import Any, Callable, Iterable
@@ -116,7 +117,9 @@ class StreamEnvironment:
     def job_graph(self, name: str = "job") -> JobGraph:
         """The graph ``execute()`` would run (for inspection and tests)."""
         mode = self.resolved_mode()
-        nodes = [StreamNode(**{**n.__dict__, "inputs": list(n.inputs)}) for n in self._nodes]
+        # Copies: the graph sets modes and combiner inputs on its operators, never on the user's stream.
+        nodes = [StreamNode(**{**n.__dict__, "inputs": list(n.inputs), "operator": copy.copy(n.operator)})
+                 for n in self._nodes]
         for n in nodes:
             op = n.operator
             if isinstance(op, (keyed.KeyedAggregate, window.WindowAggregate)):
@@ -269,7 +272,6 @@ class KeyedStream(_Aggregations):
         out = self.stream._then(name, op, partitioning="hash", key_fn=self.key_fn, columnar_key=self.columnar_key)
         env._keyed_aggs.append(out.node.id)
         return out
-
 
     def map_batches(self, fn: Callable[[Any], Any], *, name: str = "map_batches") -> DataStream:
         """Hash-shuffle whole batches by key, then apply ``fn`` per batch (columnar keyed pipelines)."""

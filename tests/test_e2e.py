@@ -226,3 +226,12 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
+
+
+def test_the_same_environment_executes_twice_with_equal_results():
+    env = StreamEnvironment(workers=2)
+    out = wordcount(env)
+    env.execute("first")
+    first = dict(out.values())
+    env.execute("second")
+    assert dict(out.values()) == first == EXPECTED
