@@ -81,8 +81,12 @@ class StreamEnvironment:
 
     # ----------------------------------------------------------------- sources
     def from_collection(self, items: Iterable[Any], *, name: str = "from_collection") -> "DataStream":
-        """A bounded source over ``items``, split into contiguous shares across the workers."""
-        return self._source(sources.CollectionSource(list(items)), name)
+        """A bounded source over ``items``, split into contiguous shares across the workers.
+
+        A dict of equal-length numpy arrays is a columnar collection: each worker
+        gets a contiguous slice of the columns.
+        """
+        return self._source(sources.CollectionSource(items if isinstance(items, dict) else list(items)), name)
 
     def from_generator(self, fn: Callable[[int], Any], rate: float | None = None, *, count: int | None = None,
                        name: str = "from_generator") -> "DataStream":

@@ -235,3 +235,19 @@ def test_the_same_environment_executes_twice_with_equal_results():
     first = dict(out.values())
     env.execute("second")
     assert dict(out.values()) == first == EXPECTED
+
+
+def test_a_columnar_collection_shuffles_by_column_with_numpy():
+    import numpy as np
+    keys = np.arange(10_000, dtype=np.int64) % 97
+    values = np.ones(10_000)
+    env = StreamEnvironment(workers=2)
+    sums = (env.from_collection({"key": keys, "value": values}).key_by("key")
+            .map_batches(lambda b: {"key": np.unique(b["key"]), "sum": np.bincount(b["key"], b["value"])[np.unique(b["key"])]})
+            .collect())
+    env.execute("columnar")
+    total = np.zeros(97)
+    for batch in sums.values():
+        assert isinstance(batch, dict)
+        np.add.at(total, batch["key"], batch["sum"])
+    assert np.array_equal(total, np.bincount(keys, values, minlength=97))
