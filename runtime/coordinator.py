@@ -395,7 +395,11 @@ def run_job(graph: JobGraph, config: Any, *, collect: dict[str, Any], coordinato
         collect[sink]._extend(decode_collect(records))
 
     if coordinator is None:
-        with LocalCluster(config) as cluster:
+        try:
+            cluster = LocalCluster(config)
+        except (WorkerLostError, TimeoutError) as exc:
+            raise JobFailedError(f"job {graph.name!r} failed: the local cluster did not start: {exc}") from exc
+        with cluster:
             tick = _progress_printer(graph.name, cluster.coordinator, started) if sys.stderr.isatty() else None
             try:
                 metrics = cluster.coordinator.run_job(graph, payload, on_collect=on_collect, timeout=timeout,

@@ -129,9 +129,18 @@ def _worker_pids() -> list[int]:
     return pids
 
 
-def test_a_sigkilled_worker_fails_the_job_cleanly():
+def _touch_then(marker):
+    def fn(x):
+        if not os.path.exists(marker):
+            open(marker, "a").close()  # the job is running: records flow
+        return x + 1
+    return fn
+
+
+def test_a_sigkilled_worker_fails_the_job_cleanly(tmp_path):
+    marker = str(tmp_path / "running")
     env = StreamEnvironment(workers=2)
-    env.from_generator(lambda i: i, rate=2000).map(lambda x: x + 1).key_by(lambda x: x % 5).count().collect()
+    env.from_generator(lambda i: i, rate=2000).map(_touch_then(marker)).key_by(lambda x: x % 5).count().collect()
     errors: list[BaseException] = []
 
     def run():
@@ -143,9 +152,8 @@ def test_a_sigkilled_worker_fails_the_job_cleanly():
     thread = threading.Thread(target=run)
     thread.start()
     try:
-        wait_until(lambda: len(_worker_pids()) == 2, timeout=60, msg="two workers running")
+        wait_until(lambda: os.path.exists(marker), timeout=60, msg="records flowing")
         victim = _worker_pids()[0]
-        time.sleep(1.0)  # sleep-ok: let the job run a while before the kill
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         thread.join(30)
