@@ -627,14 +627,15 @@ class _Vectorized:
             self._append(keys[pos[first_at]], firsts)
         self._vkind, self._bound = vkind, bound
         acc = self._acc
-        if kind == "count" and values is None:
-            np.add.at(acc, slots, np.ones(n, np.int64))
-        elif kind in ("sum", "count"):
-            np.add.at(acc, slots, values)
-        elif kind == "min":
-            np.minimum.at(acc, slots, values)
-        else:
-            np.maximum.at(acc, slots, values)
+        with np.errstate(all="ignore"):  # inf + -inf is nan, as in Python's own float sum: no warning
+            if kind == "count" and values is None:
+                np.add.at(acc, slots, np.ones(n, np.int64))
+            elif kind in ("sum", "count"):
+                np.add.at(acc, slots, values)
+            elif kind == "min":
+                np.minimum.at(acc, slots, values)
+            else:
+                np.maximum.at(acc, slots, values)
         return True
 
     def _lookup(self, keys: np.ndarray, key_list: list) -> np.ndarray:
@@ -722,7 +723,7 @@ class _Vectorized:
         with _gc_paused():
             if self.field is None:
                 return list(zip(keys, accs))
-            return list(zip(keys, map(list, zip(accs, self._first))))  # (k, [v, first]) built in C
+            return list(zip(keys, zip(accs, self._first)))  # (k, (v, first)) built in C: all tuples
 
     def results(self) -> list:
         """The result records, as ``aggregation.results(state)``."""
@@ -959,7 +960,9 @@ class KeyedCombine(Operator):
                 partials = self._vec.partials()
                 self._vec.clear()
         elif self._state:
-            partials = list(self._state.items())
+            # Accumulators ship as tuples: a batch holding only tuples serializes in C, a mix of
+            # tuples and lists needs a Python call per tuple (see runtime.network.serializer).
+            partials = [(k, tuple(a)) if type(a) is list else (k, a) for k, a in self._state.items()]
             self._state = self.aggregation.new_state()
         if partials:
             for chunk in _chunks(partials):

@@ -135,7 +135,14 @@ class Worker:
             if kind == "shutdown":
                 return
             if kind == "deploy":
-                JobRun(self, message).run()
+                run = JobRun(self, message)
+                profile_dir = os.environ.get("SHMFLOW_INTERNAL_PROFILE")
+                if profile_dir:  # a development aid: cProfile each job, one file per worker
+                    import cProfile
+                    cProfile.runctx("run.run()", {}, {"run": run},
+                                    os.path.join(profile_dir, f"worker-{self.worker_id}-{run.job_id}.prof"))
+                else:
+                    run.run()
 
     def close(self) -> None:
         if self.memory is not None:

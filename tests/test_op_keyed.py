@@ -129,7 +129,7 @@ def test_combiner_in_streaming_mode_flushes_every_batch():
     combine.open(OperatorContext(mode="streaming"))
     out = []
     combine.process_batch([("a", 1), ("a", 2)], out.extend)
-    assert out == [("a", [3, ("a", 1)])]
+    assert out == [("a", (3, ("a", 1)))]  # accumulators ship as tuples
 
 
 # -- properties ------------------------------------------------------------------------

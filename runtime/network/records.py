@@ -226,11 +226,16 @@ class RecordWriter:
         return all(not cw.items and not cw.continuing for cw in self.channels) and self.partition.available()
 
     def pump(self) -> bool:
-        """Write what is pending as buffers allow; True when everything is written."""
+        """Write what is pending as buffers allow and ship what credits allow; True when everything is written.
+
+        Shipping matters even with nothing pending here: :meth:`available` is False while a
+        channel's backlog is at ``max_backlog``, and only credits applied by ``ship_all`` lower it.
+        """
         done = True
         for cw in self.channels:
             if cw.items or cw.continuing:
                 done = self._pump(cw) and done
+        self.partition.ship_all()
         return done
 
     def flush_if_due(self, now: float) -> None:
