@@ -142,11 +142,8 @@ def _cmd_layout(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.workload == "alloc":
-        from runtime.bench import alloc
-        return alloc.main(["--quick"] if args.quick else [])
-    print(f"shmflow bench {args.workload}: not available in this version ({__version__})", file=sys.stderr)
-    return 2
+    from runtime.bench import runner
+    return runner.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("bench", help="measure cross-process throughput against baselines")
-    p.add_argument("workload", nargs="?", default="all", choices=["w1", "w2", "w3", "latency", "alloc", "all"])
-    p.add_argument("--quick", action="store_true", help="a smoke run of under a minute")
+    from runtime.bench.runner import add_arguments as add_bench_arguments
+    add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("status", help="list shmflow regions in /dev/shm and their creators")

@@ -40,7 +40,7 @@ from runtime.network.transport import bind, context, local_endpoint, make_socket
 
 log = logging.getLogger("shmflow.coordinator")
 
-HEARTBEAT_TIMEOUT = 10.0  # seconds of silence after which a worker counts as lost
+HEARTBEAT_TIMEOUT = 30.0  # seconds of silence after which a worker counts as lost (a busy step can be long)
 STARTUP_TIMEOUT = 60.0
 
 

@@ -46,7 +46,7 @@ from runtime.task import OperatorContext
 log = logging.getLogger("shmflow.worker")
 
 HEARTBEAT_INTERVAL = 0.5
-COORDINATOR_SILENCE = 15.0  # seconds without a word from the coordinator before a worker gives up
+COORDINATOR_SILENCE = 45.0  # seconds without a word from the coordinator before a worker gives up
 
 
 class JobCancelled(Exception):

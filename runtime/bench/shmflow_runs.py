@@ -1,6 +1,6 @@
 """shmflow's side of ``shmflow bench``: W1 through the network stack; W2, W3 and latency as jobs.
 
-Imports: runtime.bench.workloads, runtime.bench.baselines (its process plumbing), operators.stateless,
+Imports: runtime.bench.workloads, runtime.bench.baselines (its process plumbing), operators (sources, stateless),
 runtime.memory, runtime.network, runtime.api, numpy, the standard library.
 
 Each public function runs ONE repetition and returns one result record in the
@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from operators.sources import CollectionSource
 from operators.stateless import MapBatches
 from runtime.bench.baselines import (
     READY_TIMEOUT, RUN_TIMEOUT, SPAWN, _ChildFailed, _failed, _run_children, _w1_expected, _w1_volume, _w2_n,
@@ -184,9 +185,10 @@ def w1_shmflow(buf_bytes: int, *, transport: str = "shm", quick: bool = False, t
     checksum = cons["checksum"] ^ 1 if corrupt else cons["checksum"]
     expected = _w1_expected(buf_bytes, nbufs)
     ok = cons["count"] == nbufs and checksum == expected
-    extra: dict[str, Any] = {"channel": {"max_in_flight": prod["stats"].get("max_in_flight_per_channel"),
-                                         "messages_sent": prod["stats"].get("messages_sent"),
-                                         "backpressure_seconds": round(prod["stats"].get("backpressure_seconds", 0), 4)}}
+    stats = prod["stats"]
+    extra: dict[str, Any] = {"channel": {"max_in_flight": stats.get("max_in_flight_per_channel"),
+                                         "messages_sent": stats.get("messages_sent"),
+                                         "backpressure_seconds": round(stats.get("backpressure_seconds", 0), 4)}}
     if not ok:
         extra["error"] = f"checksum {checksum} over {cons['count']} buffers, expected {expected} over {nbufs}"
     return w1_record(peer, variant, buf_bytes, nbufs, cons["t_end"] - prod["t_start"], ok, params=params, **extra)
@@ -269,7 +271,8 @@ class _ColumnSums:
 
 
 class _ColumnSumsOp(MapBatches):
-    """``key_by("key").map_batches(_ColumnSums())`` plus a ``finish`` that emits ``[(count, sums)]`` once."""
+    """``key_by("key").map_batches(_ColumnSums())`` plus a ``finish`` that emits the sums once, at end of input:
+    a columnar batch ``{"key": 0..99999, "value": sums}`` and then ``[("records", count)]``."""
 
     name = "w2_column_sums"
 
@@ -278,7 +281,9 @@ class _ColumnSumsOp(MapBatches):
 
     def finish(self, emit: Any) -> None:
         fn = self.fn
-        emit([(fn.count, fn.acc if fn.acc is not None else np.zeros(W2_KEYS, dtype=np.float64))])
+        acc = fn.acc if fn.acc is not None else np.zeros(W2_KEYS, dtype=np.float64)
+        emit({"key": np.arange(W2_KEYS, dtype=np.int64), "value": acc})  # columnar: ships as raw arrays
+        emit([("records", fn.count)])
 
 
 def w2_columnar_job(*, quick: bool = False, n: int | None = None, workers: int = JOB_WORKERS,
@@ -297,22 +302,26 @@ def w2_columnar_job(*, quick: bool = False, n: int | None = None, workers: int =
     try:
         keys, values = w2_columns(n)
         env = _job_env(workers)
-        keyed = env.from_collection({"key": keys, "value": values}).key_by("key")
+        # env.from_collection(dict) would list() the dict into its column names (api.py), so the
+        # columnar source is built directly: CollectionSource splits a dict of columns into slices.
+        keyed = env._source(CollectionSource({"key": keys, "value": values}), "from_collection").key_by("key")
         # KeyedStream.map_batches with an operator that also has finish(): the same hash shuffle by column.
-        stream = keyed.stream._then("w2_column_sums", _ColumnSumsOp(_ColumnSums()), partitioning="hash", key_fn=keyed.key_fn,
-                                    columnar_key=keyed.columnar_key)
+        stream = keyed.stream._then("w2_column_sums", _ColumnSumsOp(_ColumnSums()), partitioning="hash",
+                                    key_fn=keyed.key_fn, columnar_key=keyed.columnar_key)
         out = stream.collect()
         del keys, values
         result = env.execute("bench-w2-columnar", timeout=RUN_TIMEOUT)
-        parts = out.values()
+        got = out.values()
+        parts = [v for v in got if isinstance(v, dict)]
+        counts = [v[1] for v in got if isinstance(v, tuple)]
         sums = np.zeros(W2_KEYS, dtype=np.float64)
-        for _, part in parts:
-            sums += part
-        count = sum(c for c, _ in parts)
+        for part in parts:
+            np.add.at(sums, part["key"], part["value"])
+        count = sum(counts)
         if corrupt:
             sums[0] += 1.0
         ok, maxerr = w2_check(sums, n, count, w2_expected(n))
-        ok = ok and len(parts) == workers
+        ok = ok and len(parts) == len(counts) == workers
     except Exception:  # noqa: BLE001
         return _failed("W2", peer, variant, {"n": n, **params}, "records/s", traceback.format_exc())
     extra = _job_extra(result)
@@ -336,7 +345,7 @@ def w3_input(quick: bool = False, lines: int | None = None) -> tuple[Path, colle
     """
     key = f"lines={lines}" if lines is not None else ("quick" if quick else "full")
     if key not in _W3_REF:
-        full = w3_corpus_path()
+        full = w3_corpus_path() if lines is None else None
         if lines is not None:
             path = data_dir() / f"w3_corpus_generated_l{lines}.txt"
             text = w3_generate(lines)

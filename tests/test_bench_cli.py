@@ -1,0 +1,175 @@
+"""``shmflow bench``: the runner's JSON, ratios, table and exit status, at tiny volumes.
+
+Benchmarks are not tests: nothing here looks at a figure's size, only at its
+presence, its spread's order and the verdicts. ``--tiny`` (hidden) shrinks every
+workload; ``--corrupt NAME`` (hidden) perturbs the answer of the contenders
+whose name contains NAME after they ran, before they are checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.bench import runner
+from runtime.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runtime.cli", "bench", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_all_tiny_writes_json_with_spreads_ratios_versions_and_a_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    report, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    out = bench("all", "--tiny", "--json", str(report), "--plot", str(png))
+    failed = [line for line in out.stdout.splitlines() if line.startswith("FAILED")]
+    assert out.returncode == 0, "\n".join(failed) or out.stdout[-3000:] + out.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["ok"] is True
+    assert data["params"]["workloads"] == list(runner.WORKLOADS)
+    assert data["params"]["reps"] == 1 and data["params"]["scale"] == "tiny"
+    assert data["git_sha"] is None or isinstance(data["git_sha"], str)
+    for package in ("shmflow", "python", "numpy", "pyzmq", "msgpack", "rich", "matplotlib"):
+        assert data["versions"][package], package
+    results = {r["name"]: r for r in data["results"]}
+    for name in ("w1_shmflow_shm_32KiB", "w1_shmflow_shm_1MiB", "w1_shmflow_tcp_32KiB", "w1_zmq_32KiB",
+                 "w1_mp_queue_1MiB", "w1_shm_ring_1MiB", "w1_copy_32MiB", "w2_shmflow_rows",
+                 "w2_shmflow_columnar", "w2_zmq_columns", "w3_shmflow", "w3_mp_queue", "latency_shmflow",
+                 "alloc_fixed_32KiB"):
+        assert name in results, name
+    for r in data["results"]:
+        assert r["ok"] is True, r
+        assert r["unit"] and r["variant"] and r["reps"] == r["ok_reps"] == 1
+        assert r["min"] <= r["median"] <= r["max"]
+        assert len(r["runs"]) == 1 and r["runs"][0]["ok"] is True
+    shmflow = [r for r in data["results"] if r["kind"] == "shmflow"]
+    with_baselines = [r for r in shmflow if r["workload"] in ("w1", "w2", "w3")]
+    assert with_baselines and all(r["ratios"] for r in with_baselines)
+    for r in with_baselines:
+        for other, ratio in r["ratios"].items():
+            assert other in results
+            assert ratio["ratio"] > 0 and ratio["min"] <= ratio["ratio"] <= ratio["max"]
+    assert "combiner" in results["w3_shmflow"]["variant"]  # WORKLOADS.md: state the combiner
+    lat = results["latency_shmflow"]
+    assert lat["unit"] == "ms" and set(lat["figures"]) == {"p50", "p99", "max"}
+    assert lat["figures"]["p50"]["median"] <= lat["figures"]["p99"]["median"] <= lat["figures"]["max"]["median"]
+    targets = {t["name"]: t for t in data["targets"]}
+    assert {"w1_shmflow_shm_32KiB", "w1_shmflow_shm_1MiB", "w2_shmflow_rows", "w2_shmflow_columnar",
+            "w3_shmflow", "latency_shmflow", "alloc_fixed_32KiB"} <= set(targets)
+    assert all(isinstance(t["met"], bool) for t in targets.values())
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "shmflow ÷ this" in out.stdout and "GB/s" in out.stdout and "M records/s" in out.stdout
+    assert "FAIL" not in out.stdout
+
+
+def test_a_wrong_answer_fails_loudly(tmp_path):
+    report, name = tmp_path / "bench.json", "w3_shmflow"
+    out = bench("w3", "--tiny", "--corrupt", name, "--json", str(report))
+    assert out.returncode == 1, out.stdout + out.stderr
+    data = json.loads(report.read_text())
+    assert data["ok"] is False
+    results = {r["name"]: r for r in data["results"]}
+    bad = results[name]
+    assert bad["ok"] is False and bad["errors"] and bad["median"] is None
+    assert bad["target"]["met"] is False
+    assert all(r["ok"] for r in data["results"] if r["name"] != name)
+    assert "FAIL" in out.stdout and f"FAILED {name}" in out.stdout
+
+
+@pytest.mark.parametrize("run", ["w1_shm", "w2_rows_job", "w2_columnar_job", "latency_job"])
+def test_each_check_catches_a_corrupted_answer(run):
+    from runtime.bench import shmflow_runs
+
+    if run.startswith("w1"):
+        def fn(**kw):
+            return shmflow_runs.w1_shmflow(32 << 10, transport=run[3:], total_bytes=1 << 20, **kw)
+    else:
+        fn = getattr(shmflow_runs, run)
+        fn = functools.partial(fn, **({"count": 300} if run == "latency_job" else {"n": 5_000}))
+    good, bad = fn(), fn(corrupt=True)
+    assert good["ok"] is True, good.get("error")
+    assert bad["ok"] is False and bad["error"]
+
+
+def test_plot_without_matplotlib_names_the_install_command(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    args = build_parser().parse_args(["bench", "alloc", "--tiny", "--plot", str(tmp_path / "x.png")])
+    assert runner.run(args) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install -e '.[bench]'" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bench_arguments_parse():
+    args = build_parser().parse_args(["bench", "w2", "--workers", "3", "--quick", "--json", "o.json",
+                                      "--plot", "o.png", "--reps", "2"])
+    assert (args.workload, args.workers, args.quick, args.json, args.plot, args.reps) == \
+        ("w2", 3, True, "o.json", "o.png", 2)
+    args = build_parser().parse_args(["bench"])
+    assert args.workload == "all" and args.workers == 2 and not args.quick and not args.tiny
+    assert args.corrupt is None
+
+
+def _contender(name, kind, rates, *, compare=(), target=None, ok=None):
+    c = runner.Contender(name, "w2", "W2 rows", kind, name, run=lambda: {}, compare=compare, target=target)
+    for i, rate in enumerate(rates):
+        good = True if ok is None else ok[i]
+        c.records.append({"workload": "W2", "peer": kind, "variant": name, "params": {}, "seconds": 1.0,
+                          "rate": rate if good else None, "unit": "records/s", "ok": good, "rep": i})
+    return c
+
+
+def test_summary_is_median_min_max_and_ratios_are_of_medians():
+    base = _contender("base", "baseline", [2.0, 4.0, 3.0])
+    mine = _contender("mine", "shmflow", [6.0, 9.0, 12.0], compare=("base",),
+                      target=runner.Target(8.0, ">=", ">= 8"))
+    rows = {r["name"]: r for r in runner.summarize([mine, base])}
+    assert (rows["base"]["min"], rows["base"]["median"], rows["base"]["max"]) == (2.0, 3.0, 4.0)
+    ratio = rows["mine"]["ratios"]["base"]
+    assert ratio == {"ratio": 3.0, "min": 1.5, "max": 6.0}
+    assert rows["mine"]["target"]["met"] is True and rows["mine"]["ok"] is True
+
+
+def test_one_failed_repetition_fails_the_contender_and_its_target():
+    mine = _contender("mine", "shmflow", [9.0, 9.0, 9.0], ok=[True, False, True],
+                      target=runner.Target(8.0, ">=", ">= 8"))
+    (row,) = runner.summarize([mine])
+    assert row["ok"] is False and row["ok_reps"] == 2 and row["median"] == 9.0
+    assert row["target"]["met"] is False
+
+
+def test_repetitions_interleave_per_workload():
+    calls = []
+
+    def make(name, workload):
+        c = runner.Contender(name, workload, workload, "baseline", name,
+                             run=lambda: calls.append(name) or {"ok": True, "rate": 1.0, "unit": "x"})
+        return c
+
+    contenders = [make("a", "w1"), make("b", "w1"), make("c", "w2")]
+    runner.run_contenders(contenders, reps=2, warmup=False)
+    assert calls == ["a", "b", "a", "b", "c", "c"]
+
+
+def test_git_sha_is_a_sha_in_a_checkout_or_none():
+    sha = runner.git_sha()
+    if (ROOT / ".git").exists():
+        assert sha and len(sha.split("+")[0]) == 40
+    else:
+        assert sha is None
+
+
+def test_alternate_puts_shmflow_and_baselines_in_turn():
+    s = [argparse.Namespace(n=f"s{i}") for i in range(2)]
+    b = [argparse.Namespace(n=f"b{i}") for i in range(3)]
+    assert [x.n for x in runner._alternate(s, b)] == ["s0", "b0", "s1", "b1", "b2"]
