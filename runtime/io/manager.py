@@ -30,9 +30,10 @@ import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
+from runtime.memory.snapshot import Snapshot
 from runtime.errors import InvalidHandleError
 from runtime.io.spill import BlockRef, SegmentBusyError, SpillFile, _FileState, _spill_error
 from runtime.memory.segment import MemorySegment
@@ -44,7 +45,7 @@ _IDS = itertools.count(1)
 
 
 @dataclass(frozen=True)
-class IOManagerStats:
+class IOManagerStats(Snapshot):
     """A snapshot of an IOManager. Also readable as a mapping: ``stats["bytes_written"]``."""
 
     directory: str
@@ -61,12 +62,6 @@ class IOManagerStats:
     pending_segments: int  # segments the IOManager holds for pending requests
     failed_requests: int
     closed: bool
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class _IOCore:

@@ -13,9 +13,10 @@ cost O(number of orders) = O(log n): no scan of the range.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
+from runtime.memory.snapshot import Snapshot
 from runtime.errors import (
     DoubleFreeError,
     InvalidHandleError,
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass(frozen=True)
-class AllocatorStats:
+class AllocatorStats(Snapshot):
     """A snapshot of a BuddyAllocator. Also readable as a mapping: ``stats["free_bytes"]``."""
 
     min_block: int
@@ -44,12 +45,6 @@ class AllocatorStats:
     allocated_bytes_by_owner: dict[Any, int] = field(default_factory=dict)
     high_water_mark: int = 0
     fragmentation: float = 0.0  # 1 - largest_free_block / free_bytes; 0 when free memory is one block
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class BuddyAllocator:

@@ -28,6 +28,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from runtime.memory.snapshot import Snapshot
 from runtime.errors import (
     DoubleFreeError,
     InvalidHandleError,
@@ -69,7 +70,7 @@ class LeakReport:
 
 
 @dataclass(frozen=True)
-class MemoryManagerStats:
+class MemoryManagerStats(Snapshot):
     """A snapshot of a MemoryManager. Also readable as a mapping: ``stats["used_bytes"]``."""
 
     name: str
@@ -85,12 +86,6 @@ class MemoryManagerStats:
     leaks: int  # leak reports recorded
     closed: bool
     bytes_by_owner: dict[Any, int] = field(default_factory=dict)
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class MemoryManager:

@@ -26,12 +26,13 @@ import threading
 import time
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 from runtime.errors import (ClosedResourceError, DoubleFreeError, InsufficientNetworkBuffersError,
                             InvalidHandleError, InvalidSizeError, OutOfMemoryError, RegionError,
                             ShmflowError)
+from runtime.memory.snapshot import Snapshot
 from runtime.memory import BuddyAllocator, MemorySegment, SharedRegion, format_bytes
 
 __all__ = ["BufferDescriptor", "ClosedResourceError", "LocalBufferPool", "LocalBufferPoolStats",
@@ -53,16 +54,8 @@ class BufferDescriptor(NamedTuple):
     block_offset: int
 
 
-class _Stats:
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
-
-
 @dataclass(frozen=True)
-class LocalBufferPoolStats(_Stats):
+class LocalBufferPoolStats(Snapshot):
     """A snapshot of a LocalBufferPool. ``blocked_seconds`` is the backpressure metric."""
 
     name: str
@@ -81,7 +74,7 @@ class LocalBufferPoolStats(_Stats):
 
 
 @dataclass(frozen=True)
-class NetworkBufferPoolStats(_Stats):
+class NetworkBufferPoolStats(Snapshot):
     """A snapshot of a NetworkBufferPool."""
 
     num_buffers: int

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zmq
 
+from runtime.memory.snapshot import Snapshot
 from runtime.errors import DeserializationError, ShmflowError
 from runtime.memory import SharedRegion
 from runtime.network import messages as msg
@@ -54,7 +55,7 @@ class ChannelClosedError(ShmflowError):
 
 # --------------------------------------------------------------------- statistics
 @dataclass(frozen=True)
-class PartitionStats:
+class PartitionStats(Snapshot):
     buffers_sent: int
     bytes_sent: int
     messages_sent: int
@@ -63,27 +64,15 @@ class PartitionStats:
     backpressure_seconds: float  # time spent blocked for want of a credit or a free buffer
     backlog: int
 
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class GateStats:
+class GateStats(Snapshot):
     buffers_received: int
     bytes_received: int
     messages_received: int
     credits_granted: int
     floating_lent: int
     unreleased: int
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ------------------------------------------------------------------------ sender
