@@ -259,3 +259,10 @@ def test_a_columnar_collection_shuffles_by_column_with_numpy():
         assert isinstance(batch, dict)
         np.add.at(total, batch["key"], batch["sum"])
     assert np.array_equal(total, np.bincount(keys, values, minlength=97))
+
+
+def test_wordcount_over_the_tcp_transport():
+    env = StreamEnvironment(workers=2, config={"network.transport": "tcp"})
+    out = wordcount(env)
+    env.execute("wordcount-tcp")
+    assert dict(out.values()) == EXPECTED
