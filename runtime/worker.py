@@ -158,12 +158,12 @@ class JobRun:
     """One job on one worker: its subtasks, gates, writers and the loop that drives them."""
 
     def __init__(self, worker: Worker, deploy: dict[str, Any]) -> None:
-        import cloudpickle  # the job graph arrives pickled (verified by HMAC before this point)
-
         self.worker = worker
         self.job_id = deploy["job"]
-        self.graph: JobGraph = cloudpickle.loads(deploy["graph"])
+        self._payload: bytes = deploy["graph"]  # pickled; unpickled in run(), where failures are reported
+        self.graph: JobGraph | None = None
         self.config: dict[str, Any] = deploy["config"]
+        self._current: str | None = None  # the operator chain running now, for failure reports
         self.subtasks: list[Subtask] = []
         self.gates: dict[int, InputGate] = {}
         self.partitions: list[ResultPartition] = []
@@ -177,6 +177,8 @@ class JobRun:
     def run(self) -> None:
         self.worker.progress = lambda: {st.vertex.name: [st.records_in, st.records_out] for st in self.subtasks}
         try:
+            import cloudpickle  # the job graph arrives pickled (its HMAC was verified on receipt)
+            self.graph = cloudpickle.loads(self._payload)
             self._deploy()
             start = self._wait_for("start")
             self._connect(start["gates"])
@@ -193,8 +195,6 @@ class JobRun:
         finally:
             self.worker.progress = None
             self._close()
-
-    _current: str | None = None
 
     def _deploy(self) -> None:
         w = self.worker
