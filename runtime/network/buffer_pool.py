@@ -31,12 +31,12 @@ from typing import Any, Callable, NamedTuple
 
 from runtime.errors import (ClosedResourceError, DoubleFreeError, InsufficientNetworkBuffersError,
                             InvalidHandleError, InvalidSizeError, OutOfMemoryError, RegionError,
-                            ShmflowError)
+                            SegmentFreedError, ShmflowError)
 from runtime.memory.snapshot import Snapshot
 from runtime.memory import BuddyAllocator, MemorySegment, SharedRegion, format_bytes
 
 __all__ = ["BufferDescriptor", "ClosedResourceError", "LocalBufferPool", "LocalBufferPoolStats",
-           "NetworkBuffer", "NetworkBufferPool", "NetworkBufferPoolStats", "buffer_view"]
+           "NetworkBuffer", "NetworkBufferPool", "NetworkBufferPoolStats", "buffer_view", "release_buffers"]
 
 _REMEDY = ("raise memory.network.fraction, memory.network.min or memory.region.size, "
            "or lower network.buffers-per-channel / network.floating-buffers-per-gate")
@@ -88,9 +88,11 @@ class NetworkBufferPoolStats(Snapshot):
     in_use_by_pool: dict[str, int] = field(default_factory=dict)
 
 
-def _retire(segment: MemorySegment) -> None:
+def _retire(buffer: NetworkBuffer) -> None:
     """Mark a buffer's view freed: every later access raises SegmentFreedError."""
-    segment._freed = True
+    buffer._retired = True
+    if buffer._segment is not None:
+        buffer._segment._freed = True
 
 
 def _parse(descriptor: Any) -> BufferDescriptor:
@@ -170,15 +172,42 @@ class NetworkBuffer:
     Thread-safe (the refcount changes under the pool's lock).
     """
 
-    __slots__ = ("index", "segment", "capacity", "_size", "_refcount", "_pool")
+    __slots__ = ("index", "capacity", "_size", "_refcount", "_pool", "_segment", "_retired")
 
-    def __init__(self, pool: LocalBufferPool, index: int, segment: MemorySegment) -> None:
+    def __init__(self, pool: LocalBufferPool, index: int, segment: MemorySegment | None = None) -> None:
         self.index = index
-        self.segment = segment
-        self.capacity = segment.size
+        self._segment = segment  # made on first use of ``segment``
+        self.capacity = pool._network.buffer_size if segment is None else segment.size
         self._size = 0
         self._refcount = 1
         self._pool = pool
+        self._retired = False
+
+    @property
+    def segment(self) -> MemorySegment:
+        """A bounds-checked view of the buffer's ``capacity`` bytes; freed once the buffer is recycled."""
+        seg = self._segment
+        if seg is None:
+            net = self._pool._network
+            seg = MemorySegment(net.region, net.block_offset + self.index * net.buffer_size, net.buffer_size,
+                                net.generation, owner=self._pool.name)
+            seg._freed = self._retired
+            self._segment = seg
+        return seg
+
+    @property
+    def array(self) -> Any:
+        """A writable uint8 numpy view of the buffer's ``capacity`` bytes (the fast path: no new view object
+        per request; the network pool carves one per buffer index, once).
+
+        Ownership: as for arrays from ``segment.as_array``: not checked after the fact, so stop using it
+        before the buffer's last reference is released. Raises SegmentFreedError if it already was.
+        """
+        if self._retired:
+            msg = (f"array of network buffer {self.index} of {self._pool.name!r}, which was recycled; "
+                   "request a new buffer")
+            raise SegmentFreedError(msg)
+        return self._pool._network._rows()[self.index]
 
     @property
     def refcount(self) -> int:
@@ -227,7 +256,8 @@ class NetworkBuffer:
             msg = f"descriptor of network buffer {self.index} of {self._pool.name!r}, which was recycled"
             raise DoubleFreeError(msg)
         net = self._pool._network
-        return BufferDescriptor(self._pool.pool_id, self.index, self._size, self.segment.offset,
+        return BufferDescriptor(self._pool.pool_id, self.index, self._size,
+                                net.block_offset + self.index * net.buffer_size,
                                 net.generation, net.block_offset)
 
     def __repr__(self) -> str:
@@ -320,10 +350,7 @@ class LocalBufferPool:
         return None
 
     def _lend_locked(self, index: int) -> NetworkBuffer:
-        net = self._network
-        seg = MemorySegment(net.region, net.block_offset + index * net.buffer_size, net.buffer_size,
-                            net.generation, owner=self.name)
-        buf = NetworkBuffer(self, index, seg)
+        buf = NetworkBuffer(self, index)
         self._out[index] = buf
         self._requests += 1
         if len(self._out) > self._peak:
@@ -440,7 +467,7 @@ class LocalBufferPool:
         """
         index = buffer.index
         del self._out[index]
-        _retire(buffer.segment)
+        _retire(buffer)
         net = self._network
         if net._closed:
             return ()
@@ -552,6 +579,28 @@ def _call_listeners(todo: tuple) -> None:
         fn(pool)
 
 
+def release_buffers(buffers: list[NetworkBuffer]) -> None:
+    """``release()`` each buffer (one reference each), taking each pool's lock once per run of its buffers.
+
+    Ownership and errors: as ``NetworkBuffer.release`` for each, in order (a DoubleFreeError stops
+    the run; the buffers before it stay released). Listeners run after, unlocked.
+    """
+    todo: list = []
+    i, n = 0, len(buffers)
+    try:
+        while i < n:
+            pool = buffers[i]._pool
+            with pool._lock:
+                release = pool._release_locked
+                while i < n and buffers[i]._pool is pool:
+                    got = release(buffers[i])
+                    if got:
+                        todo.extend(got)
+                    i += 1
+    finally:
+        _call_listeners(tuple(todo))
+
+
 class NetworkBufferPool:
     """A fixed count of fixed-size buffers carved once from one block; lent out via LocalBufferPools.
 
@@ -630,6 +679,15 @@ class NetworkBufferPool:
         self._listening: set[LocalBufferPool] = set()  # pools with listeners
         self._next_id = 0
         self._closed = False
+        self._row_views: list | None = None  # per-index uint8 arrays for NetworkBuffer.array, made once
+
+    def _rows(self) -> list:
+        rows = self._row_views
+        if rows is None:
+            n, size = self.num_buffers, self.buffer_size
+            start = self.block_offset
+            rows = self._row_views = list(self.region.array[start:start + n * size].reshape(n, size))
+        return rows
 
     @property
     def closed(self) -> bool:
@@ -713,7 +771,7 @@ class NetworkBufferPool:
             leaks = {p.name: len(p._out) for p in self._draining if p._out}
             for pool in self._draining:
                 for buf in pool._out.values():
-                    _retire(buf.segment)
+                    _retire(buf)
             self._draining.clear()
             self._closed = True
         if self._owns_block:

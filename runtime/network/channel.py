@@ -22,9 +22,11 @@ flight on one channel never exceed ``exclusive + floating``, and a slow
 consumer stops its producers instead of growing memory: a sender without
 credits blocks (backpressure), and the time it blocks is counted.
 
-Descriptors and credits travel in batches: a sender ships every queued buffer
-its credits allow in one message, and a receiver returns recycles in one
-message per channel, when half its credits are used or before it would block.
+Descriptors and credits travel in batches: a sender ships once half its credit
+window is queued (and the credits for it are there), every queued buffer its
+credits allow in one message, and ships everything it can before it blocks;
+a receiver returns recycles in one
+message per channel, when a quarter of its credit window is pending or before it would block.
 
 Threads: none. A partition and a gate are each used by one thread, which
 polls their sockets when it has to wait.
@@ -44,9 +46,12 @@ from runtime.memory.snapshot import Snapshot
 from runtime.errors import DeserializationError, ShmflowError
 from runtime.memory import SharedRegion
 from runtime.network import messages as msg
+from runtime.network.buffer_pool import release_buffers
 from runtime.network.transport import bind, connect, context, local_endpoint, make_socket
 
 TRANSPORTS = ("shm", "tcp")
+#: A batch of descriptors ships at most this many bytes of buffers (unless ``ship_batch`` says otherwise).
+SHIP_BATCH_BYTES = 4 << 20
 
 
 class ChannelClosedError(ShmflowError):
@@ -104,6 +109,13 @@ class OutputChannel:
     def outstanding(self) -> int:
         return len(self.in_flight) + sum(len(bufs) for _, bufs in self.tracked)
 
+    def ship_threshold(self) -> int:
+        """The batch to ship: half the credit window (credits plus shm buffers in flight), at most
+        ``SHIP_BATCH_BYTES`` of buffers (big buffers pipeline better in small batches), at least 1."""
+        half = (self.credits + len(self.in_flight)) >> 1
+        cap = self.partition.ship_cap
+        return max(1, half if half < cap else cap)
+
     def enqueue(self, buffer: Any) -> None:
         if self.closed:
             raise ChannelClosedError(f"channel {self.name} to {self.endpoint} is closed; its consumer is gone")
@@ -153,12 +165,18 @@ class OutputChannel:
             raise DeserializationError(f"channel {self.name}: unexpected control message kind {kind!r}")
         credits, indices = msg.decode_credit(frame, where=f"channel {self.name}")
         self.credits += credits
-        in_flight = self.in_flight
-        for i in indices.tolist():
-            buf = in_flight.pop(i, None)
-            if buf is None:
-                raise DeserializationError(f"channel {self.name}: consumer recycled buffer {i}, not in flight")
-            buf.release()
+        if not len(indices):
+            return
+        pop = self.in_flight.pop
+        returned = []
+        try:
+            for i in indices.tolist():
+                buf = pop(i, None)
+                if buf is None:
+                    raise DeserializationError(f"channel {self.name}: consumer recycled buffer {i}, not in flight")
+                returned.append(buf)
+        finally:
+            release_buffers(returned)
 
     def reclaim(self) -> int:
         """The consumer is gone: return every buffer this channel holds to its pool. Returns how many."""
@@ -205,11 +223,14 @@ class ResultPartition:
         if isinstance(channel_ids, int):
             channel_ids = [channel_ids] * len(endpoints)
         self.channels = [OutputChannel(self, i, ep, cid) for i, (ep, cid) in enumerate(zip(endpoints, channel_ids))]
-        # Ship when this many buffers queue up on a channel (0: half the channel's credits, at least 1).
+        # Ship when this many buffers queue up on a channel (0: half the channel's credit window, with
+        # the credits for it).
         self.ship_batch = ship_batch
         # Full buffers a channel may queue beyond its credits before send_buffer blocks
         # (Flink's max-buffers-per-channel): bounds the backlog a slow consumer causes.
         self.max_backlog = max(1, max_backlog)
+        self.ship_cap = max(1, SHIP_BATCH_BYTES // pool.network_pool.buffer_size)
+        self._poll_mask = 3 if self.ship_cap >= 32 else 0
         self._poller = zmq.Poller()
         for ch in self.channels:
             self._poller.register(ch.socket, zmq.POLLIN)
@@ -246,6 +267,10 @@ class ResultPartition:
     def send_buffer(self, subpartition: int, buffer: Any, *, block: bool = True) -> None:
         """Queue a filled buffer (``buffer.size`` bytes) for consumer ``subpartition``.
 
+        Buffers ship in batches: once half the channel's credit window (credits
+        plus buffers in flight) is queued and as many credits are there for it
+        (or ``ship_batch`` buffers, when set). Every path that blocks (and
+        :meth:`ship_all` / :meth:`flush`) ships whatever credits allow first.
         With ``block`` (the default), wait while the channel's backlog is at
         ``max_backlog`` (backpressure). Callers that must never block (the
         worker's loop, through RecordWriter) pass ``block=False`` and check
@@ -253,12 +278,26 @@ class ResultPartition:
         Ownership: the channel owns the buffer from now on.
         """
         ch = self.channels[subpartition]
-        ch.enqueue(buffer)
-        threshold = self.ship_batch or max(1, ch.credits // 2)
-        if len(ch.queue) >= threshold:
-            self._drain_control()
-            ch.ship()
-        if block and len(ch.queue) >= self.max_backlog:
+        if ch.closed:
+            ch.enqueue(buffer)  # raises ChannelClosedError
+        queue = ch.queue
+        queue.append(buffer)
+        queued = len(queue)
+        batch = self.ship_batch
+        if batch:
+            if queued >= batch:
+                self._drain_channel(ch)
+                ch.ship()
+        else:
+            threshold = ch.ship_threshold()
+            if queued >= threshold:
+                # Poll for credits (and recycles) only when they are short, and then every 4th small buffer.
+                if ch.credits < threshold and not (queued - threshold) & self._poll_mask:
+                    self._drain_channel(ch)
+                    threshold = ch.ship_threshold()
+                if ch.credits >= threshold:
+                    ch.ship()
+        if block and len(queue) >= self.max_backlog:
             self._wait_backlog(ch)
 
     def _wait_backlog(self, ch: OutputChannel) -> None:
@@ -307,11 +346,16 @@ class ResultPartition:
     # ------------------------------------------------------------------ control
     def _drain_control(self) -> None:
         for ch in self.channels:
-            sock = ch.socket
-            while sock.poll(0):
-                ch.on_control(sock.recv_multipart(copy=False))
-            if ch.tracked:
-                ch.reap_sent()
+            self._drain_channel(ch)
+
+    @staticmethod
+    def _drain_channel(ch: OutputChannel) -> None:
+        """Apply the channel's pending control messages without blocking."""
+        sock = ch.socket
+        while sock.poll(0):
+            ch.on_control(sock.recv_multipart(copy=False))
+        if ch.tracked:
+            ch.reap_sent()
 
     def _wait_control(self, timeout: float) -> None:
         tracked = [t for ch in self.channels for t, _ in ch.tracked]
@@ -402,7 +446,7 @@ class ReceivedBuffer:
 class _ChannelState:
     """Receiver-side state of one input channel: credits, floating loans, pending returns."""
 
-    __slots__ = ("index", "identity", "name", "hello", "base", "buffer_size", "region", "granted",
+    __slots__ = ("index", "identity", "name", "hello", "base", "buffer_size", "region", "view", "granted",
                  "floating", "backlog", "pending_credits", "pending_recycles", "unreleased", "finished")
 
     def __init__(self, index: int, name: str) -> None:
@@ -413,6 +457,7 @@ class _ChannelState:
         self.base = 0
         self.buffer_size = 0
         self.region: SharedRegion | None = None
+        self.view: memoryview | None = None  # read-only view of the region's usable area (shm)
         self.granted = 0  # credits granted and not yet consumed by a buffer
         self.floating = 0  # floating credits lent to this channel (granted or in use)
         self.backlog = 0
@@ -486,12 +531,17 @@ class InputGate:
             self._receive(remaining)
 
     def _receive(self, timeout: float | None) -> None:
-        """Process incoming messages; block up to ``timeout`` for the first one."""
-        self.flush_credits()  # about to wait: return everything released so far
+        """Process incoming messages; block up to ``timeout`` for the first one.
+
+        Pending credits and recycles go out before any wait (what keeps credit
+        flow deadlock-free); when messages are already waiting, a blocking
+        call takes them first and lets the returns batch up further.
+        """
         sock = self.socket
-        wait_ms = None if timeout is None else int(timeout * 1000)
-        if not sock.poll(wait_ms):
-            return
+        if timeout == 0 or not sock.poll(0):
+            self.flush_credits()  # about to wait: return everything released so far
+            if not sock.poll(None if timeout is None else int(timeout * 1000)):
+                return
         while True:
             self._on_message(sock.recv_multipart(copy=False))
             if not sock.poll(0):
@@ -514,16 +564,19 @@ class InputGate:
             n = len(desc)
             if ch.region is not None and ch.region.generation(ch.base) != ch.hello["pool_generation"]:
                 raise ChannelClosedError(f"{where}: the sender's buffer pool was freed (its worker is gone)")
-            buf = ch.region.buf if ch.region is not None else None
+            buf = ch.view
+            if buf is None and ch.region is not None:
+                buf = ch.view = ch.region.buf.toreadonly()  # slices of it are read-only views
             base, bsize = ch.base, ch.buffer_size
-            ready = self._ready
             idx_list = desc["index"].tolist()
             size_list = desc["size"].tolist()
-            for i, size in zip(idx_list, size_list):
-                if i >= ch.hello["num_buffers"] or size > bsize:
-                    raise DeserializationError(f"{where}: descriptor ({i}, {size}) outside the sender's pool")
-                start = base + i * bsize
-                ready.append(ReceivedBuffer(self, ch.index, i, buf[start:start + size].toreadonly()))
+            if n and (max(idx_list) >= ch.hello["num_buffers"] or max(size_list) > bsize):
+                i, size = next((i, size) for i, size in zip(idx_list, size_list)
+                               if i >= ch.hello["num_buffers"] or size > bsize)
+                raise DeserializationError(f"{where}: descriptor ({i}, {size}) outside the sender's pool")
+            cindex = ch.index
+            self._ready.extend([ReceivedBuffer(self, cindex, i, buf[base + i * bsize:base + i * bsize + size])
+                                for i, size in zip(idx_list, size_list)])
             self._bytes += sum(size_list)
         elif kind == msg.BYTES:
             payload = frames[2:]
@@ -588,7 +641,54 @@ class InputGate:
             self.floating_free += 1
         else:
             self._grant(ch, 1)
-        if len(ch.pending_recycles) + ch.pending_credits >= max(2, (self.exclusive + ch.floating) // 2):
+        pending = len(ch.pending_recycles)
+        if pending < ch.pending_credits:
+            pending = ch.pending_credits
+        if pending >= ((self.exclusive + ch.floating) >> 2 or 1):  # a quarter of the credit window
+            self._send_credits(ch)
+
+    def release_all(self, buffers: list[ReceivedBuffer]) -> None:
+        """Release every buffer in ``buffers``, as ``rb.release()`` on each in order, returning their
+        credits and recycles per channel in one go (the batch counterpart of :meth:`next_buffers`).
+
+        Raises DoubleFreeError at the first buffer released already (those before it stay released).
+        """
+        groups: dict[int, list[int]] = {}
+        twice = None
+        for rb in buffers:
+            if rb.gate is not self:
+                rb.release()
+                continue
+            if rb._released:
+                twice = rb
+                break
+            rb._released = True
+            rb.view = None
+            group = groups.get(rb.channel)
+            if group is None:
+                group = groups[rb.channel] = []
+            group.append(rb.index)
+        for channel, indices in groups.items():
+            self._release_many(self.channels[channel], indices)
+        if twice is not None:
+            twice.release()  # raises DoubleFreeError
+
+    def _release_many(self, ch: _ChannelState, indices: list[int]) -> None:
+        n = len(indices)
+        ch.unreleased -= n
+        if indices[0] >= 0:
+            ch.pending_recycles.extend(indices)
+        if ch.floating and ch.backlog == 0:  # give loans back to the gate
+            back = min(ch.floating, n)
+            ch.floating -= back
+            self.floating_free += back
+            n -= back
+        if n:
+            self._grant(ch, n)
+        pending = len(ch.pending_recycles)
+        if pending < ch.pending_credits:
+            pending = ch.pending_credits
+        if pending >= ((self.exclusive + ch.floating) >> 2 or 1):
             self._send_credits(ch)
 
     def _send_credits(self, ch: _ChannelState) -> None:
@@ -641,6 +741,13 @@ class InputGate:
         self._ready.clear()
         self.flush_credits()
         self.socket.close(linger=0)
+        for ch in self.channels:
+            if ch.view is not None:
+                try:
+                    ch.view.release()
+                except BufferError:
+                    pass  # still exported to a caller's array; released with it
+                ch.view = None
         for region in self._attached.values():
             region.close()
         self._attached.clear()
