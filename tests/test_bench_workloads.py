@@ -1,6 +1,6 @@
 """The bench workloads generate the reference's exact data, their checks reject wrong results, every baseline runs.
 
-The comparisons import ``workloads_reference.py`` from ``/work/shared/bench`` or
+The comparisons import ``workloads_reference.py`` from ``$SHMFLOW_TEST_WORKLOADS_REFERENCE`` or
 ``<repo>/../shared/bench`` when it is there and are skipped when it is not.
 Baselines run once at tiny volumes; nothing here looks at timings.
 """
@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import operator
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,8 @@ from runtime.bench import workloads as wl
 
 KiB, MiB = 1024, 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE_CANDIDATES = [Path("/work/shared/bench/workloads_reference.py"),
-                        REPO.parent / "shared" / "bench" / "workloads_reference.py"]
+REFERENCE_CANDIDATES = [Path(p) for p in [os.environ.get("SHMFLOW_TEST_WORKLOADS_REFERENCE")] if p] + [
+    REPO.parent / "shared" / "bench" / "workloads_reference.py"]
 
 
 def _load_reference():
