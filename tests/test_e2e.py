@@ -266,3 +266,28 @@ def test_wordcount_over_the_tcp_transport():
     out = wordcount(env)
     env.execute("wordcount-tcp")
     assert dict(out.values()) == EXPECTED
+
+
+PRINT_AND_FILE_JOB = """
+import sys
+from runtime import StreamEnvironment
+env = StreamEnvironment(workers=2)
+stream = env.from_collection(range(6)).map(lambda x: x * 10)
+stream.print()
+stream.to_file(sys.argv[1])
+env.execute("print-and-file")
+"""
+
+
+def test_print_and_to_file_sinks(tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "job.py"
+    script.write_text(PRINT_AND_FILE_JOB)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.splitlines()) == ["1> 0", "1> 10", "1> 20", "2> 30", "2> 40", "2> 50"]
+    parts = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in parts] == ["part-0", "part-1"]
+    assert [line for p in parts for line in p.read_text().splitlines()] == ["0", "10", "20", "30", "40", "50"]
