@@ -1,4 +1,4 @@
-"""The ``shmflow`` command: run | coordinator | worker | bench | status | config | sweep.
+"""The ``shmflow`` command: run | coordinator | worker | bench | status | sweep | layout | config.
 
 Imports: any runtime module, lazily inside each subcommand, so ``shmflow --help``
 stays fast and a subcommand's imports cannot break another's.
@@ -9,16 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
 
 from runtime._version import __version__
-
-
-def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
-    def command(args: argparse.Namespace) -> int:
-        print(f"shmflow {name}: not available in this version ({__version__})", file=sys.stderr)
-        return 2
-    return command
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
