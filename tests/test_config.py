@@ -131,8 +131,8 @@ def test_defaults() -> None:
         "memory.region.size": 256 * MiB, "memory.min-block": 4 * KiB,
         "memory.segment.size": 32 * KiB, "memory.network.fraction": 0.1,
         "memory.network.min": 8 * MiB, "memory.network.max": GiB,
-        "memory.managed.fraction": 0.4, "network.buffers-per-channel": 2,
-        "network.floating-buffers-per-gate": 8, "network.buffer-timeout": 0.1,
+        "memory.managed.fraction": 0.4, "network.buffers-per-channel": 8,
+        "network.floating-buffers-per-gate": 16, "network.buffer-timeout": 0.1,
         "network.transport": "auto", "workers": 2,
     }
     assert all(cfg.source(spec.key) == "default" for spec in KEYS)
@@ -285,16 +285,16 @@ def test_combination_errors(values: dict[str, object], msg: str) -> None:
 
 
 def test_region_too_small_for_network_buffers() -> None:
-    # arena 2 MiB per worker, 10% = 204.8 KiB = 6 buffers of 32 KiB; needs 2 * 2 + 8 = 12
+    # arena 2 MiB per worker, 10% = 204.8 KiB = 6 buffers of 32 KiB; needs 8 * 2 + 16 = 32
     values = {"memory.region.size": "4mb", "memory.network.min": 0}
     msg = ("network buffers per worker must be >= network.buffers-per-channel x workers + "
-           "network.floating-buffers-per-gate = 12; got 6 buffers of 32 KiB in a 2 MiB arena from "
+           "network.floating-buffers-per-gate = 32; got 6 buffers of 32 KiB in a 2 MiB arena from "
            "memory.region.size=4 MiB (from test), workers=2 (default), "
            "memory.network.fraction=0.1 (default), memory.network.min=0 B (from test); "
            "raise memory.region.size, memory.network.fraction or memory.network.min")
     with pytest.raises(ConfigError, match=exact(msg)):
         cfg_of(values)
-    with pytest.raises(ConfigError, match=r"= 132; got 6 buffers"):  # 2 * 64 + 4 floating
+    with pytest.raises(ConfigError, match=r"= 516; got 6 buffers"):  # 8 * 64 + 4 floating
         cfg_of({**values, "memory.region.size": "128mb", "workers": 64,
                 "network.floating-buffers-per-gate": 4})
 
@@ -342,25 +342,25 @@ def test_dev_shm_allowance(monkeypatch: pytest.MonkeyPatch, region: str, ok: boo
 @pytest.mark.parametrize(("values", "plan"), [
     ({}, MemoryPlan(workers=2, region_size=256 * MiB, arena_bytes=128 * MiB, segment_size=32 * KiB,
                     min_block=4 * KiB, network_bytes_per_worker=409 * 32 * KiB,
-                    network_buffers_per_worker=409, required_buffers_per_worker=12,
+                    network_buffers_per_worker=409, required_buffers_per_worker=32,
                     managed_bytes_per_worker=13107 * 4 * KiB)),
     # 256 MiB / 3 workers -> 64 MiB arenas; 10% = 6.4 MiB is raised to memory.network.min
     ({"workers": 3}, MemoryPlan(workers=3, region_size=256 * MiB, arena_bytes=64 * MiB,
                                 segment_size=32 * KiB, min_block=4 * KiB,
                                 network_bytes_per_worker=8 * MiB, network_buffers_per_worker=256,
-                                required_buffers_per_worker=14,
+                                required_buffers_per_worker=40,
                                 managed_bytes_per_worker=6553 * 4 * KiB)),
     # one 16 GiB arena: 10% = 1.6 GiB is capped at memory.network.max
     ({"workers": 1, "memory.region.size": "16gb", "memory.segment.size": "64kb",
       "network.buffers-per-channel": 4},
      MemoryPlan(workers=1, region_size=16 * GiB, arena_bytes=16 * GiB, segment_size=64 * KiB,
                 min_block=4 * KiB, network_bytes_per_worker=GiB, network_buffers_per_worker=16384,
-                required_buffers_per_worker=12, managed_bytes_per_worker=1677721 * 4 * KiB)),
+                required_buffers_per_worker=20, managed_bytes_per_worker=1677721 * 4 * KiB)),
     # network.min larger than the arena: capped at the arena, no managed memory
     ({"workers": 4, "memory.region.size": "16mb", "memory.managed.fraction": 0},
      MemoryPlan(workers=4, region_size=16 * MiB, arena_bytes=4 * MiB, segment_size=32 * KiB,
                 min_block=4 * KiB, network_bytes_per_worker=4 * MiB, network_buffers_per_worker=128,
-                required_buffers_per_worker=16, managed_bytes_per_worker=0)),
+                required_buffers_per_worker=48, managed_bytes_per_worker=0)),
 ])
 def test_memory_plan(values: dict[str, object], plan: MemoryPlan) -> None:
     got = cfg_of(values).memory_plan()
@@ -536,4 +536,4 @@ def test_describe_lists_every_key_value_and_source(tmp_path: Path) -> None:
                      re.M)
     assert re.search(r"^memory\.segment\.size\s+32 KiB\s+default$", text, re.M)
     assert "memory plan: 4 worker arena(s) of 128 MiB" in text
-    assert "409 buffers x 32 KiB" in text and "(needs >= 16)" in text
+    assert "409 buffers x 32 KiB" in text and "(needs >= 48)" in text

@@ -170,7 +170,8 @@ def test_a_sigkilled_worker_fails_the_job_cleanly(tmp_path):
 def test_a_job_needing_more_network_buffers_than_exist_fails_at_deployment():
     from runtime.errors import InsufficientNetworkBuffersError
     config = {"memory.region.size": "64mb", "memory.network.min": "0", "memory.network.max": "384kb",
-              "memory.network.fraction": "0.5"}
+              "memory.network.fraction": "0.5", "network.buffers-per-channel": 2,
+              "network.floating-buffers-per-gate": 8}
     env = StreamEnvironment(workers=2, config=config)
     stream = env.from_collection(range(100))
     for _ in range(5):  # five shuffles: 5 x (2 channels + 1) = 15 buffers per worker, 12 exist
