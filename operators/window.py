@@ -244,7 +244,7 @@ class WindowAggregate(Operator):
         records = list(batch)
         keys = records if self.key_fn is None else list(map(self.key_fn, records))
         timestamps = batch.timestamps
-        size, slide = self.assigner.size, self.assigner.slide
+        size = self.assigner.size
         horizon = self._watermark - self.allowed_lateness  # windows ending at or before this are gone
         if self.assigner.tumbling:
             starts = [t - t % size for t in timestamps]

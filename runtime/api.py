@@ -272,7 +272,7 @@ class KeyedStream(_Aggregations):
 
     def _aggregate(self, name: str, aggregation: Any) -> DataStream:
         env = self.stream.env
-        op = keyed.KeyedAggregate(self.key_fn, aggregation, mode=env.resolved_mode())
+        op = keyed.KeyedAggregate(self.key_fn, aggregation)  # job_graph() sets the mode at execute time
         out = self.stream._then(name, op, partitioning="hash", key_fn=self.key_fn, columnar_key=self.columnar_key)
         env._keyed_aggs.append(out.node.id)
         return out

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-from runtime.network.records import TimestampedBatch
+from runtime.network.records import TimestampedBatch  # noqa: F401 - re-exported: the operators' batch type
 
 Batch = Any  # list | TimestampedBatch | dict[str, numpy.ndarray]
 Emit = Callable[[Batch], None]

@@ -21,7 +21,6 @@ from runtime.memory import BuddyAllocator, SharedRegion
 from runtime.network.events import EndOfPartition, UserEvent, Watermark
 from runtime.network.serializer import (
     DEFAULT_MAX_RECORD_SIZE,
-    HEADER_SIZE,
     BufferDeserializer,
     BufferSerializer,
     SerializationResult,

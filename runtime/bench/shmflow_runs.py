@@ -39,7 +39,7 @@ from runtime.bench.baselines import (
 )
 from runtime.bench.workloads import (
     MASK64, W1_RING_BYTES, W1_WINDOW, W2_KEYS, W3_LINES, W3_QUICK_FRACTION, clock, data_dir, w1_pool,
-    w1_record, w1_slice, w1_touch, w2_check, w2_columnar_consume, w2_columns, w2_expected, w2_record, w2_rows,
+    w1_record, w1_touch, w2_check, w2_columnar_consume, w2_columns, w2_expected, w2_record, w2_rows,
     w3_check, w3_corpus_path, w3_generate, w3_record, w3_reference,
 )
 

@@ -31,7 +31,6 @@ from runtime.errors import (
     InvalidSizeError,
     ReadOnlySegmentError,
     SegmentFreedError,
-    ShmflowError,
     SpillError,
 )
 from runtime.memory.segment import MemorySegment

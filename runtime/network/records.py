@@ -47,10 +47,6 @@ class TimestampedBatch(list):
             raise ValueError(msg)
 
 
-def _timestamped(records: list, timestamps: list) -> "TimestampedBatch":
-    return TimestampedBatch(records, timestamps)
-
-
 # ---------------------------------------------------------------------- partitioning
 class Partitioner:
     """Splits a batch into ``(channel, sub-batch)`` pairs.
@@ -94,7 +90,7 @@ class Partitioner:
         for rec, ts, d in zip(batch, timestamps, dests):
             buckets[d].append(rec)
             ts_buckets[d].append(ts)
-        return [(i, _timestamped(b, ts_buckets[i])) for i, b in enumerate(buckets) if b]
+        return [(i, TimestampedBatch(b, ts_buckets[i])) for i, b in enumerate(buckets) if b]
 
     def _split_columnar(self, batch: Any) -> list[tuple[int, Any]]:
         col = self.columnar_key
@@ -306,7 +302,7 @@ class RecordReader:
                     continue
                 ts = self._timestamps[ch]
                 if ts is not None and type(item) is list:
-                    item = _timestamped(item, ts)
+                    item = TimestampedBatch(item, ts)
                     self._timestamps[ch] = None
                 out.append((ch, item))
         return out
