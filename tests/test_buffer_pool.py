@@ -150,6 +150,21 @@ def test_min_is_guaranteed_and_max_caps_excess(net):
     assert (a.stats().held, b.stats().held, net.stats().free) == (2, 2, 4)
 
 
+def test_try_request_buffers_takes_what_the_share_allows_under_one_lock(net):
+    a = net.create_buffer_pool(2, 5, name="a")
+    first = a.try_request_buffers(3)
+    assert [b.refcount for b in first] == [1, 1, 1] and len({b.index for b in first}) == 3
+    rest = a.try_request_buffers(10)
+    assert len(rest) == 2  # capped at the pool's max of 5
+    assert a.try_request_buffers(4) == [] and a.in_use() == 5
+    for buf in first + rest:
+        buf.release()
+    assert a.in_use() == 0
+    a.destroy()
+    with pytest.raises(ClosedResourceError, match="destroyed"):
+        a.try_request_buffers(1)
+
+
 def test_excess_is_redistributed_to_a_pool_that_still_needs_its_min(net):
     a = net.create_buffer_pool(2, 8, name="a")
     held = [a.try_request_buffer() for _ in range(8)]  # a takes every excess buffer

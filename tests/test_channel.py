@@ -23,8 +23,10 @@ def _endpoint_for(transport: str) -> str | None:
     return "tcp://127.0.0.1:*" if transport == "tcp" else None
 
 
-def producer(region_name, arena, transport, endpoint, nbufs, conn, exclusive_bound):
-    """Send ``nbufs`` buffers; buffer i holds the uint64 value i in every word."""
+def producer(region_name, arena, transport, endpoint, nbufs, conn, exclusive_bound, batched=False):
+    """Send ``nbufs`` buffers; buffer i holds the uint64 value i in every word.
+
+    ``batched``: request up to 5 buffers at a time and send them together (the batch path)."""
     region = SharedRegion.attach(region_name)
     alloc = BuddyAllocator(region, offset=arena[0], size=arena[1])
     net = NetworkBufferPool(alloc, 64, BUF)
@@ -32,11 +34,18 @@ def producer(region_name, arena, transport, endpoint, nbufs, conn, exclusive_bou
     part = ResultPartition(pool, [endpoint], channel_ids=0, transport=transport, name="p", max_backlog=4)
     conn.send("ready")
     conn.recv()  # start
-    for i in range(nbufs):
-        buf = part.request_buffer(timeout=30)
-        buf.segment.as_array(np.uint64)[:] = i
-        buf.size = BUF if i % 3 else BUF // 2  # partly filled buffers too
-        part.send_buffer(0, buf)
+    i = 0
+    while i < nbufs:
+        bufs = part.request_buffers(min(5, nbufs - i), timeout=30) if batched else [part.request_buffer(timeout=30)]
+        assert 1 <= len(bufs) <= 5
+        for buf in bufs:
+            buf.segment.as_array(np.uint64)[:] = i
+            buf.size = BUF if i % 3 else BUF // 2  # partly filled buffers too
+            i += 1
+        if batched:
+            part.send_buffers(0, bufs)
+        else:
+            part.send_buffer(0, bufs[0])
     part.flush(timeout=30)
     part.wait_all_recycled(timeout=30)
     stats = part.stats()
@@ -72,7 +81,7 @@ def consumer(transport, nbufs, conn, slow, exclusive, floating, hold_forever):
     gate.close()
 
 
-def _run_pair(transport, nbufs, *, slow=False, exclusive=2, floating=4):
+def _run_pair(transport, nbufs, *, slow=False, exclusive=2, floating=4, batched=False):
     with SharedRegion.create(64 * MiB) as region:
         p_conn, p_child = SPAWN.Pipe()
         c_conn, c_child = SPAWN.Pipe()
@@ -82,7 +91,7 @@ def _run_pair(transport, nbufs, *, slow=False, exclusive=2, floating=4):
             assert c_conn.poll(60)
             endpoint = c_conn.recv()
             prod = SPAWN.Process(target=producer, args=(region.name, (0, 8 * MiB), transport, endpoint, nbufs,
-                                                        p_child, exclusive + floating))
+                                                        p_child, exclusive + floating, batched))
             prod.start()
             try:
                 assert p_conn.poll(60) and p_conn.recv() == "ready"
@@ -103,21 +112,24 @@ def _run_pair(transport, nbufs, *, slow=False, exclusive=2, floating=4):
             reap(cons)
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["one-by-one", "batched"])
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
-def test_buffers_arrive_in_order_and_all_return(transport):
-    stats = _run_pair(transport, 3000)
+def test_buffers_arrive_in_order_and_all_return(transport, batched):
+    stats = _run_pair(transport, 3000, batched=batched)
     assert stats["sent"] == 3000
     assert stats["in_use_after"] == 0
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["one-by-one", "batched"])
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
-def test_slow_consumer_backpressures_within_the_credit_bound(transport):
+def test_slow_consumer_backpressures_within_the_credit_bound(transport, batched):
     exclusive, floating = 2, 4
-    stats = _run_pair(transport, 400, slow=True, exclusive=exclusive, floating=floating)
+    stats = _run_pair(transport, 400, slow=True, exclusive=exclusive, floating=floating, batched=batched)
     assert stats["max_in_flight"] <= exclusive + floating
     assert stats["blocked"] > 0  # the producer waited for credits
     # the producer's memory is flat: bounded by credits and the backlog limit, not by the input
-    assert stats["peak_pool"] <= exclusive + floating + 4 + 1  # in flight + max_backlog + one being filled
+    filling = 5 if batched else 1  # the buffers requested at once
+    assert stats["peak_pool"] <= exclusive + floating + 4 + filling  # in flight + max_backlog + being filled
 
 
 def test_a_dead_consumers_buffers_return_to_the_pool():

@@ -73,7 +73,15 @@ class _ChildFailed(Exception):
 def _child_main(role: str, results: Any, target: Callable[..., dict], args: tuple) -> None:
     """Body of every child: run ``target(*args)`` and send ``(role, ok, payload)`` to the driver."""
     try:
-        payload = target(*args)
+        profile_dir = os.environ.get("SHMFLOW_INTERNAL_PROFILE")
+        if profile_dir:  # a development aid: cProfile each child, one file per role and process
+            import cProfile
+            box: dict = {}
+            cProfile.runctx("box['out'] = target(*args)", {}, {"box": box, "target": target, "args": args},
+                            os.path.join(profile_dir, f"bench-{role}-{os.getpid()}.prof"))
+            payload = box["out"]
+        else:
+            payload = target(*args)
     except BaseException:  # noqa: BLE001 - reported to the driver, which fails the run
         results.put((role, False, traceback.format_exc()))
         raise SystemExit(1) from None

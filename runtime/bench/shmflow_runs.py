@@ -43,9 +43,11 @@ from runtime.bench.workloads import (
     w3_check, w3_corpus_path, w3_generate, w3_record, w3_reference,
 )
 
-#: W1 credits: exclusive + floating = 64, the baselines' in-flight bound (Queue maxsize, zmq HWM).
-W1_EXCLUSIVE = 32
-W1_FLOATING = W1_WINDOW - W1_EXCLUSIVE
+#: Bytes per data message and per batch of releases: 32 x 32 KiB or 1 x 1 MiB. Small batches keep
+#: both processes busy (neither waits for a whole window to come back); 1 MiB amortises the message.
+W1_BATCH_BYTES = 1 << 20
+#: The W1 producer requests buffers in batches of up to this many bytes (16 x 32 KiB, 1 x 1 MiB).
+W1_REQUEST_BYTES = 512 << 10
 #: W1 over tcp is slower than shm; its full volume is 1 GiB, its quick volume 64 MiB.
 W1_TCP_BYTES = 1 << 30
 W1_TCP_QUICK_BYTES = 64 << 20
@@ -59,10 +61,19 @@ JOB_WORKERS = 2
 
 
 # ============================================================================== W1 through the network stack
+def w1_credits(buf_bytes: int) -> tuple[int, int]:
+    """(exclusive, floating) credits of the W1 channel: the shm ring's 8 MiB in flight (256 x 32 KiB,
+    8 x 1 MiB; within the other baselines' 64 buffers for big buffers), half of it exclusive. A
+    window that stays in the cache beats a deeper one: 64 x 1 MiB ran at half the speed of 8."""
+    window = max(2, W1_RING_BYTES // buf_bytes)
+    return window // 2, window - window // 2
+
+
 def w1_pool_buffers(buf_bytes: int) -> int:
-    """Buffers in the producer's pool: as many as fit the baseline ring's 8 MiB (256 x 32 KiB, 8 x 1 MiB),
-    but at least the 64 credits plus 2 to fill while the rest are in flight."""
-    return max(W1_RING_BYTES // buf_bytes, W1_WINDOW + 2)
+    """Buffers in the producer's pool: the credit window, plus 2 to fill while it is in flight when
+    the window holds few buffers (10 x 1 MiB)."""
+    window = sum(w1_credits(buf_bytes))
+    return window if window >= W1_WINDOW else window + 2
 
 
 def _w1_region_bytes(buf_bytes: int) -> int:
@@ -84,18 +95,22 @@ def _w1_producer(region_name: str, endpoints: Any, barrier: Any, done: Any, buf_
         pool = net.create_buffer_pool(nbuffers, nbuffers, name="bench-w1-producer")
         src = w1_pool()
         part = ResultPartition(pool, [endpoints.get(timeout=READY_TIMEOUT)], channel_ids=0, transport=transport,
-                               name="bench-w1", max_backlog=nbuffers)
-        request, send, copyto = part.request_buffer, part.send_buffer, np.copyto
+                               name="bench-w1", max_backlog=nbuffers, ship_batch=max(1, W1_BATCH_BYTES // buf_bytes))
+        request, send, copyto = part.request_buffers, part.send_buffers, np.copyto
         src8 = src.view(np.uint8)  # w1_slice(src, i, B) as bytes: buffer i is bytes [(i*B) mod 64 MiB, +B)
         span = src8.size
+        per_request = max(1, min(W1_REQUEST_BYTES // buf_bytes, nbuffers // 4))
         barrier.wait(READY_TIMEOUT)
         t_start = clock()
-        for i in range(nbufs):
-            buf = request(timeout=RUN_TIMEOUT)
-            start = (i * buf_bytes) % span
-            copyto(buf.array, src8[start:start + buf_bytes])
-            buf.size = buf_bytes
-            send(0, buf)
+        i = 0
+        while i < nbufs:
+            bufs = request(min(per_request, nbufs - i), timeout=RUN_TIMEOUT)
+            for buf in bufs:
+                start = (i * buf_bytes) % span
+                copyto(buf.array, src8[start:start + buf_bytes])
+                buf.size = buf_bytes
+                i += 1
+            send(0, bufs)
         part.flush(timeout=RUN_TIMEOUT)
         t_sent = clock()
         done.wait(RUN_TIMEOUT)
@@ -111,10 +126,11 @@ def _w1_producer(region_name: str, endpoints: Any, barrier: Any, done: Any, buf_
         region.close()
 
 
-def _w1_consumer(endpoints: Any, barrier: Any, done: Any, nbufs: int, transport: str) -> dict:
+def _w1_consumer(endpoints: Any, barrier: Any, done: Any, nbufs: int, buf_bytes: int, transport: str) -> dict:
     from runtime.network.channel import InputGate
 
-    gate = InputGate(1, exclusive=W1_EXCLUSIVE, floating=W1_FLOATING, name="bench-w1",
+    exclusive, floating = w1_credits(buf_bytes)
+    gate = InputGate(1, exclusive=exclusive, floating=floating, name="bench-w1",
                      endpoint="tcp://127.0.0.1:*" if transport == "tcp" else None)
     try:
         endpoints.put(gate.endpoint)
@@ -126,7 +142,7 @@ def _w1_consumer(endpoints: Any, barrier: Any, done: Any, nbufs: int, transport:
             got = next_buffers(timeout=RUN_TIMEOUT)
             if not got:
                 raise TimeoutError(f"no buffer within {RUN_TIMEOUT} s after {count} of {nbufs}")
-            step = max(1, (4 << 20) // max(1, got[0].size))  # release every 4 MiB: big buffers return sooner
+            step = max(1, W1_BATCH_BYTES // max(1, got[0].size))  # release every 1 MiB: buffers return sooner
             for k in range(0, len(got), step):
                 chunk = got[k:k + step]
                 for rb in chunk:
@@ -146,11 +162,11 @@ def w1_shmflow(buf_bytes: int, *, transport: str = "shm", quick: bool = False, t
     """W1 through a ResultPartition -> InputGate channel between two spawned processes.
 
     The driver creates the SharedRegion; the producer attaches it, carves a
-    NetworkBufferPool from a BuddyAllocator over it, and per buffer i requests
-    a network buffer, ``np.copyto``-s ``w1_slice(pool, i, B)`` into it and
-    sends it. The consumer's InputGate (32 exclusive + 32 floating credits = 64
-    in flight at most) hands out buffers; it ``w1_touch``-es each and
-    releases it. ``shm`` moves (index, size) descriptors, the bytes stay in the
+    NetworkBufferPool from a BuddyAllocator over it, requests network buffers
+    a few at a time, ``np.copyto``-s ``w1_slice(pool, i, B)`` into buffer i
+    and sends them, 1 MiB per data message. The consumer's InputGate
+    (:func:`w1_credits`: 8 MiB in flight, as the shm ring)
+    hands out buffers; it ``w1_touch``-es each and releases them 1 MiB at a time. ``shm`` moves (index, size) descriptors, the bytes stay in the
     region; ``tcp`` moves the bytes as zmq frames over loopback.
     """
     from runtime.memory import SharedRegion
@@ -162,11 +178,12 @@ def w1_shmflow(buf_bytes: int, *, transport: str = "shm", quick: bool = False, t
     nbufs = _w1_volume(buf_bytes, quick, total_bytes)
     nbuffers = w1_pool_buffers(buf_bytes)
     peer = "shmflow"
-    variant = (f"{transport}: ResultPartition -> InputGate, credits {W1_EXCLUSIVE}+{W1_FLOATING}, "
+    exclusive, floating = w1_credits(buf_bytes)
+    variant = (f"{transport}: ResultPartition -> InputGate, credits {exclusive}+{floating}, "
                f"pool {nbuffers} x {buf_bytes // 1024} KiB")
     if transport == "tcp":
         variant += f", {nbufs * buf_bytes >> 20} MiB (reduced volume)"
-    params = {"transport": transport, "exclusive_credits": W1_EXCLUSIVE, "floating_credits": W1_FLOATING,
+    params = {"transport": transport, "exclusive_credits": exclusive, "floating_credits": floating,
               "pool_buffers": nbuffers, "quick": quick}
     full_params = {"buf_bytes": buf_bytes, "nbufs": nbufs, "total_bytes": buf_bytes * nbufs, **params}
     endpoints, barrier, done = SPAWN.Queue(), SPAWN.Barrier(2), SPAWN.Event()
@@ -174,7 +191,7 @@ def w1_shmflow(buf_bytes: int, *, transport: str = "shm", quick: bool = False, t
     try:
         region = SharedRegion.create(_w1_region_bytes(buf_bytes), sweep_dead=False)
         out = _run_children([
-            ("consumer", _w1_consumer, (endpoints, barrier, done, nbufs, transport)),
+            ("consumer", _w1_consumer, (endpoints, barrier, done, nbufs, buf_bytes, transport)),
             ("producer", _w1_producer, (region.name, endpoints, barrier, done, buf_bytes, nbufs, nbuffers,
                                         transport)),
         ])

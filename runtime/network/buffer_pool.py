@@ -320,6 +320,23 @@ class LocalBufferPool:
             index = self._take_locked()
             return None if index is None else self._lend_locked(index)
 
+    def try_request_buffers(self, n: int) -> list[NetworkBuffer]:
+        """Up to ``n`` buffers available now (possibly none), under one acquisition of the lock.
+
+        The batch counterpart of :meth:`try_request_buffer` for producers that fill many buffers
+        in a row. Ownership: the caller owns each (refcount 1), as for :meth:`request_buffer`.
+        Process: as :meth:`request_buffer`. Raises ClosedResourceError if the pool was destroyed.
+        """
+        out: list[NetworkBuffer] = []
+        with self._lock:
+            take, lend = self._take_locked, self._lend_locked
+            for _ in range(n):
+                index = take()
+                if index is None:
+                    break
+                out.append(lend(index))
+        return out
+
     def wait_available(self, *, timeout: float | None = None) -> None:
         """Block until a request would not block (Flink's BufferListener, synchronously).
 

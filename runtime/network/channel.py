@@ -248,14 +248,27 @@ class ResultPartition:
         buf = self.pool.try_request_buffer()
         if buf is not None:
             return buf
+        return self._wait_buffers(1, timeout)[0]
+
+    def request_buffers(self, n: int, *, timeout: float | None = None) -> list:
+        """Between 1 and ``n`` free buffers, taken under one lock; waits as :meth:`request_buffer` while
+        there is none. The batch path for producers that fill buffer after buffer.
+
+        Ownership: the caller owns each buffer until it passes it to :meth:`send_buffer(s) <send_buffers>`
+        or releases it. Raises TimeoutError as :meth:`request_buffer`.
+        """
+        bufs = self.pool.try_request_buffers(n)
+        return bufs if bufs else self._wait_buffers(n, timeout)
+
+    def _wait_buffers(self, n: int, timeout: float | None) -> list:
         start = time.monotonic()
         try:
             while True:
                 self.ship_all()
                 self._wait_control(0.05 if timeout is None else max(0.0, min(0.05, start + timeout - time.monotonic())))
-                buf = self.pool.try_request_buffer()
-                if buf is not None:
-                    return buf
+                bufs = self.pool.try_request_buffers(n)
+                if bufs:
+                    return bufs
                 if timeout is not None and time.monotonic() - start >= timeout:
                     msg_ = (f"partition {self.name}: no network buffer recycled within {timeout}s "
                             f"({self._in_flight()} in flight, {self._backlog()} queued); the consumers are not "
@@ -280,8 +293,23 @@ class ResultPartition:
         ch = self.channels[subpartition]
         if ch.closed:
             ch.enqueue(buffer)  # raises ChannelClosedError
+        ch.queue.append(buffer)
+        self._queued(ch, block)
+
+    def send_buffers(self, subpartition: int, buffers: list, *, block: bool = True) -> None:
+        """:meth:`send_buffer` for each of ``buffers`` in order, deciding once whether to ship.
+
+        Ownership: the channel owns every buffer from now on.
+        """
+        ch = self.channels[subpartition]
+        if ch.closed:
+            ch.enqueue(buffers[0] if buffers else None)  # raises ChannelClosedError
+        ch.queue.extend(buffers)
+        self._queued(ch, block)
+
+    def _queued(self, ch: OutputChannel, block: bool) -> None:
+        """Buffers were queued on ``ch``: ship if a batch is due, then apply backpressure if ``block``."""
         queue = ch.queue
-        queue.append(buffer)
         queued = len(queue)
         batch = self.ship_batch
         if batch:
