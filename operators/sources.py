@@ -79,6 +79,8 @@ class CollectionSource(_SplittableSource):
                 raise ValueError(msg)
             self.items: Any = columns
             self._len = lengths.pop() if lengths else 0
+            #: Bytes per row across the columns: the subtask polls columnar sources by bytes, not rows.
+            self.row_bytes = max(1, sum(col.itemsize * (col[:1].size or 1) for col in columns.values()))
         else:
             self.items = list(items)
             self._len = len(self.items)

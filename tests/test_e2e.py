@@ -262,6 +262,19 @@ def test_a_columnar_collection_shuffles_by_column_with_numpy():
     assert np.array_equal(total, np.bincount(keys, values, minlength=97))
 
 
+def test_a_columnar_source_is_polled_in_batches_of_half_a_mebibyte():
+    import numpy as np
+    from runtime.subtask import SOURCE_COLUMNAR_BYTES
+    n = 100_000
+    env = StreamEnvironment(workers=1)
+    # 16 bytes per row (int64 + float64): 32,768 rows per batch, large enough that numpy's work dominates
+    lengths = (env.from_collection({"key": np.arange(n, dtype=np.int64), "value": np.ones(n)})
+               .map_batches(lambda b: [len(b["key"])]).collect())
+    env.execute("columnar-batches")
+    rows = SOURCE_COLUMNAR_BYTES // 16
+    assert lengths.values() == [rows, rows, rows, n - 3 * rows]
+
+
 def test_wordcount_over_the_tcp_transport():
     env = StreamEnvironment(workers=2, config={"network.transport": "tcp"})
     out = wordcount(env)

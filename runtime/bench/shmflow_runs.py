@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from operators.sources import CollectionSource
 from operators.stateless import MapBatches
 from runtime.bench.baselines import (
     READY_TIMEOUT, RUN_TIMEOUT, SPAWN, _ChildFailed, _failed, _run_children, _w1_expected, _w1_volume, _w2_n,
@@ -325,9 +324,7 @@ def w2_columnar_job(*, quick: bool = False, n: int | None = None, workers: int =
     try:
         keys, values = w2_columns(n)
         env = _job_env(workers)
-        # env.from_collection(dict) would list() the dict into its column names (api.py), so the
-        # columnar source is built directly: CollectionSource splits a dict of columns into slices.
-        keyed = env._source(CollectionSource({"key": keys, "value": values}), "from_collection").key_by("key")
+        keyed = env.from_collection({"key": keys, "value": values}).key_by("key")
         # KeyedStream.map_batches with an operator that also has finish(): the same hash shuffle by column.
         stream = keyed.stream._then("w2_column_sums", _ColumnSumsOp(_ColumnSums()), partitioning="hash",
                                     key_fn=keyed.key_fn, columnar_key=keyed.columnar_key)

@@ -32,6 +32,8 @@ from runtime.network.events import EVENT_TYPES, UserEvent
 from runtime.network.serializer import BufferDeserializer, BufferSerializer, iter_records, pack_to_buffers
 
 _TIMESTAMPS = "__shmflow.timestamps__"
+#: Up to this many partitions, a columnar batch is split by one scan per partition; above, by a sort.
+_MASK_SPLIT_MAX = 8
 
 
 class TimestampedBatch(list):
@@ -98,21 +100,31 @@ class Partitioner:
             msg = "a columnar batch (dict of arrays) can only be hash-partitioned by a column: use key_by('column')"
             raise TypeError(msg)
         keys = batch[col]
+        n = self.n
         if keys.dtype.kind in "iu":
-            dest = np.remainder(keys, self.n)
+            # Floor modulo, as Python's hash(k) % n for ints; for a power of two a mask computes it
+            # (two's complement), several times faster than a division.
+            dest = keys & (n - 1) if n & (n - 1) == 0 else np.remainder(keys, n)
         else:
-            dest = np.fromiter((hash(k) % self.n for k in keys.tolist()), dtype=np.int64, count=len(keys))
-        order = np.argsort(dest, kind="stable")
-        counts = np.bincount(dest, minlength=self.n)
+            dest = np.fromiter((hash(k) % n for k in keys.tolist()), dtype=np.int64, count=len(keys))
+        if isinstance(batch, dict):
+            def take(idx: np.ndarray) -> dict:
+                return {name: arr.take(idx, axis=0) for name, arr in batch.items()}
+        else:
+            take = batch.take
         out = []
+        if n <= _MASK_SPLIT_MAX:  # a linear pass per partition beats a sort
+            for i in range(n):
+                idx = np.flatnonzero(dest == i)
+                if idx.size:
+                    out.append((i, take(idx)))
+            return out
+        order = np.argsort(dest, kind="stable")
+        counts = np.bincount(dest, minlength=n)
         start = 0
         for i, c in enumerate(counts.tolist()):
             if c:
-                idx = order[start:start + c]
-                if isinstance(batch, dict):
-                    out.append((i, {name: arr[idx] for name, arr in batch.items()}))
-                else:
-                    out.append((i, batch[idx]))
+                out.append((i, take(order[start:start + c])))
             start += c
         return out
 

@@ -714,10 +714,13 @@ class BufferSerializer:
             return PARTIAL_RECORD_BUFFER_FULL
         data = np.empty(n, dtype=np.uint8)  # larger than a buffer: it spans, so materialise once
         layout.write_into(memoryview(data), 0)
-        return self._write_frame(KIND_COLUMNAR, layout.form, memoryview(data))
+        return self._write_frame(KIND_COLUMNAR, layout.form, memoryview(data), owned=True)
 
-    def _write_frame(self, kind: int, flags: int, payload: Any) -> SerializationResult:
-        """Write header + payload at the next aligned offset; keep what does not fit as pending."""
+    def _write_frame(self, kind: int, flags: int, payload: Any, *, owned: bool = False) -> SerializationResult:
+        """Write header + payload at the next aligned offset; keep what does not fit as pending.
+
+        ``owned``: the payload is the serializer's own copy, so what does not fit is kept without
+        copying it again (a caller's bytes-like is copied: the caller may reuse it)."""
         n = len(payload)
         if n > self.max_record_size:
             msg = (f"{_KIND_NAMES[kind]} frame of {n} bytes exceeds the record size limit of "
@@ -726,7 +729,7 @@ class BufferSerializer:
         buf, pos = self._buf, self._pos
         p = _align(pos)
         if p + MIN_FRAME_ROOM > self._cap:  # not even a header and 8 bytes: all of it waits
-            self._pending = _Pending(kind, flags, bytes(payload), 0)
+            self._pending = _Pending(kind, flags, payload if owned else bytes(payload), 0)
             return PARTIAL_RECORD_BUFFER_FULL
         if p > pos:
             buf[pos:p] = bytes(p - pos)
@@ -743,7 +746,7 @@ class BufferSerializer:
         self._pos = self._cap
         self._bytes += self._cap - pos
         self._spans += 1
-        self._pending = _Pending(kind, flags, memoryview(bytes(payload)), room)
+        self._pending = _Pending(kind, flags, payload if owned else memoryview(bytes(payload)), room)
         return PARTIAL_RECORD_BUFFER_FULL
 
 
