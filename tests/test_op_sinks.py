@@ -23,6 +23,29 @@ def test_collect_sink_ships_every_batch():
     assert shipped == [("result-1", [2, 4]), ("result-1", [6])]
 
 
+def test_collect_sink_gathers_small_batches_until_full_lingering_or_finished():
+    from operators.sinks import COLLECT_BATCH_RECORDS, COLLECT_LINGER
+    shipped, now = [], [100.0]
+    sink = CollectSink("r")
+    sink.open(OperatorContext(send_to_client=lambda sink_id, batch: shipped.append(list(batch)),
+                              clock=lambda: now[0]))
+    assert sink.next_timer() is None
+    sink.process_batch([1, 2], None)
+    sink.process_batch([3], None)
+    assert shipped == [] and sink.next_timer() == 100.0 + COLLECT_LINGER
+    sink.on_processing_time(100.0 + COLLECT_LINGER / 2, None)
+    assert shipped == []  # not yet lingered long enough
+    sink.on_processing_time(100.0 + COLLECT_LINGER, None)
+    assert shipped == [[1, 2, 3]] and sink.next_timer() is None
+    sink.process_batch(list(range(COLLECT_BATCH_RECORDS)), None)  # full: ships at once
+    assert len(shipped) == 2 and len(shipped[1]) == COLLECT_BATCH_RECORDS
+    sink.process_batch([7], None)
+    sink.process_batch({"k": np.arange(2)}, None)  # a columnar batch ships after what is pending
+    assert shipped[2] == [7] and list(shipped[3]) == ["k"]
+    sink.finish(None)
+    assert len(shipped) == 4
+
+
 def test_collect_sink_without_a_client_channel_is_an_error():
     with pytest.raises(ShmflowError, match=r"^CollectSink 'x' needs a runtime that ships results to the client; "
                                            r"got OperatorContext.send_to_client=None$"):
