@@ -111,7 +111,7 @@ class BuddyAllocator:
             OutOfMemoryError: no free block is large enough (names requested,
                 largest free, total free).
         """
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool):
+        if type(nbytes) is not int and (not isinstance(nbytes, int) or isinstance(nbytes, bool)):
             raise TypeError(f"nbytes must be an int; got {type(nbytes).__name__}")
         if nbytes <= 0:
             raise InvalidSizeError(f"allocation size must be > 0 bytes; got {nbytes}")
@@ -172,15 +172,18 @@ class BuddyAllocator:
             rel = seg.offset - self.offset
         del self._allocated[rel]
         seg._freed = True
-        self.region.bump_generation(seg.offset)
-        owner_bytes = self._by_owner[seg.owner] - seg.size
+        region = self.region
+        gens, i = region._generations, seg.offset // region.granule  # inlined region.bump_generation
+        gens[i] = (gens[i] + 1) & 0xFFFFFFFF
+        size, owner, by_owner = seg.size, seg.owner, self._by_owner
+        owner_bytes = by_owner[owner] - size
         if owner_bytes:
-            self._by_owner[seg.owner] = owner_bytes
+            by_owner[owner] = owner_bytes
         else:
-            del self._by_owner[seg.owner]
-        self._free_bytes += seg.size
+            del by_owner[owner]
+        self._free_bytes += size
         min_block = self.min_block
-        order = (seg.size // min_block).bit_length() - 1
+        order = (size // min_block).bit_length() - 1
         free = self._free
         max_order = self.max_order
         while order < max_order:
