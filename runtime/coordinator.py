@@ -184,9 +184,12 @@ class Coordinator:
             self.poll(0.1)
 
     # --------------------------------------------------------------------- jobs
-    def run_job(self, graph: JobGraph, payload: bytes, *, on_collect: Callable[[str, bytes], None],
+    def run_job(self, graph: JobGraph, payload: bytes | list[bytes], *, on_collect: Callable[[str, bytes], None],
                 timeout: float | None = None, on_tick: Callable[[], None] | None = None) -> dict[int, dict[str, Any]]:
-        """Deploy, start and watch one job; returns per-worker metrics. Raises JobFailedError."""
+        """Deploy, start and watch one job; returns per-worker metrics. Raises JobFailedError.
+
+        ``payload``: the pickled graph for every worker, or one per worker (``jobs.worker_payloads``).
+        """
         job = secrets.token_hex(6)
         needed = graph.max_parallelism
         if len(self.workers) < needed:
@@ -195,8 +198,9 @@ class Coordinator:
         participants = {wid: self.workers[wid] for wid in sorted(self.workers)[:needed]}
         self.check_network_buffers(graph)
         cfg = self.config.as_dict()
-        for handle in participants.values():
-            self.send(handle, {"type": "deploy", "job": job, "graph": payload, "config": cfg})
+        for wid, handle in participants.items():  # worker ids are 0..needed-1: worker i runs subtask i
+            graph_bytes = payload[wid] if isinstance(payload, list) else payload
+            self.send(handle, {"type": "deploy", "job": job, "graph": graph_bytes, "config": cfg})
         deadline = None if timeout is None else time.monotonic() + timeout
         deployed: dict[int, dict[str, str]] = {}
         finished: dict[int, dict[str, Any]] = {}
@@ -387,8 +391,8 @@ class LocalCluster:
 def run_job(graph: JobGraph, config: Any, *, collect: dict[str, Any], coordinator: str | None = None,
             secret_file: str | None = None, timeout: float | None = None) -> Any:
     """Run ``graph`` and fill the collect results; returns a JobResult (see runtime.api)."""
-    from runtime.jobs import JobResult, check_shippable, decode_collect, summarize
-    payload = check_shippable(graph)
+    from runtime.jobs import JobResult, check_shippable, decode_collect, summarize, worker_payloads
+    payload = check_shippable(graph) if coordinator is not None else worker_payloads(graph)
     started = time.monotonic()
 
     def on_collect(sink: str, records: bytes) -> None:

@@ -14,7 +14,7 @@ parallelism exceeds ``i`` (slot sharing).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from runtime.errors import ShmflowError
@@ -97,6 +97,23 @@ class JobGraph:
     @property
     def max_parallelism(self) -> int:
         return max(v.parallelism for v in self.vertices)
+
+    def for_worker(self, index: int) -> "JobGraph":
+        """This graph as worker ``index`` needs it: every splittable source holds only share ``index``
+        (``split(parallelism)[index]``), or nothing where the worker runs no subtask of its vertex.
+
+        A ``from_collection`` of millions of records then ships each worker its own share, not the
+        whole collection. The vertices are shallow copies; every other operator is shared.
+        """
+        vertices = []
+        for v in self.vertices:
+            nodes = v.nodes
+            if v.is_source and hasattr(nodes[0].operator, "split"):
+                src = nodes[0]
+                share = src.operator.split(src.parallelism)[index] if index < src.parallelism else None
+                nodes = [replace(src, operator=share), *nodes[1:]]
+            vertices.append(replace(v, nodes=nodes))
+        return replace(self, vertices=vertices)
 
     def describe(self) -> str:
         lines = [f"job {self.name!r} ({self.mode} mode)"]

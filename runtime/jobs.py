@@ -5,11 +5,12 @@ Imports: runtime.graph, runtime.network.records, runtime.errors (cloudpickle).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import sysconfig
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import cloudpickle
 
@@ -43,12 +44,9 @@ def _user_modules() -> list[Any]:
     return out
 
 
-def check_shippable(graph: JobGraph) -> bytes:
-    """Pickle the job graph for the workers; a function that cannot be shipped fails here, by name.
-
-    Raises:
-        JobFailedError: names the operator whose function cannot be pickled.
-    """
+@contextlib.contextmanager
+def _user_code_by_value() -> Iterator[None]:
+    """While active, cloudpickle ships the user's own modules by value (see :func:`_user_modules`)."""
     registered = []
     for module in _user_modules():
         try:
@@ -57,18 +55,47 @@ def check_shippable(graph: JobGraph) -> bytes:
         except (ValueError, TypeError):
             pass
     try:
-        for vertex in graph.vertices:
-            for node in vertex.nodes:
-                try:
-                    cloudpickle.dumps(node.operator)
-                except Exception as exc:
-                    msg = (f"operator {node.name!r} of job {graph.name!r} cannot be shipped to the workers: "
-                           f"{type(exc).__name__}: {exc}")
-                    raise JobFailedError(msg) from exc
-        return cloudpickle.dumps(graph)
+        yield
     finally:
         for module in registered:
             cloudpickle.unregister_pickle_by_value(module)
+
+
+def _dumps(graph: JobGraph) -> bytes:
+    try:
+        return cloudpickle.dumps(graph)
+    except Exception:  # noqa: BLE001 - find the operator to blame (pickling each is slow: only now)
+        pass
+    for vertex in graph.vertices:
+        for node in vertex.nodes:
+            try:
+                cloudpickle.dumps(node.operator)
+            except Exception as exc:
+                msg = (f"operator {node.name!r} of job {graph.name!r} cannot be shipped to the workers: "
+                       f"{type(exc).__name__}: {exc}")
+                raise JobFailedError(msg) from exc
+    return cloudpickle.dumps(graph)  # not an operator's fault: raise what pickling raises
+
+
+def check_shippable(graph: JobGraph) -> bytes:
+    """Pickle the job graph for the workers; a function that cannot be shipped fails here, by name.
+
+    Raises:
+        JobFailedError: names the operator whose function cannot be pickled.
+    """
+    with _user_code_by_value():
+        return _dumps(graph)
+
+
+def worker_payloads(graph: JobGraph) -> list[bytes]:
+    """The job graph pickled once per worker, each with only its share of every splittable source
+    (:meth:`JobGraph.for_worker`): a large ``from_collection`` crosses to each worker once, in part.
+
+    Raises:
+        JobFailedError: as :func:`check_shippable`.
+    """
+    with _user_code_by_value():
+        return [_dumps(graph.for_worker(i)) for i in range(graph.max_parallelism)]
 
 
 @dataclass

@@ -22,6 +22,7 @@ once. A worker whose coordinator goes away shuts itself down.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -160,7 +161,7 @@ class JobRun:
     def __init__(self, worker: Worker, deploy: dict[str, Any]) -> None:
         self.worker = worker
         self.job_id = deploy["job"]
-        self._payload: bytes = deploy["graph"]  # pickled; unpickled in run(), where failures are reported
+        self._payload: bytes | None = deploy.pop("graph")  # pickled; unpickled in run(), where failures are reported
         self.graph: JobGraph | None = None
         self.config: dict[str, Any] = deploy["config"]
         self._current: str | None = None  # the operator chain running now, for failure reports
@@ -178,7 +179,13 @@ class JobRun:
         self.worker.progress = lambda: {st.vertex.name: [st.records_in, st.records_out] for st in self.subtasks}
         try:
             import cloudpickle  # the job graph arrives pickled (its HMAC was verified on receipt)
-            self.graph = cloudpickle.loads(self._payload)
+            gc.disable()  # a graph may hold millions of records (from_collection): no collections while they load
+            try:
+                self.graph = cloudpickle.loads(self._payload)
+            finally:
+                gc.enable()
+            self._payload = None
+            gc.freeze()  # the graph lives as long as the job: keep it out of every collection until then
             self._deploy()
             start = self._wait_for("start")
             self._connect(start["gates"])
@@ -195,6 +202,7 @@ class JobRun:
         finally:
             self.worker.progress = None
             self._close()
+            gc.unfreeze()
 
     def _deploy(self) -> None:
         w = self.worker
@@ -231,8 +239,8 @@ class JobRun:
 
     def _instantiate(self, node: Any, index: int) -> Any:
         op = node.operator
-        if node.is_source and hasattr(op, "split"):
-            return op.split(node.parallelism)[index]
+        if node.is_source and hasattr(op, "split") and getattr(op, "_split", None) != (index, node.parallelism):
+            return op.split(node.parallelism)[index]  # the whole source arrived (a standing cluster's job)
         return op
 
     def _connect(self, gate_endpoints: dict[str, list[str]]) -> None:
