@@ -20,7 +20,7 @@ from runtime.graph import JobGraph, JobVertex
 from runtime.network.events import EndOfPartition, Watermark
 from runtime.task import MAX_WATERMARK, Operator, OperatorContext, SourceOperator, batch_len
 
-SOURCE_BATCH = 1000  # records per source poll: large enough to amortise Python, small for latency
+SOURCE_BATCH = 4096  # records per source poll: large enough to amortise Python, small for latency
 # Bytes per poll of a columnar source (32,768 rows of an int64 key and a float64 value): numpy does a
 # row's work in nanoseconds, so a batch must be large for the per-batch cost (partitioning, framing,
 # messages) to vanish behind it. 2 MiB and more ran slower (the batch falls out of the cache).
