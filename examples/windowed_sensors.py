@@ -2,7 +2,7 @@
 
     python examples/windowed_sensors.py              # 200,000 readings from 50 sensors
     python examples/windowed_sensors.py 20000        # fewer readings
-    python examples/windowed_sensors.py 20000 1.0    # watermarks trail by 1 s: some readings come too late
+    python examples/windowed_sensors.py 60000 0.5    # watermarks trail by 0.5 s: some readings come too late
     shmflow run examples/windowed_sensors.py --workers 3
 
 Each of 50 sensors reports a temperature about once per second. A reading is a

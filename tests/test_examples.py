@@ -65,7 +65,7 @@ def test_generated_readings_are_out_of_order_within_the_bound():
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_windowed_sensors_equal_a_pure_python_reference(workers):
-    readings = windowed_sensors.generate(6_000, seed=3)  # 50 sensors x 120 s
+    readings = windowed_sensors.generate(60_000, seed=3)  # many source batches per worker: watermarks advance between them  # 50 sensors x 120 s
     env = StreamEnvironment(workers=workers)
     tumbling, sliding = windowed_sensors.build(env, readings)
     result = env.execute("windowed-sensors-test")
@@ -86,7 +86,7 @@ def test_windowed_sensors_equal_a_pure_python_reference(workers):
 
 
 def test_late_readings_are_dropped_and_counted():
-    readings = windowed_sensors.generate(6_000, seed=3)
+    readings = windowed_sensors.generate(60_000, seed=3)  # many source batches per worker: watermarks advance between them
     env = StreamEnvironment(workers=2)
     tumbling, _ = windowed_sensors.build(env, readings, out_of_orderness=0.5)  # readings are up to 3 s late
     result = env.execute("windowed-sensors-late")
