@@ -1,9 +1,10 @@
 """shmflow's operator library: concrete operators implementing runtime.task's protocol.
 
 Role: the operators the facade (runtime.api) instantiates. Modules:
-``stateless`` (Map, Filter, FlatMap, MapBatches, WithTimestamps), ``keyed``
-(Aggregation, count/sum/min/max/reduce, KeyedAggregate, KeyedCombine),
-``window`` (assigners, WindowAggregate), ``sources`` and ``sinks``.
+``stateless`` (Map, Filter, FlatMap, MapBatches, WithTimestamps), ``aggregations``
+(Aggregation, count/sum/min/max/reduce), ``keyed`` (KeyedAggregate, KeyedCombine;
+re-exports the aggregations), ``keyed_vectorized`` (the numpy fast path of
+count/sum/min/max), ``window`` (assigners, WindowAggregate), ``sources`` and ``sinks``.
 
 The aggregation factories ``count, sum, min, max, reduce`` shadow builtins,
 so they are not re-exported here: use ``operators.keyed.sum(...)``.

@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["operators.stateless", "operators.keyed", "operators.window", "operators.sources", "operators.sinks"]
+MODULES = ["operators.stateless", "operators.aggregations", "operators.keyed", "operators.keyed_vectorized",
+           "operators.window", "operators.sources", "operators.sinks"]
 
 
 @pytest.mark.parametrize("name", MODULES)
