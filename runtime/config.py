@@ -243,6 +243,9 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("network.buffer-timeout", "buffer_timeout", _duration, "100ms",
             "must be a duration >= 0 (e.g. 100ms, 1 s, 0)", lambda v: v >= 0,
             "flush a partly filled buffer after this long; 0 flushes every record", "duration"),
+    KeySpec("network.max-record-size", "max_record_size", _size, "64mb",
+            "must be a size in [1 KiB, 4 GiB)", lambda v: 1024 <= v < 1 << 32,
+            "largest frame a worker writes or accepts: one record batch, columnar batch or event", "size"),
     KeySpec("network.transport", "transport", _choice, "auto",
             "must be one of 'auto', 'shm', 'tcp'", lambda v: v in ("auto", "shm", "tcp"),
             "data plane: shm (handles), tcp (bytes) or auto (shm on one host)", "choice"),
@@ -353,6 +356,7 @@ class ShmflowConfig:
     buffers_per_channel: int
     floating_buffers_per_gate: int
     buffer_timeout: float
+    max_record_size: int
     transport: str
     workers: int
 

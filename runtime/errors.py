@@ -70,6 +70,11 @@ class DeserializationError(ShmflowError):
     """A corrupt, truncated or oversize frame: names the channel and offset."""
 
 
+class RecordTooLargeError(ShmflowError, ValueError):
+    """A frame over ``network.max-record-size``: names its size and the limit. The channel layer splits
+    a batch that is too large; it raises only for a single record (or row) over the limit."""
+
+
 class WorkerLostError(ShmflowError):
     """A worker process died; carries ``worker_id``, ``pid`` and ``exitcode``."""
 
@@ -101,6 +106,7 @@ __all__ = [
     "SegmentBusyError",
     "SpillError",
     "DeserializationError",
+    "RecordTooLargeError",
     "WorkerLostError",
     "JobFailedError",
 ]

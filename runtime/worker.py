@@ -232,7 +232,8 @@ class JobRun:
 
             st = Subtask(self.graph, vertex, index, operators, gate=gate, ctx_factory=ctx_factory)
             if gate is not None:
-                st.attach_input(RecordReader(gate), self.graph.gate_channels(vertex))
+                st.attach_input(RecordReader(gate, max_record_size=cfg["network.max-record-size"]),
+                                self.graph.gate_channels(vertex))
             self.subtasks.append(st)
         self._current = None
         self.send({"type": "deployed", "gates": gates})
@@ -269,7 +270,8 @@ class JobRun:
                 self.partitions.append(part)
                 writer = RecordWriter(part, Partitioner(edge.partitioning, n, key_fn=edge.key_fn,
                                                         columnar_key=edge.columnar_key),
-                                      buffer_timeout=cfg["network.buffer-timeout"])
+                                      buffer_timeout=cfg["network.buffer-timeout"],
+                                      max_record_size=cfg["network.max-record-size"])
                 st.writers.append(writer)
                 self.writers.append(writer)
         for gate in self.gates.values():

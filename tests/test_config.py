@@ -133,9 +133,15 @@ def test_defaults() -> None:
         "memory.network.min": 8 * MiB, "memory.network.max": GiB,
         "memory.managed.fraction": 0.4, "network.buffers-per-channel": 8,
         "network.floating-buffers-per-gate": 16, "network.buffer-timeout": 0.1,
-        "network.transport": "auto", "workers": 2,
+        "network.max-record-size": 64 * MiB, "network.transport": "auto", "workers": 2,
     }
     assert all(cfg.source(spec.key) == "default" for spec in KEYS)
+
+
+def test_max_record_size_is_a_bounded_size() -> None:
+    assert cfg_of({"network.max-record-size": "1mb"}).max_record_size == MiB
+    with pytest.raises(ConfigError, match=r"network\.max-record-size.*1 KiB, 4 GiB"):
+        cfg_of({"network.max-record-size": "512b"})
 
 
 def test_default_constructor_checks_shm(plenty_of_shm: None) -> None:

@@ -88,6 +88,28 @@ def test_event_time_windows_equal_a_pure_python_reference():
     assert all(e - s == 20.0 for _, _, s, e in sliding.values())
 
 
+def test_batches_over_the_record_size_limit_are_split_and_one_record_over_it_fails_by_name():
+    import numpy as np
+    limit = {"network.max-record-size": "1kb"}  # every batch here needs splitting, and splitting again
+    env = StreamEnvironment(workers=2, config=limit)
+    counts = env.from_collection(CORPUS).flat_map(str.split).map(str.lower).key_by(lambda w: w).count().collect()
+    events = [(f"s{i % 3}", float((i * 7) % 50 + (i // 50) * 50)) for i in range(3000)]
+    windows = (env.from_collection(events).with_timestamps(lambda e: e[1], out_of_orderness=50.0)
+               .key_by(lambda e: e[0]).window(TumblingEventTimeWindows.of(10.0)).count().collect())
+    columns = env.from_collection({"key": np.arange(20_000) % 5, "value": np.ones(20_000)}).key_by("key") \
+        .map_batches(lambda b: [len(b["key"])]).collect()
+    env.execute("split-batches")
+    assert dict(counts.values()) == EXPECTED
+    assert sum(n for _k, n, _s, _e in windows.values()) == len(events)
+    assert sum(columns.values()) == 20_000
+
+    env = StreamEnvironment(workers=2, config=limit)
+    env.from_collection(["x" * 5000]).rebalance().collect()
+    with pytest.raises(JobFailedError, match=r"(?s)RecordTooLargeError: records frame of \d+ bytes exceeds the "
+                                             r"record size limit of 1024 bytes \(network.max-record-size\)"):
+        env.execute("one-record-too-large")
+
+
 def _boom(x):
     if x == 777:
         raise ValueError(f"bad record {x}")

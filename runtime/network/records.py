@@ -27,9 +27,11 @@ from typing import Any, Callable, Iterable
 import msgpack
 import numpy as np
 
+from runtime.errors import RecordTooLargeError
 from runtime.network.channel import InputGate, ResultPartition
 from runtime.network.events import EVENT_TYPES, UserEvent
-from runtime.network.serializer import BufferDeserializer, BufferSerializer, iter_records, pack_to_buffers
+from runtime.network.serializer import (DEFAULT_MAX_RECORD_SIZE, BufferDeserializer, BufferSerializer, iter_records,
+                                       pack_to_buffers)
 
 _TIMESTAMPS = "__shmflow.timestamps__"
 #: Up to this many partitions, a columnar batch is split by one scan per partition; above, by a sort.
@@ -130,12 +132,39 @@ class Partitioner:
 
 
 # ---------------------------------------------------------------------------- writer
+def _is_timestamps(item: Any) -> bool:
+    """The event that carries the timestamps of the TimestampedBatch after it."""
+    return type(item) is UserEvent and type(item.payload) is tuple and item.payload[:1] == (_TIMESTAMPS,)
+
+
+def _halves(item: Any) -> list | None:
+    """A record list or columnar batch cut in two by rows, or None when it holds one row (or is an event)."""
+    if isinstance(item, list):
+        rows = len(item)
+    elif isinstance(item, dict) and item:
+        rows = len(next(iter(item.values())))
+    elif isinstance(item, np.ndarray):
+        rows = len(item)
+    else:
+        return None
+    if rows < 2:
+        return None
+    mid = rows // 2
+    if isinstance(item, TimestampedBatch):  # the reader pairs a list with the timestamps event just before it
+        ts = item.timestamps
+        return [UserEvent((_TIMESTAMPS, list(ts[:mid]))), TimestampedBatch(item[:mid], ts[:mid]),
+                UserEvent((_TIMESTAMPS, list(ts[mid:]))), TimestampedBatch(item[mid:], ts[mid:])]
+    if isinstance(item, dict):
+        return [{k: v[:mid] for k, v in item.items()}, {k: v[mid:] for k, v in item.items()}]
+    return [item[:mid], item[mid:]]
+
+
 class _ChannelWriter:
     __slots__ = ("index", "ser", "buffer", "items", "continuing", "first_write")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, max_record_size: int) -> None:
         self.index = index
-        self.ser = BufferSerializer()
+        self.ser = BufferSerializer(max_record_size=max_record_size)
         self.buffer: Any = None  # the NetworkBuffer being filled; owned by this writer until sent
         self.items: deque = deque()  # batches and events not yet written (no buffer was free)
         self.continuing = False  # the serializer holds the rest of a spanning frame
@@ -151,20 +180,21 @@ class RecordWriter:
     """
 
     def __init__(self, partition: ResultPartition, partitioner: Partitioner, *, buffer_timeout: float = 0.1,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> None:
         self.partition = partition
         self.partitioner = partitioner
         self.buffer_timeout = buffer_timeout
         self.clock = clock
         self.pool = partition.pool
-        self.channels = [_ChannelWriter(i) for i in range(len(partition.channels))]
+        self.channels = [_ChannelWriter(i, max_record_size) for i in range(len(partition.channels))]
 
     def emit(self, batch: Any) -> None:
         for index, sub in self.partitioner.split(batch):
             cw = self.channels[index]
             if getattr(sub, "timestamps", None) is not None:
                 cw.items.append(UserEvent((_TIMESTAMPS, list(sub.timestamps))))
-                cw.items.append(list(sub))
+                cw.items.append(sub)  # a TimestampedBatch: if it must be halved, each half gets its own event
             else:
                 cw.items.append(sub)
             self._pump(cw)
@@ -201,12 +231,21 @@ class RecordWriter:
             if not cw.items:
                 return True
             item = cw.items.popleft()
-            if type(item) is list:
-                result = ser.write_records(item)
-            elif isinstance(item, EVENT_TYPES):
-                result = ser.write_event(item)
-            else:
-                result = ser.write_batch(item)
+            try:
+                if isinstance(item, list):
+                    result = ser.write_records(item)
+                elif isinstance(item, EVENT_TYPES):
+                    result = ser.write_event(item)
+                else:
+                    result = ser.write_batch(item)
+            except RecordTooLargeError:  # nothing was written: write it in halves (one record too large raises)
+                if _is_timestamps(item) and cw.items:  # halve the batch these timestamps belong to
+                    item = cw.items.popleft()
+                halves = _halves(item)
+                if halves is None:
+                    raise
+                cw.items.extendleft(reversed(halves))
+                continue
             self._after_write(cw, result)
 
     def _after_write(self, cw: _ChannelWriter, result: Any) -> None:
@@ -293,9 +332,9 @@ class RecordReader:
     valid until the next one; operators that keep them must copy.
     """
 
-    def __init__(self, gate: InputGate) -> None:
+    def __init__(self, gate: InputGate, *, max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> None:
         self.gate = gate
-        self._des = [BufferDeserializer(ch.name) for ch in gate.channels]
+        self._des = [BufferDeserializer(ch.name, max_record_size=max_record_size) for ch in gate.channels]
         self._timestamps: list[list | None] = [None] * len(gate.channels)
         self._held: list[Any] = []
 
@@ -309,7 +348,7 @@ class RecordReader:
             ch = rb.channel
             self._held.append(rb)
             for item in self._des[ch].feed(rb.view):
-                if type(item) is UserEvent and type(item.payload) is tuple and item.payload[:1] == (_TIMESTAMPS,):
+                if _is_timestamps(item):
                     self._timestamps[ch] = item.payload[1]
                     continue
                 ts = self._timestamps[ch]

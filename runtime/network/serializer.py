@@ -1,6 +1,7 @@
 """Records, columnar batches and events <-> network buffers, as validated length-prefixed frames.
 
-Imports: runtime.errors, runtime.network.events (msgpack, numpy and stdlib otherwise).
+Imports: runtime.errors, runtime.network.events, runtime.network.columnar (the columnar payload codec);
+msgpack, numpy and stdlib otherwise.
 
 Role: the channel layer asks for a buffer, lets a :class:`BufferSerializer`
 fill it, sends it, and asks for the next; the receiving side hands every
@@ -72,7 +73,6 @@ from __future__ import annotations
 
 import enum
 import operator
-import re
 import struct
 from dataclasses import dataclass
 from itertools import chain
@@ -80,9 +80,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgpack
 import numpy as np
-from numpy.lib.format import descr_to_dtype
 
-from runtime.errors import DeserializationError
+from runtime.errors import DeserializationError, RecordTooLargeError
+from runtime.network.columnar import FORM_DICT, FORM_STRUCT, ColumnarLayout, align8 as _align, read_columnar
 from runtime.network.events import EVENT_TYPES, EndOfPartition, UserEvent, Watermark
 
 __all__ = [
@@ -102,7 +102,6 @@ MAGIC = 0xF7
 VERSION = 1
 _HEADER = struct.Struct("<BBBBI")
 HEADER_SIZE = _HEADER.size  # 8
-_U32 = struct.Struct("<I")
 #: a frame starts only where its header and at least 8 payload bytes fit; else the buffer is full
 MIN_FRAME_ROOM = HEADER_SIZE + 8
 #: network.max-record-size: the largest frame payload a reader accepts (and a writer produces)
@@ -113,17 +112,11 @@ KIND_RECORDS, KIND_COLUMNAR, KIND_EVENT, KIND_CONTINUATION = 1, 2, 3, 4
 _KIND_NAMES = {KIND_RECORDS: "records", KIND_COLUMNAR: "columnar", KIND_EVENT: "event",
                KIND_CONTINUATION: "continuation"}
 MODE_TUPLES, MODE_LISTS, MODE_MARKED = 0, 1, 2  # RECORDS flags
-FORM_DICT, FORM_STRUCT = 0, 1  # COLUMNAR flags
 _VALID_FLAGS = {KIND_RECORDS: (MODE_TUPLES, MODE_LISTS, MODE_MARKED), KIND_COLUMNAR: (FORM_DICT, FORM_STRUCT),
                 KIND_EVENT: (0,)}
 EVENT_END_OF_PARTITION, EVENT_WATERMARK, EVENT_USER = 0, 1, 2
 EXT_TUPLE = 1
-_COLUMNAR_VERSION = 1
 _MAX_NEST = 511  # msgpack's default nesting limit
-
-
-def _align(n: int) -> int:
-    return (n + 7) & -8
 
 
 class SerializationResult(enum.Enum):
@@ -226,7 +219,7 @@ def _array_mode(records: list, max_elements: int) -> int:
         if total > max_elements:
             msg = (f"record batch has more than {max_elements} elements, so it exceeds the record size limit "
                    f"of {max_elements} bytes (network.max-record-size); write smaller batches")
-            raise ValueError(msg)
+            raise RecordTooLargeError(msg)
     msg = f"records nest deeper than {_MAX_NEST} levels (or are cyclic); msgpack cannot pack them"
     raise ValueError(msg)
 
@@ -303,188 +296,12 @@ def _pack_error(records: Sequence[Any], exc: Exception) -> Exception:
     return cls(f"cannot serialize records: {exc}")
 
 
-# ----------------------------------------------------------------------------- columnar encoding
-_TYPESTR = re.compile(r"[<>|=][?biufcSUVMm][0-9]{1,9}(\[[0-9]{0,9}[a-zA-Z]{1,3}\])?\Z")
-_MAX_DIMS = 32
-
-
-def _dtype_spec(dtype: np.dtype, where: str) -> Any:
-    if dtype.hasobject:
-        msg = f"{where}: dtype {dtype} holds Python objects; columnar batches need fixed-size dtypes"
-        raise TypeError(msg)
-    if dtype.itemsize == 0:
-        msg = f"{where}: dtype {dtype} has itemsize 0; columnar batches need sized dtypes"
-        raise TypeError(msg)
-    if dtype.fields is None:
-        return dtype.str
-    if any(len(f) > 2 for f in dtype.fields.values()):
-        msg = f"{where}: structured dtypes with field titles are not supported; got {dtype}"
-        raise TypeError(msg)
-    return dtype.descr
-
-
-@dataclass
-class _Columnar:
-    """A validated batch laid out for the wire: header bytes, then (array, offset) pairs."""
-
-    form: int
-    header: bytes
-    data_start: int  # payload offset of the column data (aligned)
-    arrays: list  # [(ndarray, offset from data_start)]
-    length: int  # payload bytes
-
-    @classmethod
-    def prepare(cls, batch: Any) -> "_Columnar":
-        if isinstance(batch, np.ndarray):
-            if batch.dtype.names is None or batch.ndim != 1:
-                msg = (f"write_batch: an ndarray batch must be a 1-d structured array; got dtype {batch.dtype} "
-                       f"with shape {batch.shape}; pass a dict of columns instead")
-                raise TypeError(msg)
-            form, items, rows = FORM_STRUCT, [("", batch)], len(batch)
-        elif isinstance(batch, dict):
-            form, items, rows = FORM_DICT, list(batch.items()), None
-        else:
-            msg = f"write_batch: expected a dict of numpy arrays or a structured array; got {type(batch).__name__}"
-            raise TypeError(msg)
-        cols, arrays, offset = [], [], 0
-        for name, arr in items:
-            if not isinstance(name, str):
-                msg = f"write_batch: column names must be str; got {name!r}"
-                raise TypeError(msg)
-            if not isinstance(arr, np.ndarray):
-                msg = f"write_batch: column {name!r} must be a numpy array; got {type(arr).__name__}"
-                raise TypeError(msg)
-            if arr.ndim == 0 or (rows is not None and arr.shape[0] != rows):
-                msg = (f"write_batch: columns must have equal lengths; column {name!r} has shape {arr.shape}, "
-                       f"expected {rows} rows")
-                raise ValueError(msg)
-            rows = arr.shape[0]
-            spec = _dtype_spec(arr.dtype, f"write_batch: column {name!r}")
-            offset = _align(offset)
-            cols.append([name, spec, list(arr.shape), offset, arr.nbytes])
-            arrays.append((arr, offset))
-            offset += arr.nbytes
-        header = msgpack.packb([_COLUMNAR_VERSION, form, rows or 0, cols], use_bin_type=True)
-        data_start = _align(4 + len(header))
-        return cls(form, header, data_start, arrays, data_start + offset)
-
-    def write_into(self, buf: memoryview, start: int) -> None:
-        """Write the payload at ``buf[start:]``: one C-level copy per column (strided arrays too)."""
-        hl = len(self.header)
-        _U32.pack_into(buf, start, hl)
-        buf[start + 4: start + 4 + hl] = self.header
-        buf[start + 4 + hl: start + self.data_start] = bytes(self.data_start - 4 - hl)
-        base = start + self.data_start
-        end = start + 4 + hl
-        for arr, off in self.arrays:
-            pos = base + off
-            if pos > end:
-                buf[end:pos] = bytes(pos - end)  # alignment padding: deterministic bytes on the wire
-            if arr.nbytes:
-                dst = np.frombuffer(buf, dtype=arr.dtype, count=arr.size, offset=pos).reshape(arr.shape)
-                dst[...] = arr
-            end = pos + arr.nbytes
-
-
-def _parse_descr(spec: Any, depth: int) -> Any:
-    """Validate a dtype spec from the wire; return it in the shape ``descr_to_dtype`` takes."""
-    if isinstance(spec, str):
-        if not _TYPESTR.match(spec):
-            msg = f"dtype {spec!r:.60} is not a numpy type string"
-            raise ValueError(msg)
-        return spec
-    if depth >= 4 or not isinstance(spec, list) or not spec or len(spec) > 1024:
-        msg = f"dtype {spec!r:.60} is not a type string or a structured descr"
-        raise ValueError(msg)
-    fields = []
-    for entry in spec:
-        if not isinstance(entry, list) or len(entry) not in (2, 3) or not isinstance(entry[0], str):
-            msg = f"structured dtype field {entry!r:.60} is not [name, type] or [name, type, shape]"
-            raise ValueError(msg)
-        sub = _parse_descr(entry[1], depth + 1)
-        if len(entry) == 3:
-            shape = entry[2]
-            if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
-                    or not all(type(d) is int and 0 <= d < 1 << 31 for d in shape)):
-                msg = f"structured dtype field {entry[0]!r} has a bad shape {shape!r:.60}"
-                raise ValueError(msg)
-            fields.append((entry[0], sub, tuple(shape)))
-        else:
-            fields.append((entry[0], sub))
-    return fields
-
-
-def _wire_dtype(spec: Any) -> np.dtype:
-    parsed = _parse_descr(spec, 0)
-    try:
-        dtype = np.dtype(parsed) if isinstance(parsed, str) else descr_to_dtype(parsed)
-    except Exception as exc:  # numpy raises TypeError, ValueError, SyntaxError... for odd specs
-        msg = f"dtype {spec!r:.60} is not a valid numpy dtype ({exc})"
-        raise ValueError(msg) from None
-    if dtype.hasobject or dtype.itemsize == 0:
-        msg = f"dtype {spec!r:.60} is an object or zero-size dtype"
-        raise ValueError(msg)
-    return dtype
-
-
-def _read_columnar(form: int, payload: memoryview) -> Any:
-    """Decode a COLUMNAR payload into views of ``payload`` (raises ValueError on any inconsistency)."""
-    length = len(payload)
-    if length < 4:
-        msg = f"payload of {length} bytes is shorter than its header length field"
-        raise ValueError(msg)
-    (hl,) = _U32.unpack_from(payload, 0)
-    if 4 + hl > length:
-        msg = f"header of {hl} bytes overflows the {length}-byte payload"
-        raise ValueError(msg)
-    header = msgpack.unpackb(payload[4: 4 + hl], use_list=True, raw=False, strict_map_key=False, ext_hook=_no_ext)
-    if not (type(header) is list and len(header) == 4 and header[0] == _COLUMNAR_VERSION
-            and header[1] == form and type(header[2]) is int and type(header[3]) is list):
-        msg = f"header {header!r:.80} is not [1, {form}, rows, columns]"
-        raise ValueError(msg)
-    _, _, rows, cols = header
-    if rows < 0 or (form == FORM_STRUCT and len(cols) != 1):
-        msg = f"header claims {rows} rows and {len(cols)} columns"
-        raise ValueError(msg)
-    data_start = _align(4 + hl)
-    out: dict[str, np.ndarray] = {}
-    for col in cols:
-        if not (type(col) is list and len(col) == 5 and isinstance(col[0], str) and type(col[2]) is list
-                and type(col[3]) is int and type(col[4]) is int):
-            msg = f"column entry {col!r:.80} is not [name, dtype, shape, offset, nbytes]"
-            raise ValueError(msg)
-        name, spec, shape, offset, nbytes = col
-        if name in out:
-            msg = f"column {name!r} appears twice"
-            raise ValueError(msg)
-        dtype = _wire_dtype(spec)
-        if (not shape or len(shape) > _MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape)
-                or shape[0] != rows):
-            msg = f"column {name!r} has shape {shape!r:.60}; expected {rows} rows and at most {_MAX_DIMS} dims"
-            raise ValueError(msg)
-        count = 1
-        for d in shape:
-            count *= d
-        if offset < 0 or nbytes != count * dtype.itemsize or data_start + offset + nbytes > length:
-            msg = (f"column {name!r} ({dtype}, shape {tuple(shape)}) claims {nbytes} bytes at data offset {offset}; "
-                   f"the shape needs {count * dtype.itemsize} and the payload holds {length - data_start}")
-            raise ValueError(msg)
-        if form == FORM_STRUCT and (dtype.names is None or len(shape) != 1):
-            msg = f"structured batch has dtype {dtype} and shape {tuple(shape)}; expected a 1-d structured dtype"
-            raise ValueError(msg)
-        out[name] = np.frombuffer(payload, dtype=dtype, count=count, offset=data_start + offset).reshape(shape)
-    if form == FORM_STRUCT:
-        return next(iter(out.values()))
-    return out
-
-
-# ----------------------------------------------------------------------------- writer
 class _Pending:
     """The part of an item that did not fit the last buffer."""
 
     __slots__ = ("kind", "flags", "data", "offset", "batch")
 
-    def __init__(self, kind: int, flags: int, data: Any, offset: int, batch: _Columnar | None = None) -> None:
+    def __init__(self, kind: int, flags: int, data: Any, offset: int, batch: ColumnarLayout | None = None) -> None:
         self.kind = kind
         self.flags = flags
         self.data = data  # the whole payload (bytes-like), or None for a deferred columnar batch
@@ -689,15 +506,15 @@ class BufferSerializer:
             ValueError: columns of unequal length, or a frame over ``max_record_size``.
         """
         self._check_ready("write_batch")
-        layout = _Columnar.prepare(columns)
+        layout = ColumnarLayout.prepare(columns)
         if layout.length > self.max_record_size:
             msg = (f"columnar batch of {layout.length} bytes exceeds the record size limit of "
                    f"{self.max_record_size} bytes (network.max-record-size); write smaller batches")
-            raise ValueError(msg)
+            raise RecordTooLargeError(msg)
         self._batches += 1
         return self._write_columnar(layout)
 
-    def _write_columnar(self, layout: _Columnar) -> SerializationResult:
+    def _write_columnar(self, layout: ColumnarLayout) -> SerializationResult:
         p = _align(self._pos)
         n = layout.length
         if p + HEADER_SIZE + n <= self._cap:
@@ -725,7 +542,7 @@ class BufferSerializer:
         if n > self.max_record_size:
             msg = (f"{_KIND_NAMES[kind]} frame of {n} bytes exceeds the record size limit of "
                    f"{self.max_record_size} bytes (network.max-record-size); write smaller batches")
-            raise ValueError(msg)
+            raise RecordTooLargeError(msg)
         buf, pos = self._buf, self._pos
         p = _align(pos)
         if p + MIN_FRAME_ROOM > self._cap:  # not even a header and 8 bytes: all of it waits
@@ -917,7 +734,7 @@ class BufferDeserializer:
                 self._records += len(records)
                 return records
             if kind == KIND_COLUMNAR:
-                return _read_columnar(flags, payload)
+                return read_columnar(flags, payload)
             return _read_event(payload)
         except Exception as exc:  # msgpack/numpy raise many types on garbage; report them all alike
             where = origin or f"at offset {offset} of buffer {nbuf}"
