@@ -67,7 +67,11 @@ def test_all_tiny_writes_json_with_spreads_ratios_versions_and_a_plot(tmp_path):
     targets = {t["name"]: t for t in data["targets"]}
     assert {"w1_shmflow_shm_32KiB", "w1_shmflow_shm_1MiB", "w2_shmflow_rows", "w2_shmflow_columnar",
             "w3_shmflow", "latency_shmflow", "alloc_fixed_32KiB"} <= set(targets)
-    assert all(isinstance(t["met"], bool) for t in targets.values())
+    assert all(isinstance(t["met"], bool) for t in data["targets"])
+    ratio_goals = {(t["name"], t["against"]) for t in data["targets"] if "against" in t}
+    assert {("w1_shmflow_shm_32KiB", "w1_zmq_32KiB"), ("w1_shmflow_shm_32KiB", "w1_inproc_32KiB"),
+            ("w2_shmflow_rows", "w2_mp_queue_rows"), ("w2_shmflow_columnar", "w2_zmq_columns"),
+            ("w3_shmflow", "w3_mp_queue")} <= ratio_goals
     if plotting:
         assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "shmflow ÷ this" in out.stdout and "GB/s" in out.stdout and "M records/s" in out.stdout
@@ -140,6 +144,18 @@ def test_summary_is_median_min_max_and_ratios_are_of_medians():
     ratio = rows["mine"]["ratios"]["base"]
     assert ratio == {"ratio": 3.0, "min": 1.5, "max": 6.0}
     assert rows["mine"]["target"]["met"] is True and rows["mine"]["ok"] is True
+
+
+def test_ratio_targets_compare_medians_with_a_baseline_of_the_same_run():
+    base = _contender("base", "baseline", [2.0, 4.0, 3.0])
+    mine = _contender("mine", "shmflow", [6.0, 9.0, 12.0], compare=("base",))
+    mine.ratio_targets = (runner.RatioTarget("base", 3.0, "≥ 3× base"), runner.RatioTarget("base", 3.5, "≥ 3.5× base"))
+    (row, _) = runner.summarize([mine, base])
+    assert [(t["ratio"], t["met"]) for t in row["ratio_targets"]] == [(3.0, True), (3.0, False)]
+    failed = _contender("mine", "shmflow", [9.0, 9.0], ok=[True, False], compare=("base",))
+    failed.ratio_targets = (runner.RatioTarget("base", 1.0, "≥ 1× base"),)
+    (row, _) = runner.summarize([failed, base])
+    assert row["ratio_targets"][0]["met"] is False  # a failed repetition fails every target
 
 
 def test_one_failed_repetition_fails_the_contender_and_its_target():
