@@ -30,13 +30,29 @@ def _pairs_per_second(alloc: BuddyAllocator, sizes: list[int], *, live: int) -> 
     return (n - live) / elapsed
 
 
-def run(pairs: int = 200_000, repeats: int = 3, region_bytes: int = 256 << 20, min_block: int = 4096,
-        seed: int = 1) -> dict:
+def _scenarios(pairs: int, seed: int) -> dict[str, list[int]]:
     rng = random.Random(seed)
-    scenarios = {
+    return {
         "fixed_32KiB": [32 << 10] * pairs,
         "mixed_4KiB_1MiB": [rng.choice((4 << 10, 16 << 10, 32 << 10, 256 << 10, 1 << 20)) for _ in range(pairs)],
     }
+
+
+def run_scenario(scenario: str, pairs: int, region_bytes: int = 256 << 20, min_block: int = 4096,
+                 seed: int = 1) -> dict:
+    """One repetition of one scenario: ``{"pairs_per_s": ...}`` (``shmflow bench`` runs it in a fresh
+    process, as every other contender, so that no other workload's heap slows the collector)."""
+    sizes = _scenarios(pairs, seed)[scenario]
+    with SharedRegion.create(region_bytes) as region:
+        alloc = BuddyAllocator(region, min_block=min_block)
+        rate = _pairs_per_second(alloc, sizes, live=64)
+        alloc.check_invariants()
+    return {"pairs_per_s": rate}
+
+
+def run(pairs: int = 200_000, repeats: int = 3, region_bytes: int = 256 << 20, min_block: int = 4096,
+        seed: int = 1) -> dict:
+    scenarios = _scenarios(pairs, seed)
     results = {}
     with SharedRegion.create(region_bytes) as region:
         alloc = BuddyAllocator(region, min_block=min_block)

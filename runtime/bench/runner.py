@@ -235,9 +235,10 @@ def _alloc_run(alloc_bench: Any, scenario: str, pairs: int) -> dict:
 
     params = {"pairs": pairs, "live_blocks": 64, "scenario": scenario}
     variant = f"BuddyAllocator allocate+free, {scenario.replace('_', ' ')}, 64 blocks live"
+    from runtime.bench.baselines import _run_children
+
     try:
-        res = alloc_bench.run(pairs=pairs, repeats=1)
-        rate = res["results"][scenario]["pairs_per_s"]
+        rate = _run_children([("alloc", alloc_bench.run_scenario, (scenario, pairs))])["alloc"]["pairs_per_s"]
     except Exception:  # noqa: BLE001
         return {"workload": "alloc", "peer": "shmflow", "variant": variant, "params": params, "seconds": None,
                 "rate": None, "unit": "pairs/s", "ok": False, "error": traceback.format_exc()}

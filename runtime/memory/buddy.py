@@ -140,8 +140,8 @@ class BuddyAllocator:
         by_owner[owner] = by_owner.get(owner, 0) + block
         absolute = self.offset + rel
         region = self.region
-        seg = MemorySegment(region, absolute, block, region._generations[absolute // region.granule],
-                            owner, allocator=self)
+        seg = MemorySegment._allocated(region, absolute, block, region._generations[absolute // region.granule],
+                                       owner, self)
         self._allocated[rel] = seg
         return seg
 

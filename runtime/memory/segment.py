@@ -77,6 +77,18 @@ class MemorySegment:
         self._checked = checked  # consult the region's generation table on each access
         self._buf = region.buf  # usable area; positions below are offset + pos
 
+    @classmethod
+    def _allocated(cls, region: "SharedRegion", offset: int, size: int, generation: int, owner: Any,
+                   allocator: "BuddyAllocator") -> "MemorySegment":
+        """``cls(region, offset, size, generation, owner, allocator=allocator)`` for the allocator's hot
+        path: keyword arguments cost as much as the rest of the constructor."""
+        seg = object.__new__(cls)
+        seg.region, seg.offset, seg.size, seg.generation, seg.owner = region, offset, size, generation, owner
+        seg.readonly = seg._freed = seg._checked = False
+        seg._allocator = allocator
+        seg._buf = region.buf
+        return seg
+
     # ------------------------------------------------------------------ checks
     def _check(self, pos: int, nbytes: int, what: str) -> int:
         """Validate an access of ``nbytes`` at ``pos``; returns the position in the usable area."""
