@@ -42,9 +42,6 @@ from runtime.bench.workloads import (
     w3_check, w3_corpus_path, w3_generate, w3_record, w3_reference,
 )
 
-#: Bytes per data message and per batch of releases: 32 x 32 KiB or 1 x 1 MiB. Small batches keep
-#: both processes busy (neither waits for a whole window to come back); 1 MiB amortises the message.
-W1_BATCH_BYTES = 1 << 20
 #: The W1 producer requests buffers in batches of up to this many bytes (16 x 32 KiB, 1 x 1 MiB).
 W1_REQUEST_BYTES = 512 << 10
 #: W1 over tcp is slower than shm; its full volume is 1 GiB, its quick volume 64 MiB.
@@ -61,18 +58,25 @@ JOB_WORKERS = 2
 
 # ============================================================================== W1 through the network stack
 def w1_credits(buf_bytes: int) -> tuple[int, int]:
-    """(exclusive, floating) credits of the W1 channel: the shm ring's 8 MiB in flight (256 x 32 KiB,
-    8 x 1 MiB; within the other baselines' 64 buffers for big buffers), half of it exclusive. A
-    window that stays in the cache beats a deeper one: 64 x 1 MiB ran at half the speed of 8."""
-    window = max(2, W1_RING_BYTES // buf_bytes)
+    """(exclusive, floating) credits of the W1 channel, half of the window exclusive. The window is the
+    larger of the baselines' in-flight bounds: the shm ring's 8 MiB (256 x 32 KiB) and the Queue's and
+    zmq's 64 buffers (64 x 1 MiB)."""
+    window = max(W1_RING_BYTES // buf_bytes, W1_WINDOW)
     return window // 2, window - window // 2
+
+
+def w1_batch(buf_bytes: int) -> int:
+    """Buffers per data message and per batch of releases: an eighth of the window (32 x 32 KiB,
+    8 x 1 MiB). Enough to amortise a message; small enough that neither process waits for a whole
+    window to come back."""
+    return max(1, sum(w1_credits(buf_bytes)) // 8)
 
 
 def w1_pool_buffers(buf_bytes: int) -> int:
     """Buffers in the producer's pool: the credit window, plus 2 to fill while it is in flight when
-    the window holds few buffers (10 x 1 MiB)."""
+    buffers are big (66 x 1 MiB; 256 x 32 KiB is the ring's 8 MiB already)."""
     window = sum(w1_credits(buf_bytes))
-    return window if window >= W1_WINDOW else window + 2
+    return window if window * buf_bytes <= W1_RING_BYTES else window + 2
 
 
 def _w1_region_bytes(buf_bytes: int) -> int:
@@ -94,7 +98,7 @@ def _w1_producer(region_name: str, endpoints: Any, barrier: Any, done: Any, buf_
         pool = net.create_buffer_pool(nbuffers, nbuffers, name="bench-w1-producer")
         src = w1_pool()
         part = ResultPartition(pool, [endpoints.get(timeout=READY_TIMEOUT)], channel_ids=0, transport=transport,
-                               name="bench-w1", max_backlog=nbuffers, ship_batch=max(1, W1_BATCH_BYTES // buf_bytes))
+                               name="bench-w1", max_backlog=nbuffers, ship_batch=w1_batch(buf_bytes))
         request, send, copyto = part.request_buffers, part.send_buffers, np.copyto
         src8 = src.view(np.uint8)  # w1_slice(src, i, B) as bytes: buffer i is bytes [(i*B) mod 64 MiB, +B)
         span = src8.size
@@ -141,7 +145,7 @@ def _w1_consumer(endpoints: Any, barrier: Any, done: Any, nbufs: int, buf_bytes:
             got = next_buffers(timeout=RUN_TIMEOUT)
             if not got:
                 raise TimeoutError(f"no buffer within {RUN_TIMEOUT} s after {count} of {nbufs}")
-            step = max(1, W1_BATCH_BYTES // max(1, got[0].size))  # release every 1 MiB: buffers return sooner
+            step = w1_batch(buf_bytes)  # release in batches: buffers return before the window is through
             for k in range(0, len(got), step):
                 chunk = got[k:k + step]
                 for rb in chunk:
@@ -163,9 +167,10 @@ def w1_shmflow(buf_bytes: int, *, transport: str = "shm", quick: bool = False, t
     The driver creates the SharedRegion; the producer attaches it, carves a
     NetworkBufferPool from a BuddyAllocator over it, requests network buffers
     a few at a time, ``np.copyto``-s ``w1_slice(pool, i, B)`` into buffer i
-    and sends them, 1 MiB per data message. The consumer's InputGate
-    (:func:`w1_credits`: 8 MiB in flight, as the shm ring)
-    hands out buffers; it ``w1_touch``-es each and releases them 1 MiB at a time. ``shm`` moves (index, size) descriptors, the bytes stay in the
+    and sends them, an eighth of the credit window per data message. The
+    consumer's InputGate (:func:`w1_credits`: 256 x 32 KiB or 64 x 1 MiB in
+    flight) hands out buffers; it ``w1_touch``-es each and releases them an
+    eighth of the window at a time. ``shm`` moves (index, size) descriptors, the bytes stay in the
     region; ``tcp`` moves the bytes as zmq frames over loopback.
     """
     from runtime.memory import SharedRegion
