@@ -1,6 +1,6 @@
 """Records end to end between real processes: RecordWriter -> ResultPartition -> InputGate -> RecordReader.
 
-Issue 4's proof tests: a million mixed records arrive complete and in order per channel over both
+The proof tests of the record path: a million mixed records arrive complete and in order per channel over both
 transports; events keep their place among the batches; the buffer timeout decides when a partly
 filled buffer leaves (driven by an injected clock, not by sleeping); a corrupt buffer fails the
 reader with a DeserializationError naming its channel; a slow consumer backpressures the writer

@@ -68,9 +68,8 @@ class Target:
 
 @dataclass(frozen=True)
 class RatioTarget:
-    """A goal for a shmflow median as a ratio to a baseline's median from the same invocation: how
-    issue 6 defines its targets ("as ratios to baselines run in the same invocation"), so a slow or
-    noisy machine moves both sides. ``against`` names the baseline contender."""
+    """A goal for a shmflow median as a ratio to a baseline's median from the same invocation: a slow
+    or noisy machine moves both sides alike. ``against`` names the baseline contender."""
 
     against: str
     value: float
@@ -136,8 +135,8 @@ def build_contenders(workloads: list[str], *, scale: str = "full", workers: int 
             shm = f"w1_shmflow_shm_{tag}"
             base = [f"w1_mp_queue_{tag}", f"w1_zmq_{tag}", f"w1_shm_ring_{tag}", f"w1_inproc_{tag}"]
             hot = [f"w1_copy_{tag}", f"w1_sum_{tag}"]
-            # Issue 6: 5.0 GB/s = 70% of the copy+sum ceiling (7.2) and 3.5x pyzmq (1.3) at 32 KiB;
-            # 12 GB/s of a 15.5 ceiling (0.77) and 3.2x pyzmq (3.8) at 1 MiB.
+            # 5.0 GB/s is 70% of the reference machine's copy+sum ceiling (7.2) and 3.5x its pyzmq (1.3)
+            # at 32 KiB; 12 GB/s is 0.77 of a 15.5 ceiling and 3.2x pyzmq (3.8) at 1 MiB.
             small = size < (1 << 20)
             target = Target(5.0, ">=", ">= 5.0 GB/s") if small else Target(12.0, ">=", ">= 12 GB/s")
             ceiling_share, zmq_times = (0.70, 3.5) if small else (0.77, 3.2)
