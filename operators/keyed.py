@@ -1,38 +1,18 @@
-"""Keyed aggregations: the Aggregation abstraction, KeyedAggregate and the KeyedCombine combiner.
+"""Keyed operators: KeyedAggregate and the KeyedCombine combiner.
 
-Role: ``key_by(...).count() / sum / min / max / reduce``. State is a plain dict
-``{key: acc}`` per operator (insertion ordered: results come out in the
-order keys were first seen). Batches are folded into it with tight loops and
-no per-record method call through the operator chain; ``count`` uses
-``Counter.update`` (a C loop). Before a shuffle the graph builder may put a
-:class:`KeyedCombine` (pre-aggregation, as Flink's batch mode does) and read
-its ``(key, acc)`` partials with ``KeyedAggregate(..., partial_input=True)``.
+Role: the operators behind ``key_by(...).count() / sum / min / max / reduce``.
+Each holds its aggregation's state, a plain dict ``{key: acc}`` (insertion
+ordered: results come out in the order keys were first seen). Before a
+shuffle the graph builder may put a :class:`KeyedCombine` (pre-aggregation,
+as Flink's batch mode does) and read its ``(key, acc)`` partials with
+``KeyedAggregate(..., partial_input=True)``.
 
-The aggregations themselves live in :mod:`operators.aggregations` (re-exported
-here); the numpy fast path of count/sum/min/max in :mod:`operators.keyed_vectorized`.
+The aggregations, and the table of their result shapes, are in
+:mod:`operators.aggregations` (re-exported here); the numpy fast path of
+count/sum/min/max is in :mod:`operators.keyed_vectorized`.
 
 Imports: runtime.task, operators.stateless (batch helpers), operators.aggregations,
 operators.keyed_vectorized, stdlib.
-
-Result shapes (as in Flink):
-
-==================  ==========================================  =======================
-aggregation         keyed result (``KeyedAggregate``)           window value
-==================  ==========================================  =======================
-``count()``         ``(key, count)``                            ``count``
-``sum()``           ``(key, total)`` (records are numbers)      ``total``
-``sum(field)``      the key's first record, field := total      same record
-``min()/max()``     ``(key, min)`` / ``(key, max)``             ``min`` / ``max``
-``min/max(field)``  the key's first record, field := min/max    same record
-``reduce(fn)``      the reduced record                          the reduced record
-==================  ==========================================  =======================
-
-``field`` is an int index for tuples/lists (tuples stay tuples, namedtuples
-stay namedtuples) or a str key for dicts. Like Flink's ``min``/``max`` (not
-``minBy``), only the field changes; the rest comes from the key's first
-record. After a combiner, "first" means first in the first partial merged.
-Functions given to ``reduce`` must be associative and commutative when a
-combiner is used (Flink's assumption for ReduceFunction).
 """
 
 from __future__ import annotations

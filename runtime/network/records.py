@@ -29,7 +29,7 @@ import numpy as np
 
 from runtime.errors import RecordTooLargeError
 from runtime.network.channel import InputGate, ResultPartition
-from runtime.network.events import EVENT_TYPES, UserEvent
+from runtime.network.events import UserEvent
 from runtime.network.serializer import (DEFAULT_MAX_RECORD_SIZE, BufferDeserializer, BufferSerializer, iter_records,
                                        pack_to_buffers)
 
@@ -232,12 +232,7 @@ class RecordWriter:
                 return True
             item = cw.items.popleft()
             try:
-                if isinstance(item, list):
-                    result = ser.write_records(item)
-                elif isinstance(item, EVENT_TYPES):
-                    result = ser.write_event(item)
-                else:
-                    result = ser.write_batch(item)
+                result = ser.write(item)
             except RecordTooLargeError:  # nothing was written: write it in halves (one record too large raises)
                 if _is_timestamps(item) and cw.items:  # halve the batch these timestamps belong to
                     item = cw.items.popleft()

@@ -466,6 +466,15 @@ class BufferSerializer:
         self._records += len(records)
         return result
 
+    def write(self, item: Any) -> SerializationResult:
+        """Write what a channel carries: a ``list`` (a record batch: :meth:`write_records`), an event
+        (:meth:`write_event`) or a columnar batch (:meth:`write_batch`). Raises as those do."""
+        if isinstance(item, list):
+            return self.write_records(item)
+        if isinstance(item, EVENT_TYPES):
+            return self.write_event(item)
+        return self.write_batch(item)
+
     def write_record(self, record: Any) -> SerializationResult:
         """Write one record (a batch of one: prefer ``write_records`` for throughput)."""
         return self.write_records([record])
@@ -771,12 +780,7 @@ def pack_to_buffers(items: Iterable[Any], *, buffer_size: int = 32768,
     buf = new_buffer(buffer_size)
     ser.set_buffer(buf)
     for item in items:
-        if isinstance(item, list):
-            result = ser.write_records(item)
-        elif isinstance(item, EVENT_TYPES):
-            result = ser.write_event(item)
-        else:
-            result = ser.write_batch(item)
+        result = ser.write(item)
         while result.is_full_buffer:
             out.append((buf, ser.position))
             buf = new_buffer(buffer_size)
