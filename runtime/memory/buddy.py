@@ -165,12 +165,12 @@ class BuddyAllocator:
             if seg._freed:
                 raise DoubleFreeError(f"segment at offset {seg.offset} ({seg.size} bytes) was freed twice")
             rel = seg.offset - self.offset
-            if self._allocated.get(rel) is not seg:  # pragma: no cover - guarded by the flags above
+            if self._allocated.pop(rel, None) is not seg:  # pragma: no cover - guarded by the flags above
                 raise DoubleFreeError(f"segment at offset {seg.offset} is not allocated")
         else:
             seg = self._resolve_handle(seg)
             rel = seg.offset - self.offset
-        del self._allocated[rel]
+            del self._allocated[rel]
         seg._freed = True
         region = self.region
         gens, i = region._generations, seg.offset // region.granule  # inlined region.bump_generation
