@@ -99,6 +99,21 @@ class StreamEnvironment:
             raise FileNotFoundError(f"read_text: no such file {str(path)!r}")
         return self._source(sources.TextFileSource(str(path)), name or f"read_text({path})")
 
+    def from_source(self, source: Any, *, name: str | None = None) -> "DataStream":
+        """A stream from your own source (Flink's ``env.from_source``): a ``SourceOperator`` whose
+        ``poll_batch(max_records)`` returns a batch, ``[]`` while nothing is ready, or ``None`` at
+        its end (see ``runtime.task.SourceOperator``).
+
+        With ``split(parallelism)`` (a list of ``parallelism`` sources) every worker polls its own
+        share; without, the source runs once, on worker 0, and the next shuffle spreads its records.
+        """
+        if not callable(getattr(source, "poll_batch", None)):
+            raise TypeError(f"from_source needs a source with poll_batch(max_records); got {type(source).__name__}")
+        parallelism = None if callable(getattr(source, "split", None)) else 1
+        node = self._add(name or getattr(source, "name", type(source).__name__), source, inputs=[],
+                         is_source=True, parallelism=parallelism)
+        return DataStream(self, node)
+
     def _source(self, op: Any, name: str) -> "DataStream":
         node = self._add(name, op, inputs=[], is_source=True)
         return DataStream(self, node)

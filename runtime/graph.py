@@ -43,6 +43,7 @@ class StreamNode:
     is_source: bool = False
     is_sink: bool = False
     columnar_key: str | None = None  # hash partitioning of columnar batches by this column
+    split_for: int | None = None  # a source already split: ``operator`` is the share of this subtask
 
 
 @dataclass
@@ -108,10 +109,10 @@ class JobGraph:
         vertices = []
         for v in self.vertices:
             nodes = v.nodes
-            if v.is_source and hasattr(nodes[0].operator, "split"):
+            if v.is_source and callable(getattr(nodes[0].operator, "split", None)):
                 src = nodes[0]
                 share = src.operator.split(src.parallelism)[index] if index < src.parallelism else None
-                nodes = [replace(src, operator=share), *nodes[1:]]
+                nodes = [replace(src, operator=share, split_for=index), *nodes[1:]]
             vertices.append(replace(v, nodes=nodes))
         return replace(self, vertices=vertices)
 

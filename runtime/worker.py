@@ -240,7 +240,7 @@ class JobRun:
 
     def _instantiate(self, node: Any, index: int) -> Any:
         op = node.operator
-        if node.is_source and hasattr(op, "split") and getattr(op, "_split", None) != (index, node.parallelism):
+        if node.is_source and callable(getattr(op, "split", None)) and node.split_for != index:
             return op.split(node.parallelism)[index]  # the whole source arrived (a standing cluster's job)
         return op
 
