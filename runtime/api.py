@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 from operators import keyed, sinks, sources, stateless, window
 from runtime.graph import JobGraph, StreamNode, build_job_graph
 from runtime.jobs import JobResult
+from runtime.task import Operator
 
 MODES = ("auto", "streaming", "batch")
 
@@ -110,8 +111,10 @@ class StreamEnvironment:
         if not callable(getattr(source, "poll_batch", None)):
             raise TypeError(f"from_source needs a source with poll_batch(max_records); got {type(source).__name__}")
         parallelism = None if callable(getattr(source, "split", None)) else 1
-        node = self._add(name or getattr(source, "name", type(source).__name__), source, inputs=[],
-                         is_source=True, parallelism=parallelism)
+        label = getattr(source, "name", None)
+        if label in (None, Operator.name):  # the base class's placeholder: name it after its class
+            label = type(source).__name__
+        node = self._add(name or label, source, inputs=[], is_source=True, parallelism=parallelism)
         return DataStream(self, node)
 
     def _source(self, op: Any, name: str) -> "DataStream":

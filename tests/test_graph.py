@@ -77,3 +77,14 @@ def test_a_users_source_runs_once_per_share_and_loses_nothing(source):
 def test_from_source_rejects_what_is_not_a_source():
     with pytest.raises(TypeError, match=r"from_source needs a source with poll_batch\(max_records\); got list"):
         StreamEnvironment(workers=1).from_source([1, 2, 3])
+
+
+def test_a_source_without_a_name_of_its_own_is_named_after_its_class():
+    class Ticks(SourceOperator):
+        def poll_batch(self, max_records):
+            return None
+
+    env = StreamEnvironment(workers=1)
+    env.from_source(Ticks()).collect()
+    env.from_source(Numbers([1]), name="mine").collect()
+    assert [v.nodes[0].name for v in env.job_graph("names").vertices if v.is_source] == ["Ticks", "mine"]

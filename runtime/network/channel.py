@@ -116,9 +116,13 @@ class OutputChannel:
         cap = self.partition.ship_cap
         return max(1, half if half < cap else cap)
 
-    def enqueue(self, buffer: Any) -> None:
+    def check_open(self) -> None:
+        """Raise ChannelClosedError if the consumer is gone (no buffer may be queued any more)."""
         if self.closed:
             raise ChannelClosedError(f"channel {self.name} to {self.endpoint} is closed; its consumer is gone")
+
+    def enqueue(self, buffer: Any) -> None:
+        self.check_open()
         self.queue.append(buffer)
 
     def ship(self) -> int:
@@ -291,9 +295,7 @@ class ResultPartition:
         Ownership: the channel owns the buffer from now on.
         """
         ch = self.channels[subpartition]
-        if ch.closed:
-            ch.enqueue(buffer)  # raises ChannelClosedError
-        ch.queue.append(buffer)
+        ch.enqueue(buffer)
         self._queued(ch, block)
 
     def send_buffers(self, subpartition: int, buffers: list, *, block: bool = True) -> None:
@@ -302,8 +304,7 @@ class ResultPartition:
         Ownership: the channel owns every buffer from now on.
         """
         ch = self.channels[subpartition]
-        if ch.closed:
-            ch.enqueue(buffers[0] if buffers else None)  # raises ChannelClosedError
+        ch.check_open()
         ch.queue.extend(buffers)
         self._queued(ch, block)
 
