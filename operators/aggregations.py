@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import builtins
 from collections import Counter
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 __all__ = [
     "Aggregation", "Count", "Sum", "Min", "Max", "Reduce",

@@ -17,14 +17,27 @@ operators.keyed_vectorized, stdlib.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from runtime.task import Batch, Emit, Operator, TimestampedBatch
-
-from operators.aggregations import (Aggregation, Count, Max, Min, Reduce, Sum, combinable, count, max, min,
-                                    partial_key, reduce, sum)
+from operators.aggregations import (
+    Aggregation,
+    Count,
+    Max,
+    Min,
+    Reduce,
+    Sum,
+    combinable,
+    count,
+    max,
+    min,
+    partial_key,
+    reduce,
+    sum,
+)
 from operators.keyed_vectorized import Vectorized, vectorizable
 from operators.stateless import to_records
+from runtime.execution.task import Batch, Emit, Operator, TimestampedBatch
 
 __all__ = [
     "Aggregation", "Count", "Sum", "Min", "Max", "Reduce",
@@ -61,7 +74,7 @@ class KeyedAggregate(Operator):
     take a numpy fast path (see ``Vectorized``) with the same results;
     ``vectorize=False`` forces the generic dict loop.
 
-    >>> from runtime.task import run_chain
+    >>> from runtime.execution.task import run_chain
     >>> words = ["to", "be", "or", "not", "to", "be"]
     >>> op = KeyedAggregate(None, count(), mode="streaming")
     >>> out = []

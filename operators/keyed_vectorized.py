@@ -22,7 +22,8 @@ import gc
 import itertools
 import operator
 from collections import Counter
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 

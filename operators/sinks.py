@@ -13,10 +13,9 @@ import os
 import sys
 from typing import Any
 
-from runtime.errors import ShmflowError
-from runtime.task import Batch, Emit, OperatorContext, SinkOperator
-
 from operators.stateless import to_records
+from runtime.errors import ShmflowError
+from runtime.execution.task import Batch, Emit, OperatorContext, SinkOperator
 
 __all__ = ["CollectSink", "PrintSink", "FileSink"]
 

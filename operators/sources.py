@@ -15,11 +15,12 @@ Imports: runtime.task, stdlib, numpy.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from runtime.task import Batch, OperatorContext, SourceOperator
+from runtime.execution.task import Batch, OperatorContext, SourceOperator
 
 __all__ = ["CollectionSource", "GeneratorSource", "TextFileSource"]
 

@@ -15,35 +15,15 @@ columnar batch as rows, one ``dict`` ``{column: Python scalar}`` per row.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from itertools import chain, compress, repeat
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
-from runtime.task import MAX_WATERMARK, Batch, Emit, Operator, TimestampedBatch, batch_len
+from runtime.execution.task import MAX_WATERMARK, Batch, Emit, Operator, TimestampedBatch, batch_len, to_records
 
 __all__ = ["Map", "Filter", "FlatMap", "MapBatches", "WithTimestamps", "to_records"]
-
-
-def to_records(batch: Batch) -> list:
-    """The records of a batch as a list (a TimestampedBatch is returned as is).
-
-    A columnar batch (dict of equal-length numpy arrays) becomes one dict per
-    row with Python scalars, in column order. This is the slow path: columnar
-    streams should stay columnar with :class:`MapBatches`.
-
-    >>> import numpy as np
-    >>> to_records({"k": np.array([1, 2]), "v": np.array([0.5, 1.5])})
-    [{'k': 1, 'v': 0.5}, {'k': 2, 'v': 1.5}]
-    """
-    if isinstance(batch, dict):
-        names = list(batch)
-        columns = [np.asarray(batch[name]).tolist() for name in names]
-        return [dict(zip(names, row)) for row in zip(*columns)]
-    if isinstance(batch, list):
-        return batch
-    msg = f"a batch must be a list, a TimestampedBatch or a dict of numpy arrays; got {type(batch).__name__}"
-    raise TypeError(msg)
 
 
 class Map(Operator):
@@ -57,7 +37,7 @@ class Map(Operator):
     >>> Map(str.upper).process_batch(["a", "b"], out.extend)
     >>> out
     ['A', 'B']
-    >>> from runtime.task import TimestampedBatch
+    >>> from runtime.execution.task import TimestampedBatch
     >>> got = []
     >>> Map(lambda x: x * 10).process_batch(TimestampedBatch([1, 2], [5.0, 6.0]), got.append)
     >>> got[0], got[0].timestamps
@@ -90,7 +70,7 @@ class Filter(Operator):
     >>> Filter(lambda x: x % 2 == 0).process_batch([1, 2, 3, 4], out.extend)
     >>> out
     [2, 4]
-    >>> from runtime.task import TimestampedBatch
+    >>> from runtime.execution.task import TimestampedBatch
     >>> got = []
     >>> Filter(bool).process_batch(TimestampedBatch(["a", "", "c"], [1.0, 2.0, 3.0]), got.append)
     >>> got[0], got[0].timestamps
@@ -127,7 +107,7 @@ class FlatMap(Operator):
     >>> FlatMap(str.split).process_batch(["to be", "or not"], out.extend)
     >>> out
     ['to', 'be', 'or', 'not']
-    >>> from runtime.task import TimestampedBatch
+    >>> from runtime.execution.task import TimestampedBatch
     >>> got = []
     >>> FlatMap(range).process_batch(TimestampedBatch([2, 0, 1], [7.0, 8.0, 9.0]), got.append)
     >>> got[0], got[0].timestamps

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from itertools import chain, repeat
-from typing import Any, Callable
-
-from runtime.task import MAX_WATERMARK, Batch, Emit, Operator, OperatorContext, TimestampedBatch, batch_len
+from typing import Any
 
 from operators.keyed import Aggregation, _check_aggregation
 from operators.stateless import to_records
+from runtime.execution.task import MAX_WATERMARK, Batch, Emit, Operator, OperatorContext, TimestampedBatch, batch_len
 
 __all__ = [
     "WindowAssigner",
@@ -169,7 +169,7 @@ class WindowAggregate(Operator):
     ``finish`` fires every remaining window (end of bounded input).
     ``key_fn=None`` means the record is its own key.
 
-    >>> from runtime.task import OperatorContext, TimestampedBatch
+    >>> from runtime.execution.task import OperatorContext, TimestampedBatch
     >>> from operators.keyed import count
     >>> op = WindowAggregate(None, TumblingEventTimeWindows.of(10), count())
     >>> op.open(OperatorContext())

@@ -15,12 +15,13 @@ from __future__ import annotations
 import copy
 import operator as _operator
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from operators import keyed, sinks, sources, stateless, window
-from runtime.graph import JobGraph, StreamNode, build_job_graph
-from runtime.jobs import JobResult
-from runtime.task import Operator
+from runtime.cluster.client import JobResult
+from runtime.execution.graph import JobGraph, StreamNode, build_job_graph
+from runtime.execution.task import Operator
 
 MODES = ("auto", "streaming", "batch")
 
@@ -81,7 +82,7 @@ class StreamEnvironment:
         self._keyed_aggs: list[int] = []  # node ids of keyed aggregations (batch mode adds combiners)
 
     # ----------------------------------------------------------------- sources
-    def from_collection(self, items: Iterable[Any], *, name: str = "from_collection") -> "DataStream":
+    def from_collection(self, items: Iterable[Any], *, name: str = "from_collection") -> DataStream:
         """A bounded source over ``items``, split into contiguous shares across the workers.
 
         A dict of equal-length numpy arrays is a columnar collection: each worker
@@ -90,17 +91,17 @@ class StreamEnvironment:
         return self._source(sources.CollectionSource(items if isinstance(items, dict) else list(items)), name)
 
     def from_generator(self, fn: Callable[[int], Any], rate: float | None = None, *, count: int | None = None,
-                       name: str = "from_generator") -> "DataStream":
+                       name: str = "from_generator") -> DataStream:
         """An unbounded source (bounded with ``count``): ``fn(i)`` makes record ``i``; ``rate`` in records/s."""
         return self._source(sources.GeneratorSource(fn, rate=rate, count=count), name)
 
-    def read_text(self, path: str, *, name: str | None = None) -> "DataStream":
+    def read_text(self, path: str, *, name: str | None = None) -> DataStream:
         """A bounded source of the lines of a text file, split at line boundaries across workers."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"read_text: no such file {str(path)!r}")
         return self._source(sources.TextFileSource(str(path)), name or f"read_text({path})")
 
-    def from_source(self, source: Any, *, name: str | None = None) -> "DataStream":
+    def from_source(self, source: Any, *, name: str | None = None) -> DataStream:
         """A stream from your own source (Flink's ``env.from_source``): a ``SourceOperator`` whose
         ``poll_batch(max_records)`` returns a batch, ``[]`` while nothing is ready, or ``None`` at
         its end (see ``runtime.task.SourceOperator``).
@@ -117,7 +118,7 @@ class StreamEnvironment:
         node = self._add(name or label, source, inputs=[], is_source=True, parallelism=parallelism)
         return DataStream(self, node)
 
-    def _source(self, op: Any, name: str) -> "DataStream":
+    def _source(self, op: Any, name: str) -> DataStream:
         node = self._add(name, op, inputs=[], is_source=True)
         return DataStream(self, node)
 
@@ -152,12 +153,12 @@ class StreamEnvironment:
 
     def execute(self, name: str = "job", *, timeout: float | None = None) -> JobResult:
         """Run the job; blocks until it ends. Raises JobFailedError on any failure."""
-        from runtime.coordinator import run_job
+        from runtime.cluster.client import execute_job
         graph = self.job_graph(name)
         for result in self._collects.values():
             result._values = []
-        return run_job(graph, self.config, collect=self._collects, coordinator=self.coordinator,
-                       secret_file=self.secret_file, timeout=timeout)
+        return execute_job(graph, self.config, collect=self._collects, coordinator=self.coordinator,
+                           secret_file=self.secret_file, timeout=timeout)
 
 
 def _insert_combiners(nodes: list[StreamNode], keyed_ids: list[int]) -> list[StreamNode]:
@@ -191,47 +192,47 @@ class DataStream:
         self.env = env
         self.node = node
 
-    def _then(self, name: str, op: Any, partitioning: str = "forward", key_fn: Any = None, **kw: Any) -> "DataStream":
+    def _then(self, name: str, op: Any, partitioning: str = "forward", key_fn: Any = None, **kw: Any) -> DataStream:
         node = self.env._add(name, op, inputs=[(self.node.id, partitioning, key_fn)], **kw)
         return DataStream(self.env, node)
 
     # ------------------------------------------------------------ stateless
-    def map(self, fn: Callable[[Any], Any], *, name: str = "map") -> "DataStream":
+    def map(self, fn: Callable[[Any], Any], *, name: str = "map") -> DataStream:
         return self._then(name, stateless.Map(fn))
 
-    def filter(self, fn: Callable[[Any], bool], *, name: str = "filter") -> "DataStream":
+    def filter(self, fn: Callable[[Any], bool], *, name: str = "filter") -> DataStream:
         return self._then(name, stateless.Filter(fn))
 
-    def flat_map(self, fn: Callable[[Any], Iterable[Any]], *, name: str = "flat_map") -> "DataStream":
+    def flat_map(self, fn: Callable[[Any], Iterable[Any]], *, name: str = "flat_map") -> DataStream:
         return self._then(name, stateless.FlatMap(fn))
 
-    def map_batches(self, fn: Callable[[Any], Any], *, name: str = "map_batches") -> "DataStream":
+    def map_batches(self, fn: Callable[[Any], Any], *, name: str = "map_batches") -> DataStream:
         """Apply ``fn`` to whole batches: lists of records, or dicts of numpy arrays (columnar)."""
         return self._then(name, stateless.MapBatches(fn))
 
     def with_timestamps(self, fn: Callable[[Any], float], out_of_orderness: float = 0.0, *,
-                        name: str = "with_timestamps") -> "DataStream":
+                        name: str = "with_timestamps") -> DataStream:
         """Event time: ``fn(record)`` gives its timestamp (seconds); watermarks trail the maximum by
         ``out_of_orderness`` and travel in-band."""
         return self._then(name, stateless.WithTimestamps(fn, out_of_orderness))
 
     # ------------------------------------------------------------ partitioning
-    def key_by(self, key: Callable[[Any], Any] | str) -> "KeyedStream":
+    def key_by(self, key: Callable[[Any], Any] | str) -> KeyedStream:
         """Partition by key: a function of the record, or a column name for columnar batches."""
         return KeyedStream(self, key)
 
-    def rebalance(self) -> "DataStream":
+    def rebalance(self) -> DataStream:
         return self._then("rebalance", stateless.Map(_identity), partitioning="rebalance")
 
-    def broadcast(self) -> "DataStream":
+    def broadcast(self) -> DataStream:
         return self._then("broadcast", stateless.Map(_identity), partitioning="broadcast")
 
-    def union(self, *others: "DataStream") -> "DataStream":
+    def union(self, *others: DataStream) -> DataStream:
         inputs = [(s.node.id, "forward", None) for s in (self, *others)]
         node = self.env._add("union", stateless.Map(_identity), inputs=inputs)
         return DataStream(self.env, node)
 
-    def set_parallelism(self, n: int) -> "DataStream":
+    def set_parallelism(self, n: int) -> DataStream:
         """Run this operator with ``n`` parallel subtasks (at most the number of workers)."""
         if not isinstance(n, int) or not 1 <= n <= self.env.workers:
             raise ValueError(f"parallelism of {self.node.name!r} must be in [1, {self.env.workers}] (workers); got {n!r}")
@@ -261,7 +262,7 @@ def _identity(x: Any) -> Any:
 class _Aggregations:
     """reduce / sum / count / min / max, shared by keyed and windowed streams."""
 
-    def _aggregate(self, name: str, aggregation: Any) -> "DataStream":
+    def _aggregate(self, name: str, aggregation: Any) -> DataStream:
         raise NotImplementedError
 
     def reduce(self, fn: Callable[[Any, Any], Any]) -> DataStream:
@@ -300,7 +301,7 @@ class KeyedStream(_Aggregations):
         return self.stream._then(name, stateless.MapBatches(fn), partitioning="hash", key_fn=self.key_fn,
                                  columnar_key=self.columnar_key)
 
-    def window(self, assigner: Any) -> "WindowedStream":
+    def window(self, assigner: Any) -> WindowedStream:
         return WindowedStream(self, assigner)
 
 

@@ -69,6 +69,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import os
     import runpy
     from pathlib import Path
+
     from runtime.config import parse_cli_overrides
     load_cli_config(args)  # validate before anything starts: a bad flag fails here, with its key
     for key, value in parse_cli_overrides(args.overrides).items():
@@ -90,8 +91,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     import logging
     import signal
-    from runtime import control
-    from runtime.coordinator import Coordinator
+
+    from runtime.cluster import protocol as control
+    from runtime.cluster.coordinator import Coordinator
     logging.basicConfig(level=logging.INFO, format="coordinator: %(message)s")
     cfg = load_cli_config(args)
     secret = control.load_or_create_secret(args.secret_file)
@@ -116,8 +118,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         # Hash partitioning needs one hash seed across all workers: restart with it fixed.
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         os.execve(sys.executable, [sys.executable, "-m", "runtime.cli", *sys.argv[1:]], env)
-    from runtime import control
-    from runtime.worker import worker_main
+    from runtime.cluster import protocol as control
+    from runtime.cluster.worker import worker_main
     secret = control.load_or_create_secret(args.secret_file, create=False)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -128,7 +130,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_layout(args: argparse.Namespace) -> int:
-    from runtime.coordinator import render_cluster_layout
+    from runtime.cluster.layout import render_cluster_layout
     print(render_cluster_layout(load_cli_config(args), width=args.width))
     return 0
 

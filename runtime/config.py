@@ -28,6 +28,8 @@ except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from runtime.errors import ConfigError
+from runtime.memory.units import format_bytes, free_bytes
+from runtime.network.budget import min_buffers_per_worker
 
 ENV_PREFIX = "SHMFLOW_"
 #: SHMFLOW_ variables that are not config keys (and so never "unknown").
@@ -156,13 +158,8 @@ def parse_duration(value: object) -> float:
         raise ConfigError(msg) from None
 
 
-def format_size(nbytes: int) -> str:
-    """Human-readable binary size: ``4096 -> "4 KiB"``, ``13421772 -> "12.8 MiB"``."""
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if abs(nbytes) >= 1 << shift:
-            scaled = nbytes / (1 << shift)
-            return f"{int(scaled)} {unit}" if scaled.is_integer() else f"{scaled:.1f} {unit}"
-    return f"{nbytes} B"
+#: Byte sizes in messages: the project's one formatter (runtime.memory.units).
+format_size = format_bytes
 
 
 def format_duration(seconds: float) -> str:
@@ -322,11 +319,7 @@ class MemoryPlan:
 
 def _shm_free_bytes(path: str = SHM_DIR) -> int | None:
     """Free bytes of the shm filesystem, or None where there is none (e.g. macOS)."""
-    try:
-        st = os.statvfs(path)
-    except (OSError, AttributeError):
-        return None
-    return st.f_bavail * st.f_frsize
+    return free_bytes(path)
 
 
 # --------------------------------------------------------------------------- the config
@@ -458,8 +451,8 @@ class ShmflowConfig:
         network = max(v["memory.network.min"], min(network, v["memory.network.max"]))
         network = min(network, arena) // seg * seg
         buffers = network // seg
-        required = (v["network.buffers-per-channel"] * workers
-                    + v["network.floating-buffers-per-gate"])
+        required = min_buffers_per_worker(workers, buffers_per_channel=v["network.buffers-per-channel"],
+                                          floating_per_gate=v["network.floating-buffers-per-gate"])
         managed = int(v["memory.managed.fraction"] * arena) // block * block
         if buffers < required:
             inputs = self._where("memory.region.size", "workers", "memory.network.fraction",

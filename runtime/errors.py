@@ -66,6 +66,34 @@ class SpillError(ShmflowError, OSError):
     """A spill file could not be written or read back intact (full disk, missing or corrupt file)."""
 
 
+class BrokenChannelError(ShmflowError):
+    """A channel's peer went away (its worker died or closed the channel): names the channel.
+
+    "Broken", not "closed": this is what the other side did to the channel, not
+    a use of a channel this side closed (that is :class:`ClosedResourceError`).
+    """
+
+
+#: The name of :class:`BrokenChannelError` before 0.2; kept for one release.
+ChannelClosedError = BrokenChannelError
+
+
+class TransportError(ShmflowError):
+    """A ZeroMQ endpoint could not be bound or connected: names the endpoint."""
+
+
+class AuthenticationError(ShmflowError):
+    """A control message failed its HMAC check (no or wrong cluster secret), or a secret file is unsafe."""
+
+
+class ProtocolError(ShmflowError):
+    """A control message of an unknown type or protocol version, or with fields of the wrong type."""
+
+
+class GraphError(ShmflowError, ValueError):
+    """A job graph that cannot run: a cycle, a dangling edge, a parallelism that does not fit."""
+
+
 class DeserializationError(ShmflowError):
     """A corrupt, truncated or oversize frame: names the channel and offset."""
 
@@ -105,6 +133,12 @@ __all__ = [
     "RegionError",
     "SegmentBusyError",
     "SpillError",
+    "BrokenChannelError",
+    "ChannelClosedError",
+    "TransportError",
+    "AuthenticationError",
+    "ProtocolError",
+    "GraphError",
     "DeserializationError",
     "RecordTooLargeError",
     "WorkerLostError",

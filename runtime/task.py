@@ -1,145 +1,21 @@
-"""The Operator protocol and OperatorContext: the only contract between the worker and operators.
-
-Imports: runtime.errors, runtime.network.records (the batch types; stdlib otherwise). The worker runs operators through
-this protocol and never imports ``operators/``.
-
-Execution is batch-at-a-time inside, record-at-a-time outside (DESIGN.md):
-operators receive and emit **batches**, so the per-record cost is a C-level
-loop (``map``, comprehensions, numpy), not a method call per record per
-operator. A batch is either
-
-* a ``list`` of records (any msgpack-able Python values), or
-* a :class:`TimestampedBatch`, a list that also carries one event timestamp
-  (float seconds) per record, once a stream has ``with_timestamps(...)``, or
-* a ``dict`` of equal-length numpy arrays (columnar streams, ``map_batches``).
-
-An operator's ``emit`` callback takes a batch; emitting an empty batch is
-allowed and ignored. Watermarks (event time) flow between batches through
-``process_watermark``; processing-time timers through ``next_timer`` /
-``on_processing_time``.
-"""
+"""Deprecated path: the Operator protocol lives in runtime.execution.task. Kept for one release (see CHANGELOG.md)."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import warnings
 
-from runtime.network.records import TimestampedBatch  # noqa: F401 - re-exported: the operators' batch type
+from runtime.execution.task import (  # noqa: F401
+    MAX_WATERMARK,
+    Batch,
+    Emit,
+    Operator,
+    OperatorContext,
+    SinkOperator,
+    SourceOperator,
+    TimestampedBatch,
+    batch_len,
+)
 
-Batch = Any  # list | TimestampedBatch | dict[str, numpy.ndarray]
-Emit = Callable[[Batch], None]
+warnings.warn("runtime.task moved; import from runtime.execution.task instead", DeprecationWarning, stacklevel=2)
 
-#: The watermark that closes every event-time window: end of input.
-MAX_WATERMARK = float("inf")
-
-
-def batch_len(batch: Batch) -> int:
-    """Number of records in a batch of any kind."""
-    if isinstance(batch, dict):
-        return len(next(iter(batch.values()))) if batch else 0
-    return len(batch)
-
-
-@dataclass
-class OperatorContext:
-    """What a running operator may know and use.
-
-    ``mode`` is ``"streaming"`` (keyed aggregations emit every update) or
-    ``"batch"`` (one final record per key at end of input). ``memory`` is the
-    worker's MemoryManager (managed memory for state) when the runtime
-    provides one. ``clock`` returns processing time in seconds (injectable for
-    tests). ``metrics`` is a plain dict of counters the runtime reports.
-    """
-
-    operator_name: str = "operator"
-    subtask_index: int = 0
-    parallelism: int = 1
-    worker_id: int = 0
-    mode: str = "streaming"
-    memory: Any = None
-    clock: Callable[[], float] = time.time
-    metrics: dict[str, float] = field(default_factory=dict)
-    send_to_client: Callable[[str, Batch], None] | None = None  # collect() sinks ship results this way
-
-    def processing_time(self) -> float:
-        return self.clock()
-
-
-class Operator:
-    """Base of every operator. Subclasses override what they need.
-
-    Lifecycle: ``open(ctx)`` once, then any interleaving of ``process_batch``,
-    ``process_watermark`` and ``on_processing_time``, then ``finish(emit)`` at
-    end of input (flush state; batch mode emits its results here), then
-    ``close()`` (always, also after a failure).
-    """
-
-    name: str = "operator"
-
-    def open(self, ctx: OperatorContext) -> None:
-        self.ctx = ctx
-
-    def process_batch(self, batch: Batch, emit: Emit) -> None:
-        raise NotImplementedError
-
-    def process_watermark(self, watermark: float, emit: Emit) -> float | None:
-        """Handle an event-time watermark; return the watermark to forward (None: forward nothing)."""
-        return watermark
-
-    def pending_watermark(self) -> float | None:
-        """A watermark this operator generated since the last call (event-time sources), or None.
-
-        The runtime polls it after each batch and forwards the watermark downstream.
-        """
-        return None
-
-    def next_timer(self) -> float | None:
-        """The processing time at which :meth:`on_processing_time` wants to run, or None."""
-        return None
-
-    def on_processing_time(self, now: float, emit: Emit) -> None:
-        pass
-
-    def finish(self, emit: Emit) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class SourceOperator(Operator):
-    """A source: the runtime polls it for batches.
-
-    ``poll_batch(max_records)`` returns a batch, an empty list when nothing is
-    ready yet (unbounded sources), or ``None`` once exhausted. ``bounded``
-    tells whether the source ends by itself (``mode="auto"`` runs batch mode
-    when every source is bounded).
-    """
-
-    bounded: bool = True
-
-    def poll_batch(self, max_records: int) -> Batch | None:
-        raise NotImplementedError
-
-    def process_batch(self, batch: Batch, emit: Emit) -> None:  # sources have no input
-        raise TypeError(f"source {self.name!r} takes no input")
-
-
-class SinkOperator(Operator):
-    """A sink: consumes batches, emits nothing downstream."""
-
-
-def run_chain(operators: list[Operator], batch: Batch, sink: Emit) -> None:
-    """Push one batch through a chain of operators in-process (forward edges, no serialization)."""
-    emit = sink
-    for op in reversed(operators):
-        emit = _bind(op, emit)
-    emit(batch)
-
-
-def _bind(op: Operator, downstream: Emit) -> Emit:
-    def emit(batch: Batch) -> None:
-        if batch_len(batch):
-            op.process_batch(batch, downstream)
-    return emit
+__all__ = ['Batch', 'Emit', 'MAX_WATERMARK', 'Operator', 'OperatorContext', 'SinkOperator', 'SourceOperator', 'TimestampedBatch', 'batch_len']

@@ -13,7 +13,6 @@ import secrets
 import signal
 
 import pytest
-
 from helpers import wait_until
 
 SESSION_PREFIX = f"shmflow-t{os.getpid()}-"

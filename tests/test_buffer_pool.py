@@ -12,15 +12,29 @@ import threading
 
 import msgpack
 import pytest
-
 from helpers import SPAWN, reap, wait_until
-from runtime.errors import (DoubleFreeError, InsufficientNetworkBuffersError, InvalidHandleError,
-                            InvalidSizeError, OutOfMemoryError, ReadOnlySegmentError, SegmentFreedError,
-                            ShmflowError)
+
+from runtime.errors import (
+    DoubleFreeError,
+    InsufficientNetworkBuffersError,
+    InvalidHandleError,
+    InvalidSizeError,
+    OutOfMemoryError,
+    ReadOnlySegmentError,
+    SegmentFreedError,
+    ShmflowError,
+)
 from runtime.memory import BuddyAllocator, SharedRegion
-from runtime.network.buffer_pool import (BufferDescriptor, ClosedResourceError, LocalBufferPool,
-                                         LocalBufferPoolStats, NetworkBuffer, NetworkBufferPool,
-                                         NetworkBufferPoolStats, buffer_view)
+from runtime.network.buffer_pool import (
+    BufferDescriptor,
+    ClosedResourceError,
+    LocalBufferPool,
+    LocalBufferPoolStats,
+    NetworkBuffer,
+    NetworkBufferPool,
+    NetworkBufferPoolStats,
+    buffer_view,
+)
 
 KiB = 1024
 REMEDY = ("raise memory.network.fraction, memory.network.min or memory.region.size, "

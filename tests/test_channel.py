@@ -9,11 +9,12 @@ import time
 
 import numpy as np
 import pytest
-
 from helpers import SPAWN, reap
+
 from runtime.memory import BuddyAllocator, SharedRegion
 from runtime.network import NetworkBufferPool
-from runtime.network.channel import InputGate, ResultPartition
+from runtime.network.gate import InputGate
+from runtime.network.partition import ResultPartition
 
 MiB = 1 << 20
 BUF = 32 * 1024

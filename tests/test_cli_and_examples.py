@@ -94,7 +94,7 @@ def test_layout_command_draws_arenas_pools_and_free_blocks():
 
 
 def test_progress_line_names_operators_and_counts():
-    from runtime.coordinator import progress_line
+    from runtime.cluster.progress import progress_line
     line = progress_line("wc", 3.21, {"read_text -> flat_map": [1204, 9811], "count": [9811, 0]})
     assert line == "[wc 3.2s] read_text -> flat_map: 1,204 in / 9,811 out | count: 9,811 in / 0 out"
     assert len(progress_line("wc", 1.0, {"x" * 40: [1, 2]} , width=30)) == 30

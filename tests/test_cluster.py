@@ -12,9 +12,10 @@ import sys
 
 import pytest
 import zmq
-
 from helpers import wait_until
-from runtime import StreamEnvironment, control
+
+from runtime import StreamEnvironment
+from runtime.cluster import protocol as control
 from runtime.errors import JobFailedError
 
 
@@ -88,7 +89,7 @@ def test_a_peer_without_the_secret_is_refused_logged_and_never_unpickled(cluster
     sock.linger = 0
     sock.connect(endpoint)
     try:
-        control.send(sock, control.new_secret(), {"type": "submit", "graph": pickle.dumps(Evil())})
+        control.send(sock, control.new_secret(), control.Submit(graph=pickle.dumps(Evil())))
         sock.send_multipart([b"not", b"signed", b"at all"])
         assert not sock.poll(1000)  # no answer to an unauthenticated peer
     finally:

@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-
 from helpers import wait_until
+
 from runtime import StreamEnvironment
 from runtime.api import SlidingEventTimeWindows, TumblingEventTimeWindows
 from runtime.errors import JobFailedError
@@ -146,7 +146,7 @@ def _worker_pids() -> list[int]:
                 ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
         except OSError:
             continue
-        if ppid == os.getpid() and b"runtime.worker" in cmd:
+        if ppid == os.getpid() and b"runtime.cluster.worker" in cmd:
             pids.append(int(entry))
     return pids
 
@@ -286,7 +286,8 @@ def test_a_columnar_collection_shuffles_by_column_with_numpy():
 
 def test_a_columnar_source_is_polled_in_batches_of_half_a_mebibyte():
     import numpy as np
-    from runtime.subtask import SOURCE_COLUMNAR_BYTES
+
+    from runtime.execution.subtask import SOURCE_COLUMNAR_BYTES
     n = 100_000
     env = StreamEnvironment(workers=1)
     # 16 bytes per row (int64 + float64): 32,768 rows per batch, large enough that numpy's work dominates

@@ -6,8 +6,8 @@ import cloudpickle
 import pytest
 
 from runtime import StreamEnvironment
-from runtime.task import SourceOperator
-from runtime.jobs import check_shippable, worker_payloads
+from runtime.cluster.client import check_shippable, worker_payloads
+from runtime.execution.task import SourceOperator
 
 
 def _graph(workers: int, n: int):

@@ -15,8 +15,8 @@ import zlib
 
 import numpy as np
 import pytest
-
 from helpers import SPAWN, reap, wait_until
+
 from runtime.errors import (
     InvalidHandleError,
     InvalidSizeError,

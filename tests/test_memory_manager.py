@@ -9,8 +9,8 @@ import threading
 
 import numpy as np
 import pytest
-
 from helpers import SPAWN, reap
+
 from runtime.errors import (
     DoubleFreeError,
     InvalidHandleError,
@@ -278,8 +278,8 @@ def test_worker_process_release_all_frees_the_arena_pages_the_coordinator_sees()
         try:
             assert parent.poll(60), "worker did not report"
             handles, oom = parent.recv()
-            assert oom == (f"cannot allocate 32 pages (1 MiB) for 'sort-0': 384 KiB of the 512 KiB managed "
-                           f"budget left; raise memory.managed.fraction")
+            assert oom == ("cannot allocate 32 pages (1 MiB) for 'sort-0': 384 KiB of the 512 KiB managed "
+                           "budget left; raise memory.managed.fraction")
             views = [region.segment(h, readonly=True) for h in handles]
             assert all(v.offset >= 2 * MiB for v in views)
             assert [int(v.as_array(np.uint64).sum()) for v in views] == [(i + 1) * PAGE // 8 for i in range(4)]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from operators import keyed
 from operators.keyed import Aggregation, KeyedAggregate, KeyedCombine, combinable, partial_key
-from runtime.task import OperatorContext, TimestampedBatch, run_chain
+from runtime.execution.task import OperatorContext, TimestampedBatch, run_chain
 
 
 def run(op, batches, *, mode="batch"):

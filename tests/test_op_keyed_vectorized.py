@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from operators import keyed
 from operators.keyed import KeyedAggregate, KeyedCombine
-from runtime.task import OperatorContext
+from runtime.execution.task import OperatorContext
 
 AGGS = {
     "count": keyed.count,

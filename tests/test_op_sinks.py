@@ -8,7 +8,7 @@ import pytest
 from operators.sinks import CollectSink, FileSink, PrintSink
 from operators.stateless import Map
 from runtime.errors import ShmflowError
-from runtime.task import OperatorContext, TimestampedBatch, run_chain
+from runtime.execution.task import OperatorContext, TimestampedBatch, run_chain
 
 
 def test_collect_sink_ships_every_batch():

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from operators.sources import CollectionSource, GeneratorSource, TextFileSource
-from runtime.task import OperatorContext
+from runtime.execution.task import OperatorContext
 
 
 class FakeClock:

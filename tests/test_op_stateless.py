@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from operators.stateless import Filter, FlatMap, Map, MapBatches, WithTimestamps, to_records
-from runtime.task import MAX_WATERMARK, TimestampedBatch, run_chain
+from runtime.execution.task import MAX_WATERMARK, TimestampedBatch, run_chain
 
 
 def run(ops, *batches):

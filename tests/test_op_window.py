@@ -21,7 +21,7 @@ from operators.window import (
     TumblingProcessingTimeWindows,
     WindowAggregate,
 )
-from runtime.task import MAX_WATERMARK, OperatorContext, TimestampedBatch, run_chain
+from runtime.execution.task import MAX_WATERMARK, OperatorContext, TimestampedBatch, run_chain
 
 
 class FakeClock:

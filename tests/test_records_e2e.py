@@ -15,13 +15,14 @@ import time
 
 import pytest
 import zmq
-
 from helpers import SPAWN, reap, wait_until
+
 from runtime.errors import DeserializationError
 from runtime.memory import BuddyAllocator, SharedRegion
 from runtime.network import NetworkBufferPool
-from runtime.network.channel import InputGate, ResultPartition
 from runtime.network.events import EndOfPartition, UserEvent, Watermark
+from runtime.network.gate import InputGate
+from runtime.network.partition import ResultPartition
 from runtime.network.records import Partitioner, RecordReader, RecordWriter, TimestampedBatch
 from runtime.network.serializer import BufferSerializer
 

@@ -10,8 +10,8 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from helpers import SPAWN, reap, wait_until
+
 from runtime.errors import InvalidHandleError, OutOfMemoryError, RegionError, SegmentFreedError
 from runtime.memory import BuddyAllocator, SharedRegion, sweep
 from runtime.memory.region import HEADER_FIXED, is_orphaned

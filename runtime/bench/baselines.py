@@ -38,15 +38,48 @@ import queue
 import secrets
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from runtime.bench.workloads import (
-    MASK64, MiB, W1_BUFFER_SIZES, W1_QUICK_BYTES, W1_RING_BYTES, W1_TOTAL_BYTES, W1_WINDOW, W2_BATCH, W2_KEYS,
-    W2_N, W2_QUICK_N, W3_BATCH, W3_WORKERS, clock, environment, record, w1_check_size, w1_expected_checksum,
-    w1_nbufs, w1_pool, w1_record, w1_slice, w1_touch, w2_check, w2_columnar_consume, w2_columns, w2_expected, w2_record,
-    w2_row_consume, w2_rows, w3_check, w3_corpus_text, w3_generate, w3_line_ranges, w3_merge, w3_record,
+    MASK64,
+    W1_BUFFER_SIZES,
+    W1_QUICK_BYTES,
+    W1_RING_BYTES,
+    W1_TOTAL_BYTES,
+    W1_WINDOW,
+    W2_BATCH,
+    W2_KEYS,
+    W2_N,
+    W2_QUICK_N,
+    W3_BATCH,
+    W3_WORKERS,
+    MiB,
+    clock,
+    environment,
+    record,
+    w1_check_size,
+    w1_expected_checksum,
+    w1_nbufs,
+    w1_pool,
+    w1_record,
+    w1_slice,
+    w1_touch,
+    w2_check,
+    w2_columnar_consume,
+    w2_columns,
+    w2_expected,
+    w2_record,
+    w2_row_consume,
+    w2_rows,
+    w3_check,
+    w3_corpus_text,
+    w3_generate,
+    w3_line_ranges,
+    w3_merge,
+    w3_record,
     w3_reference,
 )
 

@@ -32,7 +32,7 @@ import numpy as np
 from operators import keyed
 from operators.keyed import KeyedAggregate, KeyedCombine
 from runtime.bench.workloads import w2_rows
-from runtime.task import OperatorContext
+from runtime.execution.task import OperatorContext
 
 BATCH = 1000
 _clock = time.process_time  # CPU time: the 2 cores are shared with other jobs, wall time is noise

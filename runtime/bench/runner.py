@@ -34,9 +34,10 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 WORKLOADS = ("w1", "w2", "w3", "latency", "alloc")
 CHOICES = (*WORKLOADS, "all")

@@ -34,12 +34,39 @@ import numpy as np
 
 from operators.stateless import MapBatches
 from runtime.bench.baselines import (
-    READY_TIMEOUT, RUN_TIMEOUT, SPAWN, _ChildFailed, _failed, _run_children, _w1_expected, _w1_volume, _w2_n,
+    READY_TIMEOUT,
+    RUN_TIMEOUT,
+    SPAWN,
+    _ChildFailed,
+    _failed,
+    _run_children,
+    _w1_expected,
+    _w1_volume,
+    _w2_n,
 )
 from runtime.bench.workloads import (
-    MASK64, W1_RING_BYTES, W1_WINDOW, W2_KEYS, W3_LINES, W3_QUICK_FRACTION, clock, data_dir, w1_pool,
-    w1_record, w1_touch, w2_check, w2_columnar_consume, w2_columns, w2_expected, w2_record, w2_rows,
-    w3_check, w3_corpus_path, w3_generate, w3_record, w3_reference,
+    MASK64,
+    W1_RING_BYTES,
+    W1_WINDOW,
+    W2_KEYS,
+    W3_LINES,
+    W3_QUICK_FRACTION,
+    clock,
+    data_dir,
+    w1_pool,
+    w1_record,
+    w1_touch,
+    w2_check,
+    w2_columnar_consume,
+    w2_columns,
+    w2_expected,
+    w2_record,
+    w2_rows,
+    w3_check,
+    w3_corpus_path,
+    w3_generate,
+    w3_record,
+    w3_reference,
 )
 
 #: The W1 producer requests buffers in batches of up to this many bytes (16 x 32 KiB, 1 x 1 MiB).
@@ -89,7 +116,7 @@ def _w1_producer(region_name: str, endpoints: Any, barrier: Any, done: Any, buf_
                  nbuffers: int, transport: str) -> dict:
     from runtime.memory import BuddyAllocator, SharedRegion
     from runtime.network import NetworkBufferPool
-    from runtime.network.channel import ResultPartition
+    from runtime.network.partition import ResultPartition
 
     region = SharedRegion.attach(region_name)
     net = pool = part = None
@@ -130,7 +157,7 @@ def _w1_producer(region_name: str, endpoints: Any, barrier: Any, done: Any, buf_
 
 
 def _w1_consumer(endpoints: Any, barrier: Any, done: Any, nbufs: int, buf_bytes: int, transport: str) -> dict:
-    from runtime.network.channel import InputGate
+    from runtime.network.gate import InputGate
 
     exclusive, floating = w1_credits(buf_bytes)
     gate = InputGate(1, exclusive=exclusive, floating=floating, name="bench-w1",

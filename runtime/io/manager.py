@@ -28,15 +28,16 @@ import tempfile
 import threading
 import warnings
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from runtime.memory.snapshot import Snapshot
 from runtime.errors import InvalidHandleError
 from runtime.io.spill import BlockRef, SegmentBusyError, SpillFile, _FileState, _spill_error
 from runtime.memory.segment import MemorySegment
+from runtime.memory.snapshot import Snapshot
 from runtime.memory.units import format_bytes
 
 SPILL_PREFIX = "shmflow-spill-"
@@ -311,7 +312,7 @@ class IOManager:
         """
         return SpillFile(self, self._core.create_file(hint))
 
-    def read_async(self, ref: BlockRef, segment: MemorySegment) -> "Future[int]":
+    def read_async(self, ref: BlockRef, segment: MemorySegment) -> Future[int]:
         """``SpillFile.read_async`` for the file ``ref`` names (see there).
 
         Ownership: ``segment`` belongs to the IOManager until the future completes.
@@ -343,7 +344,7 @@ class IOManager:
         """
         self._finalizer()
 
-    def __enter__(self) -> "IOManager":
+    def __enter__(self) -> IOManager:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,19 +22,20 @@ from __future__ import annotations
 import errno
 import os
 import zlib
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 from runtime.errors import (
-    SegmentBusyError,
     InvalidHandleError,
     InvalidSizeError,
     ReadOnlySegmentError,
+    SegmentBusyError,
     SegmentFreedError,
     SpillError,
 )
 from runtime.memory.segment import MemorySegment
-from runtime.memory.units import format_bytes
+from runtime.memory.units import format_bytes, free_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from runtime.io.manager import IOManager, _IOCore
@@ -77,11 +78,8 @@ class _FileState:
 
 def free_space(path: str) -> int:
     """Bytes available to unprivileged users on the file system holding ``path`` (-1 if unknown)."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return -1
-    return st.f_bavail * st.f_frsize
+    free = free_bytes(path)
+    return -1 if free is None else free
 
 
 def _describe(exc: OSError) -> str:
@@ -112,7 +110,7 @@ class SpillFile:
     spawn; a forked child must not use it). Thread-safe.
     """
 
-    def __init__(self, manager: "IOManager", state: _FileState) -> None:
+    def __init__(self, manager: IOManager, state: _FileState) -> None:
         self.manager = manager  # keeps the IOManager (and its directory) alive while the file is used
         self._core: _IOCore = manager._core
         self._state = state
@@ -140,7 +138,7 @@ class SpillFile:
         return self._state.deleted
 
     # ------------------------------------------------------------------ write
-    def write_async(self, segments: Segments, nbytes: int | None = None) -> "Future[BlockRef]":
+    def write_async(self, segments: Segments, nbytes: int | None = None) -> Future[BlockRef]:
         """Append one block, in the background: the first ``nbytes`` (default: all) of ``segments``.
 
         ``segments`` is one segment or a sequence of them (a gather write,
@@ -189,7 +187,7 @@ class SpillFile:
         return self.write_async(segments, nbytes).result(timeout)
 
     # ------------------------------------------------------------------- read
-    def read_async(self, ref: BlockRef, segments: Segments) -> "Future[int]":
+    def read_async(self, ref: BlockRef, segments: Segments) -> Future[int]:
         """Read the block ``ref`` names into ``segments``, in the background.
 
         With one segment the block lands at its start; with a sequence it is
@@ -263,7 +261,7 @@ class SpillFile:
         """
         self._core.delete_file(self._state, timeout=timeout)
 
-    def __enter__(self) -> "SpillFile":
+    def __enter__(self) -> SpillFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -346,7 +344,7 @@ def _transfer(op: Callable[[int, list, int], int], fd: int, views: list[memoryvi
             views[i] = views[i][n:]
 
 
-def _write_block(core: "_IOCore", state: _FileState, segs: list[MemorySegment], nbytes: int,
+def _write_block(core: _IOCore, state: _FileState, segs: list[MemorySegment], nbytes: int,
                  offset: int) -> BlockRef:
     """Runs on an IOManager thread. Pairs with :func:`_read_block` (same CRC, same layout)."""
     views = _views(segs, nbytes)
@@ -372,7 +370,7 @@ def _write_block(core: "_IOCore", state: _FileState, segs: list[MemorySegment], 
     return BlockRef(state.path, offset, nbytes, crc)
 
 
-def _read_block(core: "_IOCore", state: _FileState, ref: BlockRef, segs: list[MemorySegment]) -> int:
+def _read_block(core: _IOCore, state: _FileState, ref: BlockRef, segs: list[MemorySegment]) -> int:
     """Runs on an IOManager thread. Pairs with :func:`_write_block`."""
     where = f"block at offset {ref.offset} ({ref.nbytes} bytes)"
     try:

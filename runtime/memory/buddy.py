@@ -12,11 +12,10 @@ cost O(number of orders) = O(log n): no scan of the range.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-from runtime.memory.snapshot import Snapshot
 from runtime.errors import (
     DoubleFreeError,
     InvalidHandleError,
@@ -24,6 +23,7 @@ from runtime.errors import (
     OutOfMemoryError,
 )
 from runtime.memory.segment import MemorySegment, SegmentHandle
+from runtime.memory.snapshot import Snapshot
 from runtime.memory.units import format_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,7 +59,7 @@ class BuddyAllocator:
     Process: the owning process only. Not thread-safe.
     """
 
-    def __init__(self, region: "SharedRegion", min_block: int = 4096, *, offset: int = 0,
+    def __init__(self, region: SharedRegion, min_block: int = 4096, *, offset: int = 0,
                  size: int | None = None) -> None:
         if not isinstance(min_block, int) or min_block <= 0 or min_block & (min_block - 1):
             raise InvalidSizeError(f"min_block must be a power of two > 0; got {min_block!r}")

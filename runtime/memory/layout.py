@@ -8,7 +8,7 @@ grant) are drawn as their own bars, below the allocator that granted their range
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from runtime.memory.buddy import BuddyAllocator
 from runtime.memory.units import format_bytes

@@ -28,7 +28,6 @@ from collections.abc import Hashable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from runtime.memory.snapshot import Snapshot
 from runtime.errors import (
     DoubleFreeError,
     InvalidHandleError,
@@ -38,6 +37,7 @@ from runtime.errors import (
 )
 from runtime.memory.buddy import BuddyAllocator
 from runtime.memory.segment import MemorySegment
+from runtime.memory.snapshot import Snapshot
 from runtime.memory.units import format_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,9 +139,9 @@ class MemoryManager:
         self._closed = False
 
     @classmethod
-    def for_range(cls, region: "SharedRegion", offset: int, size: int, *, page_size: int = DEFAULT_PAGE_SIZE,
+    def for_range(cls, region: SharedRegion, offset: int, size: int, *, page_size: int = DEFAULT_PAGE_SIZE,
                   min_block: int | None = None, budget: int | None = None,
-                  name: str = "memory manager") -> "MemoryManager":
+                  name: str = "memory manager") -> MemoryManager:
         """A manager over its own BuddyAllocator for ``[offset, offset + size)`` of ``region``.
 
         ``min_block`` defaults to ``min(page_size, 4096)``, raised to the
@@ -374,7 +374,7 @@ class MemoryManager:
     def closed(self) -> bool:
         return self._closed
 
-    def __enter__(self) -> "MemoryManager":
+    def __enter__(self) -> MemoryManager:
         return self
 
     def __exit__(self, *exc: object) -> None:

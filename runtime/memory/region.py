@@ -32,14 +32,15 @@ import struct
 import sys
 import threading
 import weakref
+from collections.abc import Iterator
 from multiprocessing import resource_tracker, shared_memory
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from runtime.errors import InvalidHandleError, InvalidSizeError, OutOfMemoryError, RegionError
 from runtime.memory.segment import MemorySegment, SegmentHandle
-from runtime.memory.units import format_bytes
+from runtime.memory.units import format_bytes, free_bytes
 
 try:  # POSIX only; shmflow needs /dev/shm.
     import _posixshmem
@@ -194,8 +195,11 @@ def default_prefix() -> str:
 
 def shm_free_bytes() -> int:
     """Bytes still free in /dev/shm (tmpfs), as the kernel reports them."""
-    st = os.statvfs(SHM_DIR)
-    return st.f_bavail * st.f_frsize
+    free = free_bytes(SHM_DIR)
+    if free is None:
+        msg = f"cannot read the free space of {SHM_DIR}: shared memory needs a tmpfs at {SHM_DIR}"
+        raise RegionError(msg)
+    return free
 
 
 def _layout(size: int, granule: int) -> tuple[int, int]:
@@ -251,7 +255,7 @@ class SharedRegion:
     # ----------------------------------------------------------------- creation
     @classmethod
     def create(cls, size: int, *, granule: int = DEFAULT_GRANULE, prefix: str | None = None,
-               sweep_dead: bool = True) -> "SharedRegion":
+               sweep_dead: bool = True) -> SharedRegion:
         """Create a new region with ``size`` usable bytes (the header comes on top).
 
         ``granule`` is the resolution of the generation table: allocators on this
@@ -303,7 +307,7 @@ class SharedRegion:
             raise
 
     @classmethod
-    def attach(cls, name: str) -> "SharedRegion":
+    def attach(cls, name: str) -> SharedRegion:
         """Map an existing region by name. The caller never unlinks it.
 
         Raises:
@@ -410,7 +414,7 @@ class SharedRegion:
         if self._mmap is None:
             raise RegionError(f"region {self.name!r} is closed")
 
-    def __enter__(self) -> "SharedRegion":
+    def __enter__(self) -> SharedRegion:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -63,9 +63,9 @@ class MemorySegment:
     __slots__ = ("region", "offset", "size", "generation", "owner", "readonly",
                  "_allocator", "_freed", "_checked", "_buf", "__weakref__")
 
-    def __init__(self, region: "SharedRegion", offset: int, size: int, generation: int,
+    def __init__(self, region: SharedRegion, offset: int, size: int, generation: int,
                  owner: Any = None, *, readonly: bool = False, checked: bool = False,
-                 allocator: "BuddyAllocator | None" = None) -> None:
+                 allocator: BuddyAllocator | None = None) -> None:
         self.region = region
         self.offset = offset
         self.size = size
@@ -78,8 +78,8 @@ class MemorySegment:
         self._buf = region.buf  # usable area; positions below are offset + pos
 
     @classmethod
-    def _allocated(cls, region: "SharedRegion", offset: int, size: int, generation: int, owner: Any,
-                   allocator: "BuddyAllocator") -> "MemorySegment":
+    def _allocated(cls, region: SharedRegion, offset: int, size: int, generation: int, owner: Any,
+                   allocator: BuddyAllocator) -> MemorySegment:
         """``cls(region, offset, size, generation, owner, allocator=allocator)`` for the allocator's hot
         path: keyword arguments cost as much as the rest of the constructor."""
         seg = object.__new__(cls)

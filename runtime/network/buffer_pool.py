@@ -26,14 +26,23 @@ import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
-from runtime.errors import (ClosedResourceError, DoubleFreeError, InsufficientNetworkBuffersError,
-                            InvalidHandleError, InvalidSizeError, OutOfMemoryError, RegionError,
-                            SegmentFreedError, ShmflowError)
-from runtime.memory.snapshot import Snapshot
+from runtime.errors import (
+    ClosedResourceError,
+    DoubleFreeError,
+    InsufficientNetworkBuffersError,
+    InvalidHandleError,
+    InvalidSizeError,
+    OutOfMemoryError,
+    RegionError,
+    SegmentFreedError,
+    ShmflowError,
+)
 from runtime.memory import BuddyAllocator, MemorySegment, SharedRegion, format_bytes
+from runtime.memory.snapshot import Snapshot
 
 __all__ = ["BufferDescriptor", "ClosedResourceError", "LocalBufferPool", "LocalBufferPoolStats",
            "NetworkBuffer", "NetworkBufferPool", "NetworkBufferPoolStats", "buffer_view", "release_buffers"]

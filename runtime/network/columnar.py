@@ -57,7 +57,7 @@ class ColumnarLayout:
     length: int  # payload bytes
 
     @classmethod
-    def prepare(cls, batch: Any) -> "ColumnarLayout":
+    def prepare(cls, batch: Any) -> ColumnarLayout:
         if isinstance(batch, np.ndarray):
             if batch.dtype.names is None or batch.ndim != 1:
                 msg = (f"write_batch: an ndarray batch must be a 1-d structured array; got dtype {batch.dtype} "

@@ -22,33 +22,25 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable, Iterable
+from collections.abc import Callable
+from typing import Any
 
-import msgpack
 import numpy as np
 
 from runtime.errors import RecordTooLargeError
-from runtime.network.channel import InputGate, ResultPartition
+from runtime.network.batch import TimestampedBatch, pack_batch, unpack_batch  # noqa: F401 - pack and unpack re-exported
 from runtime.network.events import UserEvent
-from runtime.network.serializer import (DEFAULT_MAX_RECORD_SIZE, BufferDeserializer, BufferSerializer, iter_records,
-                                       pack_to_buffers)
+from runtime.network.gate import InputGate
+from runtime.network.partition import ResultPartition
+from runtime.network.serializer import (
+    DEFAULT_MAX_RECORD_SIZE,
+    BufferDeserializer,
+    BufferSerializer,
+)
 
 _TIMESTAMPS = "__shmflow.timestamps__"
 #: Up to this many partitions, a columnar batch is split by one scan per partition; above, by a sort.
 _MASK_SPLIT_MAX = 8
-
-
-class TimestampedBatch(list):
-    """A list of records with a parallel list of event timestamps (seconds, float)."""
-
-    __slots__ = ("timestamps",)
-
-    def __init__(self, records: Iterable[Any] = (), timestamps: Iterable[float] = ()) -> None:
-        super().__init__(records)
-        self.timestamps: list[float] = list(timestamps)
-        if len(self.timestamps) != len(self):
-            msg = f"a timestamped batch needs one timestamp per record; got {len(self)} records, {len(self.timestamps)} timestamps"
-            raise ValueError(msg)
 
 
 # ---------------------------------------------------------------------- partitioning
@@ -357,17 +349,3 @@ class RecordReader:
         for rb in self._held:
             rb.release()
         self._held = []
-
-
-# ------------------------------------------------------------------ client shipping
-def pack_batch(batch: Any, *, chunk: int = 1 << 20) -> bytes:
-    """A batch as bytes for the control plane (collect sinks); tuples stay tuples."""
-    records = batch if isinstance(batch, (dict, np.ndarray)) else list(batch)
-    parts = pack_to_buffers([records], buffer_size=chunk)
-    return msgpack.packb([bytes(buf[:n]) for buf, n in parts], use_bin_type=True)
-
-
-def unpack_batch(payload: bytes) -> list[Any]:
-    """The records packed by :func:`pack_batch` (a columnar batch comes back as one item)."""
-    chunks = msgpack.unpackb(payload, raw=False)
-    return list(iter_records(chunks, channel="collect"))

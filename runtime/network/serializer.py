@@ -74,15 +74,17 @@ from __future__ import annotations
 import enum
 import operator
 import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
 
 from runtime.errors import DeserializationError, RecordTooLargeError
-from runtime.network.columnar import FORM_DICT, FORM_STRUCT, ColumnarLayout, align8 as _align, read_columnar
+from runtime.network.columnar import FORM_DICT, FORM_STRUCT, ColumnarLayout, read_columnar
+from runtime.network.columnar import align8 as _align
 from runtime.network.events import EVENT_TYPES, EndOfPartition, UserEvent, Watermark
 
 __all__ = [

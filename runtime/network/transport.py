@@ -16,13 +16,9 @@ from typing import Literal
 
 import zmq
 
-from runtime.errors import ShmflowError
+from runtime.errors import TransportError
 
 Kind = Literal["ipc", "tcp"]
-
-
-class TransportError(ShmflowError):
-    """A socket could not be bound or connected; the message names the address."""
 
 
 def context() -> zmq.Context:

@@ -1,0 +1,352 @@
+"""The coordinator (Flink's JobManager + ResourceManager): owns the region, grants arenas, runs jobs.
+
+Imports: runtime.memory, runtime.control, runtime.graph, runtime.network
+(transport), runtime.errors. Never imports ``operators``.
+
+The coordinator alone creates, carves and unlinks the shared region. Each
+worker that registers is granted an arena (one buddy block of
+``MemoryPlan.arena_bytes``) and reclaimed when it leaves or dies. A job runs
+in three steps: ``deploy`` the pickled job graph to every worker (each builds
+subtask ``i`` of every vertex and binds its input gates), ``start`` once every
+gate's endpoint is known, then wait for ``finished`` from every worker while
+relaying ``collect`` batches to the client. A ``failed`` message, a worker
+process that exits, or a worker that misses its heartbeats fails the job with
+:class:`JobFailedError`; the other workers are told to ``cancel``.
+
+:class:`LocalCluster` is the embedded cluster behind ``StreamEnvironment(workers=N)``
+and ``shmflow run``: a coordinator in the calling process plus N worker
+processes. Once every worker has attached, it unlinks the region's name
+early, so even a SIGKILL of every process leaves nothing in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+import zmq
+
+from runtime.cluster import protocol as control
+from runtime.cluster.protocol import (
+    Ack,
+    Attached,
+    Cancel,
+    Collect,
+    Deploy,
+    Deployed,
+    Failed,
+    Finished,
+    Heartbeat,
+    JobError,
+    JobSucceeded,
+    Message,
+    Register,
+    Results,
+    Running,
+    Shutdown,
+    Start,
+    Submit,
+    Welcome,
+)
+from runtime.errors import InsufficientNetworkBuffersError, JobFailedError, WorkerLostError
+from runtime.execution.graph import JobGraph
+from runtime.memory import BuddyAllocator, MemorySegment, SharedRegion, format_bytes
+from runtime.network.budget import job_buffers_required
+from runtime.network.transport import bind, context, local_endpoint, make_socket
+
+log = logging.getLogger("shmflow.coordinator")
+
+HEARTBEAT_TIMEOUT = 30.0  # seconds of silence after which a worker counts as lost (a busy step can be long)
+STARTUP_TIMEOUT = 60.0
+
+
+def _exitcode(proc: Any) -> int | None:
+    """The exit code of a worker process (Popen or multiprocessing.Process), None while it runs."""
+    if proc is None:
+        return None
+    if hasattr(proc, "poll"):
+        return proc.poll()
+    return proc.exitcode
+
+
+@dataclass
+class WorkerHandle:
+    """The coordinator's view of one worker."""
+
+    worker_id: int
+    identity: bytes
+    pid: int
+    arena: MemorySegment | None = None
+    attached: bool = False
+    last_heard: float = field(default_factory=time.monotonic)
+    progress: dict[str, list[int]] | None = None  # from the last heartbeat: chain -> [records in, out]
+    process: Any = None  # the worker's process handle when this coordinator started it
+
+
+class Coordinator:
+    """Owns the region and its global allocator; registers workers and runs jobs on them.
+
+    Ownership: the coordinator allocates one arena per worker from the global
+    allocator (``grant``) and frees it when the worker is gone (``reclaim``);
+    nothing else is allocated from the global range. Only the coordinator
+    unlinks the region.
+    Process: the coordinator process, one thread.
+    """
+
+    def __init__(self, config: Any, *, endpoint: str | None = None, secret: bytes | None = None) -> None:
+        self.config = config
+        self.plan = config.memory_plan()
+        self.secret = secret or control.new_secret()
+        self.region = SharedRegion.create(config.region_size)
+        try:
+            self.allocator = BuddyAllocator(self.region, config.min_block)
+            self.ctx = context()
+            self.sock = make_socket(self.ctx, zmq.ROUTER)
+            self.sock.router_mandatory = True
+            self.endpoint = bind(self.sock, endpoint or local_endpoint("ipc"))
+        except BaseException:
+            self.region.close()
+            raise
+        self.workers: dict[int, WorkerHandle] = {}
+        self._by_identity: dict[bytes, WorkerHandle] = {}
+        self.refused = 0  # messages that failed authentication
+        self._on_tick: Callable[[], None] | None = None
+        self._next_tick = 0.0
+
+    # ---------------------------------------------------------------- messaging
+    def send(self, handle: WorkerHandle, message: Message) -> None:
+        self.send_to(handle.identity, message)
+
+    def send_to(self, identity: bytes, message: Message) -> None:
+        """Send to any peer (worker or client) by its ROUTER identity; a peer that is gone is ignored."""
+        try:
+            control.send(self.sock, self.secret, message, identity=identity)
+        except zmq.ZMQError as exc:  # peer gone (router_mandatory): a worker's loss is detected separately
+            log.debug("could not send %s to peer %s: %s", message.TYPE, identity.hex(), exc)
+
+    def broadcast(self, message: Message) -> None:
+        for handle in list(self.workers.values()):
+            self.send(handle, message)
+
+    def poll(self, timeout: float) -> tuple[bytes, Message] | None:
+        """One authenticated message, or None on timeout. Unauthenticated ones are logged and dropped."""
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        received = control.recv_from(self.sock, self.secret)
+        if received is None:
+            self.refused += 1
+            return None
+        identity, message = received
+        handle = self._by_identity.get(identity)
+        if handle is not None:
+            handle.last_heard = time.monotonic()
+        if isinstance(message, Register):
+            self._on_register(identity, message)
+            return None
+        if isinstance(message, Attached):
+            if handle is not None:
+                handle.attached = True
+            return None
+        if isinstance(message, Heartbeat):
+            if handle is not None:
+                handle.progress = message.progress
+                self.send(handle, Ack())  # lets the worker tell a live coordinator from a dead one
+            return None
+        return identity, message
+
+    # ----------------------------------------------------------- grant/reclaim
+    def _on_register(self, identity: bytes, message: Register) -> None:
+        wid = message.worker
+        if wid < 0:  # a standing worker: the coordinator numbers it
+            wid = next(i for i in range(len(self.workers) + 1) if i not in self.workers)
+        if wid >= self.config.workers:
+            log.warning("refusing worker pid %s: the region has arenas for %d workers (raise workers)",
+                        message.pid, self.config.workers)
+            self.send_to(identity, Shutdown(reason="no arena left"))
+            return
+        if wid in self.workers:
+            log.warning("worker %d registered twice; refusing pid %s", wid, message.pid)
+            return
+        handle = WorkerHandle(wid, identity, message.pid)
+        handle.arena = self.allocator.allocate(self.plan.arena_bytes, owner=f"worker-{wid} arena")
+        self.workers[wid] = handle
+        self._by_identity[identity] = handle
+        log.info("worker %d (pid %d) registered; granted %s", wid, handle.pid, format_bytes(handle.arena.size))
+        self.send(handle, Welcome(
+            worker=wid, region=self.region.name, arena=list(handle.arena.handle()),
+            min_block=self.config.min_block, segment_size=self.config.segment_size,
+            network_buffers=self.plan.network_buffers_per_worker,
+            managed_bytes=self.plan.managed_bytes_per_worker,
+        ))
+
+    def reclaim(self, wid: int) -> None:
+        """Forget a worker and free its arena (which makes every descriptor into it stale)."""
+        handle = self.workers.pop(wid, None)
+        if handle is None:
+            return
+        self._by_identity.pop(handle.identity, None)
+        if handle.arena is not None and not handle.arena.freed:
+            self.allocator.free(handle.arena)
+
+    def wait_workers_attached(self, n: int, *, timeout: float = STARTUP_TIMEOUT,
+                              processes: list[Any] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(h.attached for h in self.workers.values()) < n:
+            for i, proc in enumerate(processes or []):
+                code = _exitcode(proc)
+                if code is not None:
+                    raise WorkerLostError(f"worker {i} (pid {proc.pid}) exited with {code} during start-up",
+                                          worker_id=i, pid=proc.pid, exitcode=code)
+            if time.monotonic() > deadline:
+                attached = sum(h.attached for h in self.workers.values())
+                raise TimeoutError(f"{attached} of {n} workers attached within {timeout}s")
+            self.poll(0.1)
+
+    # --------------------------------------------------------------------- jobs
+    def run_job(self, graph: JobGraph, payload: bytes | list[bytes], *, on_collect: Callable[[str, bytes], None],
+                timeout: float | None = None, on_tick: Callable[[], None] | None = None) -> dict[int, dict[str, Any]]:
+        """Deploy, start and watch one job; returns per-worker metrics. Raises JobFailedError.
+
+        ``payload``: the pickled graph for every worker, or one per worker (``jobs.worker_payloads``).
+        """
+        job = secrets.token_hex(6)
+        needed = graph.max_parallelism
+        if len(self.workers) < needed:
+            raise JobFailedError(f"job {graph.name!r} needs {needed} workers (its largest parallelism); "
+                                 f"{len(self.workers)} registered; raise workers")
+        participants = {wid: self.workers[wid] for wid in sorted(self.workers)[:needed]}
+        self.check_network_buffers(graph)
+        cfg = self.config.as_dict()
+        for wid, handle in participants.items():  # worker ids are 0..needed-1: worker i runs subtask i
+            graph_bytes = payload[wid] if isinstance(payload, list) else payload
+            self.send(handle, Deploy(job=job, graph=graph_bytes, config=cfg))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        deployed: dict[int, dict[str, str]] = {}
+        finished: dict[int, dict[str, Any]] = {}
+        self._on_tick, self._next_tick = on_tick, time.monotonic()
+        try:
+            while len(deployed) < len(participants):
+                self._watch(graph, participants, job, deadline, deployed, None, on_collect)
+            gates = {str(v.id): [deployed[i][str(v.id)] for i in range(v.parallelism)]
+                     for v in graph.vertices if v.inputs}
+            for handle in participants.values():
+                self.send(handle, Start(job=job, gates=gates))
+            while len(finished) < len(participants):
+                self._watch(graph, participants, job, deadline, None, finished, on_collect)
+        except BaseException:
+            for handle in participants.values():
+                self.send(handle, Cancel(job=job))
+            raise
+        return finished
+
+    def check_network_buffers(self, graph: JobGraph) -> None:
+        """Refuse a job whose partitions need more buffers than a worker's pool holds (before deploying).
+
+        The budget is :mod:`runtime.network.budget`'s, as ``JobRun._connect`` sizes the pools.
+        """
+        available = self.plan.network_buffers_per_worker
+        for wid in range(graph.max_parallelism):
+            required = job_buffers_required([
+                1 if edge.partitioning == "forward" else graph.vertex(edge.target).parallelism
+                for vertex in graph.vertices if wid < vertex.parallelism for edge in vertex.outputs])
+            if required > available:
+                msg = (f"insufficient network buffers for job {graph.name!r} on worker {wid}: required {required}, "
+                       f"available {available} (buffer size {format_bytes(self.config.segment_size)}); raise "
+                       f"memory.network.fraction, memory.network.min/max or memory.region.size")
+                raise InsufficientNetworkBuffersError(msg)
+
+    def _watch(self, graph: JobGraph, participants: dict[int, WorkerHandle], job: str, deadline: float | None,
+               deployed: dict | None, finished: dict | None, on_collect: Callable[[str, bytes], None]) -> None:
+        self._check_alive(graph, participants)
+        if self._on_tick is not None and time.monotonic() >= self._next_tick:
+            self._next_tick = time.monotonic() + 0.5
+            self._on_tick()
+        if deadline is not None and time.monotonic() > deadline:
+            raise JobFailedError(f"job {graph.name!r} did not finish within its timeout")
+        received = self.poll(0.1)
+        if received is None:
+            return
+        identity, message = received
+        if isinstance(message, Submit):
+            self.send_to(identity, JobError(message="the coordinator is running another job; submit again when it ends"))
+            return
+        if not isinstance(message, (Collect, Deployed, Finished, Failed)) or message.job != job:
+            return
+        wid = message.worker
+        if isinstance(message, Collect):
+            on_collect(message.sink, message.records)
+        elif isinstance(message, Deployed):
+            if deployed is not None:
+                deployed[wid] = message.gates
+        elif isinstance(message, Finished):
+            if finished is not None:
+                finished[wid] = message.metrics
+        else:
+            handle = participants.get(wid)
+            pid = handle.pid if handle else "?"
+            msg = (f"job {graph.name!r} failed: operator {message.operator!r} on worker {wid} (pid {pid}) "
+                   f"raised:\n{message.traceback}")
+            raise JobFailedError(msg)
+
+    def _check_alive(self, graph: JobGraph, participants: dict[int, WorkerHandle]) -> None:
+        now = time.monotonic()
+        for wid, handle in participants.items():
+            code = _exitcode(handle.process)
+            silent = now - handle.last_heard > HEARTBEAT_TIMEOUT
+            if code is not None or silent:
+                ops = ", ".join(repr(v.name) for v in graph.vertices if v.parallelism > wid)
+                cause = f"exited with {code}" if code is not None else f"sent no heartbeat for {HEARTBEAT_TIMEOUT:.0f}s"
+                arena = handle.arena.size if handle.arena is not None else 0
+                self.reclaim(wid)
+                msg = (f"job {graph.name!r} failed: worker {wid} (pid {handle.pid}) {cause} while running "
+                       f"{ops}; its arena of {format_bytes(arena)} was reclaimed")
+                raise JobFailedError(msg)
+
+    # ----------------------------------------------------------- standing mode
+    def serve(self, *, stop: Callable[[], bool] = lambda: False) -> None:
+        """Accept workers and run the jobs clients submit, one at a time, until ``stop()``."""
+        while not stop():
+            self._reap_silent()
+            received = self.poll(0.2)
+            if received is None:
+                continue
+            identity, message = received
+            if not isinstance(message, Submit):
+                continue
+            try:
+                graph = check_graph_payload(message.graph)
+                metrics = self.run_job(
+                    graph, message.graph, timeout=message.timeout,
+                    on_collect=lambda sink, records: self.send_to(identity, Results(sink=sink, records=records)),
+                    on_tick=lambda: self.send_to(identity, Running()))
+                self.send_to(identity, JobSucceeded(metrics=metrics))
+            except Exception as exc:  # the client gets the failure; the coordinator keeps serving
+                self.send_to(identity, JobError(message=str(exc)))
+
+    def _reap_silent(self) -> None:
+        now = time.monotonic()
+        for wid, handle in list(self.workers.items()):
+            if _exitcode(handle.process) is not None or now - handle.last_heard > HEARTBEAT_TIMEOUT:
+                log.warning("worker %d (pid %d) is gone; reclaiming its arena", wid, handle.pid)
+                self.reclaim(wid)
+
+    # ----------------------------------------------------------------- shutdown
+    def close(self) -> None:
+        self.broadcast(Shutdown(reason="the coordinator is closing"))
+        for wid in list(self.workers):
+            self.reclaim(wid)
+        self.sock.close(linger=500)
+        self.region.close()
+
+
+def check_graph_payload(payload: bytes) -> JobGraph:
+    """Unpickle a submitted job graph (its HMAC was verified before this is called)."""
+    graph = cloudpickle.loads(payload)
+    if not isinstance(graph, JobGraph):
+        raise JobFailedError(f"a submitted job must be a JobGraph; got {type(graph).__name__}")
+    return graph

@@ -1,0 +1,90 @@
+"""What a person sees of a running job: the terminal progress line and the summary at its end.
+
+Imports: runtime.cluster.coordinator (the workers' last heartbeats), runtime.memory (byte formatting).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from runtime.cluster.coordinator import Coordinator
+from runtime.memory.units import format_bytes
+
+
+def progress_line(name: str, elapsed: float, progress: dict[str, list[int]], *, width: int = 120) -> str:
+    """``[wordcount 3.2s] read_text -> flat_map: 1,204 in / 9,811 out | count: ...`` cut to ``width``."""
+    parts = []
+    for chain, (records_in, records_out) in progress.items():
+        short = chain if len(chain) <= 32 else chain[:29] + "..."
+        parts.append(f"{short}: {records_in:,} in / {records_out:,} out")
+    line = f"[{name} {elapsed:.1f}s] " + " | ".join(parts)
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def progress_printer(name: str, coordinator: Coordinator, started: float) -> Callable[[], None]:
+    """A tick callback that redraws the progress line on a terminal (stderr)."""
+    def tick() -> None:
+        merged: dict[str, list[int]] = {}
+        for handle in coordinator.workers.values():
+            for chain, (records_in, records_out) in (handle.progress or {}).items():
+                acc = merged.setdefault(chain, [0, 0])
+                acc[0] += records_in
+                acc[1] += records_out
+        width = shutil.get_terminal_size((120, 20)).columns - 1
+        sys.stderr.write("\r\x1b[K" + progress_line(name, time.monotonic() - started, merged, width=width))
+        sys.stderr.flush()
+    return tick
+
+
+def summarize(per_worker: dict[int, dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Merge the workers' metrics: per operator chain, records in/out and backpressure; totals."""
+    operators: dict[str, dict[str, float]] = {}
+    high_water = 0
+    for metrics in per_worker.values():
+        for name, values in metrics.items():
+            if name == "memory_high_water_bytes":
+                high_water += values
+                continue
+            chain = name.rsplit("[", 1)[0]
+            agg = operators.setdefault(chain, {})
+            for k, v in values.items():
+                if k == "first_record_at":
+                    agg[k] = min(agg.get(k, v), v)
+                elif k == "finished_at":
+                    agg[k] = max(agg.get(k, v), v)
+                else:
+                    agg[k] = agg.get(k, 0) + v
+    records = sum(m.get("source_records", 0) for m in operators.values())
+    starts = [m["first_record_at"] for m in operators.values() if "first_record_at" in m]
+    ends = [m["finished_at"] for m in operators.values() if "finished_at" in m]
+    # The timed region of WORKLOADS.md: first source record to the last subtask's end (monotonic, system-wide).
+    timed = (max(ends) - min(starts)) if starts and ends else seconds
+    return {
+        "timed_seconds": timed,
+        "seconds": seconds,
+        "operators": operators,
+        "records": records,
+        "records_per_s": records / timed if timed > 0 else 0.0,
+        "backpressure_seconds": sum(m.get("backpressure_seconds", 0) for m in operators.values()),
+        "memory_high_water_bytes": high_water,
+    }
+
+
+def render_summary(name: str, seconds: float, metrics: dict[str, Any]) -> str:
+    """One paragraph: records, throughput, memory high-water, backpressure, per operator chain."""
+    m = metrics
+    lines = [f"job {name!r}: {m.get('records', 0):,} records in {m.get('timed_seconds', seconds):.2f}s "
+             f"({m.get('records_per_s', 0):,.0f} records/s; {seconds:.2f}s with start-up); memory high-water "
+             f"{format_bytes(m.get('memory_high_water_bytes', 0))}; backpressure "
+             f"{m.get('backpressure_seconds', 0):.2f}s"]
+    for name, ops in m.get("operators", {}).items():
+        late = f", {ops['late_records_dropped']:,} late records dropped" if ops.get("late_records_dropped") else ""
+        lines.append(f"  {name}: {ops.get('records_in', 0):,} in, {ops.get('records_out', 0):,} out{late}")
+    return "\n".join(lines)
+
+
+__all__ = ["progress_line", "progress_printer", "render_summary", "summarize"]

@@ -1,0 +1,438 @@
+"""How the processes talk: every control message, typed, versioned, signed with the cluster secret.
+
+Imports: runtime.errors (stdlib, msgpack, pyzmq otherwise).
+
+Every control-plane message between client, coordinator and workers is one
+frozen dataclass below, with a type tag (``TYPE``). It travels as a msgpack
+map ``{"v": PROTOCOL_VERSION, "t": TYPE, <fields>}`` in two frames,
+``[HMAC-SHA256(secret, payload), payload]``. :func:`open_message` verifies the
+MAC (constant time) before it even decodes the payload, then refuses an
+unknown version or type, a missing or unexpected field, and a field of the
+wrong type with :class:`ProtocolError` (``Welcome: expected `int`, got `str`
+at `$.worker```). Pickled job graphs travel as bytes inside verified
+messages only, and are unpickled after verification.
+
+Who sends what (a job's life, see :class:`~runtime.cluster.coordinator.Coordinator`):
+
+=================  ======================  ==========================================
+message            direction               meaning
+=================  ======================  ==========================================
+Register           worker -> coordinator   a worker process is up (``worker=-1``: number me)
+Welcome            coordinator -> worker   its id, the region's name and the arena granted to it
+Attached           worker -> coordinator   the region is mapped and the arena carved
+Heartbeat          worker -> coordinator   alive; progress of the running job
+Ack                coordinator -> worker   the coordinator is alive (answer to a heartbeat)
+Shutdown           coordinator -> worker   exit (cluster closing, or no arena left)
+Deploy             coordinator -> worker   build the subtasks of a job (pickled graph, config)
+Deployed           worker -> coordinator   subtasks built; the endpoints of their input gates
+Start              coordinator -> worker   every gate's endpoint: connect and run
+Cancel             coordinator -> worker   stop the job (another worker failed)
+Collect            worker -> coordinator   a batch of a ``collect()`` sink's records
+Finished           worker -> coordinator   the job ended on this worker; its metrics
+Failed             worker -> coordinator   an operator (or the runtime) raised; its traceback
+Submit             client -> coordinator   run this pickled job graph
+Running            coordinator -> client   the job is still running (keeps the client patient)
+Results            coordinator -> client   a relayed ``Collect`` batch
+JobSucceeded       coordinator -> client   the job ended; metrics per worker
+JobError           coordinator -> client   the job failed or was refused; why
+=================  ======================  ==========================================
+
+The secret is 32 random bytes, kept in a file readable by its owner only
+(:func:`load_or_create_secret`) or handed to embedded workers on their stdin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import stat
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Union
+
+import msgpack
+import zmq
+
+from runtime.errors import AuthenticationError, ProtocolError
+
+log = logging.getLogger("shmflow.control")
+
+#: Bumped on any change of a message's fields; a peer speaking another version is refused.
+PROTOCOL_VERSION = 1
+SECRET_BYTES = 32
+DEFAULT_SECRET_FILE = Path.home() / ".shmflow" / "cluster.secret"
+
+
+# ------------------------------------------------------------------ messages
+@dataclass(frozen=True)
+class Message:
+    """Base of every control message. ``TYPE`` is its tag on the wire."""
+
+    TYPE: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class Register(Message):
+    TYPE: ClassVar[str] = "register"
+    worker: int  # -1: a standing worker, numbered by the coordinator
+    pid: int
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    TYPE: ClassVar[str] = "welcome"
+    worker: int
+    region: str
+    arena: list[int]  # the arena's segment handle: [offset, size, generation]
+    min_block: int
+    segment_size: int
+    network_buffers: int
+    managed_bytes: int
+
+
+@dataclass(frozen=True)
+class Attached(Message):
+    TYPE: ClassVar[str] = "attached"
+    worker: int
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    TYPE: ClassVar[str] = "heartbeat"
+    worker: int
+    progress: dict[str, list[int]] | None = None  # operator chain -> [records in, records out]
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    TYPE: ClassVar[str] = "ack"
+
+
+@dataclass(frozen=True)
+class Shutdown(Message):
+    TYPE: ClassVar[str] = "shutdown"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Deploy(Message):
+    TYPE: ClassVar[str] = "deploy"
+    job: str
+    graph: bytes  # the cloudpickled JobGraph (this worker's share of it)
+    config: dict[str, Any]  # ShmflowConfig.as_dict()
+
+
+@dataclass(frozen=True)
+class Deployed(Message):
+    TYPE: ClassVar[str] = "deployed"
+    job: str
+    worker: int
+    gates: dict[str, str]  # vertex id -> the endpoint of this worker's input gate
+
+
+@dataclass(frozen=True)
+class Start(Message):
+    TYPE: ClassVar[str] = "start"
+    job: str
+    gates: dict[str, list[str]]  # vertex id -> the endpoint of each subtask's input gate
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    TYPE: ClassVar[str] = "cancel"
+    job: str
+
+
+@dataclass(frozen=True)
+class Collect(Message):
+    TYPE: ClassVar[str] = "collect"
+    job: str
+    worker: int
+    sink: str
+    records: bytes  # runtime.network.records.pack_batch
+
+
+@dataclass(frozen=True)
+class Finished(Message):
+    TYPE: ClassVar[str] = "finished"
+    job: str
+    worker: int
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Failed(Message):
+    TYPE: ClassVar[str] = "failed"
+    job: str
+    worker: int
+    operator: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Submit(Message):
+    TYPE: ClassVar[str] = "submit"
+    graph: bytes
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Running(Message):
+    TYPE: ClassVar[str] = "running"
+
+
+@dataclass(frozen=True)
+class Results(Message):
+    TYPE: ClassVar[str] = "results"
+    sink: str
+    records: bytes
+
+
+@dataclass(frozen=True)
+class JobSucceeded(Message):
+    TYPE: ClassVar[str] = "job_succeeded"
+    metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobError(Message):
+    TYPE: ClassVar[str] = "job_error"
+    message: str
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (Register, Welcome, Attached, Heartbeat, Ack, Shutdown, Deploy, Deployed, Start, Cancel,
+                Collect, Finished, Failed, Submit, Running, Results, JobSucceeded, JobError)
+}
+
+
+# ------------------------------------------------------------- encode/decode
+def encode(message: Message) -> bytes:
+    """The msgpack payload of ``message`` (unsigned; :func:`seal` signs it)."""
+    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": message.TYPE}
+    for f in dataclasses.fields(message):
+        body[f.name] = getattr(message, f.name)
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(payload: bytes, *, peer: str = "peer") -> Message:
+    """The message in a (verified) payload.
+
+    Raises:
+        ProtocolError: not a map, another protocol version, an unknown type,
+            missing or unexpected fields, or a field of the wrong type.
+    """
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several types for bad bytes
+        msg = f"control message from {peer} is not msgpack: {type(exc).__name__}: {exc}"
+        raise ProtocolError(msg) from exc
+    if not isinstance(body, dict):
+        msg = f"control message from {peer} must be a map; got {type(body).__name__}"
+        raise ProtocolError(msg)
+    version = body.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        msg = (f"control message from {peer} speaks protocol version {version!r}; this process speaks "
+               f"{PROTOCOL_VERSION}: run the same shmflow version on every process of the cluster")
+        raise ProtocolError(msg)
+    tag = body.pop("t", None)
+    cls = MESSAGE_TYPES.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        msg = f"control message from {peer} has unknown type {tag!r}; known: {', '.join(sorted(MESSAGE_TYPES))}"
+        raise ProtocolError(msg)
+    hints = _field_types(cls)
+    unexpected = sorted(set(body) - set(hints))
+    if unexpected:
+        msg = f"{cls.__name__} from {peer}: unexpected field(s) {', '.join(map(repr, unexpected))}"
+        raise ProtocolError(msg)
+    for f in dataclasses.fields(cls):
+        if f.name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                msg = f"{cls.__name__} from {peer}: missing field `$.{f.name}`"
+                raise ProtocolError(msg)
+            continue
+        _check_type(body[f.name], hints[f.name], f"$.{f.name}", cls.__name__)
+    return cls(**body)
+
+
+_HINTS: dict[type[Message], dict[str, Any]] = {}
+
+
+def _field_types(cls: type[Message]) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        resolved = typing.get_type_hints(cls)
+        hints = _HINTS[cls] = {f.name: resolved[f.name] for f in dataclasses.fields(cls)}
+    return hints
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _check_type(value: Any, tp: Any, where: str, message: str) -> None:
+    """Raise ProtocolError unless ``value`` (as msgpack decoded it) fits the annotation ``tp``."""
+    if tp is Any:
+        return
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        for option in options:
+            try:
+                _check_type(value, option, where, message)
+            except ProtocolError:
+                continue
+            return
+        names = " | ".join("None" if o is type(None) else _type_name(typing.get_origin(o) or o) for o in options)
+        msg = f"{message}: expected `{names}`, got `{type(value).__name__}` at `{where}`"
+        raise ProtocolError(msg)
+    if tp is type(None):
+        ok = value is None
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin is list:
+        ok = isinstance(value, list)
+        if ok:
+            (item,) = typing.get_args(tp) or (Any,)
+            for i, v in enumerate(value):
+                _check_type(v, item, f"{where}[{i}]", message)
+    elif origin is dict:
+        ok = isinstance(value, dict)
+        if ok:
+            key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+            for k, v in value.items():
+                _check_type(k, key_tp, f"{where}.<key>", message)
+                _check_type(v, value_tp, f"{where}.{k}", message)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        msg = f"{message}: expected `{_type_name(origin or tp)}`, got `{type(value).__name__}` at `{where}`"
+        raise ProtocolError(msg)
+
+
+# ------------------------------------------------------------------ signing
+def new_secret() -> bytes:
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+def load_or_create_secret(path: str | os.PathLike[str] | None = None, *, create: bool = True) -> bytes:
+    """The cluster secret from ``path`` (default ~/.shmflow/cluster.secret), created 0600 if missing.
+
+    Raises:
+        AuthenticationError: the file is readable by others than its owner, or
+            missing when ``create`` is False.
+    """
+    path = Path(path) if path else DEFAULT_SECRET_FILE
+    if not path.exists():
+        if not create:
+            msg = f"cluster secret file {path} does not exist; start the coordinator first or pass --secret-file"
+            raise AuthenticationError(msg)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(new_secret().hex().encode())
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        msg = f"cluster secret file {path} has mode {mode:o}; it must be readable by its owner only (chmod 600)"
+        raise AuthenticationError(msg)
+    secret = bytes.fromhex(path.read_text().strip())
+    if len(secret) < 16:
+        msg = f"cluster secret in {path} is {len(secret)} bytes; expected >= 16"
+        raise AuthenticationError(msg)
+    return secret
+
+
+def seal(secret: bytes, message: Message) -> list[bytes]:
+    """The two frames of a signed message: [mac, payload]."""
+    payload = encode(message)
+    return [hmac.new(secret, payload, hashlib.sha256).digest(), payload]
+
+
+def open_message(secret: bytes, frames: list[bytes], *, peer: str = "peer") -> Message:
+    """Verify and decode a signed message.
+
+    Raises:
+        AuthenticationError: wrong frame count or MAC; the payload is never decoded.
+        ProtocolError: a verified payload that is not a message of this protocol version.
+    """
+    if len(frames) != 2:
+        msg = f"control message from {peer} has {len(frames)} frames; expected 2 (mac, payload)"
+        raise AuthenticationError(msg)
+    mac, payload = frames
+    if not hmac.compare_digest(mac, hmac.new(secret, payload, hashlib.sha256).digest()):
+        msg = f"control message from {peer} failed its HMAC check (wrong or no cluster secret)"
+        raise AuthenticationError(msg)
+    return decode(payload, peer=peer)
+
+
+def send(sock: zmq.Socket, secret: bytes, message: Message, *, identity: bytes | None = None) -> None:
+    """Sign and send ``message`` (ROUTER side: to the peer ``identity``)."""
+    frames = seal(secret, message)
+    if identity is not None:
+        frames.insert(0, identity)
+    sock.send_multipart(frames)
+
+
+def recv_from(sock: zmq.Socket, secret: bytes) -> tuple[bytes, Message] | None:
+    """ROUTER side: (identity, message), or None (logged) when the message is refused."""
+    frames = sock.recv_multipart()
+    identity, rest = frames[0], frames[1:]
+    try:
+        return identity, open_message(secret, rest, peer=f"peer {identity.hex()}")
+    except (AuthenticationError, ProtocolError) as exc:
+        log.warning("refused a control message: %s", exc)
+        return None
+
+
+def recv(sock: zmq.Socket, secret: bytes) -> Message | None:
+    """DEALER side: the message, or None (logged) when it is refused."""
+    frames = sock.recv_multipart()
+    try:
+        return open_message(secret, frames, peer="coordinator")
+    except (AuthenticationError, ProtocolError) as exc:
+        log.warning("refused a control message: %s", exc)
+        return None
+
+
+__all__ = [
+    "DEFAULT_SECRET_FILE",
+    "MESSAGE_TYPES",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Attached",
+    "Cancel",
+    "Collect",
+    "Deploy",
+    "Deployed",
+    "Failed",
+    "Finished",
+    "Heartbeat",
+    "JobError",
+    "JobSucceeded",
+    "Message",
+    "Register",
+    "Results",
+    "Running",
+    "Shutdown",
+    "Start",
+    "Submit",
+    "Welcome",
+    "decode",
+    "encode",
+    "load_or_create_secret",
+    "new_secret",
+    "open_message",
+    "recv",
+    "recv_from",
+    "seal",
+    "send",
+]

@@ -1,0 +1,227 @@
+"""The worker process (Flink's TaskManager): registers, attaches the region, owns its arena, hosts jobs.
+
+Imports: runtime.cluster.protocol, runtime.execution.job_run, runtime.memory,
+runtime.network, runtime.errors. Never imports ``operators``: the operators
+arrive pickled inside the job graph and run through runtime.execution.
+
+Life of a worker: connect to the coordinator and ``register``; receive a
+``welcome`` with the region's name and the arena granted to it; attach and
+carve the arena into a network buffer pool and managed memory; then host one
+:class:`~runtime.execution.job_run.JobRun` per ``deploy`` until told to shut
+down. Heartbeats every ``HEARTBEAT_INTERVAL`` seconds, also while a job runs or
+waits, let the coordinator tell a hung worker from a busy one. A worker whose
+coordinator goes silent shuts itself down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from runtime.cluster import protocol as control
+from runtime.cluster.protocol import (
+    Attached,
+    Cancel,
+    Collect,
+    Deploy,
+    Deployed,
+    Failed,
+    Finished,
+    Heartbeat,
+    Message,
+    Register,
+    Shutdown,
+    Start,
+    Welcome,
+)
+from runtime.execution.job_run import JobCancelled, JobRun
+from runtime.memory import BuddyAllocator, SharedRegion
+from runtime.memory.manager import MemoryManager
+from runtime.network import NetworkBufferPool
+from runtime.network.transport import connect, context, make_socket
+
+log = logging.getLogger("shmflow.worker")
+
+HEARTBEAT_INTERVAL = 0.5
+COORDINATOR_SILENCE = 45.0  # seconds without a word from the coordinator before a worker gives up
+
+
+class Worker:
+    """One worker process.
+
+    Ownership: the worker owns its arena (granted by the coordinator): the
+    network buffer pool and the managed memory carved from it, and every
+    buffer and page handed out from them. It returns nothing explicitly: the
+    coordinator reclaims the whole arena when the worker exits or dies.
+    Process: the worker process, one thread.
+    """
+
+    def __init__(self, worker_id: int, endpoint: str, secret: bytes) -> None:
+        self.worker_id = worker_id
+        self.secret = secret
+        self.ctx = context()
+        self.sock = make_socket(self.ctx, zmq.DEALER, identity=f"worker-{worker_id}-{os.getpid()}".encode())
+        connect(self.sock, endpoint)
+        self.region: SharedRegion | None = None
+        self.network: NetworkBufferPool | None = None
+        self.memory: MemoryManager | None = None
+        self._last_heartbeat = 0.0
+        self._last_heard = time.monotonic()
+        self.progress: Callable[[], dict[str, list[int]]] | None = None  # set by the running job
+
+    # ------------------------------------------------------------------ control
+    def send(self, message: Message) -> None:
+        control.send(self.sock, self.secret, message)
+
+    def recv(self, timeout: float) -> Message | None:
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        message = control.recv(self.sock, self.secret)
+        if message is not None:
+            self._last_heard = time.monotonic()
+        return message
+
+    def heartbeat(self, now: float) -> None:
+        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL:
+            self._last_heartbeat = now
+            progress = self.progress() if self.progress is not None else None
+            self.send(Heartbeat(worker=self.worker_id, progress=progress))
+        if now - self._last_heard > COORDINATOR_SILENCE:
+            raise SystemExit(f"worker {self.worker_id}: no word from the coordinator for {COORDINATOR_SILENCE}s")
+
+    # ------------------------------------------------- JobHost (runtime.execution.job_run)
+    @property
+    def control_socket(self) -> zmq.Socket:
+        return self.sock
+
+    def keep_alive(self, now: float) -> None:
+        self.heartbeat(now)
+        if self.sock.poll(0):
+            message = self.recv(0)
+            if isinstance(message, (Cancel, Shutdown)):
+                raise JobCancelled()
+
+    def wait_start(self, job_id: str) -> dict[str, list[str]]:
+        while True:
+            self.heartbeat(time.monotonic())
+            message = self.recv(HEARTBEAT_INTERVAL)
+            if message is None:
+                continue
+            if isinstance(message, (Cancel, Shutdown)):
+                raise JobCancelled()
+            if isinstance(message, Start) and message.job == job_id:
+                return message.gates
+
+    def report_deployed(self, job_id: str, gates: dict[str, str]) -> None:
+        self.send(Deployed(job=job_id, worker=self.worker_id, gates=gates))
+
+    def report_finished(self, job_id: str, metrics: dict[str, Any]) -> None:
+        self.send(Finished(job=job_id, worker=self.worker_id, metrics=metrics))
+
+    def report_failed(self, job_id: str, operator: str, traceback: str) -> None:
+        self.send(Failed(job=job_id, worker=self.worker_id, operator=operator, traceback=traceback))
+
+    def send_to_client(self, job_id: str, sink_id: str, records: bytes) -> None:
+        self.send(Collect(job=job_id, worker=self.worker_id, sink=sink_id, records=records))
+
+    def set_progress(self, progress: Callable[[], dict[str, list[int]]] | None) -> None:
+        self.progress = progress
+
+    # ----------------------------------------------------------------- lifetime
+    def register(self, *, timeout: float = 60.0) -> None:
+        self.send(Register(worker=self.worker_id, pid=os.getpid()))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.recv(0.5)
+            if message is None:
+                continue
+            if isinstance(message, Welcome):
+                self.worker_id = message.worker
+                self._setup_arena(message)
+                self.send(Attached(worker=self.worker_id))
+                return
+            if isinstance(message, Shutdown):
+                raise SystemExit(0)
+        raise SystemExit(f"worker {self.worker_id}: coordinator did not welcome it within {timeout}s")
+
+    def _setup_arena(self, welcome: Welcome) -> None:
+        self.region = SharedRegion.attach(welcome.region)
+        offset, size = welcome.arena[:2]
+        alloc = BuddyAllocator(self.region, welcome.min_block, offset=offset, size=size)
+        self.network = NetworkBufferPool(alloc, welcome.network_buffers, welcome.segment_size,
+                                         owner=f"worker-{self.worker_id} network")
+        self.memory = MemoryManager(alloc, budget=welcome.managed_bytes, page_size=welcome.segment_size,
+                                    name=f"worker-{self.worker_id} managed memory")
+
+    def serve(self) -> None:
+        """Run jobs until told to shut down (or the coordinator goes silent)."""
+        while True:
+            self.heartbeat(time.monotonic())
+            message = self.recv(HEARTBEAT_INTERVAL)
+            if message is None:
+                continue
+            if isinstance(message, Shutdown):
+                return
+            if isinstance(message, Deploy):
+                run = JobRun(self, message.job, message.graph, message.config)
+                del message  # the run holds the pickled graph until it has unpickled it
+                profile_dir = os.environ.get("SHMFLOW_INTERNAL_PROFILE")
+                if profile_dir:  # a development aid: cProfile each job, one file per worker
+                    import cProfile
+                    cProfile.runctx("run.run()", {}, {"run": run},
+                                    os.path.join(profile_dir, f"worker-{self.worker_id}-{run.job_id}.prof"))
+                else:
+                    run.run()
+
+    def close(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
+        if self.network is not None:
+            self.network.close(check=False)
+        if self.region is not None:
+            self.region.close()
+        self.sock.close(linger=1000)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGTERM this worker when its parent exits (Linux), so none is orphaned."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        raise SystemExit(1)
+
+
+def worker_main(worker_id: int, endpoint: str, secret: bytes) -> None:
+    """Run one worker until the coordinator shuts it down."""
+    logging.basicConfig(level=logging.WARNING, format=f"worker {worker_id}: %(message)s")
+    worker = Worker(worker_id, endpoint, secret)
+    try:
+        worker.register()
+        worker.serve()
+    finally:
+        worker.close()
+
+
+def main(argv: list[str]) -> None:
+    """``python -m runtime.cluster.worker ID ENDPOINT PARENT_PID``; the secret (hex) comes on stdin."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the coordinator tears down
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    worker_id, endpoint, parent = int(argv[0]), argv[1], int(argv[2])
+    _die_with_parent(parent)
+    secret = bytes.fromhex(sys.stdin.readline().strip())
+    worker_main(worker_id, endpoint, secret)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

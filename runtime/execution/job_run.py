@@ -1,0 +1,292 @@
+"""One job inside a worker: build its subtasks, connect its channels, run the cooperative loop.
+
+Imports: runtime.execution (graph, task, subtask), runtime.network, runtime.memory.
+Never imports runtime.cluster or ``operators``: the worker process that hosts
+a job is reached through the :class:`JobHost` protocol, and the operators
+arrive pickled inside the job graph and run through runtime.execution.task.
+
+Phases of a :class:`JobRun`: unpickle the graph; ``_deploy`` (build subtask
+``i`` of every vertex, bind input gates, report their endpoints); wait for
+the start with every gate's endpoint; ``_connect`` (one result partition per
+output edge); ``_loop`` until every subtask finished; ``_drain`` (wait until
+consumers recycled every buffer); report finished, or failed with the
+operator's traceback.
+
+The loop is single-threaded and cooperative: it steps every subtask whose
+outputs have room, fires processing-time timers, flushes buffers whose
+``network.buffer-timeout`` expired, keeps the host alive (heartbeats, cancel),
+and otherwise waits on all its sockets at once.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from typing import Any, Protocol
+
+import zmq
+
+from runtime.execution.graph import JobGraph
+from runtime.execution.subtask import OperatorFailure, Subtask
+from runtime.execution.task import OperatorContext
+from runtime.memory.manager import MemoryManager
+from runtime.memory.region import SharedRegion
+from runtime.network.batch import pack_batch
+from runtime.network.budget import partition_budget
+from runtime.network.buffer_pool import LocalBufferPool, NetworkBufferPool
+from runtime.network.gate import InputGate
+from runtime.network.partition import ResultPartition
+from runtime.network.records import Partitioner, RecordReader, RecordWriter
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's loop when its host was told to cancel the job or shut down."""
+
+
+class JobHost(Protocol):
+    """What a job needs of the worker process that runs it (implemented by runtime.cluster.worker.Worker).
+
+    Ownership: the host owns the region mapping, the network buffer pool and
+    the managed memory; a job borrows them for its lifetime.
+    """
+
+    worker_id: int
+    region: SharedRegion | None
+    network: NetworkBufferPool | None
+    memory: MemoryManager | None
+
+    @property
+    def control_socket(self) -> zmq.Socket:
+        """The socket control messages arrive on; the job's loop polls it with its data sockets."""
+
+    def keep_alive(self, now: float) -> None:
+        """Heartbeat when due and act on control messages. Raises JobCancelled on cancel or shutdown."""
+
+    def wait_start(self, job_id: str) -> dict[str, list[str]]:
+        """Block (heartbeating) until the job may start; returns every gate's endpoints by vertex id.
+
+        Raises:
+            JobCancelled: the job was cancelled or the worker told to shut down meanwhile.
+        """
+
+    def report_deployed(self, job_id: str, gates: dict[str, str]) -> None: ...
+
+    def report_finished(self, job_id: str, metrics: dict[str, Any]) -> None: ...
+
+    def report_failed(self, job_id: str, operator: str, traceback: str) -> None: ...
+
+    def send_to_client(self, job_id: str, sink_id: str, records: bytes) -> None: ...
+
+    def set_progress(self, progress: Any) -> None:
+        """Install (or clear, with None) a callable: operator chain -> [records in, records out]."""
+
+
+class JobRun:
+    """One job on one worker: its subtasks, gates, writers and the loop that drives them.
+
+    Ownership: the job owns the local buffer pools it creates from the host's
+    network pool (destroyed in ``_close``) and every managed page its
+    operators take (released per owner in ``_close``); the host keeps the
+    pools themselves.
+    Process: the worker process, its one thread.
+    """
+
+    def __init__(self, host: JobHost, job_id: str, payload: bytes, config: dict[str, Any]) -> None:
+        self.host = host
+        self.job_id = job_id
+        self._payload: bytes | None = payload  # pickled; unpickled in run(), where failures are reported
+        self.graph: JobGraph | None = None
+        self.config: dict[str, Any] = config
+        self._current: str | None = None  # the operator chain running now, for failure reports
+        self.subtasks: list[Subtask] = []
+        self.gates: dict[int, InputGate] = {}
+        self.partitions: list[ResultPartition] = []
+        self.pools: list[LocalBufferPool] = []
+        self.writers: list[RecordWriter] = []
+
+    # ------------------------------------------------------------------ phases
+    def run(self) -> None:
+        self.host.set_progress(lambda: {st.vertex.name: [st.records_in, st.records_out] for st in self.subtasks})
+        try:
+            import cloudpickle  # the job graph arrives pickled (its HMAC was verified on receipt)
+            gc.disable()  # a graph may hold millions of records (from_collection): no collections while they load
+            try:
+                self.graph = cloudpickle.loads(self._payload)
+            finally:
+                gc.enable()
+            self._payload = None
+            gc.freeze()  # the graph lives as long as the job: keep it out of every collection until then
+            self._deploy()
+            self._connect(self.host.wait_start(self.job_id))
+            self._loop()
+            self._drain()
+            self.host.report_finished(self.job_id, self._metrics())
+        except JobCancelled:
+            pass
+        except OperatorFailure as exc:
+            self.host.report_failed(self.job_id, exc.operator, exc.traceback)
+        except Exception as exc:  # runtime failure: report it with its traceback
+            self.host.report_failed(self.job_id, self._current or "runtime",
+                                      "".join(traceback.format_exception(exc)))
+        finally:
+            self.host.set_progress(None)
+            self._close()
+            gc.unfreeze()
+
+    def _deploy(self) -> None:
+        w = self.host
+        cfg = self.config
+        mode = self.graph.mode
+        gates: dict[str, str] = {}
+        for vertex in self.graph.vertices:
+            if w.worker_id >= vertex.parallelism:
+                continue
+            index = w.worker_id
+            self._current = vertex.name
+            operators = [self._instantiate(node, index) for node in vertex.nodes]
+            gate = None
+            if vertex.inputs:
+                channels = self.graph.gate_channels(vertex)
+                gate = InputGate(channels, exclusive=cfg["network.buffers-per-channel"],
+                                 floating=cfg["network.floating-buffers-per-gate"],
+                                 name=f"{vertex.name}[{index}]", region=w.region,
+                                 endpoint="tcp://127.0.0.1:*" if cfg["network.transport"] == "tcp" else None)
+                self.gates[vertex.id] = gate
+                gates[str(vertex.id)] = gate.endpoint
+
+            def ctx_factory(name: str, subtask: int, parallelism: int) -> OperatorContext:
+                return OperatorContext(operator_name=name, subtask_index=subtask, parallelism=parallelism,
+                                       worker_id=w.worker_id, mode=mode, memory=w.memory,
+                                       send_to_client=self._send_to_client)
+
+            st = Subtask(self.graph, vertex, index, operators, gate=gate, ctx_factory=ctx_factory)
+            if gate is not None:
+                st.attach_input(RecordReader(gate, max_record_size=cfg["network.max-record-size"]),
+                                self.graph.gate_channels(vertex))
+            self.subtasks.append(st)
+        self._current = None
+        self.host.report_deployed(self.job_id, gates)
+
+    def _instantiate(self, node: Any, index: int) -> Any:
+        op = node.operator
+        if node.is_source and callable(getattr(op, "split", None)) and node.split_for != index:
+            return op.split(node.parallelism)[index]  # the whole source arrived (a standing cluster's job)
+        return op
+
+    def _connect(self, gate_endpoints: dict[str, list[str]]) -> None:
+        """Create one result partition per output edge, connected to every target subtask's gate."""
+        w = self.host
+        cfg = self.config
+        transport = "tcp" if cfg["network.transport"] == "tcp" else "shm"
+        for st in self.subtasks:
+            for edge in st.vertex.outputs:
+                target = self.graph.vertex(edge.target)
+                endpoints = gate_endpoints[str(target.id)]
+                if edge.partitioning == "forward":
+                    targets = [st.index]
+                else:
+                    targets = list(range(target.parallelism))
+                channel_id = edge.channel_offset + (0 if edge.partitioning == "forward" else st.index)
+                n = len(targets)
+                budget = partition_budget(n, buffers_per_channel=cfg["network.buffers-per-channel"],
+                                          floating_per_gate=cfg["network.floating-buffers-per-gate"])
+                pool = w.network.create_buffer_pool(budget.guaranteed, budget.maximum,
+                                                    name=f"{st.vertex.name}[{st.index}]->{target.id}")
+                self.pools.append(pool)
+                part = ResultPartition(pool, [endpoints[t] for t in targets], channel_ids=channel_id,
+                                       transport=transport, name=f"{st.vertex.name}[{st.index}]",
+                                       max_backlog=budget.max_backlog_per_channel)
+                self.partitions.append(part)
+                writer = RecordWriter(part, Partitioner(edge.partitioning, n, key_fn=edge.key_fn,
+                                                        columnar_key=edge.columnar_key),
+                                      buffer_timeout=cfg["network.buffer-timeout"],
+                                      max_record_size=cfg["network.max-record-size"])
+                st.writers.append(writer)
+                self.writers.append(writer)
+        for gate in self.gates.values():
+            gate.wait_connected(timeout=60)
+
+    # -------------------------------------------------------------------- loop
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.host.control_socket, zmq.POLLIN)
+        for gate in self.gates.values():
+            poller.register(gate.socket, zmq.POLLIN)
+        for part in self.partitions:
+            for ch in part.channels:
+                poller.register(ch.socket, zmq.POLLIN)
+        pending = [st for st in self.subtasks if not st.finished]
+        while pending:
+            now = time.monotonic()
+            progressed = False
+            for st in pending:
+                self._current = st.vertex.name
+                if st.step():
+                    progressed = True
+                if st.fire_timers(time.time()):
+                    progressed = True
+            self._current = None
+            for writer in self.writers:
+                writer.flush_if_due(now)
+                writer.partition.ship_all()
+            pending = [st for st in pending if not st.finished]
+            self.host.keep_alive(now)
+            if not progressed and pending:
+                poller.poll(int(self._idle_wait(pending, now) * 1000))
+
+    def _idle_wait(self, pending: list[Subtask], now: float) -> float:
+        wait = 0.05
+        for st in pending:
+            t = st.next_timer()
+            if t is not None:
+                wait = min(wait, max(0.0, t - time.time()))
+        for writer in self.writers:
+            due = writer.next_flush_due()
+            if due is not None:
+                wait = min(wait, max(0.0, due - now))
+        return wait
+
+    def _drain(self) -> None:
+        """Every subtask finished: ship what is left and wait until consumers recycled it all."""
+        for writer in self.writers:
+            writer.flush()
+        deadline = time.monotonic() + 60
+        for part in self.partitions:
+            while part.stats().in_flight:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{part.name}: consumers did not recycle {part.stats().in_flight} buffers in 60s")
+                self.host.keep_alive(time.monotonic())
+                for gate in self.gates.values():
+                    gate.flush_credits()
+                part._wait_control(0.05)
+
+    def _send_to_client(self, sink_id: str, batch: Any) -> None:
+        self.host.send_to_client(self.job_id, sink_id, pack_batch(batch))
+
+    def _metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for st in self.subtasks:
+            out[f"{st.vertex.name}[{st.index}]"] = st.metrics()
+        network_peak = sum(p.stats().peak_in_use for p in self.pools) * self.host.network.buffer_size
+        managed_peak = self.host.memory.stats().high_water_mark if self.host.memory is not None else 0
+        out["memory_high_water_bytes"] = network_peak + managed_peak
+        return out
+
+    def _close(self) -> None:
+        for st in self.subtasks:
+            st.close()
+        for writer in self.writers:
+            writer.close()
+        for part in self.partitions:
+            part.close()
+        for gate in self.gates.values():
+            gate.close()
+        for pool in self.pools:
+            pool.destroy()
+        if self.host.memory is not None:
+            for owner in list(self.host.memory.owners()):
+                self.host.memory.release_all(owner)
+
+
+__all__ = ["JobCancelled", "JobHost", "JobRun"]

@@ -1,0 +1,248 @@
+"""One parallel instance of a job vertex: its operator chain, its input gate, its outputs.
+
+Imports: runtime.task, runtime.graph, runtime.network, runtime.errors. Runs
+operators only through runtime.task's protocol (never imports ``operators``).
+
+A subtask makes progress in small :meth:`Subtask.step` s that the worker's
+loop interleaves: one source batch, or the buffers that arrived on its gate.
+A step runs only while the subtask's outputs have room (a free network
+buffer and a short backlog): that is how backpressure stops sources and, in
+turn, stops reading input, which stops returning credits upstream.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from runtime.execution.graph import JobGraph, JobVertex
+from runtime.execution.task import MAX_WATERMARK, Operator, OperatorContext, SourceOperator, batch_len
+from runtime.network.events import EndOfPartition, Watermark
+
+SOURCE_BATCH = 4096  # records per source poll: large enough to amortise Python, small for latency
+# Bytes per poll of a columnar source (32,768 rows of an int64 key and a float64 value): numpy does a
+# row's work in nanoseconds, so a batch must be large for the per-batch cost (partitioning, framing,
+# messages) to vanish behind it. 2 MiB and more ran slower (the batch falls out of the cache).
+SOURCE_COLUMNAR_BYTES = 512 << 10
+
+
+class OperatorFailure(Exception):
+    """A user function or operator raised: carries the operator's name and the traceback text."""
+
+    def __init__(self, operator: str, tb: str) -> None:
+        super().__init__(f"operator {operator!r} failed:\n{tb}")
+        self.operator = operator
+        self.traceback = tb
+
+
+class Subtask:
+    """Subtask ``index`` of ``vertex``: a chain of operators between a gate (or source) and writers.
+
+    Ownership: the subtask owns its gate, its writers (and through them their
+    network buffers) and its operators' state; :meth:`close` releases all.
+    Process: the worker, in the loop's one thread.
+    """
+
+    def __init__(self, graph: JobGraph, vertex: JobVertex, index: int, operators: list[Operator], *,
+                 gate: Any = None, writers: list[Any] | None = None, ctx_factory: Callable[..., OperatorContext]) -> None:
+        self.graph = graph
+        self.vertex = vertex
+        self.index = index
+        self.name = f"{vertex.name} ({index + 1}/{vertex.parallelism})"
+        self.operators = operators
+        self.gate = gate
+        self.reader = None
+        self.writers = writers or []
+        self.finished = False
+        self._ending = False  # input done; waiting for the writers to drain
+        self.records_in = 0
+        self.records_out = 0
+        self.first_record_at: float | None = None  # time.monotonic() (system-wide) of the first record
+        self.finished_at: float | None = None
+        self._source: SourceOperator | None = operators[0] if vertex.is_source else None
+        row_bytes = getattr(self._source, "row_bytes", 0)  # set by columnar sources
+        self._source_batch = max(SOURCE_BATCH, SOURCE_COLUMNAR_BYTES // row_bytes) if row_bytes else SOURCE_BATCH
+        for i, op in enumerate(operators):
+            op.open(ctx_factory(vertex.nodes[i].name, index, vertex.parallelism))
+        # emits[i] pushes a batch into operator i (emits[len] is the output)
+        self._emits: list[Callable[[Any], None]] = [None] * (len(operators) + 1)  # type: ignore[list-item]
+        self._emits[-1] = self._output
+        for i in range(len(operators) - 1, -1, -1):
+            self._emits[i] = self._bind(i)
+        self._watermarked = [i for i, op in enumerate(operators)
+                            if type(op).pending_watermark is not Operator.pending_watermark]
+        self._timed = [i for i, op in enumerate(operators) if type(op).next_timer is not Operator.next_timer]
+        self._channel_watermarks: list[float] = []
+        self._watermark = float("-inf")
+        self._channels_open = 0
+
+    def _bind(self, i: int) -> Callable[[Any], None]:
+        op = self.operators[i]
+        downstream = self._emits[i + 1]
+        name = self.vertex.nodes[i].name
+
+        def emit(batch: Any) -> None:
+            if not batch_len(batch):
+                return
+            try:
+                op.process_batch(batch, downstream)
+            except OperatorFailure:
+                raise
+            except Exception:
+                raise OperatorFailure(name, traceback.format_exc()) from None
+        return emit
+
+    def attach_input(self, reader: Any, channels: int) -> None:
+        self.reader = reader
+        self._channel_watermarks = [float("-inf")] * channels
+        self._channels_open = channels
+
+    # ------------------------------------------------------------------ output
+    def _output(self, batch: Any) -> None:
+        self.records_out += batch_len(batch)
+        for w in self.writers:
+            w.emit(batch)
+
+    def _forward_watermark(self, start: int, wm: float) -> None:
+        """Pass watermark ``wm`` through operators ``start..`` and then to the outputs."""
+        for i in range(start, len(self.operators)):
+            op = self.operators[i]
+            try:
+                wm = op.process_watermark(wm, self._emits[i + 1])
+            except Exception:
+                raise OperatorFailure(self.vertex.nodes[i].name, traceback.format_exc()) from None
+            if wm is None:
+                return
+        for w in self.writers:
+            w.emit_event(Watermark(wm))
+
+    def _after_batch(self) -> None:
+        for i in self._watermarked:
+            wm = self.operators[i].pending_watermark()
+            if wm is not None:
+                self._forward_watermark(i + 1, wm)
+
+    def output_available(self) -> bool:
+        return all(w.available() for w in self.writers)
+
+    # -------------------------------------------------------------------- step
+    def step(self) -> bool:
+        """Do one unit of work if outputs have room. Returns True if anything happened."""
+        if self.finished:
+            return False
+        if self._ending:
+            if all(w.drained() for w in self.writers):
+                self.finished = True
+                self.finished_at = time.monotonic()
+                return True
+            return False
+        if not self.output_available():
+            return False
+        if self._source is not None:
+            batch = self._source.poll_batch(self._source_batch)
+            if batch is None:
+                self._finish()
+                return True
+            if not batch_len(batch):
+                return False
+            if self.first_record_at is None:
+                self.first_record_at = time.monotonic()
+            self.records_in += batch_len(batch)
+            self._source_emit(batch)
+            return True
+        items = self.reader.poll()
+        if not items:
+            return False
+        for channel, item in items:
+            if isinstance(item, Watermark):
+                self._on_watermark(channel, item.timestamp)
+            elif isinstance(item, EndOfPartition):
+                self._channels_open -= 1
+                self._on_watermark(channel, MAX_WATERMARK) if self._channel_watermarks else None
+                if self._channels_open == 0:
+                    self._finish()
+            else:
+                self.records_in += batch_len(item)
+                self._emits[0](item)
+                self._after_batch()
+        return True
+
+    def _source_emit(self, batch: Any) -> None:
+        # The source itself is operator 0: its batch enters operator 1.
+        self._emits[1](batch)
+        self._after_batch()
+
+    def _on_watermark(self, channel: int, wm: float) -> None:
+        marks = self._channel_watermarks
+        if wm <= marks[channel]:
+            return
+        marks[channel] = wm
+        low = min(marks)
+        if low > self._watermark:
+            self._watermark = low
+            self._forward_watermark(0, low)
+
+    def fire_timers(self, now: float) -> bool:
+        fired = False
+        for i in self._timed:
+            op = self.operators[i]
+            t = op.next_timer()
+            if t is not None and t <= now:
+                try:
+                    op.on_processing_time(now, self._emits[i + 1])
+                except Exception:
+                    raise OperatorFailure(self.vertex.nodes[i].name, traceback.format_exc()) from None
+                fired = True
+        return fired
+
+    def next_timer(self) -> float | None:
+        times = [t for t in (self.operators[i].next_timer() for i in self._timed) if t is not None]
+        return min(times) if times else None
+
+    def _finish(self) -> None:
+        """End of input: close event time, let every operator flush, end the partitions."""
+        start = 1 if self._source is not None else 0
+        if self._watermark < MAX_WATERMARK:
+            self._watermark = MAX_WATERMARK
+            self._forward_watermark(start, MAX_WATERMARK)
+        for i in range(start, len(self.operators)):
+            try:
+                self.operators[i].finish(self._emits[i + 1])
+            except Exception:
+                raise OperatorFailure(self.vertex.nodes[i].name, traceback.format_exc()) from None
+        for w in self.writers:
+            w.emit_event(EndOfPartition())
+            w.flush()
+        if self.reader is not None:
+            self.reader.close()  # release the last buffers: their producers wait for them
+            self.gate.flush_credits()
+        self._ending = True
+
+    def metrics(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        for op in self.operators:
+            ctx = getattr(op, "ctx", None)
+            if ctx is not None and ctx.metrics:
+                for k, v in ctx.metrics.items():
+                    extra[k] = extra.get(k, 0) + v
+        out = {"records_in": self.records_in, "records_out": self.records_out, **extra}
+        if self._source is not None:
+            out["source_records"] = self.records_in
+            if self.first_record_at is not None:
+                out["first_record_at"] = self.first_record_at
+        if self.finished_at is not None:
+            out["finished_at"] = self.finished_at
+        if self.writers:
+            out["backpressure_seconds"] = sum(w.stats().backpressure_seconds for w in self.writers)
+        return out
+
+    def close(self) -> None:
+        for op in self.operators:
+            try:
+                op.close()
+            except Exception:  # closing must not mask the original failure
+                pass
+
+

@@ -1,0 +1,430 @@
+"""The sending side of a network exchange: result partitions and their output channels.
+
+Imports: runtime.memory, runtime.network (buffer_pool, messages, transport), runtime.errors.
+The receiving side is :mod:`runtime.network.gate`; the wire format both speak is
+:mod:`runtime.network.messages`.
+
+A **ResultPartition** has one subpartition per consumer; each subpartition is
+an :class:`OutputChannel`, a DEALER socket connected to the consumer's
+:class:`~runtime.network.gate.InputGate`. Buffers move in two ways:
+
+* ``shm``: the bytes stay in the shared region; a ``D`` message carries
+  (index, size) descriptors of buffers in the sender's pool. The receiver
+  reads them through read-only views and hands the indices back in ``R``
+  messages, which recycles them into the sender's pool. Zero copy.
+* ``tcp``: the bytes travel as zmq frames sent with ``copy=False``; the sender
+  recycles a buffer once zmq reports the frame sent (a MessageTracker).
+
+**Credits** (Flink's credit-based flow control): a sender ships a buffer only
+against a credit. Each channel is granted ``exclusive`` credits at the
+handshake; a gate lends up to ``floating`` more to channels that report a
+backlog, and takes them back when their backlog is gone. So the buffers in
+flight on one channel never exceed ``exclusive + floating``, and a slow
+consumer stops its producers instead of growing memory: a sender without
+credits blocks (backpressure), and the time it blocks is counted.
+
+Descriptors and credits travel in batches: a sender ships once half its credit
+window is queued (and the credits for it are there), every queued buffer its
+credits allow in one message, and ships everything it can before it blocks.
+
+Threads: none. A partition is used by one thread, which polls its sockets
+when it has to wait.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from runtime.errors import BrokenChannelError, DeserializationError
+from runtime.memory.snapshot import Snapshot
+from runtime.network import messages as msg
+from runtime.network.buffer_pool import release_buffers
+from runtime.network.transport import connect, context, make_socket
+
+TRANSPORTS = ("shm", "tcp")
+#: A batch of descriptors ships at most this many bytes of buffers (unless ``ship_batch`` says otherwise).
+SHIP_BATCH_BYTES = 4 << 20
+
+
+
+
+# --------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class PartitionStats(Snapshot):
+    buffers_sent: int
+    bytes_sent: int
+    messages_sent: int
+    in_flight: int
+    max_in_flight_per_channel: int
+    backpressure_seconds: float  # time spent blocked for want of a credit or a free buffer
+    backlog: int
+
+
+# ------------------------------------------------------------------------ sender
+class OutputChannel:
+    """One subpartition: queued buffers, credits, and the buffers in flight to one consumer.
+
+    Ownership: a buffer passed to :meth:`enqueue` belongs to the channel; it is
+    released back to its pool when the consumer recycles it (shm), when zmq
+    has sent its bytes (tcp), or when the channel is reclaimed.
+    Process: the producing worker, one thread.
+    """
+
+    def __init__(self, partition: ResultPartition, index: int, endpoint: str, channel_id: int) -> None:
+        self.partition = partition
+        self.index = index
+        self.endpoint = endpoint
+        self.name = f"{partition.name}[{index}]"
+        self.socket = make_socket(partition.ctx, zmq.DEALER, identity=b"ch%d" % channel_id)
+        connect(self.socket, endpoint)
+        self.credits = 0
+        self.queue: deque = deque()  # full buffers waiting for credit: the backlog
+        self.in_flight: dict[int, Any] = {}  # shm: buffer index -> buffer, until recycled
+        self.tracked: deque = deque()  # tcp: (MessageTracker, [buffers]) until zmq sent them
+        self.max_in_flight = 0
+        self.closed = False
+        self.socket.send(msg.encode_hello(channel=channel_id, **partition.hello_fields))
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.in_flight) + sum(len(bufs) for _, bufs in self.tracked)
+
+    def ship_threshold(self) -> int:
+        """The batch to ship: half the credit window (credits plus shm buffers in flight), at most
+        ``SHIP_BATCH_BYTES`` of buffers (big buffers pipeline better in small batches), at least 1."""
+        half = (self.credits + len(self.in_flight)) >> 1
+        cap = self.partition.ship_cap
+        return max(1, half if half < cap else cap)
+
+    def check_open(self) -> None:
+        """Raise BrokenChannelError if the consumer is gone (no buffer may be queued any more)."""
+        if self.closed:
+            raise BrokenChannelError(f"channel {self.name} to {self.endpoint} is closed; its consumer is gone")
+
+    def enqueue(self, buffer: Any) -> None:
+        self.check_open()
+        self.queue.append(buffer)
+
+    def ship(self) -> int:
+        """Send as many queued buffers as credits allow, in one message. Returns how many."""
+        n = min(self.credits, len(self.queue))
+        if n <= 0:
+            return 0
+        queue = self.queue
+        batch = [queue.popleft() for _ in range(n)]
+        self.credits -= n
+        part = self.partition
+        if part.transport == "shm":
+            desc = np.empty(n, msg.DESCRIPTOR)
+            desc["index"] = [b.index for b in batch]
+            desc["size"] = [b.size for b in batch]
+            self.socket.send(msg.encode_data(len(queue), desc))  # small: copying beats zmq's free callback
+            in_flight = self.in_flight
+            for b in batch:
+                in_flight[b.index] = b
+        else:
+            frames = [msg.encode_bytes_header(len(queue), n)]
+            frames += [b.segment.view(0, b.size) for b in batch]
+            tracker = self.socket.send_multipart(frames, copy=False, track=True)
+            self.tracked.append((tracker, batch))
+        part._buffers_sent += n
+        part._bytes_sent += sum(b.size for b in batch)
+        part._messages_sent += 1
+        if self.outstanding > self.max_in_flight:
+            self.max_in_flight = self.outstanding
+        return n
+
+    def reap_sent(self) -> None:
+        """tcp: release buffers whose frames zmq has finished sending."""
+        tracked = self.tracked
+        while tracked and tracked[0][0].done:
+            for b in tracked.popleft()[1]:
+                b.release()
+
+    def on_control(self, frames: list) -> None:
+        """Apply a credit (``C``) or recycle (``R``) message from the consumer."""
+        frame = frames[0].buffer
+        kind = frame[0]
+        if kind not in (msg.CREDIT, msg.RECYCLE):
+            raise DeserializationError(f"channel {self.name}: unexpected control message kind {kind!r}")
+        credits, indices = msg.decode_credit(frame, where=f"channel {self.name}")
+        self.credits += credits
+        if not len(indices):
+            return
+        pop = self.in_flight.pop
+        returned = []
+        try:
+            for i in indices.tolist():
+                buf = pop(i, None)
+                if buf is None:
+                    raise DeserializationError(f"channel {self.name}: consumer recycled buffer {i}, not in flight")
+                returned.append(buf)
+        finally:
+            release_buffers(returned)
+
+    def reclaim(self) -> int:
+        """The consumer is gone: return every buffer this channel holds to its pool. Returns how many."""
+        n = 0
+        for buf in list(self.queue) + list(self.in_flight.values()):
+            buf.release()
+            n += 1
+        self.queue.clear()
+        self.in_flight.clear()
+        for tracker, bufs in self.tracked:
+            for buf in bufs:
+                buf.release()
+                n += 1
+        self.tracked.clear()
+        self.closed = True
+        return n
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class ResultPartition:
+    """The sending side of one producer subtask: one :class:`OutputChannel` per consumer.
+
+    ``pool`` is the producer's LocalBufferPool; ``endpoints[i]`` is the gate of
+    consumer ``i`` and ``channel_ids[i]`` this producer's channel number in
+    that gate. ``region`` is required for ``shm``.
+
+    Ownership: :meth:`request_buffer` gives the caller a buffer (refcount 1);
+    :meth:`send_buffer` takes it back (the channel owns it until recycled).
+    Process: the producing worker. Not thread-safe.
+    """
+
+    def __init__(self, pool: Any, endpoints: list[str], *, channel_ids: list[int] | int,
+                 transport: str = "shm", name: str = "partition", ship_batch: int = 0,
+                 max_backlog: int = 10) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}; got {transport!r}")
+        self.pool = pool
+        self.transport = transport
+        self.name = name
+        self.ctx = context()
+        self.hello_fields = {"transport": transport, **pool_hello_fields(pool)}
+        if isinstance(channel_ids, int):
+            channel_ids = [channel_ids] * len(endpoints)
+        self.channels = [OutputChannel(self, i, ep, cid) for i, (ep, cid) in enumerate(zip(endpoints, channel_ids))]
+        # Ship when this many buffers queue up on a channel (0: half the channel's credit window, with
+        # the credits for it).
+        self.ship_batch = ship_batch
+        # Full buffers a channel may queue beyond its credits before send_buffer blocks
+        # (Flink's max-buffers-per-channel): bounds the backlog a slow consumer causes.
+        self.max_backlog = max(1, max_backlog)
+        self.ship_cap = max(1, SHIP_BATCH_BYTES // pool.network_pool.buffer_size)
+        self._poll_mask = 3 if self.ship_cap >= 32 else 0
+        self._poller = zmq.Poller()
+        for ch in self.channels:
+            self._poller.register(ch.socket, zmq.POLLIN)
+        self._by_socket = {ch.socket: ch for ch in self.channels}
+        self._buffers_sent = self._bytes_sent = self._messages_sent = 0
+        self._blocked = 0.0
+
+    # ---------------------------------------------------------------- buffers
+    def request_buffer(self, *, timeout: float | None = None) -> Any:
+        """A free buffer from the pool; while there is none, ship and wait for recycles.
+
+        Raises:
+            TimeoutError: no buffer came back within ``timeout`` seconds.
+        """
+        buf = self.pool.try_request_buffer()
+        if buf is not None:
+            return buf
+        return self._wait_buffers(1, timeout)[0]
+
+    def request_buffers(self, n: int, *, timeout: float | None = None) -> list:
+        """Between 1 and ``n`` free buffers, taken under one lock; waits as :meth:`request_buffer` while
+        there is none. The batch path for producers that fill buffer after buffer.
+
+        Ownership: the caller owns each buffer until it passes it to :meth:`send_buffer(s) <send_buffers>`
+        or releases it. Raises TimeoutError as :meth:`request_buffer`.
+        """
+        bufs = self.pool.try_request_buffers(n)
+        return bufs if bufs else self._wait_buffers(n, timeout)
+
+    def _wait_buffers(self, n: int, timeout: float | None) -> list:
+        start = time.monotonic()
+        try:
+            while True:
+                self.ship_all()
+                self._wait_control(0.05 if timeout is None else max(0.0, min(0.05, start + timeout - time.monotonic())))
+                bufs = self.pool.try_request_buffers(n)
+                if bufs:
+                    return bufs
+                if timeout is not None and time.monotonic() - start >= timeout:
+                    msg_ = (f"partition {self.name}: no network buffer recycled within {timeout}s "
+                            f"({self._in_flight()} in flight, {self._backlog()} queued); the consumers are not "
+                            f"reading — raise network.buffers-per-channel or check the consumers")
+                    raise TimeoutError(msg_)
+        finally:
+            self._blocked += time.monotonic() - start
+
+    def send_buffer(self, subpartition: int, buffer: Any, *, block: bool = True) -> None:
+        """Queue a filled buffer (``buffer.size`` bytes) for consumer ``subpartition``.
+
+        Buffers ship in batches: once half the channel's credit window (credits
+        plus buffers in flight) is queued and as many credits are there for it
+        (or ``ship_batch`` buffers, when set). Every path that blocks (and
+        :meth:`ship_all` / :meth:`flush`) ships whatever credits allow first.
+        With ``block`` (the default), wait while the channel's backlog is at
+        ``max_backlog`` (backpressure). Callers that must never block (the
+        worker's loop, through RecordWriter) pass ``block=False`` and check
+        :meth:`available` before producing more.
+        Ownership: the channel owns the buffer from now on.
+        """
+        ch = self.channels[subpartition]
+        ch.enqueue(buffer)
+        self._queued(ch, block)
+
+    def send_buffers(self, subpartition: int, buffers: list, *, block: bool = True) -> None:
+        """:meth:`send_buffer` for each of ``buffers`` in order, deciding once whether to ship.
+
+        Ownership: the channel owns every buffer from now on.
+        """
+        ch = self.channels[subpartition]
+        ch.check_open()
+        ch.queue.extend(buffers)
+        self._queued(ch, block)
+
+    def _queued(self, ch: OutputChannel, block: bool) -> None:
+        """Buffers were queued on ``ch``: ship if a batch is due, then apply backpressure if ``block``."""
+        queue = ch.queue
+        queued = len(queue)
+        batch = self.ship_batch
+        if batch:
+            if queued >= batch:
+                self._drain_channel(ch)
+                ch.ship()
+        else:
+            threshold = ch.ship_threshold()
+            if queued >= threshold:
+                # Poll for credits (and recycles) only when they are short, and then every 4th small buffer.
+                if ch.credits < threshold and not (queued - threshold) & self._poll_mask:
+                    self._drain_channel(ch)
+                    threshold = ch.ship_threshold()
+                if ch.credits >= threshold:
+                    ch.ship()
+        if block and len(queue) >= self.max_backlog:
+            self._wait_backlog(ch)
+
+    def _wait_backlog(self, ch: OutputChannel) -> None:
+        """Backpressure: block until the channel's backlog is below ``max_backlog``."""
+        start = time.monotonic()
+        while len(ch.queue) >= self.max_backlog and not ch.closed:
+            self._wait_control(0.05)
+            ch.ship()
+        self._blocked += time.monotonic() - start
+
+    def available(self) -> bool:
+        """True if a buffer can be requested and queued without blocking."""
+        return self.pool.available() > 0 and all(
+            len(ch.queue) < self.max_backlog for ch in self.channels)
+
+    def ship_all(self) -> None:
+        """Apply pending control messages, then ship every queued buffer that has a credit."""
+        self._drain_control()
+        for ch in self.channels:
+            if ch.queue and ch.credits:
+                ch.ship()
+
+    def flush(self, *, timeout: float | None = None) -> None:
+        """Ship every queued buffer, waiting for credits as needed (backpressure)."""
+        start = time.monotonic()
+        blocked_from = None
+        while True:
+            self.ship_all()
+            if not self._backlog():
+                break
+            blocked_from = blocked_from or time.monotonic()
+            if timeout is not None and time.monotonic() - start >= timeout:
+                raise TimeoutError(f"partition {self.name}: {self._backlog()} buffers found no credit in {timeout}s")
+            self._wait_control(0.05)
+        if blocked_from is not None:
+            self._blocked += time.monotonic() - blocked_from
+
+    def wait_all_recycled(self, *, timeout: float) -> None:
+        """Block until every sent buffer is back in the pool (before the pool is destroyed)."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"partition {self.name}: {self._in_flight()} buffers not recycled in {timeout}s")
+            self._wait_control(0.05)
+
+    # ------------------------------------------------------------------ control
+    def _drain_control(self) -> None:
+        for ch in self.channels:
+            self._drain_channel(ch)
+
+    @staticmethod
+    def _drain_channel(ch: OutputChannel) -> None:
+        """Apply the channel's pending control messages without blocking."""
+        sock = ch.socket
+        while sock.poll(0):
+            ch.on_control(sock.recv_multipart(copy=False))
+        if ch.tracked:
+            ch.reap_sent()
+
+    def _wait_control(self, timeout: float) -> None:
+        tracked = [t for ch in self.channels for t, _ in ch.tracked]
+        if tracked and not any(t.done for t in tracked):
+            tracked[0].wait(timeout)  # tcp: buffers return when zmq has sent them
+        else:
+            for sock, _ in self._poller.poll(timeout * 1000):
+                ch = self._by_socket[sock]
+                ch.on_control(sock.recv_multipart(copy=False))
+        self._drain_control()
+
+    def reclaim_channel(self, subpartition: int) -> int:
+        """Consumer ``subpartition`` died: its leased buffers return to the pool. Returns how many."""
+        return self.channels[subpartition].reclaim()
+
+    def _in_flight(self) -> int:
+        return sum(ch.outstanding for ch in self.channels)
+
+    def _backlog(self) -> int:
+        return sum(len(ch.queue) for ch in self.channels)
+
+    def stats(self) -> PartitionStats:
+        return PartitionStats(
+            buffers_sent=self._buffers_sent, bytes_sent=self._bytes_sent, messages_sent=self._messages_sent,
+            in_flight=self._in_flight(), max_in_flight_per_channel=max(ch.max_in_flight for ch in self.channels),
+            backpressure_seconds=self._blocked, backlog=self._backlog(),
+        )
+
+    statistics = stats
+
+    def close(self) -> None:
+        """Close the sockets; buffers still held return to the pool."""
+        for ch in self.channels:
+            ch.reclaim()
+            ch.close()
+
+    def __enter__(self) -> ResultPartition:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pool_hello_fields(pool: Any) -> dict[str, Any]:
+    """What a receiver needs to turn (index, size) descriptors into views of the sender's pool."""
+    network = pool.network_pool
+    block = network.segment
+    return {
+        "region": block.region.name,
+        "pool_offset": block.offset,
+        "pool_generation": block.generation,
+        "buffer_size": network.buffer_size,
+        "num_buffers": network.num_buffers,
+    }
+
+
+__all__ = ["TRANSPORTS", "BrokenChannelError", "OutputChannel", "PartitionStats", "ResultPartition", "pool_hello_fields"]
