@@ -15,4 +15,5 @@ def __getattr__(name: str):
     if name == "StreamEnvironment":
         from runtime.api import StreamEnvironment
         return StreamEnvironment
-    raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+    msg = f"module 'runtime' has no attribute {name!r}"
+    raise AttributeError(msg)

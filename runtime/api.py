@@ -64,7 +64,8 @@ class StreamEnvironment:
                  coordinator: str | None = None, secret_file: str | None = None) -> None:
         from runtime.config import ShmflowConfig, load_config
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+            msg = f"mode must be one of {MODES}; got {mode!r}"
+            raise ValueError(msg)
         overrides = {} if workers is None else {"workers": workers}
         if isinstance(config, ShmflowConfig):
             cfg = config.with_overrides(overrides, source="StreamEnvironment(workers=...)") if overrides else config
@@ -98,7 +99,8 @@ class StreamEnvironment:
     def read_text(self, path: str, *, name: str | None = None) -> DataStream:
         """A bounded source of the lines of a text file, split at line boundaries across workers."""
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"read_text: no such file {str(path)!r}")
+            msg = f"read_text: no such file {str(path)!r}"
+            raise FileNotFoundError(msg)
         return self._source(sources.TextFileSource(str(path)), name or f"read_text({path})")
 
     def from_source(self, source: Any, *, name: str | None = None) -> DataStream:
@@ -110,7 +112,8 @@ class StreamEnvironment:
         share; without, the source runs once, on worker 0, and the next shuffle spreads its records.
         """
         if not callable(getattr(source, "poll_batch", None)):
-            raise TypeError(f"from_source needs a source with poll_batch(max_records); got {type(source).__name__}")
+            msg = f"from_source needs a source with poll_batch(max_records); got {type(source).__name__}"
+            raise TypeError(msg)
         parallelism = None if callable(getattr(source, "split", None)) else 1
         label = getattr(source, "name", None)
         if label in (None, Operator.name):  # the base class's placeholder: name it after its class
@@ -235,7 +238,8 @@ class DataStream:
     def set_parallelism(self, n: int) -> DataStream:
         """Run this operator with ``n`` parallel subtasks (at most the number of workers)."""
         if not isinstance(n, int) or not 1 <= n <= self.env.workers:
-            raise ValueError(f"parallelism of {self.node.name!r} must be in [1, {self.env.workers}] (workers); got {n!r}")
+            msg = f"parallelism of {self.node.name!r} must be in [1, {self.env.workers}] (workers); got {n!r}"
+            raise ValueError(msg)
         self.node.parallelism = n
         return self
 

@@ -156,7 +156,8 @@ def execute_job(graph: JobGraph, config: ShmflowConfig, *, collect: dict[str, An
         try:
             cluster = LocalCluster(config)
         except (WorkerLostError, TimeoutError) as exc:
-            raise JobFailedError(f"job {graph.name!r} failed: the local cluster did not start: {exc}") from exc
+            msg = f"job {graph.name!r} failed: the local cluster did not start: {exc}"
+            raise JobFailedError(msg) from exc
         with cluster:
             tick = progress_printer(graph.name, cluster.coordinator, started) if sys.stderr.isatty() else None
             try:

@@ -200,11 +200,13 @@ class Coordinator:
             for i, proc in enumerate(processes or []):
                 code = _exitcode(proc)
                 if code is not None:
-                    raise WorkerLostError(f"worker {i} (pid {proc.pid}) exited with {code} during start-up",
+                    msg = f"worker {i} (pid {proc.pid}) exited with {code} during start-up"
+                    raise WorkerLostError(msg,
                                           worker_id=i, pid=proc.pid, exitcode=code)
             if time.monotonic() > deadline:
                 attached = sum(h.attached for h in self.workers.values())
-                raise TimeoutError(f"{attached} of {n} workers attached within {timeout}s")
+                msg = f"{attached} of {n} workers attached within {timeout}s"
+                raise TimeoutError(msg)
             self.poll(0.1)
 
     # --------------------------------------------------------------------- jobs
@@ -217,8 +219,11 @@ class Coordinator:
         job = secrets.token_hex(6)
         needed = graph.max_parallelism
         if len(self.workers) < needed:
-            raise JobFailedError(f"job {graph.name!r} needs {needed} workers (its largest parallelism); "
-                                 f"{len(self.workers)} registered; raise workers")
+            msg = (
+                f"job {graph.name!r} needs {needed} workers (its largest parallelism); "
+                                 f"{len(self.workers)} registered; raise workers"
+            )
+            raise JobFailedError(msg)
         participants = {wid: self.workers[wid] for wid in sorted(self.workers)[:needed]}
         self.check_network_buffers(graph)
         cfg = self.config.as_dict()
@@ -267,7 +272,8 @@ class Coordinator:
             self._next_tick = time.monotonic() + 0.5
             self._on_tick()
         if deadline is not None and time.monotonic() > deadline:
-            raise JobFailedError(f"job {graph.name!r} did not finish within its timeout")
+            msg = f"job {graph.name!r} did not finish within its timeout"
+            raise JobFailedError(msg)
         received = self.poll(0.1)
         if received is None:
             return
@@ -348,5 +354,6 @@ def check_graph_payload(payload: bytes) -> JobGraph:
     """Unpickle a submitted job graph (its HMAC was verified before this is called)."""
     graph = cloudpickle.loads(payload)
     if not isinstance(graph, JobGraph):
-        raise JobFailedError(f"a submitted job must be a JobGraph; got {type(graph).__name__}")
+        msg = f"a submitted job must be a JobGraph; got {type(graph).__name__}"
+        raise JobFailedError(msg)
     return graph

@@ -94,7 +94,8 @@ class Worker:
             progress = self.progress() if self.progress is not None else None
             self.send(Heartbeat(worker=self.worker_id, progress=progress))
         if now - self._last_heard > COORDINATOR_SILENCE:
-            raise SystemExit(f"worker {self.worker_id}: no word from the coordinator for {COORDINATOR_SILENCE}s")
+            msg = f"worker {self.worker_id}: no word from the coordinator for {COORDINATOR_SILENCE}s"
+            raise SystemExit(msg)
 
     # ------------------------------------------------- JobHost (runtime.execution.job_run)
     @property
@@ -149,7 +150,8 @@ class Worker:
                 return
             if isinstance(message, Shutdown):
                 raise SystemExit(0)
-        raise SystemExit(f"worker {self.worker_id}: coordinator did not welcome it within {timeout}s")
+        msg = f"worker {self.worker_id}: coordinator did not welcome it within {timeout}s"
+        raise SystemExit(msg)
 
     def _setup_arena(self, welcome: Welcome) -> None:
         self.region = SharedRegion.attach(welcome.region)

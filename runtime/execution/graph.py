@@ -140,11 +140,14 @@ def build_job_graph(name: str, nodes: list[StreamNode], *, mode: str) -> JobGrap
     for n in nodes:
         for up, part, _ in n.inputs:
             if up not in by_id:
-                raise GraphError(f"operator {n.name!r} reads from node {up}, which is not in the job")
+                msg = f"operator {n.name!r} reads from node {up}, which is not in the job"
+                raise GraphError(msg)
             if part not in PARTITIONINGS:
-                raise GraphError(f"partitioning must be one of {PARTITIONINGS}; got {part!r} into {n.name!r}")
+                msg = f"partitioning must be one of {PARTITIONINGS}; got {part!r} into {n.name!r}"
+                raise GraphError(msg)
     if not any(n.is_sink for n in nodes):
-        raise GraphError("the job has no sink: add collect(), print() or to_file(path) to a stream")
+        msg = "the job has no sink: add collect(), print() or to_file(path) to a stream"
+        raise GraphError(msg)
     consumers = _consumers(by_id)
 
     def chains_with_upstream(n: StreamNode) -> bool:
@@ -167,7 +170,8 @@ def build_job_graph(name: str, nodes: list[StreamNode], *, mode: str) -> JobGrap
                 ready.append(c)
                 ready.sort()
     if len(order) != len(nodes):
-        raise GraphError("the job graph has a cycle")
+        msg = "the job graph has a cycle"
+        raise GraphError(msg)
 
     vertex_of: dict[int, JobVertex] = {}
     vertices: list[JobVertex] = []

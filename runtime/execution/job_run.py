@@ -255,7 +255,8 @@ class JobRun:
         for part in self.partitions:
             while part.stats().in_flight:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{part.name}: consumers did not recycle {part.stats().in_flight} buffers in 60s")
+                    msg = f"{part.name}: consumers did not recycle {part.stats().in_flight} buffers in 60s"
+                    raise TimeoutError(msg)
                 self.host.keep_alive(time.monotonic())
                 for gate in self.gates.values():
                     gate.flush_credits()

@@ -116,7 +116,8 @@ class SourceOperator(Operator):
         raise NotImplementedError
 
     def process_batch(self, batch: Batch, emit: Emit) -> None:  # sources have no input
-        raise TypeError(f"source {self.name!r} takes no input")
+        msg = f"source {self.name!r} takes no input"
+        raise TypeError(msg)
 
 
 class SinkOperator(Operator):

@@ -92,7 +92,8 @@ class _IOCore:
     def check_open(self, what: str) -> None:
         """Caller holds the lock."""
         if self.closed:
-            raise _spill_error(f"cannot {what}: the IOManager of {self.directory} is closed", None,
+            msg = f"cannot {what}: the IOManager of {self.directory} is closed"
+            raise _spill_error(msg, None,
                                self.directory)
 
     # --------------------------------------------------------------- requests
@@ -123,7 +124,8 @@ class _IOCore:
             for key in keys:
                 del self.pending[key]
             self.inflight -= 1
-            raise _spill_error(f"cannot {what}: the IOManager's threads have stopped", None,
+            text = f"cannot {what}: the IOManager's threads have stopped"
+            raise _spill_error(text, None,
                                state.path) from exc
         state.futures.add(future)
         future.add_done_callback(lambda f: self._done(state, keys, f))
@@ -281,7 +283,8 @@ class IOManager:
 
     def __init__(self, spill_dir: str | None = None, *, threads: int = 2) -> None:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-            raise ValueError(f"threads must be an int >= 1; got {threads!r}")
+            msg = f"threads must be an int >= 1; got {threads!r}"
+            raise ValueError(msg)
         parent = tempfile.gettempdir() if spill_dir is None else os.fspath(spill_dir)
         try:
             directory = tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=parent)

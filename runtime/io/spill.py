@@ -222,7 +222,8 @@ class SpillFile:
             raise InvalidSizeError(msg)
         _check_nbytes(segs, ref.nbytes, "read into")
         if any(seg.readonly for seg in segs):
-            raise ReadOnlySegmentError(f"cannot read spill file {state.path} into a read-only segment")
+            text = f"cannot read spill file {state.path} into a read-only segment"
+            raise ReadOnlySegmentError(text)
         core = self._core
         with core.lock:
             self._check_usable("read from", ref)
@@ -248,7 +249,8 @@ class SpillFile:
         self._core.check_open(f"{what} spill file {self._state.path}")
         if self._state.deleted:
             at = f"; block at offset {ref.offset} ({ref.nbytes} bytes) is gone" if ref is not None else ""
-            raise _spill_error(f"cannot {what} spill file {self._state.path}: it was deleted{at}",
+            msg = f"cannot {what} spill file {self._state.path}: it was deleted{at}"
+            raise _spill_error(msg,
                                None, self._state.path)
 
     def delete(self, *, timeout: float | None = None) -> None:
@@ -292,7 +294,8 @@ def _check_nbytes(segs: list[MemorySegment], nbytes: int | None, what: str) -> i
     if nbytes is None:
         return total
     if not isinstance(nbytes, int) or isinstance(nbytes, bool):
-        raise TypeError(f"nbytes must be an int; got {type(nbytes).__name__}")
+        text = f"nbytes must be an int; got {type(nbytes).__name__}"
+        raise TypeError(text)
     if not 0 < nbytes <= total:
         msg = f"nbytes to {what} must be in [1, {total}] (what the segments hold); got {nbytes}"
         raise InvalidSizeError(msg)
@@ -303,11 +306,14 @@ def _check_ref(ref: Any, state: _FileState) -> BlockRef:
     try:
         ref = BlockRef(*ref)
     except TypeError:
-        raise InvalidHandleError(f"expected a BlockRef (path, offset, nbytes, crc32); got {ref!r}") from None
+        msg = f"expected a BlockRef (path, offset, nbytes, crc32); got {ref!r}"
+        raise InvalidHandleError(msg) from None
     if ref.path != state.path:
-        raise InvalidHandleError(f"block ref names spill file {ref.path}, not {state.path}")
+        msg = f"block ref names spill file {ref.path}, not {state.path}"
+        raise InvalidHandleError(msg)
     if ref.offset < 0 or ref.nbytes <= 0:
-        raise InvalidHandleError(f"block ref needs offset >= 0 and nbytes > 0; got {ref!r}")
+        msg = f"block ref needs offset >= 0 and nbytes > 0; got {ref!r}"
+        raise InvalidHandleError(msg)
     return ref
 
 
@@ -376,7 +382,8 @@ def _read_block(core: _IOCore, state: _FileState, ref: BlockRef, segs: list[Memo
     try:
         st = os.fstat(state.fd)
     except OSError as exc:
-        raise _spill_error(f"cannot read {where} of spill file {state.path}: {_describe(exc)}",
+        msg = f"cannot read {where} of spill file {state.path}: {_describe(exc)}"
+        raise _spill_error(msg,
                            exc, state.path) from exc
     if st.st_nlink == 0:
         msg = (f"spill file {state.path} is missing (removed from its directory by someone else); "

@@ -62,7 +62,8 @@ class BuddyAllocator:
     def __init__(self, region: SharedRegion, min_block: int = 4096, *, offset: int = 0,
                  size: int | None = None) -> None:
         if not isinstance(min_block, int) or min_block <= 0 or min_block & (min_block - 1):
-            raise InvalidSizeError(f"min_block must be a power of two > 0; got {min_block!r}")
+            msg = f"min_block must be a power of two > 0; got {min_block!r}"
+            raise InvalidSizeError(msg)
         if min_block < region.granule:
             msg = (f"min_block must be >= the region's generation granule ({region.granule} bytes); "
                    f"got {min_block}; create the region with SharedRegion.create(size, granule={min_block})")
@@ -112,9 +113,11 @@ class BuddyAllocator:
                 largest free, total free).
         """
         if type(nbytes) is not int and (not isinstance(nbytes, int) or isinstance(nbytes, bool)):
-            raise TypeError(f"nbytes must be an int; got {type(nbytes).__name__}")
+            msg = f"nbytes must be an int; got {type(nbytes).__name__}"
+            raise TypeError(msg)
         if nbytes <= 0:
-            raise InvalidSizeError(f"allocation size must be > 0 bytes; got {nbytes}")
+            msg = f"allocation size must be > 0 bytes; got {nbytes}"
+            raise InvalidSizeError(msg)
         min_block = self.min_block
         order = (-(-nbytes // min_block) - 1).bit_length()  # inlined order_for: hot path
         free = self._free
@@ -163,10 +166,12 @@ class BuddyAllocator:
                        f"allocator (range [{self.offset}, {self.offset + self.size})); free it with its own")
                 raise InvalidHandleError(msg)
             if seg._freed:
-                raise DoubleFreeError(f"segment at offset {seg.offset} ({seg.size} bytes) was freed twice")
+                text = f"segment at offset {seg.offset} ({seg.size} bytes) was freed twice"
+                raise DoubleFreeError(text)
             rel = seg.offset - self.offset
             if self._allocated.pop(rel, None) is not seg:  # pragma: no cover - guarded by the flags above
-                raise DoubleFreeError(f"segment at offset {seg.offset} is not allocated")
+                text = f"segment at offset {seg.offset} is not allocated"
+                raise DoubleFreeError(text)
         else:
             seg = self._resolve_handle(seg)
             rel = seg.offset - self.offset
@@ -200,7 +205,8 @@ class BuddyAllocator:
         try:
             offset, size, generation = (int(x) for x in handle)
         except (TypeError, ValueError):
-            raise InvalidHandleError(f"expected a MemorySegment or SegmentHandle; got {handle!r}") from None
+            msg = f"expected a MemorySegment or SegmentHandle; got {handle!r}"
+            raise InvalidHandleError(msg) from None
         seg = self._allocated.get(offset - self.offset)
         if seg is None or seg.size != size:
             msg = (f"handle (offset={offset}, size={size}) names no block allocated by this allocator; "

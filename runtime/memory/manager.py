@@ -115,7 +115,8 @@ class MemoryManager:
             raise InvalidSizeError(msg)
         budget = allocator.total_bytes if budget is None else budget
         if not isinstance(budget, int) or isinstance(budget, bool):
-            raise TypeError(f"budget must be an int; got {type(budget).__name__}")
+            text = f"budget must be an int; got {type(budget).__name__}"
+            raise TypeError(text)
         if not 0 < budget <= allocator.total_bytes:
             msg = (f"managed budget must be in [1, {allocator.total_bytes}] bytes (what the allocator "
                    f"holds); got {budget}; change {BUDGET_KEY}")
@@ -170,9 +171,11 @@ class MemoryManager:
                 ``memory.managed.fraction``. Nothing stays allocated.
         """
         if not isinstance(n, int) or isinstance(n, bool):
-            raise TypeError(f"n must be an int; got {type(n).__name__}")
+            msg = f"n must be an int; got {type(n).__name__}"
+            raise TypeError(msg)
         if n < 0:
-            raise InvalidSizeError(f"number of pages must be >= 0; got {n}")
+            msg = f"number of pages must be >= 0; got {n}"
+            raise InvalidSizeError(msg)
         nbytes = n * self.page_size
         what = f"{n} page{'s' if n != 1 else ''} ({format_bytes(nbytes)})"
         with self._lock:
@@ -204,9 +207,11 @@ class MemoryManager:
             OutOfMemoryError: the budget or the arena cannot hold the block.
         """
         if not isinstance(nbytes, int) or isinstance(nbytes, bool):
-            raise TypeError(f"nbytes must be an int; got {type(nbytes).__name__}")
+            msg = f"nbytes must be an int; got {type(nbytes).__name__}"
+            raise TypeError(msg)
         if nbytes <= 0:
-            raise InvalidSizeError(f"allocation size must be > 0 bytes; got {nbytes}")
+            msg = f"allocation size must be > 0 bytes; got {nbytes}"
+            raise InvalidSizeError(msg)
         rounded = self.allocator.min_block << self.allocator.order_for(nbytes)
         what = f"{format_bytes(nbytes)} ({nbytes} bytes" + \
             (")" if rounded == nbytes else f", a {format_bytes(rounded)} block)")
@@ -250,7 +255,8 @@ class MemoryManager:
 
     def _check_open(self, what: str, owner: Hashable) -> None:
         if self._closed:
-            raise ShmflowError(f"cannot allocate {what} for {owner!r}: {self.name} is closed")
+            msg = f"cannot allocate {what} for {owner!r}: {self.name} is closed"
+            raise ShmflowError(msg)
 
     # ---------------------------------------------------------------- release
     def release(self, segment: MemorySegment | Iterable[MemorySegment]) -> int:
@@ -277,7 +283,8 @@ class MemoryManager:
     def _release_one(self, seg: MemorySegment) -> int:
         """Caller holds the lock."""
         if not isinstance(seg, MemorySegment):
-            raise TypeError(f"expected a MemorySegment; got {type(seg).__name__}")
+            msg = f"expected a MemorySegment; got {type(seg).__name__}"
+            raise TypeError(msg)
         held = self._held.get(seg.owner)
         if held is None or seg not in held:
             if seg in self._released:

@@ -230,7 +230,8 @@ class SharedRegion:
         self._unlinked = False
         self.name: str = name
         if len(mapping) < HEADER_FIXED:
-            raise RegionError(f"shared block {name!r} is {len(mapping)} bytes, smaller than a shmflow header")
+            msg = f"shared block {name!r} is {len(mapping)} bytes, smaller than a shmflow header"
+            raise RegionError(msg)
         magic, version, header_bytes, usable, granule, pid, _ = _HEADER.unpack_from(mapping, 0)
         if magic != MAGIC or version != VERSION:
             msg = f"shared block {name!r} is not a shmflow region (magic {magic!r}, version {version})"
@@ -269,14 +270,18 @@ class SharedRegion:
             OutOfMemoryError: /dev/shm has less free space than the block needs.
         """
         if not isinstance(size, int) or isinstance(size, bool):
-            raise TypeError(f"size must be an int; got {type(size).__name__}")
+            msg = f"size must be an int; got {type(size).__name__}"
+            raise TypeError(msg)
         if size <= 0:
-            raise InvalidSizeError(f"region size must be > 0 bytes; got {size}")
+            msg = f"region size must be > 0 bytes; got {size}"
+            raise InvalidSizeError(msg)
         if granule < 8 or granule & (granule - 1):
-            raise InvalidSizeError(f"granule must be a power of two >= 8; got {granule}")
+            msg = f"granule must be a power of two >= 8; got {granule}"
+            raise InvalidSizeError(msg)
         prefix = default_prefix() if prefix is None else prefix
         if not prefix.startswith(DEFAULT_PREFIX) or not _NAME_RE.match(prefix):
-            raise RegionError(f"prefix must start with {DEFAULT_PREFIX!r} and use [A-Za-z0-9._-]; got {prefix!r}")
+            msg = f"prefix must start with {DEFAULT_PREFIX!r} and use [A-Za-z0-9._-]; got {prefix!r}"
+            raise RegionError(msg)
         if sweep_dead:
             sweep()
         _, header_bytes = _layout(size, granule)
@@ -376,7 +381,8 @@ class SharedRegion:
     def unlink(self) -> None:
         """Remove the name from /dev/shm (creator only). Mappings stay valid until closed."""
         if not self._creator:
-            raise RegionError(f"only the creator (pid {self.creator_pid}) unlinks region {self.name!r}")
+            msg = f"only the creator (pid {self.creator_pid}) unlinks region {self.name!r}"
+            raise RegionError(msg)
         if not self._unlinked:
             _unlink_name(self.name)
             _CLEANUP.discard(self.name)
@@ -412,7 +418,8 @@ class SharedRegion:
 
     def _check_open(self) -> None:
         if self._mmap is None:
-            raise RegionError(f"region {self.name!r} is closed")
+            msg = f"region {self.name!r} is closed"
+            raise RegionError(msg)
 
     def __enter__(self) -> SharedRegion:
         return self

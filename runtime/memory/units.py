@@ -19,7 +19,8 @@ def format_bytes(n: int | float) -> str:
                 return f"{int(value)} {unit}"
             return f"{value:.1f} {unit}"
         value /= 1024
-    raise AssertionError("unreachable")
+    msg = "unreachable"
+    raise AssertionError(msg)
 
 
 def free_bytes(path: str) -> int | None:

@@ -67,7 +67,8 @@ class ReceivedBuffer:
 
     def release(self) -> None:
         if self._released:
-            raise DoubleFreeError(f"buffer {self.index} of channel {self.channel} was released twice")
+            text = f"buffer {self.index} of channel {self.channel} was released twice"
+            raise DoubleFreeError(text)
         self._released = True
         self.view = None
         self.gate._release(self.channel, self.index)
@@ -113,7 +114,8 @@ class InputGate:
     def __init__(self, num_channels: int, *, exclusive: int = 2, floating: int = 8, name: str = "gate",
                  endpoint: str | None = None, region: SharedRegion | None = None) -> None:
         if exclusive < 1:
-            raise ValueError(f"exclusive credits per channel must be >= 1 (network.buffers-per-channel); got {exclusive}")
+            text = f"exclusive credits per channel must be >= 1 (network.buffers-per-channel); got {exclusive}"
+            raise ValueError(text)
         self.name = name
         self.exclusive = exclusive
         self.floating_total = floating
@@ -187,13 +189,15 @@ class InputGate:
             self._on_hello(identity, head.bytes)
             return
         if ch is None:
-            raise DeserializationError(f"gate {self.name}: message from unknown peer {identity!r} before its hello")
+            text = f"gate {self.name}: message from unknown peer {identity!r} before its hello"
+            raise DeserializationError(text)
         where = f"channel {ch.name}"
         if kind == msg.DATA:
             backlog, desc = msg.decode_data(head.buffer, where=where)
             n = len(desc)
             if ch.region is not None and ch.region.generation(ch.base) != ch.hello["pool_generation"]:
-                raise BrokenChannelError(f"{where}: the sender's buffer pool was freed (its worker is gone)")
+                text = f"{where}: the sender's buffer pool was freed (its worker is gone)"
+                raise BrokenChannelError(text)
             buf = ch.view
             if buf is None and ch.region is not None:
                 buf = ch.view = ch.region.buf.toreadonly()  # slices of it are read-only views
@@ -203,7 +207,8 @@ class InputGate:
             if n and (max(idx_list) >= ch.hello["num_buffers"] or max(size_list) > bsize):
                 i, size = next((i, size) for i, size in zip(idx_list, size_list)
                                if i >= ch.hello["num_buffers"] or size > bsize)
-                raise DeserializationError(f"{where}: descriptor ({i}, {size}) outside the sender's pool")
+                text = f"{where}: descriptor ({i}, {size}) outside the sender's pool"
+                raise DeserializationError(text)
             cindex = ch.index
             self._ready.extend([ReceivedBuffer(self, cindex, i, buf[base + i * bsize:base + i * bsize + size])
                                 for i, size in zip(idx_list, size_list)])
@@ -217,9 +222,11 @@ class InputGate:
                 ready.append(ReceivedBuffer(self, ch.index, -1, f.buffer))
                 self._bytes += len(f.buffer)
         else:
-            raise DeserializationError(f"{where}: unexpected message kind {kind!r}")
+            text = f"{where}: unexpected message kind {kind!r}"
+            raise DeserializationError(text)
         if n > ch.granted:
-            raise DeserializationError(f"{where}: sender shipped {n} buffers with {ch.granted} credits")
+            text = f"{where}: sender shipped {n} buffers with {ch.granted} credits"
+            raise DeserializationError(text)
         ch.granted -= n
         ch.unreleased += n
         ch.backlog = backlog
@@ -234,10 +241,12 @@ class InputGate:
         hello = msg.decode_hello(frame, where=f"gate {self.name}")
         cid = hello.get("channel")
         if not isinstance(cid, int) or not 0 <= cid < len(self.channels):
-            raise DeserializationError(f"gate {self.name}: hello names channel {cid!r}; expected 0..{len(self.channels) - 1}")
+            text = f"gate {self.name}: hello names channel {cid!r}; expected 0..{len(self.channels) - 1}"
+            raise DeserializationError(text)
         ch = self.channels[cid]
         if ch.identity is not None:
-            raise DeserializationError(f"gate {self.name}: channel {cid} connected twice")
+            text = f"gate {self.name}: channel {cid} connected twice"
+            raise DeserializationError(text)
         ch.identity = identity
         ch.hello = hello
         self._by_identity[identity] = ch
@@ -351,8 +360,11 @@ class InputGate:
         while self.connected < len(self.channels):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"gate {self.name}: {self.connected} of {len(self.channels)} channels "
-                                   f"connected within {timeout}s")
+                text = (
+                    f"gate {self.name}: {self.connected} of {len(self.channels)} channels "
+                                   f"connected within {timeout}s"
+                )
+                raise TimeoutError(text)
             self._receive(min(remaining, 0.1))
 
     def stats(self) -> GateStats:

@@ -48,7 +48,8 @@ def decode_hello(frame: bytes, *, where: str) -> dict[str, Any]:
     try:
         hello = msgpack.unpackb(frame[1:])
     except Exception as exc:  # msgpack raises several types for garbage
-        raise DeserializationError(f"{where}: malformed hello ({exc})") from None
+        msg = f"{where}: malformed hello ({exc})"
+        raise DeserializationError(msg) from None
     if not isinstance(hello, dict) or hello.get("version") != PROTOCOL_VERSION:
         msg = f"{where}: hello must be a map with version {PROTOCOL_VERSION}; got {hello!r:.200}"
         raise DeserializationError(msg)
@@ -63,7 +64,8 @@ def encode_data(backlog: int, descriptors: np.ndarray) -> bytes:
 def decode_data(frame: Any, *, where: str) -> tuple[int, np.ndarray]:
     """(backlog, DESCRIPTOR array); the array is a view of ``frame``."""
     if len(frame) < 1 + _COUNTS.size:
-        raise DeserializationError(f"{where}: data message of {len(frame)} bytes is shorter than its header")
+        msg = f"{where}: data message of {len(frame)} bytes is shorter than its header"
+        raise DeserializationError(msg)
     backlog, count = _COUNTS.unpack_from(frame, 1)
     expected = 1 + _COUNTS.size + count * DESCRIPTOR.itemsize
     if len(frame) != expected:
@@ -79,10 +81,12 @@ def encode_bytes_header(backlog: int, count: int) -> bytes:
 def decode_bytes_header(frame: Any, nframes: int, *, where: str) -> int:
     """The backlog of a ``B`` message whose payload came as ``nframes`` further frames."""
     if len(frame) != 1 + _COUNTS.size:
-        raise DeserializationError(f"{where}: bytes header of {len(frame)} bytes; expected {1 + _COUNTS.size}")
+        msg = f"{where}: bytes header of {len(frame)} bytes; expected {1 + _COUNTS.size}"
+        raise DeserializationError(msg)
     backlog, count = _COUNTS.unpack_from(frame, 1)
     if count != nframes:
-        raise DeserializationError(f"{where}: bytes message announces {count} buffers; got {nframes} frames")
+        msg = f"{where}: bytes message announces {count} buffers; got {nframes} frames"
+        raise DeserializationError(msg)
     return backlog
 
 
@@ -97,6 +101,7 @@ def encode_recycle(credits: int, indices: np.ndarray | list[int]) -> bytes:
 def decode_credit(frame: Any, *, where: str) -> tuple[int, np.ndarray]:
     """(credits, indices recycled) of a ``C`` or ``R`` message."""
     if len(frame) < 1 + _CREDIT.size or (len(frame) - 1 - _CREDIT.size) % 4:
-        raise DeserializationError(f"{where}: credit message of {len(frame)} bytes is malformed")
+        msg = f"{where}: credit message of {len(frame)} bytes is malformed"
+        raise DeserializationError(msg)
     (credits,) = _CREDIT.unpack_from(frame, 1)
     return credits, np.frombuffer(frame, "<u4", offset=1 + _CREDIT.size)

@@ -105,7 +105,8 @@ class OutputChannel:
     def check_open(self) -> None:
         """Raise BrokenChannelError if the consumer is gone (no buffer may be queued any more)."""
         if self.closed:
-            raise BrokenChannelError(f"channel {self.name} to {self.endpoint} is closed; its consumer is gone")
+            text = f"channel {self.name} to {self.endpoint} is closed; its consumer is gone"
+            raise BrokenChannelError(text)
 
     def enqueue(self, buffer: Any) -> None:
         self.check_open()
@@ -152,7 +153,8 @@ class OutputChannel:
         frame = frames[0].buffer
         kind = frame[0]
         if kind not in (msg.CREDIT, msg.RECYCLE):
-            raise DeserializationError(f"channel {self.name}: unexpected control message kind {kind!r}")
+            text = f"channel {self.name}: unexpected control message kind {kind!r}"
+            raise DeserializationError(text)
         credits, indices = msg.decode_credit(frame, where=f"channel {self.name}")
         self.credits += credits
         if not len(indices):
@@ -163,7 +165,8 @@ class OutputChannel:
             for i in indices.tolist():
                 buf = pop(i, None)
                 if buf is None:
-                    raise DeserializationError(f"channel {self.name}: consumer recycled buffer {i}, not in flight")
+                    text = f"channel {self.name}: consumer recycled buffer {i}, not in flight"
+                    raise DeserializationError(text)
                 returned.append(buf)
         finally:
             release_buffers(returned)
@@ -204,7 +207,8 @@ class ResultPartition:
                  transport: str = "shm", name: str = "partition", ship_batch: int = 0,
                  max_backlog: int = 10) -> None:
         if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}; got {transport!r}")
+            text = f"transport must be one of {TRANSPORTS}; got {transport!r}"
+            raise ValueError(text)
         self.pool = pool
         self.transport = transport
         self.name = name
@@ -345,7 +349,8 @@ class ResultPartition:
                 break
             blocked_from = blocked_from or time.monotonic()
             if timeout is not None and time.monotonic() - start >= timeout:
-                raise TimeoutError(f"partition {self.name}: {self._backlog()} buffers found no credit in {timeout}s")
+                text = f"partition {self.name}: {self._backlog()} buffers found no credit in {timeout}s"
+                raise TimeoutError(text)
             self._wait_control(0.05)
         if blocked_from is not None:
             self._blocked += time.monotonic() - blocked_from
@@ -355,7 +360,8 @@ class ResultPartition:
         deadline = time.monotonic() + timeout
         while self._in_flight():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"partition {self.name}: {self._in_flight()} buffers not recycled in {timeout}s")
+                text = f"partition {self.name}: {self._in_flight()} buffers not recycled in {timeout}s"
+                raise TimeoutError(text)
             self._wait_control(0.05)
 
     # ------------------------------------------------------------------ control

@@ -610,7 +610,7 @@ class BufferDeserializer:
         self._frames = self._records = self._spans = self._copied = 0
 
     # ----------------------------------------------------------------- errors
-    def _error(self, what: str, offset: int, text: str, buffer: int | None = None) -> DeserializationError:
+    def _error(self, offset: int, what: str, text: str, buffer: int | None = None) -> DeserializationError:
         b = self._nbuf if buffer is None else buffer
         return DeserializationError(f"channel {self.channel!r}: {what} at offset {offset} of buffer {b} {text}")
 
@@ -664,23 +664,23 @@ class BufferDeserializer:
             p = (pos + 7) & -8
             if p >= n:
                 if any(view[pos:n]):
-                    raise self._error("padding", pos, f"holds non-zero bytes after the last frame ({n - pos} bytes)")
+                    raise self._error(pos, "padding", f"holds non-zero bytes after the last frame ({n - pos} bytes)")
                 break
             if n - p < HEADER_SIZE:
-                raise self._error("frame", p, f"is truncated: {n - p} bytes left for an {HEADER_SIZE}-byte header")
+                raise self._error(p, "frame", f"is truncated: {n - p} bytes left for an {HEADER_SIZE}-byte header")
             kind, flags, magic, version, length = unpack(view, p)
             if magic != MAGIC or version != VERSION:
-                raise self._error("frame", p, f"has magic 0x{magic:02x} version {version}; expected "
+                raise self._error(p, "frame", f"has magic 0x{magic:02x} version {version}; expected "
                                   f"0x{MAGIC:02x} version {VERSION} (corrupt data or a misaligned frame)")
             valid = _VALID_FLAGS.get(kind)
             if valid is None:
                 what = ("a continuation without a spanning frame before it" if kind == KIND_CONTINUATION
                         else f"unknown kind {kind}")
-                raise self._error("frame", p, f"is {what}")
+                raise self._error(p, "frame", f"is {what}")
             if flags not in valid:
-                raise self._error("frame", p, f"of kind {_KIND_NAMES[kind]} has invalid flags {flags}")
+                raise self._error(p, "frame", f"of kind {_KIND_NAMES[kind]} has invalid flags {flags}")
             if length > limit:
-                raise self._error("frame", p, f"claims {length} bytes, limit {limit} (network.max-record-size)")
+                raise self._error(p, "frame", f"claims {length} bytes, limit {limit} (network.max-record-size)")
             start = p + HEADER_SIZE
             end = start + length
             if end > n:  # spans into the next buffer(s)
@@ -703,13 +703,13 @@ class BufferDeserializer:
         missing = total - self._span_filled
         where = f"(continuing the {_KIND_NAMES[self._span_kind]} frame {self._span_where}, {missing} of {total} bytes missing)"
         if n < HEADER_SIZE:
-            raise self._error("continuation", 0, f"is truncated: buffer holds {n} bytes {where}")
+            raise self._error(0, "continuation", f"is truncated: buffer holds {n} bytes {where}")
         kind, flags, magic, version, length = _HEADER.unpack_from(view, 0)
         if magic != MAGIC or version != VERSION or kind != KIND_CONTINUATION or flags != 0:
-            raise self._error("frame", 0, f"has kind {kind} flags {flags} magic 0x{magic:02x} version {version}; "
+            raise self._error(0, "frame", f"has kind {kind} flags {flags} magic 0x{magic:02x} version {version}; "
                               f"expected a continuation {where}")
         if length != missing:
-            raise self._error("continuation", 0, f"claims {length} bytes {where}")
+            raise self._error(0, "continuation", f"claims {length} bytes {where}")
         take = min(missing, n - HEADER_SIZE)
         filled = self._span_filled
         span[filled: filled + take] = view[HEADER_SIZE: HEADER_SIZE + take]
@@ -734,13 +734,15 @@ class BufferDeserializer:
                 if flags == MODE_TUPLES:
                     obj = msgpack.unpackb(payload, use_list=False, raw=False, strict_map_key=False, ext_hook=_no_ext)
                     if type(obj) is not tuple:
-                        raise ValueError(f"payload is a {type(obj).__name__}, not an array of records")
+                        msg = f"payload is a {type(obj).__name__}, not an array of records"
+                        raise ValueError(msg)
                     records = list(obj)
                 else:
                     obj = msgpack.unpackb(payload, use_list=True, raw=False, strict_map_key=False,
                                           ext_hook=_unmark if flags == MODE_MARKED else _no_ext)
                     if type(obj) is not list:
-                        raise ValueError(f"payload is a {type(obj).__name__}, not an array of records")
+                        msg = f"payload is a {type(obj).__name__}, not an array of records"
+                        raise ValueError(msg)
                     records = obj
                 self._records += len(records)
                 return records

@@ -34,7 +34,8 @@ def local_endpoint(kind: Kind = "ipc", *, host: str = "127.0.0.1") -> str:
         return f"ipc:///tmp/shmflow-{os.getpid()}-{secrets.token_hex(6)}"
     if kind == "tcp":
         return f"tcp://{host}:*"
-    raise ValueError(f"endpoint kind must be 'ipc' or 'tcp'; got {kind!r}")
+    msg = f"endpoint kind must be 'ipc' or 'tcp'; got {kind!r}"
+    raise ValueError(msg)
 
 
 def make_socket(ctx: zmq.Context, socket_type: int, *, hwm: int | None = None,
