@@ -182,7 +182,8 @@ def _check_field_record(name: str, record: Any, field: Any) -> None:
     """Clear errors for the common mistakes, checked once per key (at ``create``)."""
     if field is None:
         if isinstance(record, (tuple, list, dict)):
-            msg = f"{name}() without a field needs plain values (numbers); got {type(record).__name__} {record!r}; pass {name}(field=...)"
+            msg = (f"{name}() without a field needs plain values (numbers); got {type(record).__name__} {record!r}; "
+                   f"pass {name}(field=...)")
             raise TypeError(msg)
         return
     if isinstance(record, dict):

@@ -29,11 +29,11 @@ from operators.aggregations import (
     Sum,
     combinable,
     count,
-    max,
-    min,
+    max,  # noqa: A004 - the public aggregations are named as in Flink and Python
+    min,  # noqa: A004
     partial_key,
     reduce,
-    sum,
+    sum,  # noqa: A004
 )
 from operators.keyed_vectorized import Vectorized, vectorizable
 from operators.stateless import to_records
@@ -55,7 +55,8 @@ def _chunks(records: list, size: int = EMIT_BATCH_SIZE) -> Iterable[list]:
 
 def _check_aggregation(owner: str, aggregation: Any) -> None:
     if not isinstance(aggregation, Aggregation):
-        msg = f"{owner} needs an Aggregation (count(), sum(), min(), max(), reduce(fn)); got {type(aggregation).__name__}"
+        msg = (f"{owner} needs an Aggregation (count(), sum(), min(), max(), reduce(fn)); got "
+               f"{type(aggregation).__name__}")
         raise TypeError(msg)
 
 
@@ -198,7 +199,8 @@ class KeyedCombine(Operator):
             raise TypeError(msg)
         _check_aggregation("KeyedCombine", aggregation)
         if not combinable(aggregation):
-            msg = f"KeyedCombine: aggregation {aggregation.name!r} is not combinable (no merge); check combinable() first"
+            msg = (f"KeyedCombine: aggregation {aggregation.name!r} is not combinable (no merge); check combinable() "
+                   "first")
             raise ValueError(msg)
         if not isinstance(max_keys, int) or max_keys < 1:
             msg = f"KeyedCombine: max_keys must be an int >= 1; got {max_keys!r}"

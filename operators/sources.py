@@ -98,7 +98,8 @@ class CollectionSource(_SplittableSource):
 
     def _select(self, index: int, parallelism: int) -> None:
         self.items = self._slice(index * self._len // parallelism, (index + 1) * self._len // parallelism)
-        self._len = len(next(iter(self.items.values()))) if isinstance(self.items, dict) and self.items else len(self.items)
+        items = self.items
+        self._len = len(next(iter(items.values()))) if isinstance(items, dict) and items else len(items)
         self._pos = 0
 
     def _slice(self, start: int, stop: int) -> Any:

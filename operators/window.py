@@ -194,10 +194,12 @@ class WindowAggregate(Operator):
             msg = f"WindowAggregate: key_fn must be callable or None; got {type(key_fn).__name__}"
             raise TypeError(msg)
         if not isinstance(assigner, WindowAssigner):
-            msg = f"WindowAggregate needs a window assigner (e.g. TumblingEventTimeWindows.of(10)); got {type(assigner).__name__}"
+            msg = ("WindowAggregate needs a window assigner (e.g. TumblingEventTimeWindows.of(10)); got "
+                   f"{type(assigner).__name__}")
             raise TypeError(msg)
         _check_aggregation("WindowAggregate", aggregation)
-        if isinstance(allowed_lateness, bool) or not isinstance(allowed_lateness, (int, float)) or not allowed_lateness >= 0:
+        lateness_ok = isinstance(allowed_lateness, (int, float)) and not isinstance(allowed_lateness, bool)
+        if not lateness_ok or not allowed_lateness >= 0:
             msg = f"allowed_lateness must be >= 0 seconds; got {allowed_lateness!r}"
             raise ValueError(msg)
         self.key_fn = key_fn

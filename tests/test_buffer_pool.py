@@ -473,7 +473,7 @@ def test_concurrent_requests_and_cross_thread_recycles_keep_counts(net):
                     buf.release()
                 else:
                     returns.put((pool, buf.index))  # "sent"; the receiver recycles it
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the thread's failure is re-raised in the test
             errors.append(exc)
 
     def receiver() -> None:
@@ -541,7 +541,7 @@ def _receive_returns(conn, pool: LocalBufferPool, log: list, errors: list) -> No
             log.append(desc.index)
             pool.recycle_descriptor(desc)
         errors.append("no return from the consumer within 60 s")
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - the thread's failure is re-raised in the test
         errors.append(exc)
 
 
@@ -578,7 +578,7 @@ def test_producer_blocked_on_exhausted_pool_resumes_when_consumer_process_recycl
             def produce() -> None:
                 try:
                     result.append(pool.request_buffer(timeout=60))
-                except BaseException as exc:
+                except BaseException as exc:  # noqa: BLE001 - the thread's failure is re-raised in the test
                     result.append(exc)
                 done.set()
 

@@ -90,7 +90,8 @@ def run(records: int = 1_000_000, repeats: int = 3, subtasks: int = 2) -> dict[s
     out: dict[str, Any] = {
         "benchmark": "keyed_combine_merge",
         "workload": {"records": records, "batch": BATCH, "subtasks": subtasks, "keys": "int in [0, 100000)",
-                     "values": "float in [0, 1)", "job": "key_by(lambda r: r[0]).sum(1)", "clock": "process_time (CPU seconds of this process; robust when cores are shared)"},
+                     "values": "float in [0, 1)", "job": "key_by(lambda r: r[0]).sum(1)",
+                     "clock": "process_time (CPU seconds of this process; robust when cores are shared)"},
         "python": sys.version.split()[0],
         "numpy": np.__version__,
         "same_results": bool(same_keys and len(g) == len(f) and np.array_equal(g, f)),

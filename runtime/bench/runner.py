@@ -446,7 +446,8 @@ def render_table(rows: list[dict[str, Any]], console: Any, title: str) -> None:
             goal = f"{'≥' if t['op'] == '>=' else '≤'} {_display(t['value'], r['unit'])[0]}"
             target = f"[green]✓ {goal}[/]" if t["met"] else f"[yellow]✗ {goal}[/]"
         for t in r.get("ratio_targets", []):
-            target += ("\n" if target else "") + (f"[green]✓ {t['text']}[/]" if t["met"] else f"[yellow]✗ {t['text']}[/]")
+            mark = f"[green]✓ {t['text']}[/]" if t["met"] else f"[yellow]✗ {t['text']}[/]"
+            target += ("\n" if target else "") + mark
         cells = ratio_cells.get(r["name"], [])
         ratio = cells[0][1] if len(cells) == 1 else "\n".join(f"{tag} {text}" for tag, text in cells)
         ok = "[green]ok[/]" if r["ok"] else "[bold red]FAIL[/]"

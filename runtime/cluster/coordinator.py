@@ -279,7 +279,8 @@ class Coordinator:
             return
         identity, message = received
         if isinstance(message, Submit):
-            self.send_to(identity, JobError(message="the coordinator is running another job; submit again when it ends"))
+            busy = "the coordinator is running another job; submit again when it ends"
+            self.send_to(identity, JobError(message=busy))
             return
         if not isinstance(message, (Collect, Deployed, Finished, Failed)) or message.job != job:
             return
@@ -328,10 +329,11 @@ class Coordinator:
                 graph = check_graph_payload(message.graph)
                 metrics = self.run_job(
                     graph, message.graph, timeout=message.timeout,
-                    on_collect=lambda sink, records: self.send_to(identity, Results(sink=sink, records=records)),
-                    on_tick=lambda: self.send_to(identity, Running()))
+                    on_collect=lambda sink, records, client=identity: self.send_to(
+                        client, Results(sink=sink, records=records)),
+                    on_tick=lambda client=identity: self.send_to(client, Running()))
                 self.send_to(identity, JobSucceeded(metrics=metrics))
-            except Exception as exc:  # the client gets the failure; the coordinator keeps serving
+            except Exception as exc:  # noqa: BLE001 - the client gets the failure; the coordinator keeps serving
                 self.send_to(identity, JobError(message=str(exc)))
 
     def _reap_silent(self) -> None:

@@ -126,7 +126,7 @@ class JobRun:
             pass
         except OperatorFailure as exc:
             self.host.report_failed(self.job_id, exc.operator, exc.traceback)
-        except Exception as exc:  # runtime failure: report it with its traceback
+        except Exception as exc:  # noqa: BLE001 - runtime failure: report it with its traceback
             self.host.report_failed(self.job_id, self._current or "runtime",
                                       "".join(traceback.format_exception(exc)))
         finally:

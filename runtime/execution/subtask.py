@@ -46,7 +46,8 @@ class Subtask:
     """
 
     def __init__(self, graph: JobGraph, vertex: JobVertex, index: int, operators: list[Operator], *,
-                 gate: Any = None, writers: list[Any] | None = None, ctx_factory: Callable[..., OperatorContext]) -> None:
+                 gate: Any = None, writers: list[Any] | None = None,
+                 ctx_factory: Callable[..., OperatorContext]) -> None:
         self.graph = graph
         self.vertex = vertex
         self.index = index
@@ -90,7 +91,7 @@ class Subtask:
                 op.process_batch(batch, downstream)
             except OperatorFailure:
                 raise
-            except Exception:
+            except Exception:  # noqa: BLE001 - a user function may raise anything; it fails the job by name
                 raise OperatorFailure(name, traceback.format_exc()) from None
         return emit
 
@@ -111,7 +112,7 @@ class Subtask:
             op = self.operators[i]
             try:
                 wm = op.process_watermark(wm, self._emits[i + 1])
-            except Exception:
+            except Exception:  # noqa: BLE001 - a user function may raise anything; it fails the job by name
                 raise OperatorFailure(self.vertex.nodes[i].name, traceback.format_exc()) from None
             if wm is None:
                 return
@@ -192,7 +193,7 @@ class Subtask:
             if t is not None and t <= now:
                 try:
                     op.on_processing_time(now, self._emits[i + 1])
-                except Exception:
+                except Exception:  # noqa: BLE001 - a user function may raise anything; it fails the job by name
                     raise OperatorFailure(self.vertex.nodes[i].name, traceback.format_exc()) from None
                 fired = True
         return fired
@@ -210,7 +211,7 @@ class Subtask:
         for i in range(start, len(self.operators)):
             try:
                 self.operators[i].finish(self._emits[i + 1])
-            except Exception:
+            except Exception:  # noqa: BLE001 - a user function may raise anything; it fails the job by name
                 raise OperatorFailure(self.vertex.nodes[i].name, traceback.format_exc()) from None
         for w in self.writers:
             w.emit_event(EndOfPartition())
@@ -242,7 +243,7 @@ class Subtask:
         for op in self.operators:
             try:
                 op.close()
-            except Exception:  # closing must not mask the original failure
+            except Exception:  # noqa: BLE001 - closing must not mask the original failure
                 pass
 
 

@@ -24,7 +24,7 @@ import os
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from runtime.errors import (
     InvalidHandleError,
@@ -46,7 +46,7 @@ try:
 except (AttributeError, ValueError, OSError):  # pragma: no cover
     _IOV_MAX = 1024
 
-Segments = Union[MemorySegment, Sequence[MemorySegment]]
+Segments = MemorySegment | Sequence[MemorySegment]
 
 
 

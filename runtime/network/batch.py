@@ -15,7 +15,7 @@ Operators receive and emit batches; user functions see single records
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -32,12 +32,13 @@ class TimestampedBatch(list):
         super().__init__(records)
         self.timestamps: list[float] = list(timestamps)
         if len(self.timestamps) != len(self):
-            msg = f"a timestamped batch needs one timestamp per record; got {len(self)} records, {len(self.timestamps)} timestamps"
+            msg = (f"a timestamped batch needs one timestamp per record; got {len(self)} records, "
+                   f"{len(self.timestamps)} timestamps")
             raise ValueError(msg)
 
 
 #: A list of records, a TimestampedBatch, or a dict of equal-length numpy arrays.
-Batch = Union[list, TimestampedBatch, dict]
+Batch = list | TimestampedBatch | dict
 
 
 def batch_len(batch: Batch) -> int:

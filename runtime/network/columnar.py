@@ -141,7 +141,7 @@ def _wire_dtype(spec: Any) -> np.dtype:
     parsed = _parse_descr(spec, 0)
     try:
         dtype = np.dtype(parsed) if isinstance(parsed, str) else descr_to_dtype(parsed)
-    except Exception as exc:  # numpy raises TypeError, ValueError, SyntaxError... for odd specs
+    except Exception as exc:  # noqa: BLE001 - numpy raises TypeError, ValueError, SyntaxError... for odd specs
         msg = f"dtype {spec!r:.60} is not a valid numpy dtype ({exc})"
         raise ValueError(msg) from None
     if dtype.hasobject or dtype.itemsize == 0:
@@ -160,7 +160,8 @@ def read_columnar(form: int, payload: memoryview) -> Any:
     if 4 + hl > length:
         msg = f"header of {hl} bytes overflows the {length}-byte payload"
         raise ValueError(msg)
-    header = msgpack.unpackb(payload[4: 4 + hl], use_list=True, raw=False, strict_map_key=False)  # an ext type fails the header checks below
+    # an ext type fails the header checks below
+    header = msgpack.unpackb(payload[4: 4 + hl], use_list=True, raw=False, strict_map_key=False)
     if not (type(header) is list and len(header) == 4 and header[0] == COLUMNAR_VERSION
             and header[1] == form and type(header[2]) is int and type(header[3]) is list):
         msg = f"header {header!r:.80} is not [1, {form}, rows, columns]"

@@ -47,7 +47,7 @@ def encode_hello(**fields: Any) -> bytes:
 def decode_hello(frame: bytes, *, where: str) -> dict[str, Any]:
     try:
         hello = msgpack.unpackb(frame[1:])
-    except Exception as exc:  # msgpack raises several types for garbage
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several types for garbage
         msg = f"{where}: malformed hello ({exc})"
         raise DeserializationError(msg) from None
     if not isinstance(hello, dict) or hello.get("version") != PROTOCOL_VERSION:

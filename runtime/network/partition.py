@@ -179,7 +179,7 @@ class OutputChannel:
             n += 1
         self.queue.clear()
         self.in_flight.clear()
-        for tracker, bufs in self.tracked:
+        for _tracker, bufs in self.tracked:
             for buf in bufs:
                 buf.release()
                 n += 1
@@ -433,4 +433,4 @@ def pool_hello_fields(pool: Any) -> dict[str, Any]:
     }
 
 
-__all__ = ["TRANSPORTS", "BrokenChannelError", "OutputChannel", "PartitionStats", "ResultPartition", "pool_hello_fields"]
+__all__ = ["TRANSPORTS", "OutputChannel", "PartitionStats", "ResultPartition", "pool_hello_fields"]

@@ -71,7 +71,7 @@ class Partitioner:
         if self.kind == "rebalance":
             self._next = (self._next + 1) % n
             return [(self._next, batch)]
-        if isinstance(batch, dict) or isinstance(batch, np.ndarray):
+        if isinstance(batch, (dict, np.ndarray)):
             return self._split_columnar(batch)
         key_fn = self.key_fn
         buckets: list[list] = [[] for _ in range(n)]

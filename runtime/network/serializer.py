@@ -339,7 +339,8 @@ class BufferSerializer:
 
     def __init__(self, *, max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> None:
         if not 0 < max_record_size <= _MAX_LENGTH:
-            msg = f"max_record_size must be in [1, {_MAX_LENGTH}] bytes (network.max-record-size); got {max_record_size}"
+            msg = (f"max_record_size must be in [1, {_MAX_LENGTH}] bytes (network.max-record-size); got "
+                   f"{max_record_size}")
             raise ValueError(msg)
         self.max_record_size = max_record_size
         self._buf: memoryview | None = None  # the current target; owner: this serializer's caller
@@ -456,7 +457,7 @@ class BufferSerializer:
         packer = self._marked_packer if mode == MODE_MARKED else self._packer
         try:
             packer.pack(records)
-        except Exception as exc:  # msgpack: TypeError (type), OverflowError (int), ValueError (depth)
+        except Exception as exc:  # noqa: BLE001 - msgpack: TypeError (type), OverflowError (int), ValueError (depth)
             packer.reset()
             raise _pack_error(records, exc) from None
         payload = packer.getbuffer()
@@ -499,7 +500,7 @@ class BufferSerializer:
             raise TypeError(msg)
         try:
             data = msgpack.packb(body, use_bin_type=True, strict_types=True, default=_mark)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - msgpack raises several types; re-raised typed
             raise _pack_error([body[-1]], exc) from None
         self._events += 1
         return self._write_frame(KIND_EVENT, 0, data)
@@ -598,7 +599,8 @@ class BufferDeserializer:
 
     def __init__(self, channel: str = "?", *, max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> None:
         if not 0 < max_record_size <= _MAX_LENGTH:
-            msg = f"max_record_size must be in [1, {_MAX_LENGTH}] bytes (network.max-record-size); got {max_record_size}"
+            msg = (f"max_record_size must be in [1, {_MAX_LENGTH}] bytes (network.max-record-size); got "
+                   f"{max_record_size}")
             raise ValueError(msg)
         self.channel = channel
         self.max_record_size = max_record_size
@@ -701,7 +703,8 @@ class BufferDeserializer:
         span = self._span
         total = len(span)
         missing = total - self._span_filled
-        where = f"(continuing the {_KIND_NAMES[self._span_kind]} frame {self._span_where}, {missing} of {total} bytes missing)"
+        where = (f"(continuing the {_KIND_NAMES[self._span_kind]} frame {self._span_where}, {missing} of {total} bytes "
+                 "missing)")
         if n < HEADER_SIZE:
             raise self._error(0, "continuation", f"is truncated: buffer holds {n} bytes {where}")
         kind, flags, magic, version, length = _HEADER.unpack_from(view, 0)
@@ -749,7 +752,7 @@ class BufferDeserializer:
             if kind == KIND_COLUMNAR:
                 return read_columnar(flags, payload)
             return _read_event(payload)
-        except Exception as exc:  # msgpack/numpy raise many types on garbage; report them all alike
+        except Exception as exc:  # noqa: BLE001 - msgpack/numpy raise many types on garbage; report them all alike
             where = origin or f"at offset {offset} of buffer {nbuf}"
             msg = f"channel {self.channel!r}: {_KIND_NAMES[kind]} frame {where} is corrupt: {type(exc).__name__}: {exc}"
             raise DeserializationError(msg) from None
