@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import operator as _operator
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from operators import keyed, sinks, sources, stateless, window
@@ -38,7 +38,7 @@ class CollectResult:
         """All records, in arrival order (per upstream subtask in emission order)."""
         return self._values
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter(self._values)
 
     def __len__(self) -> int:
@@ -125,10 +125,11 @@ class StreamEnvironment:
         node = self._add(name, op, inputs=[], is_source=True)
         return DataStream(self, node)
 
-    def _add(self, name: str, op: Any, *, inputs: list, parallelism: int | None = None,
+    def _add(self, name: str, op: Any, *, inputs: Sequence[tuple[int, str, Callable[[Any], Any] | None]],
+             parallelism: int | None = None,
              is_source: bool = False, is_sink: bool = False, columnar_key: str | None = None) -> StreamNode:
         node = StreamNode(id=len(self._nodes), name=name, operator=op,
-                          parallelism=parallelism or self.workers, inputs=inputs,
+                          parallelism=parallelism or self.workers, inputs=list(inputs),
                           is_source=is_source, is_sink=is_sink, columnar_key=columnar_key)
         self._nodes.append(node)
         return node
@@ -148,7 +149,7 @@ class StreamEnvironment:
                  for n in self._nodes]
         for n in nodes:
             op = n.operator
-            if isinstance(op, (keyed.KeyedAggregate, window.WindowAggregate)):
+            if isinstance(op, keyed.KeyedAggregate):
                 op.mode = mode
         if mode == "batch":
             nodes = _insert_combiners(nodes, self._keyed_aggs)

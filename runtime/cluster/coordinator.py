@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import zmq
@@ -59,19 +60,18 @@ from runtime.memory import BuddyAllocator, MemorySegment, SharedRegion, format_b
 from runtime.network.budget import job_buffers_required
 from runtime.network.transport import bind, context, local_endpoint, make_socket
 
+if TYPE_CHECKING:
+    from runtime.config import ShmflowConfig
+
 log = logging.getLogger("shmflow.coordinator")
 
 HEARTBEAT_TIMEOUT = 30.0  # seconds of silence after which a worker counts as lost (a busy step can be long)
 STARTUP_TIMEOUT = 60.0
 
 
-def _exitcode(proc: Any) -> int | None:
-    """The exit code of a worker process (Popen or multiprocessing.Process), None while it runs."""
-    if proc is None:
-        return None
-    if hasattr(proc, "poll"):
-        return proc.poll()
-    return proc.exitcode
+def _exitcode(proc: subprocess.Popen[bytes] | None) -> int | None:
+    """The exit code of a worker process this coordinator started, None while it runs (or not ours)."""
+    return None if proc is None else proc.poll()
 
 
 @dataclass
@@ -85,7 +85,7 @@ class WorkerHandle:
     attached: bool = False
     last_heard: float = field(default_factory=time.monotonic)
     progress: dict[str, list[int]] | None = None  # from the last heartbeat: chain -> [records in, out]
-    process: Any = None  # the worker's process handle when this coordinator started it
+    process: subprocess.Popen[bytes] | None = None  # the worker's process when this coordinator started it
 
 
 class Coordinator:
@@ -98,7 +98,7 @@ class Coordinator:
     Process: the coordinator process, one thread.
     """
 
-    def __init__(self, config: Any, *, endpoint: str | None = None, secret: bytes | None = None) -> None:
+    def __init__(self, config: ShmflowConfig, *, endpoint: str | None = None, secret: bytes | None = None) -> None:
         self.config = config
         self.plan = config.memory_plan()
         self.secret = secret or control.new_secret()
@@ -194,7 +194,7 @@ class Coordinator:
             self.allocator.free(handle.arena)
 
     def wait_workers_attached(self, n: int, *, timeout: float = STARTUP_TIMEOUT,
-                              processes: list[Any] | None = None) -> None:
+                              processes: list[subprocess.Popen[bytes]] | None = None) -> None:
         deadline = time.monotonic() + timeout
         while sum(h.attached for h in self.workers.values()) < n:
             for i, proc in enumerate(processes or []):
@@ -266,7 +266,8 @@ class Coordinator:
                 raise InsufficientNetworkBuffersError(msg)
 
     def _watch(self, graph: JobGraph, participants: dict[int, WorkerHandle], job: str, deadline: float | None,
-               deployed: dict | None, finished: dict | None, on_collect: Callable[[str, bytes], None]) -> None:
+               deployed: dict[int, dict[str, str]] | None, finished: dict[int, dict[str, Any]] | None,
+               on_collect: Callable[[str, bytes], None]) -> None:
         self._check_alive(graph, participants)
         if self._on_tick is not None and time.monotonic() >= self._next_tick:
             self._next_tick = time.monotonic() + 0.5
@@ -325,13 +326,17 @@ class Coordinator:
             identity, message = received
             if not isinstance(message, Submit):
                 continue
+
+            def relay(sink: str, records: bytes, client: bytes = identity) -> None:
+                self.send_to(client, Results(sink=sink, records=records))
+
+            def still_running(client: bytes = identity) -> None:
+                self.send_to(client, Running())
+
             try:
                 graph = check_graph_payload(message.graph)
-                metrics = self.run_job(
-                    graph, message.graph, timeout=message.timeout,
-                    on_collect=lambda sink, records, client=identity: self.send_to(
-                        client, Results(sink=sink, records=records)),
-                    on_tick=lambda client=identity: self.send_to(client, Running()))
+                metrics = self.run_job(graph, message.graph, timeout=message.timeout, on_collect=relay,
+                                       on_tick=still_running)
                 self.send_to(identity, JobSucceeded(metrics=metrics))
             except Exception as exc:  # noqa: BLE001 - the client gets the failure; the coordinator keeps serving
                 self.send_to(identity, JobError(message=str(exc)))

@@ -99,7 +99,7 @@ class Worker:
 
     # ------------------------------------------------- JobHost (runtime.execution.job_run)
     @property
-    def control_socket(self) -> zmq.Socket:
+    def control_socket(self) -> zmq.Socket[bytes]:
         return self.sock
 
     def keep_alive(self, now: float) -> None:

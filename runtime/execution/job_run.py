@@ -57,7 +57,7 @@ class JobHost(Protocol):
     memory: MemoryManager | None
 
     @property
-    def control_socket(self) -> zmq.Socket:
+    def control_socket(self) -> zmq.Socket[bytes]:
         """The socket control messages arrive on; the job's loop polls it with its data sockets."""
 
     def keep_alive(self, now: float) -> None:
@@ -93,10 +93,15 @@ class JobRun:
     """
 
     def __init__(self, host: JobHost, job_id: str, payload: bytes, config: dict[str, Any]) -> None:
+        if host.region is None or host.network is None or host.memory is None:
+            msg = f"worker {host.worker_id} cannot run job {job_id}: its arena is not set up (no welcome yet)"
+            raise RuntimeError(msg)
         self.host = host
+        self.network: NetworkBufferPool = host.network
+        self.memory: MemoryManager = host.memory
         self.job_id = job_id
         self._payload: bytes | None = payload  # pickled; unpickled in run(), where failures are reported
-        self.graph: JobGraph | None = None
+        self.graph: JobGraph  # unpickled in run(), where a failure is reported
         self.config: dict[str, Any] = config
         self._current: str | None = None  # the operator chain running now, for failure reports
         self.subtasks: list[Subtask] = []
@@ -157,7 +162,7 @@ class JobRun:
 
             def ctx_factory(name: str, subtask: int, parallelism: int) -> OperatorContext:
                 return OperatorContext(operator_name=name, subtask_index=subtask, parallelism=parallelism,
-                                       worker_id=w.worker_id, mode=mode, memory=w.memory,
+                                       worker_id=w.worker_id, mode=mode, memory=self.memory,
                                        send_to_client=self._send_to_client)
 
             st = Subtask(self.graph, vertex, index, operators, gate=gate, ctx_factory=ctx_factory)
@@ -176,7 +181,6 @@ class JobRun:
 
     def _connect(self, gate_endpoints: dict[str, list[str]]) -> None:
         """Create one result partition per output edge, connected to every target subtask's gate."""
-        w = self.host
         cfg = self.config
         transport = "tcp" if cfg["network.transport"] == "tcp" else "shm"
         for st in self.subtasks:
@@ -191,7 +195,7 @@ class JobRun:
                 n = len(targets)
                 budget = partition_budget(n, buffers_per_channel=cfg["network.buffers-per-channel"],
                                           floating_per_gate=cfg["network.floating-buffers-per-gate"])
-                pool = w.network.create_buffer_pool(budget.guaranteed, budget.maximum,
+                pool = self.network.create_buffer_pool(budget.guaranteed, budget.maximum,
                                                     name=f"{st.vertex.name}[{st.index}]->{target.id}")
                 self.pools.append(pool)
                 part = ResultPartition(pool, [endpoints[t] for t in targets], channel_ids=channel_id,
@@ -269,8 +273,8 @@ class JobRun:
         out: dict[str, Any] = {}
         for st in self.subtasks:
             out[f"{st.vertex.name}[{st.index}]"] = st.metrics()
-        network_peak = sum(p.stats().peak_in_use for p in self.pools) * self.host.network.buffer_size
-        managed_peak = self.host.memory.stats().high_water_mark if self.host.memory is not None else 0
+        network_peak = sum(p.stats().peak_in_use for p in self.pools) * self.network.buffer_size
+        managed_peak = self.memory.stats().high_water_mark
         out["memory_high_water_bytes"] = network_peak + managed_peak
         return out
 
@@ -285,9 +289,8 @@ class JobRun:
             gate.close()
         for pool in self.pools:
             pool.destroy()
-        if self.host.memory is not None:
-            for owner in list(self.host.memory.owners()):
-                self.host.memory.release_all(owner)
+        for owner in list(self.memory.owners()):
+            self.memory.release_all(owner)
 
 
 __all__ = ["JobCancelled", "JobHost", "JobRun"]
