@@ -417,7 +417,7 @@ class SharedRegion:
         if self._creator:
             self.unlink()
         mapping, self._mmap = self._mmap, None
-        self.array = None  # type: ignore[assignment]
+        self.array = None  # type: ignore[assignment]  # drops the numpy export; closed regions are never read
         for view in (self._generations, self.buf):
             try:
                 view.release()
