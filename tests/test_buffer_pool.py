@@ -24,7 +24,7 @@ from runtime.errors import (
     SegmentFreedError,
     ShmflowError,
 )
-from runtime.memory import BuddyAllocator, SharedRegion
+from runtime.memory import SharedRegion
 from runtime.network.buffer_pool import (
     BufferDescriptor,
     ClosedResourceError,
@@ -39,17 +39,6 @@ from runtime.network.buffer_pool import (
 KiB = 1024
 REMEDY = ("raise memory.network.fraction, memory.network.min or memory.region.size, "
           "or lower network.buffers-per-channel / network.floating-buffers-per-gate")
-
-
-@pytest.fixture
-def region():
-    with SharedRegion.create(4 << 20) as region:
-        yield region
-
-
-@pytest.fixture
-def alloc(region):
-    return BuddyAllocator(region, min_block=4096)
 
 
 @pytest.fixture

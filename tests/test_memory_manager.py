@@ -28,12 +28,6 @@ PAGE = 32 * KiB
 
 
 @pytest.fixture
-def region():
-    with SharedRegion.create(4 * MiB) as r:
-        yield r
-
-
-@pytest.fixture
 def manager(region):
     """A 1 MiB budget over a 2 MiB range: the budget, not the arena, is the limit."""
     mm = MemoryManager.for_range(region, 0, 2 * MiB, budget=1 * MiB, name="worker-0 managed memory")

@@ -26,7 +26,7 @@ import secrets
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -81,9 +81,9 @@ class WorkerHandle:
     worker_id: int
     identity: bytes
     pid: int
+    last_heard: float  # the coordinator's clock when this worker was last heard from
     arena: MemorySegment | None = None
     attached: bool = False
-    last_heard: float = field(default_factory=time.monotonic)
     progress: dict[str, list[int]] | None = None  # from the last heartbeat: chain -> [records in, out]
     process: subprocess.Popen[bytes] | None = None  # the worker's process when this coordinator started it
 
@@ -98,7 +98,9 @@ class Coordinator:
     Process: the coordinator process, one thread.
     """
 
-    def __init__(self, config: ShmflowConfig, *, endpoint: str | None = None, secret: bytes | None = None) -> None:
+    def __init__(self, config: ShmflowConfig, *, endpoint: str | None = None, secret: bytes | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock  # heartbeat bookkeeping only; tests inject a fake one
         self.config = config
         self.plan = config.memory_plan()
         self.secret = secret or control.new_secret()
@@ -144,7 +146,7 @@ class Coordinator:
         identity, message = received
         handle = self._by_identity.get(identity)
         if handle is not None:
-            handle.last_heard = time.monotonic()
+            handle.last_heard = self.clock()
         if isinstance(message, Register):
             self._on_register(identity, message)
             return None
@@ -172,7 +174,7 @@ class Coordinator:
         if wid in self.workers:
             log.warning("worker %d registered twice; refusing pid %s", wid, message.pid)
             return
-        handle = WorkerHandle(wid, identity, message.pid)
+        handle = WorkerHandle(wid, identity, message.pid, last_heard=self.clock())
         handle.arena = self.allocator.allocate(self.plan.arena_bytes, owner=f"worker-{wid} arena")
         self.workers[wid] = handle
         self._by_identity[identity] = handle
@@ -302,7 +304,7 @@ class Coordinator:
             raise JobFailedError(msg)
 
     def _check_alive(self, graph: JobGraph, participants: dict[int, WorkerHandle]) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for wid, handle in participants.items():
             code = _exitcode(handle.process)
             silent = now - handle.last_heard > HEARTBEAT_TIMEOUT
@@ -342,7 +344,7 @@ class Coordinator:
                 self.send_to(identity, JobError(message=str(exc)))
 
     def _reap_silent(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for wid, handle in list(self.workers.items()):
             if _exitcode(handle.process) is not None or now - handle.last_heard > HEARTBEAT_TIMEOUT:
                 log.warning("worker %d (pid %d) is gone; reclaiming its arena", wid, handle.pid)
