@@ -366,3 +366,6 @@ def check_graph_payload(payload: bytes) -> JobGraph:
         msg = f"a submitted job must be a JobGraph; got {type(graph).__name__}"
         raise JobFailedError(msg)
     return graph
+
+
+__all__ = ["HEARTBEAT_TIMEOUT", "Coordinator", "WorkerHandle", "check_graph_payload"]

@@ -227,3 +227,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+__all__ = ["COORDINATOR_SILENCE", "HEARTBEAT_INTERVAL", "Worker", "main", "worker_main"]

@@ -199,3 +199,6 @@ def build_job_graph(name: str, nodes: list[StreamNode], *, mode: str) -> JobGrap
             target.inputs.append(edge)
             source.outputs.append(edge)
     return JobGraph(name=name, vertices=vertices, mode=mode)
+
+
+__all__ = ["PARTITIONINGS", "JobEdge", "JobGraph", "JobVertex", "StreamNode", "build_job_graph"]

@@ -254,3 +254,6 @@ class Subtask:
                 pass
 
 
+
+
+__all__ = ["SOURCE_BATCH", "SOURCE_COLUMNAR_BYTES", "OperatorFailure", "Subtask"]
