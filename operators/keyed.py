@@ -48,7 +48,7 @@ __all__ = [
 EMIT_BATCH_SIZE = 10_000  # records per emitted batch when a keyed operator flushes its state
 
 
-def _chunks(records: list, size: int = EMIT_BATCH_SIZE) -> Iterable[list]:
+def _chunks(records: list[Any], size: int = EMIT_BATCH_SIZE) -> Iterable[list[Any]]:
     for start in range(0, len(records), size):
         yield records[start:start + size]
 

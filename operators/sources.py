@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -78,7 +78,7 @@ class CollectionSource(_SplittableSource):
             if len(lengths) > 1:
                 msg = f"a columnar collection needs equal-length columns; got lengths {sorted(lengths)}"
                 raise ValueError(msg)
-            self.items: Any = columns
+            self.items: list[Any] | dict[Any, np.ndarray] = columns
             self._len = lengths.pop() if lengths else 0
             #: Bytes per row across the columns: the subtask polls columnar sources by bytes, not rows.
             self.row_bytes = max(1, sum(col.itemsize * (col[:1].size or 1) for col in columns.values()))
@@ -102,7 +102,7 @@ class CollectionSource(_SplittableSource):
         self._len = len(next(iter(items.values()))) if isinstance(items, dict) and items else len(items)
         self._pos = 0
 
-    def _slice(self, start: int, stop: int) -> Any:
+    def _slice(self, start: int, stop: int) -> list[Any] | dict[Any, np.ndarray]:
         if isinstance(self.items, dict):
             return {name: col[start:stop] for name, col in self.items.items()}
         return self.items[start:stop]
@@ -237,7 +237,7 @@ class TextFileSource(_SplittableSource):
     bounded = True
     CHUNK_BYTES = 1 << 20
 
-    def __init__(self, path: str | os.PathLike, *, encoding: str = "utf-8") -> None:
+    def __init__(self, path: str | os.PathLike[str], *, encoding: str = "utf-8") -> None:
         self.path = os.fspath(path)
         self.encoding = encoding
         self._range: tuple[int, int | None] = (0, None)  # byte range [start, end); None: end of file
@@ -348,7 +348,7 @@ class TextFileSource(_SplittableSource):
             self._file = None
 
 
-def _find_newline(f: Any, start: int) -> int:
+def _find_newline(f: BinaryIO, start: int) -> int:
     """Offset of the first ``\\n`` at or after ``start`` in binary file ``f``, or -1."""
     f.seek(start)
     pos = start

@@ -91,8 +91,8 @@ class Filter(Operator):
             emit(TimestampedBatch(compress(batch, mask), compress(batch.timestamps, mask)))
         elif isinstance(batch, dict):
             n = batch_len(batch)
-            mask = np.fromiter(map(bool, map(self.fn, to_records(batch))), dtype=bool, count=n)
-            emit({name: np.asarray(col)[mask] for name, col in batch.items()})
+            keep = np.fromiter(map(bool, map(self.fn, to_records(batch))), dtype=bool, count=n)
+            emit({name: np.asarray(col)[keep] for name, col in batch.items()})
         else:
             emit(list(filter(self.fn, batch)))
 

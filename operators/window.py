@@ -206,7 +206,7 @@ class WindowAggregate(Operator):
         self.assigner = assigner
         self.aggregation = aggregation
         self.allowed_lateness = float(allowed_lateness)
-        self._windows: dict[float, dict] = {}  # window start -> {key: acc}; open and (lateness) fired windows
+        self._windows: dict[float, dict[Any, Any]] = {}  # window start -> {key: acc}; open and (lateness) fired windows
         self._fired: set[float] = set()  # starts of windows already fired, kept for allowed lateness
         self._watermark = float("-inf")
         self._metrics: dict[str, float] = {}
@@ -234,7 +234,7 @@ class WindowAggregate(Operator):
             for start, _end in self.assigner.assign(now):
                 self._fold(start, keys, records)
 
-    def _fold(self, start: float, keys: Any, records: list) -> None:
+    def _fold(self, start: float, keys: Any, records: list[Any]) -> None:
         state = self._windows.get(start)
         if state is None:
             state = self._windows[start] = self.aggregation.new_state()
@@ -332,7 +332,7 @@ class WindowAggregate(Operator):
             return
         keep = self.allowed_lateness > 0 and self.assigner.event_time and bound != MAX_WATERMARK
         value = self.aggregation.value
-        out: list = []
+        out: list[Any] = []
         counts = []
         for start in ready:
             end = start + size
@@ -345,7 +345,7 @@ class WindowAggregate(Operator):
                 del self._windows[start]
         self._emit_results(out, counts, emit)
 
-    def _emit_results(self, out: list, counts: list[tuple[float, int]], emit: Emit) -> None:
+    def _emit_results(self, out: list[Any], counts: list[tuple[float, int]], emit: Emit) -> None:
         if not self.assigner.event_time:
             emit(out)
             return
@@ -354,9 +354,9 @@ class WindowAggregate(Operator):
         emit(TimestampedBatch(out, stamps))
 
 
-def _group(starts: list, keys: list, records: list) -> dict[float, tuple[list, list]]:
+def _group(starts: list[Any], keys: list[Any], records: list[Any]) -> dict[float, tuple[list[Any], list[Any]]]:
     """Bucket parallel (start, key, record) lists by window start, keeping arrival order."""
-    groups: dict[float, tuple[list, list]] = {}
+    groups: dict[float, tuple[list[Any], list[Any]]] = {}
     get = groups.get
     for start, key, record in zip(starts, keys, records):
         group = get(start)
