@@ -346,3 +346,21 @@ def test_print_and_to_file_sinks(tmp_path):
     parts = sorted((tmp_path / "out").iterdir())
     assert [p.name for p in parts] == ["part-0", "part-1"]
     assert [line for p in parts for line in p.read_text().splitlines()] == ["0", "10", "20", "30", "40", "50"]
+
+
+def test_the_job_reports_each_workers_peak_rss_and_gc_pauses():
+    import resource
+    env = StreamEnvironment(workers=2)
+    wordcount(env)
+    result = env.execute("memory-metrics")
+    m = result.metrics
+    assert sorted(m["workers"]) == [0, 1]
+    for figures in m["workers"].values():
+        assert 10 << 20 < figures["peak_rss_bytes"] < 1 << 30  # a Python process with numpy, zmq and a job
+        assert figures["gc_pause_seconds"] >= 0.0
+        assert figures["network_peak_bytes"] > 0
+    assert m["worker_peak_rss_bytes"] == max(f["peak_rss_bytes"] for f in m["workers"].values())
+    # the workers' own account agrees with what the kernel says of the children, measured from outside
+    children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    assert m["worker_peak_rss_bytes"] <= children_peak * 1.1 + (8 << 20)
+    assert "worker peak RSS" in result.summary() and "GC pauses" in result.summary()

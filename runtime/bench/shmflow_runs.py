@@ -259,7 +259,9 @@ def _job_extra(result: Any) -> dict[str, Any]:
     m = result.metrics
     return {"job": {"wall_seconds": round(result.seconds, 4), "timed_seconds": round(m.get("timed_seconds", 0), 6),
                     "records": m.get("records"), "backpressure_seconds": round(m.get("backpressure_seconds", 0), 4),
-                    "memory_high_water_bytes": m.get("memory_high_water_bytes")}}
+                    "worker_peak_rss_bytes": m.get("worker_peak_rss_bytes"),
+                    "managed_peak_bytes": m.get("managed_peak_bytes"), "spilled_bytes": m.get("spilled_bytes"),
+                    "gc_pause_seconds": m.get("gc_pause_seconds")}}
 
 
 _first = itemgetter(0)

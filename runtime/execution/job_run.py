@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import zmq
 
 from runtime.execution.graph import JobGraph
+from runtime.execution.process_stats import gc_timer, peak_rss_bytes, reset_peak_rss
 from runtime.execution.subtask import OperatorFailure, Subtask
 from runtime.execution.task import OperatorContext
 from runtime.memory.manager import MemoryManager
@@ -38,6 +39,9 @@ from runtime.network.buffer_pool import LocalBufferPool, NetworkBufferPool
 from runtime.network.gate import InputGate
 from runtime.network.partition import ResultPartition
 from runtime.network.records import Partitioner, RecordReader, RecordWriter
+
+#: The key of a job's per-worker figures in its metrics (the other keys are subtasks, ``name[index]``).
+WORKER_METRICS = "__worker__"
 
 
 class JobCancelled(Exception):
@@ -109,9 +113,12 @@ class JobRun:
         self.partitions: list[ResultPartition] = []
         self.pools: list[LocalBufferPool] = []
         self.writers: list[RecordWriter] = []
+        self._gc_before = 0.0
 
     # ------------------------------------------------------------------ phases
     def run(self) -> None:
+        reset_peak_rss()  # this job's peak, not the largest of every job this worker ran
+        self._gc_before = gc_timer().seconds
         self.host.set_progress(lambda: {st.vertex.name: [st.records_in, st.records_out] for st in self.subtasks})
         try:
             import cloudpickle  # the job graph arrives pickled (its HMAC was verified on receipt)
@@ -273,9 +280,12 @@ class JobRun:
         out: dict[str, Any] = {}
         for st in self.subtasks:
             out[f"{st.vertex.name}[{st.index}]"] = st.metrics()
-        network_peak = sum(p.stats().peak_in_use for p in self.pools) * self.network.buffer_size
-        managed_peak = self.memory.stats().high_water_mark
-        out["memory_high_water_bytes"] = network_peak + managed_peak
+        out[WORKER_METRICS] = {
+            "peak_rss_bytes": peak_rss_bytes(),
+            "gc_pause_seconds": gc_timer().seconds - self._gc_before,
+            "network_peak_bytes": sum(p.stats().peak_in_use for p in self.pools) * self.network.buffer_size,
+            "managed_peak_bytes": self.memory.stats().high_water_mark,
+        }
         return out
 
     def _close(self) -> None:
@@ -293,4 +303,4 @@ class JobRun:
             self.memory.release_all(owner)
 
 
-__all__ = ["JobCancelled", "JobHost", "JobRun"]
+__all__ = ["WORKER_METRICS", "JobCancelled", "JobHost", "JobRun"]
