@@ -40,7 +40,7 @@ from runtime.managed.hash_table import BATCH_ROWS, MIN_CAPACITY, Agg, AggLike, p
 from runtime.managed.share import ManagedShare, fingerprints
 from runtime.memory.segment import MemorySegment
 
-__all__ = ["SerializedBatch", "SerializedHashTable", "Packed", "unpacker"]
+__all__ = ["RecordArea", "SerializedBatch", "SerializedHashTable", "Packed", "decode_stream", "unpacker"]
 
 FP, KADDR, KLEN, VADDR, VLEN = 0, 1, 2, 3, 4
 _MISSING = object()
@@ -97,7 +97,7 @@ def split(data: bytes, lens: np.ndarray) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *ends[:-1]], ends)]
 
 
-class _RecordArea:
+class RecordArea:
     """Append-only bytes in pages of a share (plus one block per record longer than a page).
 
     Ownership: pages and blocks come from ``share`` and go back in :meth:`release`;
@@ -109,6 +109,7 @@ class _RecordArea:
         self.segments: list[MemorySegment] = []
         self._cur: MemorySegment | None = None
         self._pos = 0
+        self.filled: list[int] = []  # bytes written in each segment, in segment order
         self.used = 0  # bytes written, live or not
         self.waste = 0  # bytes no slot points at any more
 
@@ -138,15 +139,18 @@ class _RecordArea:
                 arena[start:start + nb] = data[done:done + nb]
                 out[i:i + k] = start + (ends[i:i + k] - lens[i:i + k] - done)
                 self._pos += nb
+                self.filled[-1] = self._pos
                 self.used += nb
                 i += k
                 continue
             size = int(lens[i])
-            if size > self.share.page_size:  # a block of its own; the current page stays current
+            if size > self.share.page_size:  # a block of its own; later records go to a new page
                 big = self.share.try_allocate(size)
                 if big is None:
                     break
                 self.segments.append(big)
+                self.filled.append(size)
+                self._cur, self._pos = None, 0
                 arena[big.offset:big.offset + size] = data[done:done + size]
                 out[i] = big.offset
                 self.used += size
@@ -156,11 +160,12 @@ class _RecordArea:
             if page is None:
                 break
             self.segments.append(page)
+            self.filled.append(0)
             self._cur, self._pos = page, 0
         return out[:i]
 
     def release(self) -> None:
-        segs, self.segments = self.segments, []
+        segs, self.segments, self.filled = self.segments, [], []
         self._cur, self._pos, self.used, self.waste = None, 0, 0, 0
         for seg in segs:
             self.share.release(seg)
@@ -198,7 +203,7 @@ class SerializedHashTable:
         self.max_load = max_load
         self.row_bytes = 8 * self.width
         self._pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-        self._area = _RecordArea(share)
+        self._area = RecordArea(share)
         self._seg: MemorySegment | None = None  # the index block; owner: this table
         self._T: np.ndarray | None = None
         self._F: np.ndarray | None = None
