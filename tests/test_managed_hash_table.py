@@ -316,8 +316,8 @@ def test_an_exception_while_reading_results_releases_everything(tmp_path):
 @pytest.mark.parametrize("key_type", ["int64", "float64", "object"])
 def test_seeded_input_at_a_five_page_share_spills_recursively_and_equals_a_dict(tmp_path, key_type):
     rng = np.random.default_rng(11)
-    keys = rng.integers(0, 10_000, 30_000)
-    values = rng.integers(-10**6, 10**6, 30_000)
+    keys = rng.integers(0, 4_000, 10_000)
+    values = rng.integers(-10**6, 10**6, 10_000)
     pages = 7 if key_type == "object" else 5
     with managed(tmp_path) as (mm, io):
         aggs = ["count", ("sum", "int64"), ("min", "int64"), ("max", "int64")]
