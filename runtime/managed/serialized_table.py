@@ -401,7 +401,8 @@ class SerializedHashTable:
         """Index new keys ``batch[rows]`` whose records were written at ``addrs``."""
         T, F, imask = self._T, self._F, int(self._mask)
         fps = batch.fps[rows]
-        klens = np.fromiter((len(batch.kbs[i]) for i in rows.tolist()), np.int64, len(rows))
+        kbs = batch.kbs
+        klens = np.fromiter(map(len, map(kbs.__getitem__, rows.tolist())), np.int64, len(rows))
         p = (fps & self._mask).view(np.intp).copy() if slot is None else slot.copy()
         sel = np.arange(len(rows))
         while sel.size:
@@ -416,7 +417,7 @@ class SerializedHashTable:
                 if self.reduce_fn is None:
                     T[pw, 3:] = batch.accs[rows[sw]]
                 else:
-                    blens = np.fromiter((len(blobs[i]) for i in sw.tolist()), np.int64, len(sw))
+                    blens = np.fromiter(map(len, map(blobs.__getitem__, sw.tolist())), np.int64, len(sw))
                     T[pw, VADDR] = addrs[sw] + klens[sw]
                     T[pw, VLEN] = blens - klens[sw]
                 keep = np.ones(len(sel), bool)
