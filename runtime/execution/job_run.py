@@ -30,7 +30,8 @@ import zmq
 from runtime.execution.graph import JobGraph
 from runtime.execution.process_stats import gc_timer, peak_rss_bytes, reset_peak_rss
 from runtime.execution.subtask import OperatorFailure, Subtask
-from runtime.execution.task import OperatorContext
+from runtime.execution.task import ManagedMemory, Operator, OperatorContext
+from runtime.io import IOManager
 from runtime.memory.manager import MemoryManager
 from runtime.memory.region import SharedRegion
 from runtime.network.batch import pack_batch
@@ -42,6 +43,20 @@ from runtime.network.records import Partitioner, RecordReader, RecordWriter
 
 #: The key of a job's per-worker figures in its metrics (the other keys are subtasks, ``name[index]``).
 WORKER_METRICS = "__worker__"
+
+
+def managed_shares(operators: list[Operator], *, budget: int, page_size: int) -> dict[int, int]:
+    """Each stateful operator's share of a worker's managed ``budget``: ``id(op) -> bytes``.
+
+    Shares are proportional to :attr:`Operator.managed_memory_weight` (Flink's
+    use-case weights), whole pages, and together never above the budget.
+    Operators of weight 0 get nothing (and are absent).
+    """
+    weights = {id(op): op.managed_memory_weight for op in operators if op.managed_memory_weight > 0}
+    total = sum(weights.values())
+    if not total or budget < page_size:
+        return {}
+    return {key: budget * weight // total // page_size * page_size for key, weight in weights.items()}
 
 
 class JobCancelled(Exception):
@@ -114,6 +129,7 @@ class JobRun:
         self.pools: list[LocalBufferPool] = []
         self.writers: list[RecordWriter] = []
         self._gc_before = 0.0
+        self._io_manager: IOManager | None = None
 
     # ------------------------------------------------------------------ phases
     def run(self) -> None:
@@ -151,12 +167,14 @@ class JobRun:
         cfg = self.config
         mode = self.graph.mode
         gates: dict[str, str] = {}
-        for vertex in self.graph.vertices:
-            if w.worker_id >= vertex.parallelism:
-                continue
-            index = w.worker_id
+        index = w.worker_id
+        mine = [v for v in self.graph.vertices if index < v.parallelism]
+        chains = {v.id: [self._instantiate(node, index) for node in v.nodes] for v in mine}
+        shares = managed_shares([op for ops in chains.values() for op in ops], budget=self.memory.budget,
+                                page_size=self.memory.page_size)
+        for vertex in mine:
             self._current = vertex.name
-            operators = [self._instantiate(node, index) for node in vertex.nodes]
+            operators = chains[vertex.id]
             gate = None
             if vertex.inputs:
                 channels = self.graph.gate_channels(vertex)
@@ -167,9 +185,11 @@ class JobRun:
                 self.gates[vertex.id] = gate
                 gates[str(vertex.id)] = gate.endpoint
 
-            def ctx_factory(name: str, subtask: int, parallelism: int) -> OperatorContext:
+            def ctx_factory(name: str, subtask: int, parallelism: int, op: Operator) -> OperatorContext:
+                share = shares.get(id(op), 0)
+                managed = (ManagedMemory(self.memory, f"{name}[{subtask}]", share, self._io) if share else None)
                 return OperatorContext(operator_name=name, subtask_index=subtask, parallelism=parallelism,
-                                       worker_id=w.worker_id, mode=mode, memory=self.memory,
+                                       worker_id=w.worker_id, mode=mode, memory=self.memory, managed=managed,
                                        send_to_client=self._send_to_client)
 
             st = Subtask(self.graph, vertex, index, operators, gate=gate, ctx_factory=ctx_factory)
@@ -179,6 +199,14 @@ class JobRun:
             self.subtasks.append(st)
         self._current = None
         self.host.report_deployed(self.job_id, gates)
+
+    def _io(self) -> IOManager:
+        """The job's IOManager, created on first use in one of ``io.tmp-dirs`` (closed in ``_close``)."""
+        if self._io_manager is None:
+            dirs = self.config["io.tmp-dirs"]
+            directory = dirs[self.host.worker_id % len(dirs)]  # spread workers over the directories, as Flink
+            self._io_manager = IOManager(directory, threads=2)
+        return self._io_manager
 
     def _instantiate(self, node: Any, index: int) -> Any:
         op = node.operator
@@ -301,6 +329,9 @@ class JobRun:
             pool.destroy()
         for owner in list(self.memory.owners()):
             self.memory.release_all(owner)
+        if self._io_manager is not None:
+            self._io_manager.close()  # removes the job's spill directory and every file in it
+            self._io_manager = None
 
 
-__all__ = ["WORKER_METRICS", "JobCancelled", "JobHost", "JobRun"]
+__all__ = ["WORKER_METRICS", "JobCancelled", "JobHost", "JobRun", "managed_shares"]

@@ -69,7 +69,7 @@ class Subtask:
         row_bytes = getattr(self._source, "row_bytes", 0)  # set by columnar sources
         self._source_batch = max(SOURCE_BATCH, SOURCE_COLUMNAR_BYTES // row_bytes) if row_bytes else SOURCE_BATCH
         for i, op in enumerate(operators):
-            op.open(ctx_factory(vertex.nodes[i].name, index, vertex.parallelism))
+            op.open(ctx_factory(vertex.nodes[i].name, index, vertex.parallelism, op))
         # emits[i] pushes a batch into operator i (emits[len] is the output)
         self._emits: list[Callable[[Any], None]] = [None] * (len(operators) + 1)  # type: ignore[list-item]
         self._emits[-1] = self._output
