@@ -14,7 +14,6 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import numpy.typing as npt
 
 from runtime.errors import (
     InvalidHandleError,
@@ -24,6 +23,7 @@ from runtime.errors import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy.typing as npt
     from typing_extensions import Buffer
 
     from runtime.memory.buddy import BuddyAllocator
