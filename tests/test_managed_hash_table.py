@@ -202,11 +202,13 @@ def test_fixed_aggregator_at_tiny_budgets_equals_a_dict(tmp_path_factory, keys, 
 @SETTINGS
 @given(words=st.lists(st.text(alphabet="abcdefgh", max_size=5), max_size=2500), pages=st.integers(4, 10))
 def test_serialized_aggregator_at_tiny_budgets_equals_a_counter(tmp_path_factory, words, pages):
-    with managed(tmp_path_factory.mktemp("io")) as (mm, io):
-        with HashAggregator(mm, "wc", pages * PAGE, io, key_type="object") as agg:
-            for i in range(0, len(words), 250):
-                agg.add_batch(words[i:i + 250])
-            got = collect_pairs(agg.results())
+    with (
+        managed(tmp_path_factory.mktemp("io")) as (mm, io),
+        HashAggregator(mm, "wc", pages * PAGE, io, key_type="object") as agg,
+    ):
+        for i in range(0, len(words), 250):
+            agg.add_batch(words[i:i + 250])
+        got = collect_pairs(agg.results())
     assert got == Counter(words)
 
 
@@ -219,11 +221,13 @@ def test_reduce_aggregator_at_tiny_budgets_equals_a_dict(tmp_path_factory, keys,
     def fn(a, b):
         return (a[0] + b[0], tuple(sorted(set(a[1]) | set(b[1]))))
 
-    with managed(tmp_path_factory.mktemp("io")) as (mm, io):
-        with HashAggregator(mm, "red", pages * PAGE, io, key_type="object", reduce_fn=fn) as agg:
-            for i in range(0, len(keys), 200):
-                agg.add_batch(keys[i:i + 200], values[i:i + 200])
-            got = collect_pairs(agg.results())
+    with (
+        managed(tmp_path_factory.mktemp("io")) as (mm, io),
+        HashAggregator(mm, "red", pages * PAGE, io, key_type="object", reduce_fn=fn) as agg,
+    ):
+        for i in range(0, len(keys), 200):
+            agg.add_batch(keys[i:i + 200], values[i:i + 200])
+        got = collect_pairs(agg.results())
     want: dict = {}
     for k, v in zip(keys, values):
         want[k] = v if k not in want else fn(want[k], v)
@@ -254,12 +258,14 @@ def test_combiner_emits_partials_when_full_and_a_final_aggregator_merges_them(tm
 def test_200k_distinct_strings_in_a_1_mib_share_spill_and_equal_a_counter(tmp_path):
     rng = np.random.default_rng(7)
     words = [f"key-{i}" for i in range(200_000)] + [f"key-{i}" for i in rng.integers(0, 200_000, 100_000)]
-    with managed(tmp_path, size=8 * MiB) as (mm, io):
-        with HashAggregator(mm, "wc", 1 * MiB, io, key_type="object") as agg:
-            for i in range(0, len(words), 50_000):
-                agg.add_batch(words[i:i + 50_000])
-            got = collect_pairs(agg.results())
-            stats = agg.statistics()
+    with (
+        managed(tmp_path, size=8 * MiB) as (mm, io),
+        HashAggregator(mm, "wc", 1 * MiB, io, key_type="object") as agg,
+    ):
+        for i in range(0, len(words), 50_000):
+            agg.add_batch(words[i:i + 50_000])
+        got = collect_pairs(agg.results())
+        stats = agg.statistics()
     assert stats.spill_files > 0 and stats.spilled_bytes > 0 and stats.spill_passes > 0
     assert stats.managed_peak_bytes <= 1 * MiB
     assert got == Counter(words)
@@ -267,10 +273,12 @@ def test_200k_distinct_strings_in_a_1_mib_share_spill_and_equal_a_counter(tmp_pa
 
 # --------------------------------------------------------------- errors
 def test_a_share_too_small_names_the_minimum_and_the_config_key(tmp_path):
-    with managed(tmp_path) as (mm, io):
-        with pytest.raises(InvalidSizeError, match=r"^share of 'agg' must hold at least \d+ bytes for final "
-                           r"hash aggregation \(int64 keys\); got 8192; raise memory\.managed\.fraction$"):
-            HashAggregator(mm, "agg", 2 * PAGE, io)
+    with (
+        managed(tmp_path) as (mm, io),
+        pytest.raises(InvalidSizeError, match=r"^share of 'agg' must hold at least \d+ bytes for final "
+                      r"hash aggregation \(int64 keys\); got 8192; raise memory\.managed\.fraction$"),
+    ):
+        HashAggregator(mm, "agg", 2 * PAGE, io)
 
 
 def test_an_unwritable_spill_directory_is_a_spill_error_naming_the_key_and_the_path(tmp_path):

@@ -61,12 +61,14 @@ def test_serialized_sort_is_stable_and_equals_sorted(tmp_path_factory, recs, pag
 def test_fixed_width_sort_is_stable_and_equals_sorted(tmp_path_factory, keys, pages, reverse, key_dtype, chunk):
     k = np.array(keys, key_dtype)
     pos = np.arange(len(keys), dtype=np.int64)
-    with managed(tmp_path_factory.mktemp("io")) as (mm, io):
-        with ExternalSorter(mm, "sort", pages * PAGE, io, key_dtype=key_dtype, value_dtype="int64",
-                            reverse=reverse) as sorter:
-            for i in range(0, len(keys), chunk):
-                sorter.add_batch(k[i:i + chunk], pos[i:i + chunk])
-            out = list(sorter.sorted())
+    with (
+        managed(tmp_path_factory.mktemp("io")) as (mm, io),
+        ExternalSorter(mm, "sort", pages * PAGE, io, key_dtype=key_dtype, value_dtype="int64",
+                       reverse=reverse) as sorter,
+    ):
+        for i in range(0, len(keys), chunk):
+            sorter.add_batch(k[i:i + chunk], pos[i:i + chunk])
+        out = list(sorter.sorted())
     got_k = np.concatenate([c["key"] for c in out]).tolist() if out else []
     got_v = np.concatenate([c["value"] for c in out]).tolist() if out else []
     want = sorted(zip(k.tolist(), pos.tolist()), key=lambda t: t[0], reverse=reverse)
@@ -76,29 +78,28 @@ def test_fixed_width_sort_is_stable_and_equals_sorted(tmp_path_factory, keys, pa
 def test_many_runs_are_merged_in_several_passes(tmp_path):
     rng = np.random.default_rng(3)
     recs = [(int(x), "v" * int(x % 50)) for x in rng.integers(0, 10**6, 40_000)]
-    with managed(tmp_path) as (mm, io):
-        with ExternalSorter(mm, "sort", 5 * PAGE, io) as sorter:
-            sorter.add(recs)
-            got = list(sorter.sorted())
-            stats = sorter.statistics()
+    with managed(tmp_path) as (mm, io), ExternalSorter(mm, "sort", 5 * PAGE, io) as sorter:
+        sorter.add(recs)
+        got = list(sorter.sorted())
+        stats = sorter.statistics()
     assert got == sorted(recs)
     assert stats.runs > sorter.fan_in and stats.spill_passes >= 2 and stats.spilled_bytes > 0
 
 
 def test_in_memory_sort_writes_nothing(tmp_path):
-    with managed(tmp_path) as (mm, io):
-        with ExternalSorter(mm, "sort", 64 * PAGE, io, reverse=True) as sorter:
-            sorter.add(["b", "a", "c"])
-            assert list(sorter.sorted()) == ["c", "b", "a"]
-            assert sorter.statistics().spill_files == 0
+    with managed(tmp_path) as (mm, io), ExternalSorter(mm, "sort", 64 * PAGE, io, reverse=True) as sorter:
+        sorter.add(["b", "a", "c"])
+        assert list(sorter.sorted()) == ["c", "b", "a"]
+        assert sorter.statistics().spill_files == 0
 
 
 def test_a_record_larger_than_the_share_is_an_error_naming_the_key(tmp_path):
-    with managed(tmp_path) as (mm, io):
-        with ExternalSorter(mm, "sort", 4 * PAGE, io) as sorter:
-            with pytest.raises(OutOfMemoryError, match=r"^record of \d+ bytes does not fit the sort share of "
-                               r"'sort' \(16384 bytes\); raise memory\.managed\.fraction$"):
-                sorter.add(["x" * 20_000])
+    with (
+        managed(tmp_path) as (mm, io), ExternalSorter(mm, "sort", 4 * PAGE, io) as sorter,
+        pytest.raises(OutOfMemoryError, match=r"^record of \d+ bytes does not fit the sort share of "
+                           r"'sort' \(16384 bytes\); raise memory\.managed\.fraction$"),
+    ):
+        sorter.add(["x" * 20_000])
 
 
 def test_a_failing_key_function_during_the_merge_leaves_no_file_and_no_page(tmp_path):
@@ -133,13 +134,15 @@ def test_seeded_fixed_width_sort_spills_and_merges_stably(tmp_path, reverse):
     rng = np.random.default_rng(5)
     keys = rng.integers(0, 1000, 60_000)
     pos = np.arange(len(keys))
-    with managed(tmp_path) as (mm, io):
-        with ExternalSorter(mm, "sort", 5 * PAGE, io, key_dtype="int64", value_dtype="int64",
-                            reverse=reverse) as sorter:
-            for i in range(0, len(keys), 5000):
-                sorter.add_batch(keys[i:i + 5000], pos[i:i + 5000])
-            out = list(sorter.sorted())
-            stats = sorter.statistics()
+    with (
+        managed(tmp_path) as (mm, io),
+        ExternalSorter(mm, "sort", 5 * PAGE, io, key_dtype="int64", value_dtype="int64",
+                       reverse=reverse) as sorter,
+    ):
+        for i in range(0, len(keys), 5000):
+            sorter.add_batch(keys[i:i + 5000], pos[i:i + 5000])
+        out = list(sorter.sorted())
+        stats = sorter.statistics()
     assert stats.runs > sorter.fan_in and stats.spill_passes >= 2
     got = list(zip(np.concatenate([c["key"] for c in out]).tolist(), np.concatenate([c["value"] for c in out]).tolist()))
     assert got == sorted(zip(keys.tolist(), pos.tolist()), key=lambda t: t[0], reverse=reverse)

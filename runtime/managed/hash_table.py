@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeAlias
 
 import numpy as np
 
@@ -72,7 +72,7 @@ class Agg:
         return _MERGE[self.kind]
 
 
-AggLike = Union[Agg, str, tuple]
+AggLike: TypeAlias = Agg | str | tuple[str, str | np.dtype]
 
 
 def parse_aggs(aggs: Sequence[AggLike]) -> tuple[Agg, ...]:
@@ -92,18 +92,23 @@ def parse_aggs(aggs: Sequence[AggLike]) -> tuple[Agg, ...]:
         elif isinstance(spec, tuple) and len(spec) == 2:
             agg = Agg(spec[0], np.dtype(spec[1]))
         else:
-            raise ValueError(f"aggregation must be a kind, (kind, dtype) or Agg; got {spec!r}")
+            msg = f"aggregation must be a kind, (kind, dtype) or Agg; got {spec!r}"
+            raise ValueError(msg)
         if agg.kind not in AGG_KINDS:
-            raise ValueError(f"aggregation kind must be one of {', '.join(AGG_KINDS)}; got {agg.kind!r}")
+            msg = f"aggregation kind must be one of {', '.join(AGG_KINDS)}; got {agg.kind!r}"
+            raise ValueError(msg)
         dtype = np.dtype(np.int64) if agg.kind == "count" else np.dtype(agg.dtype)
         if dtype not in (np.dtype(np.int64), np.dtype(np.float64)):
-            raise ValueError(f"{agg.kind} accumulator dtype must be int64 or float64; got {dtype}")
+            msg = f"{agg.kind} accumulator dtype must be int64 or float64; got {dtype}"
+            raise ValueError(msg)
         out.append(Agg(agg.kind, dtype))
     if not out:
-        raise ValueError("aggregations must name at least one of count/sum/min/max; got none")
+        msg = "aggregations must name at least one of count/sum/min/max; got none"
+        raise ValueError(msg)
     names = [a.name for a in out]
     if len(set(names)) != len(names):
-        raise ValueError(f"aggregation names must be distinct; got {names}")
+        msg = f"aggregation names must be distinct; got {names}"
+        raise ValueError(msg)
     return tuple(out)
 
 
@@ -117,7 +122,8 @@ def raw_rows(h: np.ndarray, values: np.ndarray | None, aggs: tuple[Agg, ...]) ->
             rows[:, j] = 1
         else:
             if values is None:
-                raise ValueError(f"{agg.kind} needs a values column; got values=None")
+                msg = f"{agg.kind} needs a values column; got values=None"
+                raise ValueError(msg)
             rows[:, j] = np.asarray(values, agg.dtype).view(np.uint64)
     return rows
 
@@ -184,9 +190,11 @@ class FixedHashTable:
         self.aggs = parse_aggs(aggs)
         self.key_dtype = np.dtype(key_dtype)
         if self.key_dtype not in (np.dtype(np.int64), np.dtype(np.float64)):
-            raise ValueError(f"key_dtype must be int64 or float64; got {self.key_dtype}")
+            msg = f"key_dtype must be int64 or float64; got {self.key_dtype}"
+            raise ValueError(msg)
         if not 0.1 <= max_load <= 0.9:
-            raise ValueError(f"max_load must be in [0.1, 0.9]; got {max_load}")
+            msg = f"max_load must be in [0.1, 0.9]; got {max_load}"
+            raise ValueError(msg)
         self.max_load = max_load
         self.width = 1 + len(self.aggs)
         self.row_bytes = 8 * self.width

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple, Union
+from typing import NamedTuple, TypeAlias
 
 import msgpack
 import numpy as np
@@ -44,7 +44,7 @@ __all__ = ["RecordArea", "SerializedBatch", "SerializedHashTable", "Packed", "de
 
 FP, KADDR, KLEN, VADDR, VLEN = 0, 1, 2, 3, 4
 _MISSING = object()
-Packed = Union[bytes, bytearray, memoryview]
+Packed: TypeAlias = bytes | bytearray | memoryview
 
 
 def unpacker() -> msgpack.Unpacker:
@@ -68,9 +68,9 @@ class SerializedBatch(NamedTuple):
 
     fps: np.ndarray
     kbs: list
-    accs: Union[np.ndarray, list]
+    accs: np.ndarray | list
 
-    def take(self, idx: np.ndarray) -> "SerializedBatch":
+    def take(self, idx: np.ndarray) -> SerializedBatch:
         kbs = self.kbs
         sub_kbs = [kbs[i] for i in idx.tolist()]
         accs = self.accs[idx] if isinstance(self.accs, np.ndarray) else [self.accs[i] for i in idx.tolist()]
@@ -192,14 +192,16 @@ class SerializedHashTable:
         self.reduce_fn = reduce_fn
         if reduce_fn is not None:
             if not callable(reduce_fn):
-                raise TypeError(f"reduce_fn must be callable fn(acc, value); got {type(reduce_fn).__name__}")
+                msg = f"reduce_fn must be callable fn(acc, value); got {type(reduce_fn).__name__}"
+                raise TypeError(msg)
             self.aggs: tuple[Agg, ...] = ()
             self.width = 5
         else:
             self.aggs = parse_aggs(aggs or ())
             self.width = 3 + len(self.aggs)
         if not 0.1 <= max_load <= 0.9:
-            raise ValueError(f"max_load must be in [0.1, 0.9]; got {max_load}")
+            msg = f"max_load must be in [0.1, 0.9]; got {max_load}"
+            raise ValueError(msg)
         self.max_load = max_load
         self.row_bytes = 8 * self.width
         self._pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
@@ -233,14 +235,16 @@ class SerializedHashTable:
         kbs = list(map(self._pack, keys))
         if self.reduce_fn is not None:
             if values is None:
-                raise ValueError("reduce needs a values sequence; got values=None")
+                msg = "reduce needs a values sequence; got values=None"
+                raise ValueError(msg)
             return self._reduce_batch(kbs, values)
         cols = []
         for agg in self.aggs:
             if agg.kind == "count":
                 cols.append(np.ones(len(kbs), np.int64))
             elif values is None:
-                raise ValueError(f"{agg.kind} needs a values column; got values=None")
+                msg = f"{agg.kind} needs a values column; got values=None"
+                raise ValueError(msg)
             else:
                 cols.append(np.asarray(values, agg.dtype))
         return self._numeric_batch(kbs, cols)
@@ -628,7 +632,7 @@ def concat(batches: list[SerializedBatch]) -> SerializedBatch:
     fps = np.concatenate([b.fps for b in batches])
     kbs = [kb for b in batches for kb in b.kbs]
     if isinstance(batches[0].accs, np.ndarray):
-        accs: Union[np.ndarray, list] = np.concatenate([b.accs for b in batches])
+        accs: np.ndarray | list = np.concatenate([b.accs for b in batches])
     else:
         accs = [a for b in batches for a in b.accs]
     return SerializedBatch(fps, kbs, accs)

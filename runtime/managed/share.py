@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeAlias
 
 import numpy as np
 
@@ -36,7 +36,7 @@ __all__ = ["ManagedShare", "SpillStream", "mix64", "unmix64", "fingerprints", "k
 SHARE_KEY = "memory.managed.fraction"
 SPILL_DIR_KEY = "io.tmp-dirs"
 
-Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
+Buffer: TypeAlias = bytes | bytearray | memoryview | np.ndarray
 
 # ------------------------------------------------------------------ hashing
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
@@ -123,7 +123,8 @@ class ManagedShare:
 
     def __init__(self, memory: MemoryManager, owner: Hashable, share_bytes: int) -> None:
         if not isinstance(share_bytes, int) or isinstance(share_bytes, bool):
-            raise TypeError(f"share_bytes must be an int; got {type(share_bytes).__name__}")
+            msg = f"share_bytes must be an int; got {type(share_bytes).__name__}"
+            raise TypeError(msg)
         if share_bytes < memory.page_size:
             msg = (f"share_bytes of {owner!r} must be at least one page ({memory.page_size} bytes); "
                    f"got {share_bytes}; raise {SHARE_KEY}")
@@ -257,7 +258,8 @@ class SpillStream:
         try:
             self._file: SpillFile | None = io.create_spill_file(hint)
         except SpillError as exc:
-            raise spill_error("create a", getattr(exc, "path", io.directory), exc) from exc
+            err = spill_error("create a", getattr(exc, "path", io.directory), exc)
+            raise err from exc
         self.path = self._file.path
         self.blocks: list[BlockRef] = []
         self.nbytes = 0
@@ -268,7 +270,8 @@ class SpillStream:
         """Append ``data`` as one block per staging page-full."""
         f = self._file
         if f is None:
-            raise spill_error("write to a deleted", self.path, RuntimeError("the stream was deleted"))
+            err = spill_error("write to a deleted", self.path, RuntimeError("the stream was deleted"))
+            raise err
         mv = memoryview(data).cast("B")
         size = stage.size
         pos, n = 0, len(mv)
@@ -278,7 +281,8 @@ class SpillStream:
             try:
                 self.blocks.append(f.write(stage, take))
             except SpillError as exc:
-                raise spill_error("write to", self.path, exc) from exc
+                err = spill_error("write to", self.path, exc)
+                raise err from exc
             pos += take
         self.nbytes += n
         self._counters.spilled_bytes += n
@@ -288,12 +292,14 @@ class SpillStream:
         """Each block, in write order, as bytes (read into ``stage``, then copied out)."""
         f = self._file
         if f is None:
-            raise spill_error("read a deleted", self.path, RuntimeError("the stream was deleted"))
+            err = spill_error("read a deleted", self.path, RuntimeError("the stream was deleted"))
+            raise err
         for ref in self.blocks:
             try:
                 f.read(ref, stage)
             except SpillError as exc:
-                raise spill_error("read", self.path, exc) from exc
+                err = spill_error("read", self.path, exc)
+                raise err from exc
             self._counters.blocks_read += 1
             yield stage.get_bytes(0, ref.nbytes)
 

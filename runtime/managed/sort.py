@@ -104,12 +104,15 @@ class ExternalSorter:
         self.value_dtype = None if value_dtype is None else np.dtype(value_dtype)
         if self.key_dtype is not None:
             if key is not None:
-                raise ValueError("key= applies to the serialized form; the fixed-width form sorts by its key column")
+                msg = "key= applies to the serialized form; the fixed-width form sorts by its key column"
+                raise ValueError(msg)
             for what, dt in (("key_dtype", self.key_dtype), ("value_dtype", self.value_dtype)):
                 if dt is not None and dt not in (np.dtype(np.int64), np.dtype(np.float64)):
-                    raise ValueError(f"{what} must be int64 or float64; got {dt}")
+                    msg = f"{what} must be int64 or float64; got {dt}"
+                    raise ValueError(msg)
         elif value_dtype is not None:
-            raise ValueError("value_dtype applies to the fixed-width form; pass key_dtype too")
+            msg = "value_dtype applies to the fixed-width form; pass key_dtype too"
+            raise ValueError(msg)
         self.width = 1 + (self.value_dtype is not None)
         self.fan_in = max(2, share_bytes // share.page_size - 2)
         self._pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
@@ -129,7 +132,8 @@ class ExternalSorter:
     def add(self, records: Iterable[object]) -> None:
         """Append records (serialized form)."""
         if self.key_dtype is not None:
-            raise TypeError("this sorter has fixed-width keys; use add_batch(keys, values)")
+            msg = "this sorter has fixed-width keys; use add_batch(keys, values)"
+            raise TypeError(msg)
         self._check_open()
         blobs = list(map(self._pack, records))
         self._records += len(blobs)
@@ -147,13 +151,16 @@ class ExternalSorter:
     def add_batch(self, keys: np.ndarray, values: np.ndarray | None = None) -> None:
         """Append rows (fixed-width form): ``keys`` and, with ``value_dtype``, ``values``."""
         if self.key_dtype is None:
-            raise TypeError("this sorter sorts serialized records; use add(records)")
+            msg = "this sorter sorts serialized records; use add(records)"
+            raise TypeError(msg)
         self._check_open()
         keys = np.asarray(keys, self.key_dtype)
         if self.key_dtype.kind == "f" and np.isnan(keys).any():
-            raise ValueError("fixed-width sort keys must not be NaN; got NaN in the batch")
+            msg = "fixed-width sort keys must not be NaN; got NaN in the batch"
+            raise ValueError(msg)
         if (values is None) != (self.value_dtype is None):
-            raise ValueError(f"values must be given exactly when value_dtype is set ({self.value_dtype})")
+            msg = f"values must be given exactly when value_dtype is set ({self.value_dtype})"
+            raise ValueError(msg)
         rows = np.empty((len(keys), self.width), np.uint64)
         rows[:, 0] = keys.view(np.uint64)
         if values is not None:
@@ -182,7 +189,8 @@ class ExternalSorter:
 
     def _check_open(self) -> None:
         if self._done:
-            raise ValueError(f"sorter {self.name!r} of {self.share.owner!r} was released or has been read")
+            msg = f"sorter {self.name!r} of {self.share.owner!r} was released or has been read"
+            raise ValueError(msg)
 
     # ------------------------------------------------------------------- runs
     def _run_rows(self) -> np.ndarray:
@@ -371,7 +379,7 @@ class ExternalSorter:
             self._area.segments, self._area.filled = [], []
             self.share.release_all()
 
-    def __enter__(self) -> "ExternalSorter":
+    def __enter__(self) -> ExternalSorter:
         return self
 
     def __exit__(self, *exc: object) -> None:

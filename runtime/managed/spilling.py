@@ -27,14 +27,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeAlias
 
 import numpy as np
 
 from runtime.errors import OutOfMemoryError
 from runtime.io import IOManager
 from runtime.managed.hash_table import (
-    MIN_CAPACITY, AggLike, Columns, FixedHashTable, check_share, parse_aggs, preaggregate_rows)
+    MIN_CAPACITY,
+    AggLike,
+    Columns,
+    FixedHashTable,
+    check_share,
+    parse_aggs,
+    preaggregate_rows,
+)
 from runtime.managed.serialized_table import SerializedBatch, SerializedHashTable, unpacker
 from runtime.managed.share import ManagedShare, SpillCounters, SpillStream
 from runtime.memory.manager import MemoryManager
@@ -46,9 +53,9 @@ __all__ = ["HashAggregator", "HashAggregatorStats", "PARTITION_BITS"]
 PARTITION_BITS = 4
 PARTITIONS = 1 << PARTITION_BITS
 MAX_LEVEL = 64 // PARTITION_BITS - 1
-Table = Union[FixedHashTable, SerializedHashTable]
-Batch = Union[np.ndarray, SerializedBatch]
-Result = Union[Columns, list]
+Table: TypeAlias = FixedHashTable | SerializedHashTable
+Batch: TypeAlias = np.ndarray | SerializedBatch
+Result: TypeAlias = Columns | list
 
 
 @dataclass(frozen=True)
@@ -151,7 +158,7 @@ class _SerializedForm(_Form):
 class _Level:
     """The tables and spill streams of one recursion level (level 0 takes the input)."""
 
-    def __init__(self, agg: "HashAggregator", level: int) -> None:
+    def __init__(self, agg: HashAggregator, level: int) -> None:
         if level > MAX_LEVEL:
             msg = (f"hash aggregation of {agg.share.owner!r} has re-partitioned {level} times and a partition "
                    f"still does not fit its share of {agg.share.share_bytes} bytes (a record larger than "
@@ -177,7 +184,8 @@ class _Level:
             while rest is not None:
                 if agg.mode == "combine":
                     if not any(t is not None and len(t) for t in self.tables):
-                        raise AssertionError("an empty combiner table took no rows")
+                        msg = "an empty combiner table took no rows"
+                        raise AssertionError(msg)
                     emitted.extend(self.emit_all())
                     table = self.tables[p] = form.make()
                     rest = table.upsert(rest)  # type: ignore[arg-type]
@@ -282,13 +290,17 @@ class HashAggregator:
                  reduce_fn: Callable[[object, object], object] | None = None, mode: str = "final",
                  max_load: float = 0.7, name: str = "hashagg") -> None:
         if mode not in ("final", "combine"):
-            raise ValueError(f"mode must be 'final' or 'combine'; got {mode!r}")
+            msg = f"mode must be 'final' or 'combine'; got {mode!r}"
+            raise ValueError(msg)
         if mode == "final" and io is None:
-            raise ValueError("mode='final' spills and needs an IOManager; got io=None")
+            msg = "mode='final' spills and needs an IOManager; got io=None"
+            raise ValueError(msg)
         if key_type not in ("int64", "float64", "object"):
-            raise ValueError(f"key_type must be 'int64', 'float64' or 'object'; got {key_type!r}")
+            msg = f"key_type must be 'int64', 'float64' or 'object'; got {key_type!r}"
+            raise ValueError(msg)
         if reduce_fn is not None and key_type != "object":
-            raise ValueError(f"reduce_fn needs key_type='object' (the serialized table); got {key_type!r}")
+            msg = f"reduce_fn needs key_type='object' (the serialized table); got {key_type!r}"
+            raise ValueError(msg)
         self.share = share = ManagedShare(memory, owner, share_bytes)
         self.io = io
         self.mode = mode
@@ -332,14 +344,15 @@ class HashAggregator:
             out.extend(root.add(self.form.proto.prepare(keys[i:i + step], vals)))  # type: ignore[arg-type]
         return out
 
-    def add_partials(self, partials: Union[Columns, Sequence[tuple[object, object]]]) -> list[Result]:
+    def add_partials(self, partials: Columns | Sequence[tuple[object, object]]) -> list[Result]:
         """Merge a combiner's partials (``{"key":..., name:...}`` columns, or ``(key, acc)`` pairs)."""
         root = self._check_open()
         return root.add(self.form.proto.prepare_partials(partials))  # type: ignore[arg-type]
 
     def _check_open(self) -> _Level:
         if self._root is None:
-            raise ValueError(f"hash aggregator {self.name!r} of {self.share.owner!r} was released or finished")
+            msg = f"hash aggregator {self.name!r} of {self.share.owner!r} was released or finished"
+            raise ValueError(msg)
         return self._root
 
     # ----------------------------------------------------------------- output
@@ -371,7 +384,7 @@ class HashAggregator:
             self.stage_out = self.stage_in = None
             self.share.release_all()
 
-    def __enter__(self) -> "HashAggregator":
+    def __enter__(self) -> HashAggregator:
         return self
 
     def __exit__(self, *exc: object) -> None:
