@@ -95,9 +95,10 @@ def test_in_memory_sort_writes_nothing(tmp_path):
 
 def test_a_record_larger_than_the_share_is_an_error_naming_the_key(tmp_path):
     with (
-        managed(tmp_path) as (mm, io), ExternalSorter(mm, "sort", 4 * PAGE, io) as sorter,
+        managed(tmp_path) as (mm, io),
+        ExternalSorter(mm, "sort", 4 * PAGE, io) as sorter,
         pytest.raises(OutOfMemoryError, match=r"^record of \d+ bytes does not fit the sort share of "
-                           r"'sort' \(16384 bytes\); raise memory\.managed\.fraction$"),
+                      r"'sort' \(16384 bytes\); raise memory\.managed\.fraction$"),
     ):
         sorter.add(["x" * 20_000])
 

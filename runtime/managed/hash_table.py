@@ -34,13 +34,36 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
 from runtime.errors import InvalidSizeError
-from runtime.managed.share import ManagedShare, bits_key, key_bits, mix64, unmix64
+from runtime.managed.share import (
+    BoolArray,
+    IndexArray,
+    ManagedShare,
+    NumArray,
+    U64Array,
+    bits_key,
+    key_bits,
+    mix64,
+    unmix64,
+)
 from runtime.memory.segment import MemorySegment
 
-__all__ = ["Agg", "AggLike", "FixedHashTable", "parse_aggs", "preaggregate_rows", "Columns",
-           "MIN_CAPACITY", "BATCH_ROWS"]
+__all__ = [
+    "AGG_KINDS",
+    "BATCH_ROWS",
+    "MIN_CAPACITY",
+    "Agg",
+    "AggLike",
+    "Columns",
+    "FixedHashTable",
+    "check_share",
+    "count_rows",
+    "parse_aggs",
+    "preaggregate_rows",
+    "raw_rows",
+]
 
 AGG_KINDS = ("count", "sum", "min", "max")
 MIN_CAPACITY = 64
@@ -49,7 +72,7 @@ MIN_CAPACITY = 64
 BATCH_ROWS = 1 << 16
 _MERGE = {"count": np.add, "sum": np.add, "min": np.minimum, "max": np.maximum}
 
-Columns = dict  # str -> np.ndarray: "key" and one column per aggregation name
+Columns: TypeAlias = dict[str, NumArray]  # "key" and one column per aggregation name
 
 
 @dataclass(frozen=True)
@@ -113,7 +136,7 @@ def parse_aggs(aggs: Sequence[AggLike]) -> tuple[Agg, ...]:
 
 
 # ------------------------------------------------------------ row batches
-def raw_rows(h: np.ndarray, values: np.ndarray | None, aggs: tuple[Agg, ...]) -> np.ndarray:
+def raw_rows(h: U64Array, values: npt.ArrayLike | None, aggs: tuple[Agg, ...]) -> U64Array:
     """Rows ``[h, acc...]`` for single records: count 1, sum/min/max the value."""
     rows = np.empty((len(h), 1 + len(aggs)), np.uint64)
     rows[:, 0] = h
@@ -128,7 +151,7 @@ def raw_rows(h: np.ndarray, values: np.ndarray | None, aggs: tuple[Agg, ...]) ->
     return rows
 
 
-def preaggregate_rows(rows: np.ndarray, aggs: tuple[Agg, ...]) -> np.ndarray:
+def preaggregate_rows(rows: U64Array, aggs: tuple[Agg, ...]) -> U64Array:
     """Sort rows by hash and merge equal hashes: unique, ascending ``h``; a new array unless already so."""
     h = rows[:, 0]
     order = np.argsort(h)
@@ -147,7 +170,7 @@ def preaggregate_rows(rows: np.ndarray, aggs: tuple[Agg, ...]) -> np.ndarray:
     return out
 
 
-def count_rows(h: np.ndarray) -> np.ndarray:
+def count_rows(h: U64Array) -> U64Array:
     """``preaggregate_rows`` for count-only tables without the row matrix: one sort, no argsort."""
     hs = np.sort(h)
     n = len(hs)
@@ -200,13 +223,13 @@ class FixedHashTable:
         self.row_bytes = 8 * self.width
         self._count_only = all(a.kind == "count" for a in self.aggs) and len(self.aggs) == 1
         self._seg: MemorySegment | None = None  # the block; owner: this table
-        self._T: np.ndarray | None = None  # (capacity, width) uint64 view of the block
-        self._H: np.ndarray | None = None  # column 0 of _T
+        self._T: U64Array = np.empty((0, self.width), np.uint64)  # (capacity, width) view of the block
+        self._H: U64Array = self._T[:, 0]  # column 0 of _T
         self._cap = 0
         self._mask = np.uint64(0)
         self._fill = 0
         self._limit = 0
-        self._zero: np.ndarray | None = None  # the row of the key whose hash is 0 (heap, one row)
+        self._zero: U64Array | None = None  # the row of the key whose hash is 0 (heap, one row)
         self.full = False  # the last upsert left rows out
 
     # ------------------------------------------------------------ inspection
@@ -223,14 +246,14 @@ class FixedHashTable:
         return self._cap
 
     # ------------------------------------------------------------------ input
-    def prepare(self, keys: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+    def prepare(self, keys: npt.ArrayLike, values: npt.ArrayLike | None = None) -> U64Array:
         """Raw records -> pre-aggregated rows, unique and sorted by hash (no table access)."""
         h = mix64(key_bits(keys, self.key_dtype))
         if self._count_only:
             return count_rows(h)
         return preaggregate_rows(raw_rows(h, values, self.aggs), self.aggs)
 
-    def prepare_partials(self, columns: Columns) -> np.ndarray:
+    def prepare_partials(self, columns: Columns) -> U64Array:
         """Partial aggregates (``{"key": ..., name: ...}`` as :meth:`iterate` yields) -> rows."""
         keys = columns["key"]
         rows = np.empty((len(keys), self.width), np.uint64)
@@ -239,14 +262,14 @@ class FixedHashTable:
             rows[:, j] = np.asarray(columns[agg.name], agg.dtype).view(np.uint64)
         return preaggregate_rows(rows, self.aggs)
 
-    def insert_batch(self, keys: np.ndarray, values: np.ndarray | None = None) -> np.ndarray | None:
+    def insert_batch(self, keys: NumArray, values: NumArray | None = None) -> U64Array | None:
         """Aggregate records ``keys`` (with ``values`` for sum/min/max): None, or the rows that did not fit.
 
         Rows left out are pre-aggregated partials ``[h, acc...]``; the table
         is full (``self.full``) and the caller spills them or drains the table
         and calls :meth:`upsert` with them again.
         """
-        left: list[np.ndarray] = []
+        left: list[U64Array] = []
         for i in range(0, len(keys), BATCH_ROWS):
             vals = None if values is None else values[i:i + BATCH_ROWS]
             rest = self.upsert(self.prepare(keys[i:i + BATCH_ROWS], vals))
@@ -254,11 +277,11 @@ class FixedHashTable:
                 left.append(rest)
         return preaggregate_rows(np.concatenate(left), self.aggs) if left else None
 
-    def merge_batch(self, columns: Columns) -> np.ndarray | None:
+    def merge_batch(self, columns: Columns) -> U64Array | None:
         """Merge partial aggregates; returns the rows that did not fit (see :meth:`insert_batch`)."""
         return self.upsert(self.prepare_partials(columns))
 
-    def upsert(self, rows: np.ndarray) -> np.ndarray | None:
+    def upsert(self, rows: U64Array) -> U64Array | None:
         """Merge rows (unique, ascending hash) into the table; returns those that did not fit, or None.
 
         Rows of keys already present always merge; new keys are inserted while
@@ -274,18 +297,19 @@ class FixedHashTable:
             n -= 1
             if n == 0:
                 return None
-        if self._T is None and not self._grow(n):
+        if self._seg is None and not self._grow(n):
             self.full = True
             return rows
         h = np.ascontiguousarray(rows[:, 0])
-        slot, found = self._find(h)
+        found_slot, found = self._find(h)
+        slot: IndexArray | None = found_slot
         if found.all():
-            self._merge_at(slot, rows)
+            self._merge_at(found_slot, rows)
             return None
         if found.any():
-            self._merge_at(slot[found], rows[found])
+            self._merge_at(found_slot[found], rows[found])
             new = ~found
-            rows, slot = rows[new], slot[new]
+            rows, slot = rows[new], found_slot[new]
         m = len(rows)
         if self._fill + m > self._limit:
             if self._grow(self._fill + m):
@@ -299,7 +323,7 @@ class FixedHashTable:
         return None
 
     # ---------------------------------------------------------------- kernels
-    def _find(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _find(self, h: U64Array) -> tuple[IndexArray, BoolArray]:
         """Slot of each hash (``found``) or the first empty slot on its probe path (not found)."""
         H, mask = self._H, self._mask
         pos = (h & mask).view(np.intp)
@@ -323,7 +347,7 @@ class FixedHashTable:
                 idx, p, hh = idx[keep], p[keep], hh[keep]
         return pos, found
 
-    def _insert(self, rows: np.ndarray, slot: np.ndarray | None) -> None:
+    def _insert(self, rows: U64Array, slot: IndexArray | None) -> None:
         """Insert rows of new, distinct keys; ``slot``: where each one's probe found an empty slot."""
         m = len(rows)
         if not m:
@@ -350,13 +374,13 @@ class FixedHashTable:
             p = (p + 1) & imask
         self._fill += m
 
-    def _merge_at(self, slot: np.ndarray, rows: np.ndarray) -> None:
+    def _merge_at(self, slot: IndexArray, rows: U64Array) -> None:
         T = self._T
         for j, agg in enumerate(self.aggs, 1):
             col = T[:, j].view(agg.dtype)
             col[slot] = agg.merge(col[slot], rows[:, j].view(agg.dtype))
 
-    def _merge_zero(self, row: np.ndarray) -> None:
+    def _merge_zero(self, row: U64Array) -> None:
         if self._zero is None:
             self._zero = row.copy()
             return
@@ -387,7 +411,7 @@ class FixedHashTable:
             return False
         cap = 1 << ((seg.size // self.row_bytes).bit_length() - 1)  # what the rounded block holds
         seg.fill(0)
-        old_rows = None if self._T is None else self._T[self._H != 0]
+        old_rows = None if self._seg is None else self._T[self._H != 0]
         old_seg = self._seg
         self._seg = seg
         self._T = seg.as_array(np.uint64, cap * self.width).reshape(cap, self.width)
@@ -402,17 +426,17 @@ class FixedHashTable:
         return True
 
     # ----------------------------------------------------------------- output
-    def rows(self, batch_rows: int = BATCH_ROWS) -> Iterator[np.ndarray]:
+    def rows(self, batch_rows: int = BATCH_ROWS) -> Iterator[U64Array]:
         """The table's rows ``[h, acc...]`` in batches (copies), the zero-hash row first."""
         if self._zero is not None:
             yield self._zero[None, :].copy()
-        if self._T is None:
+        if self._seg is None:
             return
         occupied = np.flatnonzero(self._H != 0)
         for i in range(0, len(occupied), batch_rows):
             yield self._T[occupied[i:i + batch_rows]]
 
-    def rows_to_columns(self, rows: np.ndarray) -> Columns:
+    def rows_to_columns(self, rows: U64Array) -> Columns:
         """Rows ``[h, acc...]`` -> ``{"key": keys, name: accumulator}`` (new arrays)."""
         cols: Columns = {"key": bits_key(unmix64(np.ascontiguousarray(rows[:, 0])), self.key_dtype)}
         for j, agg in enumerate(self.aggs, 1):
@@ -442,7 +466,8 @@ class FixedHashTable:
     def release(self) -> None:
         """Forget every key and give the block back to the share. Idempotent."""
         seg, self._seg = self._seg, None
-        self._T = self._H = None
+        self._T = np.empty((0, self.width), np.uint64)
+        self._H = self._T[:, 0]
         self._cap = self._fill = self._limit = 0
         self._zero = None
         if seg is not None:

@@ -30,21 +30,33 @@ waste; when the area cannot grow and a quarter of it is waste it is compacted.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple, TypeAlias
 
 import msgpack
 import numpy as np
+import numpy.typing as npt
 
 from runtime.managed.hash_table import BATCH_ROWS, MIN_CAPACITY, Agg, AggLike, parse_aggs
-from runtime.managed.share import ManagedShare, fingerprints
+from runtime.managed.share import BoolArray, IndexArray, ManagedShare, NumArray, U64Array, fingerprints
 from runtime.memory.segment import MemorySegment
 
-__all__ = ["RecordArea", "SerializedBatch", "SerializedHashTable", "Packed", "decode_stream", "unpacker"]
+__all__ = [
+    "Packed",
+    "RecordArea",
+    "SerializedBatch",
+    "SerializedHashTable",
+    "concat",
+    "decode_stream",
+    "gather",
+    "split",
+    "unpacker",
+]
 
 FP, KADDR, KLEN, VADDR, VLEN = 0, 1, 2, 3, 4
 _MISSING = object()
 Packed: TypeAlias = bytes | bytearray | memoryview
+I64Array: TypeAlias = npt.NDArray[np.int64]  # arena addresses and lengths
 
 
 def unpacker() -> msgpack.Unpacker:
@@ -52,7 +64,7 @@ def unpacker() -> msgpack.Unpacker:
     return msgpack.Unpacker(use_list=False, raw=False, strict_map_key=False, max_buffer_size=0)
 
 
-def decode_stream(data: Packed) -> list:
+def decode_stream(data: Packed) -> list[object]:
     """Every msgpack object in ``data``, back to back (one C loop)."""
     up = unpacker()
     up.feed(data)
@@ -62,25 +74,28 @@ def decode_stream(data: Packed) -> list:
 class SerializedBatch(NamedTuple):
     """Pre-aggregated rows of a serialized table, unique by key bytes.
 
-    ``accs`` is an ``(m, n_aggs)`` uint64 array for numeric aggregations,
-    a list of objects for ``reduce``.
+    ``fps`` are the keys' fingerprints and ``kbs`` their msgpack bytes.
+    Numeric aggregations keep their accumulators in ``accs``, an ``(m, n_aggs)``
+    uint64 array (each column holds its dtype's bits), and ``values`` is empty;
+    ``reduce`` keeps the values as objects in ``values`` and ``accs`` has no column.
     """
 
-    fps: np.ndarray
-    kbs: list
-    accs: np.ndarray | list
+    fps: U64Array
+    kbs: list[bytes]
+    accs: U64Array
+    values: list[object]
 
-    def take(self, idx: np.ndarray) -> SerializedBatch:
-        kbs = self.kbs
-        sub_kbs = [kbs[i] for i in idx.tolist()]
-        accs = self.accs[idx] if isinstance(self.accs, np.ndarray) else [self.accs[i] for i in idx.tolist()]
-        return SerializedBatch(self.fps[idx], sub_kbs, accs)
+    def take(self, idx: IndexArray) -> SerializedBatch:
+        kbs, values = self.kbs, self.values
+        pick = idx.tolist()
+        return SerializedBatch(self.fps[idx], [kbs[i] for i in pick], self.accs[idx],
+                               [values[i] for i in pick] if values else [])
 
-    def __len__(self) -> int:  # type: ignore[override]
+    def __len__(self) -> int:
         return len(self.kbs)
 
 
-def gather(arena: np.ndarray, addrs: np.ndarray, lens: np.ndarray) -> bytes:
+def gather(arena: npt.NDArray[np.uint8], addrs: npt.NDArray[np.integer], lens: npt.NDArray[np.integer]) -> bytes:
     """The bytes at ``addrs[i]`` of length ``lens[i]``, back to back: one numpy gather."""
     lens = lens.astype(np.int64)
     total = int(lens.sum())
@@ -91,7 +106,7 @@ def gather(arena: np.ndarray, addrs: np.ndarray, lens: np.ndarray) -> bytes:
     return arena[idx].tobytes()
 
 
-def split(data: bytes, lens: np.ndarray) -> list[bytes]:
+def split(data: bytes, lens: npt.NDArray[np.integer]) -> list[bytes]:
     """``data`` cut into pieces of ``lens``."""
     ends = np.cumsum(lens).tolist()
     return [data[a:b] for a, b in zip([0, *ends[:-1]], ends)]
@@ -117,7 +132,7 @@ class RecordArea:
     def nbytes(self) -> int:
         return sum(seg.size for seg in self.segments)
 
-    def append(self, blobs: list[bytes]) -> np.ndarray:
+    def append(self, blobs: list[bytes]) -> I64Array:
         """Write blobs back to back; returns the arena address of each one written (a prefix of them)."""
         n = len(blobs)
         out = np.empty(n, np.int64)
@@ -133,7 +148,7 @@ class RecordArea:
             seg = self._cur
             room = 0 if seg is None else seg.size - self._pos
             k = int(np.searchsorted(ends, done + room, "right")) - i
-            if k > 0:
+            if k > 0 and seg is not None:
                 nb = int(ends[i + k - 1]) - done
                 start = seg.offset + self._pos
                 arena[start:start + nb] = data[done:done + nb]
@@ -204,11 +219,11 @@ class SerializedHashTable:
             raise ValueError(msg)
         self.max_load = max_load
         self.row_bytes = 8 * self.width
-        self._pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+        self._pack: Callable[[object], bytes] = msgpack.Packer(use_bin_type=True, autoreset=True).pack
         self._area = RecordArea(share)
         self._seg: MemorySegment | None = None  # the index block; owner: this table
-        self._T: np.ndarray | None = None
-        self._F: np.ndarray | None = None
+        self._T: U64Array = np.empty((0, self.width), np.uint64)  # (capacity, width) view of _seg
+        self._F: U64Array = self._T[:, FP]
         self._cap = 0
         self._mask = np.uint64(0)
         self._fill = 0
@@ -229,7 +244,7 @@ class SerializedHashTable:
         return self._cap
 
     # ------------------------------------------------------------------ input
-    def prepare(self, keys: Sequence[object], values: Sequence[object] | np.ndarray | None = None
+    def prepare(self, keys: Sequence[object], values: Sequence[object] | NumArray | None = None
                 ) -> SerializedBatch:
         """Raw records -> a batch unique by key (pre-aggregated in dicts keyed by the key bytes)."""
         kbs = list(map(self._pack, keys))
@@ -238,7 +253,7 @@ class SerializedHashTable:
                 msg = "reduce needs a values sequence; got values=None"
                 raise ValueError(msg)
             return self._reduce_batch(kbs, values)
-        cols = []
+        cols: list[NumArray] = []
         for agg in self.aggs:
             if agg.kind == "count":
                 cols.append(np.ones(len(kbs), np.int64))
@@ -258,20 +273,24 @@ class SerializedHashTable:
         if len(self.aggs) == 1:
             cols = [np.asarray(accs, self.aggs[0].dtype)]
         else:
-            cols = [np.asarray([a[j] for a in accs], agg.dtype) for j, agg in enumerate(self.aggs)]
+            cols = [np.asarray([a[j] for a in accs], agg.dtype)  # type: ignore[index]  # (key, tuple) partials
+                    for j, agg in enumerate(self.aggs)]
         return self._numeric_batch(kbs, cols)
 
-    def _reduce_batch(self, kbs: list[bytes], values: Sequence[object]) -> SerializedBatch:
+    def _reduce_batch(self, kbs: list[bytes], values: Iterable[object]) -> SerializedBatch:
         fn = self.reduce_fn
+        if fn is None:
+            msg = "reduce batches need reduce_fn; this table has numeric aggregations"
+            raise TypeError(msg)
         state: dict[bytes, object] = {}
         get = state.get
         for kb, v in zip(kbs, values):
             acc = get(kb, _MISSING)
-            state[kb] = v if acc is _MISSING else fn(acc, v)  # type: ignore[misc]
+            state[kb] = v if acc is _MISSING else fn(acc, v)
         uniq = list(state)
-        return SerializedBatch(fingerprints(uniq), uniq, list(state.values()))
+        return SerializedBatch(fingerprints(uniq), uniq, np.empty((len(uniq), 0), np.uint64), list(state.values()))
 
-    def _numeric_batch(self, kbs: list[bytes], cols: list[np.ndarray]) -> SerializedBatch:
+    def _numeric_batch(self, kbs: list[bytes], cols: list[NumArray]) -> SerializedBatch:
         n = len(kbs)
         first: dict[bytes, int] = {}
         inv = np.fromiter(map(first.setdefault, kbs, itertools.count()), np.intp, n)
@@ -290,9 +309,9 @@ class SerializedHashTable:
                 acc = np.zeros(u, agg.dtype) if agg.merge is np.add else col[firsts].copy()
                 agg.merge.at(acc, dense, col)
                 accs[:, j] = acc.view(np.uint64)
-        return SerializedBatch(fingerprints(uniq), uniq, accs)
+        return SerializedBatch(fingerprints(uniq), uniq, accs, [])
 
-    def insert_batch(self, keys: Sequence[object], values: Sequence[object] | np.ndarray | None = None
+    def insert_batch(self, keys: Sequence[object], values: Sequence[object] | NumArray | None = None
                      ) -> SerializedBatch | None:
         """Aggregate records; returns None, or the pre-aggregated rows that did not fit (``self.full``)."""
         left: list[SerializedBatch] = []
@@ -308,7 +327,7 @@ class SerializedHashTable:
         if len(set(batch.kbs)) == len(batch.kbs):
             return batch
         if self.reduce_fn is not None:
-            return self._reduce_batch(batch.kbs, batch.accs)
+            return self._reduce_batch(batch.kbs, batch.values)
         cols = [np.ascontiguousarray(batch.accs[:, j]).view(a.dtype) for j, a in enumerate(self.aggs)]
         return self._numeric_batch(batch.kbs, cols)
 
@@ -322,18 +341,19 @@ class SerializedHashTable:
         self.full = False
         if not n:
             return None
-        if self._T is None and not self._grow(n):
+        if self._seg is None and not self._grow(n):
             self.full = True
             return batch
-        fps, kbs, accs = batch
-        slot, found = self._find(fps, kbs)
-        left: list[np.ndarray] = []
+        fps, kbs, accs, values = batch
+        found_slot, found = self._find(fps, kbs)
+        slot: IndexArray | None = found_slot
+        left: list[IndexArray] = []
         if found.any():
             fi = np.flatnonzero(found)
             if self.reduce_fn is None:
-                self._merge_at(slot[fi], accs[fi])
+                self._merge_at(found_slot[fi], accs[fi])
             else:
-                failed = self._reduce_at(slot[fi], fi, batch)
+                failed = self._reduce_at(found_slot[fi], fi, batch)
                 if failed.size:
                     left.append(failed)
         ni = np.flatnonzero(~found)
@@ -346,7 +366,7 @@ class SerializedHashTable:
                 blobs = [kbs[i] for i in ni[:room].tolist()]
             else:
                 pack = self._pack
-                blobs = [kbs[i] + pack(accs[i]) for i in ni[:room].tolist()]
+                blobs = [kbs[i] + pack(values[i]) for i in ni[:room].tolist()]
             addrs = self._append(blobs)
             k = len(addrs)
             if k:
@@ -359,12 +379,12 @@ class SerializedHashTable:
         return batch.take(np.sort(np.concatenate(left)))
 
     # ---------------------------------------------------------------- kernels
-    def _keys_equal(self, slots: np.ndarray, idx: np.ndarray, kbs: list) -> np.ndarray:
+    def _keys_equal(self, slots: IndexArray, idx: IndexArray, kbs: list[bytes]) -> BoolArray:
         """Whether the key stored at each slot has the bytes ``kbs[idx[i]]``."""
         T = self._T
         want = [kbs[i] for i in idx.tolist()]
         lens = np.fromiter(map(len, want), np.int64, len(want))
-        eq = T[slots, KLEN].astype(np.int64) == lens
+        eq: BoolArray = T[slots, KLEN].astype(np.int64) == lens
         if not eq.any():
             return eq
         sel = np.flatnonzero(eq)
@@ -376,7 +396,7 @@ class SerializedHashTable:
         eq[sel] = np.logical_and.reduceat(same, starts)
         return eq
 
-    def _find(self, fps: np.ndarray, kbs: list) -> tuple[np.ndarray, np.ndarray]:
+    def _find(self, fps: U64Array, kbs: list[bytes]) -> tuple[IndexArray, BoolArray]:
         """Slot of each key (``found``) or the first empty slot on its probe path."""
         F, imask = self._F, int(self._mask)
         n = len(fps)
@@ -400,7 +420,7 @@ class SerializedHashTable:
             p = (p + 1) & imask
         return pos, found
 
-    def _insert(self, rows: np.ndarray, slot: np.ndarray | None, addrs: np.ndarray, blobs: list,
+    def _insert(self, rows: IndexArray, slot: IndexArray | None, addrs: I64Array, blobs: list[bytes],
                 batch: SerializedBatch) -> None:
         """Index new keys ``batch[rows]`` whose records were written at ``addrs``."""
         T, F, imask = self._T, self._F, int(self._mask)
@@ -430,22 +450,25 @@ class SerializedHashTable:
             p = (p + 1) & imask
         self._fill += len(rows)
 
-    def _merge_at(self, slot: np.ndarray, accs: np.ndarray) -> None:
+    def _merge_at(self, slot: IndexArray, accs: U64Array) -> None:
         T = self._T
         for j, agg in enumerate(self.aggs):
             col = T[:, 3 + j].view(agg.dtype)
             col[slot] = agg.merge(col[slot], np.ascontiguousarray(accs[:, j]).view(agg.dtype))
 
-    def _reduce_at(self, slots: np.ndarray, idx: np.ndarray, batch: SerializedBatch) -> np.ndarray:
+    def _reduce_at(self, slots: IndexArray, idx: IndexArray, batch: SerializedBatch) -> IndexArray:
         """``fn(stored, incoming)`` for keys present; returns the batch rows whose new value found no room."""
         T, mv, fn, pack = self._T, self.share.arena_view, self.reduce_fn, self._pack
+        if fn is None:
+            msg = "_reduce_at needs reduce_fn; this table has numeric aggregations"
+            raise TypeError(msg)
         vaddr = T[slots, VADDR].tolist()
         vlen = T[slots, VLEN].tolist()
         unpackb = msgpack.unpackb
         olds = [unpackb(mv[a:a + n], use_list=False, raw=False, strict_map_key=False)
                 for a, n in zip(vaddr, vlen)]
-        incoming = [batch.accs[i] for i in idx.tolist()]
-        vbs = list(map(pack, map(fn, olds, incoming)))  # type: ignore[arg-type]
+        incoming = [batch.values[i] for i in idx.tolist()]
+        vbs = list(map(pack, map(fn, olds, incoming)))
         bigger = []
         for i, (a, n, vb) in enumerate(zip(vaddr, vlen, vbs)):
             size = len(vb)
@@ -457,7 +480,7 @@ class SerializedHashTable:
         T[slots, VLEN] = np.fromiter(map(len, vbs), np.int64, len(vbs))
         if not bigger:
             return idx[:0]
-        big = np.asarray(bigger)
+        big: IndexArray = np.asarray(bigger, np.intp)
         for i in bigger:  # until a new value is written, the slot keeps its old one
             T[slots[i], VLEN] = vlen[i]
         addrs = self._append([vbs[i] for i in bigger])
@@ -468,7 +491,7 @@ class SerializedHashTable:
         T[slots[done], VLEN] = np.fromiter((len(vbs[i]) for i in bigger[:k]), np.int64, k)
         return idx[big[k:]]
 
-    def _append(self, blobs: list) -> np.ndarray:
+    def _append(self, blobs: list[bytes]) -> I64Array:
         """Append to the record area, compacting it once if it is full and a quarter of it is waste."""
         addrs = self._area.append(blobs)
         area = self._area
@@ -507,7 +530,7 @@ class SerializedHashTable:
             return False
         cap = 1 << ((seg.size // self.row_bytes).bit_length() - 1)
         seg.fill(0)
-        old = None if self._T is None else self._T[self._F != 0]
+        old = None if self._seg is None else self._T[self._F != 0]
         old_seg = self._seg
         self._seg = seg
         self._T = seg.as_array(np.uint64, cap * self.width).reshape(cap, self.width)
@@ -520,7 +543,7 @@ class SerializedHashTable:
             self.share.release(old_seg)
         return True
 
-    def _rehash(self, rows: np.ndarray) -> None:
+    def _rehash(self, rows: U64Array) -> None:
         """Place index rows of distinct keys (claims by fingerprint are safe: rows are placed whole)."""
         T, F, imask = self._T, self._F, int(self._mask)
         p = (rows[:, FP] & self._mask).view(np.intp).copy()
@@ -540,9 +563,9 @@ class SerializedHashTable:
         self._fill = len(rows)
 
     # ----------------------------------------------------------------- output
-    def _occupied(self) -> np.ndarray:
+    def _occupied(self) -> IndexArray:
         """Occupied slots in record order (insertion order, until values move or the area is compacted)."""
-        if self._T is None:
+        if self._seg is None:
             return np.empty(0, np.intp)
         occ = np.flatnonzero(self._F != 0)
         return occ[np.argsort(self._T[occ, KADDR], kind="stable")]
@@ -554,6 +577,7 @@ class SerializedHashTable:
         for i in range(0, len(occ), batch_rows):
             s = occ[i:i + batch_rows]
             keys = decode_stream(gather(arena, T[s, KADDR], T[s, KLEN]))
+            values: list[object]
             if self.reduce_fn is not None:
                 values = decode_stream(gather(arena, T[s, VADDR], T[s, VLEN]))
             elif len(self.aggs) == 1:
@@ -591,17 +615,17 @@ class SerializedHashTable:
         if self.reduce_fn is None:
             payload = [np.ascontiguousarray(batch.accs).tobytes()]
         else:
-            vbs = list(map(self._pack, batch.accs))
+            vbs = list(map(self._pack, batch.values))
             payload = [b"".join(vbs), np.fromiter(map(len, vbs), np.int32, len(vbs)).tobytes()]
         return self._pack([b"".join(batch.kbs), klens.tobytes(), *payload])
 
-    def decode_chunk(self, chunk: tuple) -> SerializedBatch:
+    def decode_chunk(self, chunk: tuple[bytes, ...]) -> SerializedBatch:
         """A decoded chunk (the tuple an unpacker yields) -> a batch, unique by key as written."""
         kbs = split(chunk[0], np.frombuffer(chunk[1], np.int32))
         if self.reduce_fn is None:
             accs = np.frombuffer(chunk[2], np.uint64).reshape(len(kbs), len(self.aggs)).copy()
-            return SerializedBatch(fingerprints(kbs), kbs, accs)
-        return SerializedBatch(fingerprints(kbs), kbs, decode_stream(chunk[2]))
+            return SerializedBatch(fingerprints(kbs), kbs, accs, [])
+        return SerializedBatch(fingerprints(kbs), kbs, np.empty((len(kbs), 0), np.uint64), decode_stream(chunk[2]))
 
     def clear(self) -> None:
         """Forget every key; keep the index block, give the record pages back."""
@@ -614,7 +638,8 @@ class SerializedHashTable:
     def release(self) -> None:
         """Forget every key and give the index and the record pages back to the share. Idempotent."""
         seg, self._seg = self._seg, None
-        self._T = self._F = None
+        self._T = np.empty((0, self.width), np.uint64)
+        self._F = self._T[:, FP]
         self._cap = self._fill = self._limit = 0
         self._area.release()
         if seg is not None:
@@ -631,8 +656,6 @@ def concat(batches: list[SerializedBatch]) -> SerializedBatch:
         return batches[0]
     fps = np.concatenate([b.fps for b in batches])
     kbs = [kb for b in batches for kb in b.kbs]
-    if isinstance(batches[0].accs, np.ndarray):
-        accs: np.ndarray | list = np.concatenate([b.accs for b in batches])
-    else:
-        accs = [a for b in batches for a in b.accs]
-    return SerializedBatch(fps, kbs, accs)
+    accs = np.concatenate([b.accs for b in batches])
+    values = [v for b in batches for v in b.values]
+    return SerializedBatch(fps, kbs, accs, values)

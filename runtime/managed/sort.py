@@ -27,19 +27,27 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
+import numpy.typing as npt
 
 from runtime.errors import OutOfMemoryError
 from runtime.io import IOManager
 from runtime.managed.hash_table import Columns, check_share
 from runtime.managed.serialized_table import RecordArea, unpacker
-from runtime.managed.share import ManagedShare, SpillCounters, SpillStream
+from runtime.managed.share import IndexArray, ManagedShare, NumArray, SpillCounters, SpillStream, U64Array
 from runtime.memory.manager import MemoryManager
+from runtime.memory.segment import MemorySegment
 from runtime.memory.snapshot import Snapshot
 
-__all__ = ["ExternalSorter", "SorterStats"]
+if TYPE_CHECKING:  # pragma: no cover
+    from _typeshed import SupportsRichComparison
+
+    SortKey = Callable[[Any], SupportsRichComparison]
+
+__all__ = ["BATCH_ROWS", "ExternalSorter", "SorterStats", "stable_order"]
 
 BATCH_ROWS = 1 << 16
 
@@ -59,12 +67,15 @@ class SorterStats(Snapshot):
     share_bytes: int
 
 
-def stable_order(keys: np.ndarray, reverse: bool) -> np.ndarray:
+def stable_order(keys: NumArray, reverse: bool) -> IndexArray:
     """A stable argsort, ascending or descending (ties keep their order either way)."""
+    order: IndexArray
     if not reverse:
-        return np.argsort(keys, kind="stable")
+        order = np.argsort(keys, kind="stable")
+        return order
     n = len(keys)
-    return (n - 1 - np.argsort(keys[::-1], kind="stable"))[::-1]
+    order = (n - 1 - np.argsort(keys[::-1], kind="stable"))[::-1]
+    return order
 
 
 class ExternalSorter:
@@ -90,7 +101,7 @@ class ExternalSorter:
     """
 
     def __init__(self, memory: MemoryManager, owner: Hashable, share_bytes: int, io: IOManager, *,
-                 key: Callable[[object], object] | None = None, reverse: bool = False,
+                 key: SortKey | None = None, reverse: bool = False,
                  key_dtype: str | np.dtype | None = None, value_dtype: str | np.dtype | None = None,
                  name: str = "sort") -> None:
         self.share = share = ManagedShare(memory, owner, share_bytes)
@@ -115,12 +126,12 @@ class ExternalSorter:
             raise ValueError(msg)
         self.width = 1 + (self.value_dtype is not None)
         self.fan_in = max(2, share_bytes // share.page_size - 2)
-        self._pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+        self._pack: Callable[[object], bytes] = msgpack.Packer(use_bin_type=True, autoreset=True).pack
         self.stage_out, self.stage_in = memory.allocate_pages(owner, 2)
         for seg in (self.stage_out, self.stage_in):
             share._take(seg)
         self._area = RecordArea(share)  # serialized run
-        self._pages: list = []  # fixed-width run: pages of rows
+        self._pages: list[MemorySegment] = []  # fixed-width run: pages of rows
         self._rows_in_page: list[int] = []
         self._runs: list[SpillStream] = []  # runs still to merge, in input order
         self._streams: list[SpillStream] = []  # every file made, for release()
@@ -148,7 +159,7 @@ class ExternalSorter:
                     raise OutOfMemoryError(msg)
                 self._spill_run()
 
-    def add_batch(self, keys: np.ndarray, values: np.ndarray | None = None) -> None:
+    def add_batch(self, keys: npt.ArrayLike, values: npt.ArrayLike | None = None) -> None:
         """Append rows (fixed-width form): ``keys`` and, with ``value_dtype``, ``values``."""
         if self.key_dtype is None:
             msg = "this sorter sorts serialized records; use add(records)"
@@ -193,7 +204,14 @@ class ExternalSorter:
             raise ValueError(msg)
 
     # ------------------------------------------------------------------- runs
-    def _run_rows(self) -> np.ndarray:
+    def _fixed_dtype(self) -> np.dtype[Any]:
+        """The key dtype of the fixed-width form (the serialized form has none)."""
+        if self.key_dtype is None:
+            msg = f"sorter {self.name!r} sorts serialized records; it has no key dtype"
+            raise TypeError(msg)
+        return self.key_dtype
+
+    def _run_rows(self) -> U64Array:
         """The in-memory fixed-width run, sorted (a heap copy); its pages go back to the share."""
         parts = [p.as_array(np.uint64, n * self.width).reshape(n, self.width)
                  for p, n in zip(self._pages, self._rows_in_page)]
@@ -202,16 +220,18 @@ class ExternalSorter:
         for page in self._pages:
             self.share.release(page)
         self._pages, self._rows_in_page = [], []
-        return rows[stable_order(rows[:, 0].view(self.key_dtype), self.reverse)]
+        return rows[stable_order(rows[:, 0].view(self._fixed_dtype()), self.reverse)]
 
-    def _run_records(self) -> list:
+    def _run_records(self) -> list[Any]:
         """The in-memory serialized run, decoded and sorted; its pages go back to the share."""
         up = unpacker()
         arena = self.share.arena_view
         for seg, n in zip(self._area.segments, self._area.filled):
             up.feed(arena[seg.offset:seg.offset + n])
-        records = list(up)
+        records: list[Any] = list(up)
         self._area.release()
+        if self.key is None:
+            return sorted(records, reverse=self.reverse)
         return sorted(records, key=self.key, reverse=self.reverse)
 
     def _spill_run(self) -> None:
@@ -233,14 +253,14 @@ class ExternalSorter:
         self._streams.append(stream)
         return stream
 
-    def _read_records(self, stream: SpillStream) -> Iterator[object]:
+    def _read_records(self, stream: SpillStream) -> Iterator[Any]:
         up = unpacker()
         for block in stream.read_blocks(self.stage_in):
             up.feed(block)
             yield from up
         stream.delete()
 
-    def _read_rows(self, stream: SpillStream) -> Iterator[np.ndarray]:
+    def _read_rows(self, stream: SpillStream) -> Iterator[U64Array]:
         row_bytes = 8 * self.width
         pending = b""
         for block in stream.read_blocks(self.stage_in):
@@ -252,15 +272,17 @@ class ExternalSorter:
         stream.delete()
 
     # ------------------------------------------------------------------ merge
-    def _merge_records(self, sources: list[Iterator[object]]) -> Iterator[object]:
+    def _merge_records(self, sources: list[Iterator[Any]]) -> Iterator[Any]:
         if len(sources) == 1:
             return sources[0]
+        if self.key is None:
+            return heapq.merge(*sources, reverse=self.reverse)
         return heapq.merge(*sources, key=self.key, reverse=self.reverse)
 
-    def _merge_rows(self, sources: list[Iterator[np.ndarray]]) -> Iterator[np.ndarray]:
+    def _merge_rows(self, sources: list[Iterator[U64Array]]) -> Iterator[U64Array]:
         """Vectorized stable k-way merge of sorted row sources (earlier sources win ties)."""
-        dt, reverse = self.key_dtype, self.reverse
-        bufs: list[np.ndarray | None] = [next(s, None) for s in sources]
+        dt, reverse = self._fixed_dtype(), self.reverse
+        bufs: list[U64Array | None] = [next(s, None) for s in sources]
         live = [b is not None for b in bufs]  # the source may have more after its buffer
         while any(b is not None and len(b) for b in bufs):
             lasts = [(b[-1, 0:1].view(dt)[0], i) for i, b in enumerate(bufs) if live[i] and b is not None]
@@ -332,37 +354,45 @@ class ExternalSorter:
             out.write(b"".join(buf), self.stage_out)
 
     # ----------------------------------------------------------------- output
-    def sorted(self) -> Iterator[object] | Iterator[Columns]:
+    def sorted(self) -> Iterator[Any] | Iterator[Columns]:
         """All records in order (serialized), or ``{"key", "value"}`` column batches (fixed-width).
 
         Reads the sorter once; it is released when the iterator ends, fails or is closed.
         """
         self._check_open()
         self._done = True
-        return self._sorted()
+        return self._sorted_records() if self.key_dtype is None else self._sorted_rows()
 
-    def _sorted(self) -> Iterator:
-        try:
+    def _merge_runs_on_disk(self) -> None:
+        if self._runs:
+            self._reduce_runs()
             if self._runs:
-                self._reduce_runs()
-                if self._runs:
-                    self.counters.spill_passes += 1
-            if self.key_dtype is not None:
-                mem = self._run_rows()
-                sources = [self._read_rows(s) for s in self._runs]
-                if len(mem):
-                    sources.append(iter([mem[i:i + BATCH_ROWS] for i in range(0, len(mem), BATCH_ROWS)]))
-                merged = sources[0] if len(sources) == 1 else self._merge_rows(sources) if sources else iter(())
-                for rows in merged:
-                    cols: Columns = {"key": np.ascontiguousarray(rows[:, 0]).view(self.key_dtype)}
-                    if self.value_dtype is not None:
-                        cols["value"] = np.ascontiguousarray(rows[:, 1]).view(self.value_dtype)
-                    yield cols
-            else:
-                mem_records = self._run_records()
-                sources = [self._read_records(s) for s in self._runs]
-                sources.append(iter(mem_records))
-                yield from self._merge_records(sources)
+                self.counters.spill_passes += 1
+
+    def _sorted_rows(self) -> Iterator[Columns]:
+        try:
+            self._merge_runs_on_disk()
+            dt = self._fixed_dtype()
+            mem = self._run_rows()
+            sources = [self._read_rows(s) for s in self._runs]
+            if len(mem):
+                sources.append(iter([mem[i:i + BATCH_ROWS] for i in range(0, len(mem), BATCH_ROWS)]))
+            merged = sources[0] if len(sources) == 1 else self._merge_rows(sources) if sources else iter(())
+            for rows in merged:
+                cols: Columns = {"key": np.ascontiguousarray(rows[:, 0]).view(dt)}
+                if self.value_dtype is not None:
+                    cols["value"] = np.ascontiguousarray(rows[:, 1]).view(self.value_dtype)
+                yield cols
+        finally:
+            self.release()
+
+    def _sorted_records(self) -> Iterator[Any]:
+        try:
+            self._merge_runs_on_disk()
+            mem_records = self._run_records()
+            sources = [self._read_records(s) for s in self._runs]
+            sources.append(iter(mem_records))
+            yield from self._merge_records(sources)
         finally:
             self.release()
 
