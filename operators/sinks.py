@@ -4,7 +4,7 @@ Role: ``.collect()``, ``.print()``, ``.write_text(path)``. Each writes a whole
 batch with one call (``str.join`` over ``map(str, batch)``), not one call per
 record.
 
-Imports: runtime.task, runtime.errors, operators.stateless (batch helpers), stdlib.
+Imports: runtime.execution.task, runtime.errors, operators.stateless (batch helpers), stdlib.
 """
 
 from __future__ import annotations

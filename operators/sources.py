@@ -9,7 +9,7 @@ shipped only its share. A source that was not split and is opened as subtask
 ``poll_batch(max_records)`` never blocks or sleeps: it returns a batch, ``[]``
 when nothing is ready yet (rate limiting), or ``None`` once exhausted.
 
-Imports: runtime.task, stdlib, numpy.
+Imports: runtime.execution.task, stdlib, numpy.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Event time: a watermark ``W`` asserts that no record with a timestamp below
 a record whose windows all ended at or before ``W - allowed_lateness`` is
 dropped and counted in ``ctx.metrics["late_records_dropped"]``.
 
-Imports: runtime.task, operators.keyed, operators.stateless, stdlib.
+Imports: runtime.execution.task, operators.keyed, operators.stateless, stdlib.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The public facade: StreamEnvironment and DataStream, a fluent API in the spirit of Flink's DataStream.
 
 Imports: the one runtime module allowed to import ``operators``; also
-runtime.graph, runtime.config, runtime.errors and, lazily, the cluster
-(runtime.coordinator) that executes jobs.
+runtime.execution.graph, runtime.config, runtime.errors and, lazily, the cluster
+(runtime.cluster.client) that executes jobs.
 
 A program builds :class:`StreamNode` s through DataStream calls; ``execute()``
 turns them into a job graph (chaining forward edges; in batch mode putting a
@@ -106,7 +106,7 @@ class StreamEnvironment:
     def from_source(self, source: Any, *, name: str | None = None) -> DataStream:
         """A stream from your own source (Flink's ``env.from_source``): a ``SourceOperator`` whose
         ``poll_batch(max_records)`` returns a batch, ``[]`` while nothing is ready, or ``None`` at
-        its end (see ``runtime.task.SourceOperator``).
+        its end (see ``runtime.execution.task.SourceOperator``).
 
         With ``split(parallelism)`` (a list of ``parallelism`` sources) every worker polls its own
         share; without, the source runs once, on worker 0, and the next shuffle spreads its records.
@@ -180,12 +180,14 @@ def _insert_combiners(nodes: list[StreamNode], keyed_ids: list[int]) -> list[Str
             continue
         (up, part, key_fn), = agg_node.inputs
         upstream = out[up]
-        combine = StreamNode(id=len(out), name=f"combine({agg_node.name})",
-                             operator=keyed.KeyedCombine(op.key_fn, op.aggregation),
+        combiner = keyed.KeyedCombine(op.key_fn, op.aggregation)
+        combiner.key_column = op.key_column
+        combine = StreamNode(id=len(out), name=f"combine({agg_node.name})", operator=combiner,
                              parallelism=upstream.parallelism, inputs=[(up, "forward", None)])
         out.append(combine)
         op.partial_input = True
         agg_node.inputs = [(combine.id, "hash", _operator.itemgetter(0))]
+        agg_node.columnar_key = "key"  # a managed combiner's columnar partials: {"key": ..., "acc": ...}
     return out
 
 
@@ -297,6 +299,7 @@ class KeyedStream(_Aggregations):
     def _aggregate(self, name: str, aggregation: Any) -> DataStream:
         env = self.stream.env
         op = keyed.KeyedAggregate(self.key_fn, aggregation)  # job_graph() sets the mode at execute time
+        op.key_column = self.columnar_key
         out = self.stream._then(name, op, partitioning="hash", key_fn=self.key_fn, columnar_key=self.columnar_key)
         env._keyed_aggs.append(out.node.id)
         return out

@@ -1,6 +1,6 @@
 """Keyed-aggregation micro-benchmark: generic vs vectorized combine + merge on W2 records, printed as JSON.
 
-Imports: operators.keyed, runtime.task (OperatorContext), runtime.bench.workloads (w2_rows), numpy, the
+Imports: operators.keyed, runtime.execution.task (OperatorContext), runtime.bench.workloads (w2_rows), numpy, the
 standard library. Run as ``python -m runtime.bench.keyed [--records N] [--repeats R] [--quick]``.
 Measures; never asserts on time.
 

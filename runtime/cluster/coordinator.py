@@ -1,6 +1,6 @@
 """The coordinator (Flink's JobManager + ResourceManager): owns the region, grants arenas, runs jobs.
 
-Imports: runtime.memory, runtime.control, runtime.graph, runtime.network
+Imports: runtime.memory, runtime.cluster.protocol, runtime.execution.graph, runtime.network
 (transport), runtime.errors. Never imports ``operators``.
 
 The coordinator alone creates, carves and unlinks the shared region. Each

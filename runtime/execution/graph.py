@@ -1,6 +1,6 @@
 """The logical job graph and its translation into vertices (operator chains) and edges.
 
-Imports: runtime.task, runtime.errors (stdlib otherwise). Knows nothing of
+Imports: runtime.execution.task, runtime.errors (stdlib otherwise). Knows nothing of
 the concrete operators: a node holds an operator *object* (shipped to workers
 pickled) and a few flags.
 

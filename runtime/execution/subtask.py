@@ -1,7 +1,7 @@
 """One parallel instance of a job vertex: its operator chain, its input gate, its outputs.
 
-Imports: runtime.task, runtime.graph, runtime.network, runtime.errors. Runs
-operators only through runtime.task's protocol (never imports ``operators``).
+Imports: runtime.execution (task, graph), runtime.network, runtime.errors. Runs
+operators only through runtime.execution.task's protocol (never imports ``operators``).
 
 A subtask makes progress in small :meth:`Subtask.step` s that the worker's
 loop interleaves: one source batch, or the buffers that arrived on its gate.
