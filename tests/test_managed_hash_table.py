@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.errors import InvalidSizeError, SpillError
+from runtime.errors import InvalidSizeError, OutOfMemoryError, SpillError
 from runtime.io import IOManager
-from runtime.managed import FixedHashTable, HashAggregator, ManagedShare, SerializedHashTable, mix64, unmix64
+from runtime.managed import FixedHashTable, HashAggregator, ManagedShare, SerializedHashTable, mix64, spilling, unmix64
 from runtime.memory import SharedRegion
 from runtime.memory.manager import MemoryManager
 
@@ -271,7 +271,47 @@ def test_200k_distinct_strings_in_a_1_mib_share_spill_and_equal_a_counter(tmp_pa
     assert got == Counter(words)
 
 
+@pytest.mark.parametrize(("key_type", "n", "pages"), [("int64", 60_000, 5), ("object", 12_000, 7)])
+def test_a_forced_deep_spill_writes_one_file_per_depth_and_leaves_none(tmp_path, key_type, n, pages):
+    rng = np.random.default_rng(13)
+    ints = rng.integers(0, n // 2, n)
+    keys = ints if key_type == "int64" else [f"k{k}" for k in ints.tolist()]
+    with managed(tmp_path) as (mm, io):
+        with HashAggregator(mm, "deep", pages * PAGE, io, key_type=key_type) as agg:
+            for i in range(0, n, 5_000):
+                agg.add_batch(keys[i:i + 5_000])
+            res = list(agg.results())
+            stats = agg.statistics()
+        files_created = io.stats().files_created
+    got = {k: v[0] for k, v in collect_columns(res, ["count"]).items()} if key_type == "int64" else collect_pairs(res)
+    assert got == Counter(ints.tolist() if key_type == "int64" else keys)
+    assert stats.max_level >= 3 and stats.spill_passes > 500  # hundreds of partitions went to disk and back
+    assert files_created == stats.spill_files <= stats.max_level + 1
+
+
+def test_a_depth_whose_file_is_large_starts_a_new_one_and_leaves_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(spilling, "SPILL_FILE_REUSE_BYTES", 1)  # every level that spilled deletes its file
+    keys = np.random.default_rng(17).integers(0, 20_000, 40_000)
+    with managed(tmp_path) as (mm, io), HashAggregator(mm, "deep", 5 * PAGE, io) as agg:
+        agg.add_batch(keys)
+        got = {k: v[0] for k, v in collect_columns(agg.results(), ["count"]).items()}
+        stats = agg.statistics()
+    assert got == Counter(keys.tolist())
+    assert stats.max_level >= 2 and stats.spill_files > stats.max_level + 1
+
+
 # --------------------------------------------------------------- errors
+def test_share_allocate_pages_takes_all_or_none_and_names_the_key(tmp_path):
+    with managed(tmp_path) as (mm, io):
+        share = ManagedShare(mm, "s", 3 * PAGE)
+        assert len(share.allocate_pages(2)) == 2 and share.used_bytes == 2 * PAGE
+        with pytest.raises(OutOfMemoryError, match=r"^cannot allocate 2 pages \(8 KiB\) for 's': 4 KiB of its share "
+                           r"of 12 KiB left; raise memory\.managed\.fraction$"):
+            share.allocate_pages(2)
+        assert share.used_bytes == 2 * PAGE and mm.used_bytes == 2 * PAGE
+        share.release_all()
+
+
 def test_a_share_too_small_names_the_minimum_and_the_config_key(tmp_path):
     with (
         managed(tmp_path) as (mm, io),

@@ -10,10 +10,11 @@ Imports: runtime.memory, runtime.io, runtime.errors (numpy and stdlib otherwise)
   inverse over numpy ``uint64`` arrays. The finalizer is a bijection, so the
   fixed-width table stores the hash instead of the key and inverts it on the
   way out; partitions take the top bits, table slots the low bits.
-- :class:`SpillStream` appends bytes to one spill file through a staging page
-  (one or more blocks per call) and reads them back block by block. Every
-  ``SpillError`` crossing this boundary is re-raised naming ``io.tmp-dirs``
-  and the path.
+- :class:`PartitionedSpill` appends the byte streams of several partitions to
+  one spill file through a staging page (blocks tagged by their partition) and
+  reads one partition back block by block; :class:`SpillStream` is its
+  one-stream form (a sorted run). Every ``SpillError`` crossing this boundary
+  is re-raised naming ``io.tmp-dirs`` and the path.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "IndexArray",
     "ManagedShare",
     "NumArray",
+    "PartitionedSpill",
     "SpillCounters",
     "SpillStream",
     "U64Array",
@@ -132,7 +134,9 @@ class ManagedShare:
     Blocks (``try_allocate``, a power of two from the buddy allocator, counted
     at their rounded size) and pages (``try_allocate_page``) are taken lazily;
     both return ``None`` when the share, the budget or the arena has no room:
-    the caller spills, it never fails for lack of memory.
+    the caller spills, it never fails for lack of memory. The few pages a
+    structure cannot work without (staging pages for spill I/O) come from
+    :meth:`allocate_pages`, which raises instead.
 
     Ownership: the share allocates every segment through ``memory`` on behalf
     of ``owner`` and frees it in :meth:`release` or :meth:`release_all`. The
@@ -181,7 +185,7 @@ class ManagedShare:
             seg = self.memory.allocate(self.owner, nbytes)
         except OutOfMemoryError:
             return None
-        return self._take(seg)
+        return self._hold(seg)
 
     def try_allocate_page(self) -> MemorySegment | None:
         """One page of ``page_size`` bytes, or None (see :meth:`try_allocate`)."""
@@ -191,9 +195,41 @@ class ManagedShare:
             (seg,) = self.memory.allocate_pages(self.owner, 1)
         except OutOfMemoryError:
             return None
-        return self._take(seg)
+        return self._hold(seg)
 
-    def _take(self, seg: MemorySegment) -> MemorySegment:
+    def allocate_pages(self, n: int) -> list[MemorySegment]:
+        """Take ``n`` pages of ``page_size`` bytes now, all of them or none: pages the caller cannot work without.
+
+        Unlike :meth:`try_allocate_page`, running out is an error: use it for
+        what a structure needs before it can make progress at all (the
+        staging pages of spill I/O), not for what it could spill instead.
+        Ownership: the caller holds each page until it passes it to
+        :meth:`release`; :meth:`release_all` takes them back in any case.
+        Process: the worker owning the arena. Not thread-safe.
+
+        Raises:
+            TypeError: ``n`` is not an int.
+            InvalidSizeError: ``n`` < 0.
+            OutOfMemoryError: the share (or the manager's budget or arena) has
+                no room for ``n`` more pages; names the owner, the request, what
+                is left and ``memory.managed.fraction``. Nothing stays allocated.
+        """
+        if not isinstance(n, int) or isinstance(n, bool):
+            msg = f"n must be an int; got {type(n).__name__}"
+            raise TypeError(msg)
+        if n < 0:
+            msg = f"number of pages must be >= 0; got {n}"
+            raise InvalidSizeError(msg)
+        nbytes = n * self.page_size
+        if self._used + nbytes > self.share_bytes:
+            msg = (f"cannot allocate {n} page{'s' if n != 1 else ''} ({format_bytes(nbytes)}) for {self.owner!r}: "
+                   f"{format_bytes(self.available_bytes)} of its share of {format_bytes(self.share_bytes)} left; "
+                   f"raise {SHARE_KEY}")
+            raise OutOfMemoryError(msg)
+        return [self._hold(seg) for seg in self.memory.allocate_pages(self.owner, n)]
+
+    def _hold(self, seg: MemorySegment) -> MemorySegment:
+        """Count a segment just allocated for this share as held (the one place ``_used`` grows)."""
         self._held[seg] = None
         self._used += seg.size
         if self._used > self._peak:
@@ -256,19 +292,25 @@ class SpillCounters:
     blocks_read: int = 0
 
 
-class SpillStream:
-    """A byte stream in one spill file: :meth:`write` appends, :meth:`read_blocks` reads it back.
+class PartitionedSpill:
+    """One spill file holding the byte streams of several partitions; every block is tagged by its partition.
 
-    ``write`` copies its bytes into the staging page ``stage`` and writes one
-    block per page-full, synchronously; nothing stays pending between calls,
-    so several streams may share one staging page. ``read_blocks`` reads each
-    block into ``stage`` and yields a copy of its bytes.
+    :meth:`write` appends bytes to partition ``part``'s stream, one block per
+    staging page-full, synchronously; nothing stays pending between calls,
+    so several writers may share one staging page. Blocks of different
+    partitions interleave in the file; the per-partition lists of
+    :class:`BlockRef` keep them apart, and :meth:`read_blocks` reads one
+    partition back in write order (each block into ``stage``, then copied out).
+    The file is created by the first write: a level that never spills makes
+    none. Bytes of a partition that was read back (:meth:`drop`) stay in the
+    file until :meth:`delete` (spill files are append-only); after
+    :meth:`clear` the file may take the partitions of a next user.
 
-    Ownership: the stream owns its spill file and deletes it in :meth:`delete`
+    Ownership: the object owns its spill file and deletes it in :meth:`delete`
     (the IOManager removes it on close otherwise). ``stage`` belongs to the
-    caller (a page of its share); the stream writes it, and the IOManager
-    holds it, only inside ``write`` / while advancing ``read_blocks``.
-    Process: the IOManager's process.
+    caller (a page of its share); the IOManager holds it only inside
+    ``write`` / while advancing ``read_blocks``.
+    Process: the IOManager's process. Not thread-safe.
 
     Raises:
         SpillError: the file cannot be created, written or read; the message
@@ -276,31 +318,59 @@ class SpillStream:
     """
 
     def __init__(self, io: IOManager, hint: str, counters: SpillCounters) -> None:
+        self._io = io
+        self._hint = hint
+        self._counters = counters
+        self._file: SpillFile | None = None
+        self._deleted = False
+        self.path = ""  # set when the file is created
+        self.blocks: dict[int, list[BlockRef]] = {}  # partition -> its blocks, in write order
+        self.nbytes = 0  # bytes written to the file, live or not
+
+    def create(self) -> SpillFile:
+        """The spill file, created on the first call."""
+        if self._file is not None:
+            return self._file
+        if self._deleted:
+            err = spill_error("write to a deleted", self.path or self._hint,
+                              RuntimeError("the spill was deleted"))
+            raise err
+        io = self._io
         try:
-            self._file: SpillFile | None = io.create_spill_file(hint)
+            self._file = f = io.create_spill_file(self._hint)
         except SpillError as exc:
             err = spill_error("create a", getattr(exc, "path", io.directory), exc)
             raise err from exc
-        self.path = self._file.path
-        self.blocks: list[BlockRef] = []
-        self.nbytes = 0
-        self._counters = counters
-        counters.spill_files += 1
+        self.path = f.path
+        self._counters.spill_files += 1
+        return f
 
-    def write(self, data: Buffer, stage: MemorySegment) -> None:
-        """Append ``data`` as one block per staging page-full."""
-        f = self._file
-        if f is None:
-            err = spill_error("write to a deleted", self.path, RuntimeError("the stream was deleted"))
-            raise err
+    def __contains__(self, part: int) -> bool:
+        return part in self.blocks
+
+    def parts(self) -> list[int]:
+        """Partitions with a stream here (possibly empty), ascending."""
+        return sorted(self.blocks)
+
+    def open_part(self, part: int) -> None:
+        """Start partition ``part``'s stream (empty) if it has none."""
+        self.blocks.setdefault(part, [])
+
+    def write(self, part: int, data: Buffer, stage: MemorySegment) -> None:
+        """Append ``data`` to partition ``part``'s stream as one block per staging page-full."""
         mv = (data.data if isinstance(data, np.ndarray) else memoryview(data)).cast("B")
+        n = len(mv)
+        refs = self.blocks.setdefault(part, [])
+        if not n:
+            return
+        f = self.create()
         size = stage.size
-        pos, n = 0, len(mv)
+        pos = 0
         while pos < n:
             take = min(size, n - pos)
             stage.put_bytes(0, mv[pos:pos + take])
             try:
-                self.blocks.append(f.write(stage, take))
+                refs.append(f.write(stage, take))
             except SpillError as exc:
                 err = spill_error("write to", self.path, exc)
                 raise err from exc
@@ -309,13 +379,16 @@ class SpillStream:
         self._counters.spilled_bytes += n
         self._counters.blocks_written += -(-n // size)
 
-    def read_blocks(self, stage: MemorySegment) -> Iterator[bytes]:
-        """Each block, in write order, as bytes (read into ``stage``, then copied out)."""
-        f = self._file
-        if f is None:
-            err = spill_error("read a deleted", self.path, RuntimeError("the stream was deleted"))
+    def read_blocks(self, part: int, stage: MemorySegment) -> Iterator[bytes]:
+        """Each block of partition ``part``, in write order, as bytes (read into ``stage``, then copied out)."""
+        if self._deleted:
+            err = spill_error("read a deleted", self.path or self._hint, RuntimeError("the spill was deleted"))
             raise err
-        for ref in self.blocks:
+        refs = self.blocks.get(part, [])
+        f = self._file
+        if not refs or f is None:
+            return
+        for ref in refs:
             try:
                 f.read(ref, stage)
             except SpillError as exc:
@@ -324,8 +397,56 @@ class SpillStream:
             self._counters.blocks_read += 1
             yield stage.get_bytes(0, ref.nbytes)
 
+    def drop(self, part: int) -> None:
+        """Forget partition ``part`` (after reading it back); its bytes stay in the file until :meth:`delete`."""
+        self.blocks.pop(part, None)
+
+    def clear(self) -> None:
+        """Forget every partition: the file stays, and later writes append to it (its old bytes are dead)."""
+        self.blocks.clear()
+
     def delete(self) -> None:
         """Remove the file. Idempotent; never raises for a file that is already gone."""
         f, self._file = self._file, None
+        self._deleted = True
+        self.blocks.clear()
         if f is not None:
             f.delete()
+
+
+class SpillStream:
+    """A byte stream in a spill file of its own: :meth:`write` appends, :meth:`read_blocks` reads it back.
+
+    A :class:`PartitionedSpill` with a single partition, created at once (a
+    sorted run always has bytes to write).
+
+    Ownership: the stream owns its spill file and deletes it in :meth:`delete`
+    (the IOManager removes it on close otherwise). ``stage`` belongs to the
+    caller (see :class:`PartitionedSpill`).
+    Process: the IOManager's process. Not thread-safe.
+
+    Raises:
+        SpillError: the file cannot be created, written or read; the message
+            names the path and ``io.tmp-dirs``.
+    """
+
+    def __init__(self, io: IOManager, hint: str, counters: SpillCounters) -> None:
+        self._spill = PartitionedSpill(io, hint, counters)
+        self.path = self._spill.create().path
+        self._spill.open_part(0)
+
+    @property
+    def nbytes(self) -> int:
+        return self._spill.nbytes
+
+    def write(self, data: Buffer, stage: MemorySegment) -> None:
+        """Append ``data`` as one block per staging page-full."""
+        self._spill.write(0, data, stage)
+
+    def read_blocks(self, stage: MemorySegment) -> Iterator[bytes]:
+        """Each block, in write order, as bytes (read into ``stage``, then copied out)."""
+        return self._spill.read_blocks(0, stage)
+
+    def delete(self) -> None:
+        """Remove the file. Idempotent; never raises for a file that is already gone."""
+        self._spill.delete()
