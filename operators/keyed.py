@@ -136,7 +136,8 @@ class KeyedAggregate(Operator):
             self._managed.add(batch, partials=self.partial_input)
             return
         if self.partial_input and isinstance(batch, dict):  # columnar partials of a managed combiner
-            batch = list(zip(batch["key"].tolist(), batch.get("acc", batch.get("column_acc")).tolist()))
+            accs = batch["acc"] if "acc" in batch else batch["column_acc"]
+            batch = list(zip(batch["key"].tolist(), accs.tolist()))
         records = to_records(batch)
         agg = self.aggregation
         streaming = self.mode != "batch"  # None (not opened) behaves as streaming

@@ -38,7 +38,7 @@ operators.stateless (to_records), numpy.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -92,9 +92,9 @@ class ManagedKeyedState:
         self.combine = combine
         self.key_fn = key_fn
         self.key_column = key_column
-        self.kind = _KINDS.get(type(aggregation))
+        self.kind = _KINDS.get(type(aggregation), "")  # "" for aggregations the fixed form cannot take
         self.field = getattr(aggregation, "field", None)
-        self.form = "fixed" if self.kind is not None and (self.kind == "count" or self.field is None
+        self.form = "fixed" if self.kind and (self.kind == "count" or self.field is None
                                                           or isinstance(self.field, str)) else "object"
         self.value_column: str | None = None  # fixed form over columnar batches
         self.columnar = False  # the input is columnar (results are too)
@@ -154,7 +154,7 @@ class ManagedKeyedState:
                 raise _Unfit  # pairs from a combiner that left the fixed form
             keys = _int_column(batch["key"])
             values = self._values(batch[COLUMNAR_ACC if COLUMNAR_ACC in batch else "acc"])
-            return self._emitted(self._table().add_partials({"key": keys, self.kind: values}))  # type: ignore[dict-item]
+            return self._emitted(self._table().add_partials({"key": keys, self.kind: values}))
         if isinstance(batch, dict):
             if self.key_column not in batch or (self.kind != "count"
                                                 and set(batch) != {self.key_column, self.value_column}):
@@ -248,7 +248,8 @@ class ManagedKeyedState:
         if old is not None:
             try:
                 for part in old.results():
-                    pairs.extend(zip(part["key"].tolist(), part[self.kind].tolist()))  # type: ignore[index]
+                    cols = _columns(part)
+                    pairs.extend(zip(cols["key"].tolist(), cols[self.kind].tolist()))
             finally:
                 self._count(old)
                 old.release()
@@ -275,8 +276,8 @@ class ManagedKeyedState:
         if self.form == "fixed":
             try:
                 if isinstance(batch, dict):
-                    keys = _int_column(batch.get(self.key_column)) if self.key_column in batch else None
-                    raw = None if self.kind == "count" else batch.get(self.value_column or "")
+                    keys = _int_column(batch[self.key_column]) if self.key_column in batch else None
+                    raw: Any = None if self.kind == "count" else batch.get(self.value_column or "")
                 else:
                     raw_keys = batch if self.key_fn is None else list(map(self.key_fn, batch))
                     if set(map(type, raw_keys)) - {int}:
@@ -299,7 +300,8 @@ class ManagedKeyedState:
     def _partials(self, part: Any) -> Batch:
         if self.form == "object":
             return part if isinstance(part, list) else list(part)
-        return {"key": part["key"], COLUMNAR_ACC if self.columnar else "acc": part[self.kind]}
+        cols = _columns(part)
+        return {"key": cols["key"], COLUMNAR_ACC if self.columnar else "acc": cols[self.kind]}
 
     def results(self) -> Iterator[Batch]:
         """The final records (or a combiner's remaining partials), in batches; releases the state."""
@@ -312,11 +314,13 @@ class ManagedKeyedState:
                     yield self._partials(part)
                 elif self.form == "object":
                     result = self.aggregation.result
-                    yield [result(k, a) for k, a in part]
+                    yield [result(k, a) for k, a in cast(list[tuple[Any, Any]], part)]
                 elif self.columnar:
-                    yield {self.key_column: part["key"], (self.value_column or "count"): part[self.kind]}
+                    cols = _columns(part)
+                    yield {self.key_column or "key": cols["key"], (self.value_column or "count"): cols[self.kind]}
                 else:
-                    yield list(zip(part["key"].tolist(), part[self.kind].tolist()))
+                    cols = _columns(part)
+                    yield list(zip(cols["key"].tolist(), cols[self.kind].tolist()))
         finally:
             self._count(agg)
             agg.release()
@@ -343,6 +347,11 @@ class ManagedKeyedState:
 #: Python's hash(k) differs from k for k == -1 and |k| >= 2**61 - 1; a columnar partial is partitioned by
 #: k itself and a row partial by hash(k), so the fixed form keeps only keys for which the two agree.
 _HASH_MODULUS = (1 << 61) - 1
+
+
+def _columns(part: Any) -> dict[str, np.ndarray]:
+    """A fixed-form result batch: ``{"key": ..., <aggregation kind>: ...}`` numpy columns."""
+    return cast(dict[str, np.ndarray], part)
 
 
 def _rows_in(batch: Any) -> int:
