@@ -12,6 +12,7 @@ import os
 import re
 from collections import Counter
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -169,15 +170,47 @@ def test_serialized_table_reduce_round_trips_tuples(tmp_path_factory, keys, data
     assert got == want
 
 
+@SETTINGS
+@given(keys=st.lists(st.sampled_from(["a", "é", "a" * 31, "a" * 32, "a" * 255, "a" * 256, "a" * 70_000, b"a", 1, 1.0,
+                                      True, -0.0, 0.0, (1, "a"), None]), max_size=300),
+       batch=st.integers(1, 100))
+def test_serialized_keys_are_equal_exactly_when_their_msgpack_bytes_are(tmp_path_factory, keys, batch):
+    # One msgpack call per batch for ASCII str keys, one per key otherwise: the same bytes, the same groups.
+    packb = msgpack.Packer(use_bin_type=True).pack
+    with managed(tmp_path_factory.mktemp("io")) as (mm, _):
+        table = SerializedHashTable(ManagedShare(mm, "ser", 2 * MiB), ["count"])
+        for i in range(0, len(keys), batch):
+            assert table.insert_batch(keys[i:i + batch]) is None
+        got = Counter()
+        for k, n in (pair for b in table.drain() for pair in b):
+            assert packb(k) not in got
+            got[packb(k)] = n
+    assert got == Counter(map(packb, keys))
+
+
 def test_serialized_keys_compare_by_their_bytes_even_on_fingerprint_collisions(tmp_path, monkeypatch):
     import runtime.managed.serialized_table as ser
 
-    monkeypatch.setattr(ser, "fingerprints", lambda packed: np.full(len(packed), 7, np.uint64))
+    monkeypatch.setattr(ser, "fingerprints", lambda buf, offs, lens: np.full(len(lens), 7, np.uint64))
     with managed(tmp_path) as (mm, _):
         table = SerializedHashTable(ManagedShare(mm, "collide", 256 * KiB), ["count"])
         words = ["a", "b", "a", "c", "b", "a"] * 20
         for i in range(0, len(words), 5):
             table.insert_batch(words[i:i + 5])
+        assert collect_pairs(table.drain()) == Counter(words)
+
+
+def test_serialized_table_finds_every_key_after_rehashes_that_wrap_around(tmp_path, monkeypatch):
+    import runtime.managed.serialized_table as ser
+
+    # every fingerprint homes in the last four slots: each probe and each rehash runs past the end
+    monkeypatch.setattr(ser, "fingerprints", lambda buf, offs, lens: ~(lens.astype(np.uint64) % np.uint64(4)))
+    words = [f"w{i % 700}" for i in range(3000)]
+    with managed(tmp_path) as (mm, _):
+        table = SerializedHashTable(ManagedShare(mm, "wrap", 64 * KiB), ["count"])
+        for i in range(0, len(words), 250):
+            assert table.insert_batch(words[i:i + 250]) is None
+        assert table.capacity > 64 and len(table) == 700
         assert collect_pairs(table.drain()) == Counter(words)
 
 
