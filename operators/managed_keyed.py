@@ -37,6 +37,7 @@ operators.stateless (to_records), numpy.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -94,8 +95,10 @@ class ManagedKeyedState:
         self.key_column = key_column
         self.kind = _KINDS.get(type(aggregation), "")  # "" for aggregations the fixed form cannot take
         self.field = getattr(aggregation, "field", None)
-        self.form = "fixed" if self.kind and (self.kind == "count" or self.field is None
-                                                          or isinstance(self.field, str)) else "object"
+        # sum/min/max(1) of (key, value) tuples keyed by their key: the result (key, acc) needs no first record
+        self.pairs = self.kind in ("sum", "min", "max") and self.field == 1
+        self.form = "fixed" if self.kind and (self.kind == "count" or self.field is None or self.pairs
+                                              or isinstance(self.field, str)) else "object"
         self.value_column: str | None = None  # fixed form over columnar batches
         self.columnar = False  # the input is columnar (results are too)
         self._agg: HashAggregator | None = None
@@ -171,13 +174,27 @@ class ManagedKeyedState:
                 keys = _int_keys(np.fromiter(raw_keys, np.int64, len(raw_keys)))
             except OverflowError:
                 raise _Unfit from None
-            raw = None if self.kind == "count" else batch
+            raw = None if self.kind == "count" else self._row_values(batch, raw_keys)
         if raw is None:
             if self._dtype is None:
                 self._dtype = "int64"
             return self._emitted(self._table().add_batch(keys))
         values = self._values(raw)  # first: it fixes the value type the table is made for
         return self._emitted(self._table().add_batch(keys, values))
+
+    def _row_values(self, records: list[Any], keys: list[Any]) -> list[Any]:
+        """What a fixed-form aggregation of rows adds up: the records themselves (plain numbers), or the
+        values of ``(key, value)`` tuples keyed by their first item (``key_by(lambda r: r[0]).sum(1)``)."""
+        if not self.pairs:
+            return records
+        if (set(map(type, records)) != {tuple} or set(map(len, records)) != {2}
+                or list(map(_first_item, records)) != keys):
+            raise _Unfit
+        return list(map(_second_item, records))
+
+    def _object_acc(self, key: Any, acc: Any) -> Any:
+        """A fixed-form accumulator as the object form's (a field aggregation's ``[value, first record]``)."""
+        return [acc, (key, acc)] if self.pairs else acc
 
     def _values(self, raw: Any) -> np.ndarray:
         """The fixed form's values: all int or all float, the same type in every batch."""
@@ -216,7 +233,7 @@ class ManagedKeyedState:
     def _add_object(self, batch: Batch, partials: bool) -> list[Batch]:
         agg = self._table()
         if partials:
-            return self._emitted(agg.add_partials(_pairs(batch)))
+            return self._emitted(agg.add_partials(self._pairs(batch)))
         records = to_records(batch)
         keys = records if self.key_fn is None else list(map(self.key_fn, records))
         if self.kind == "count":
@@ -249,7 +266,8 @@ class ManagedKeyedState:
             try:
                 for part in old.results():
                     cols = _columns(part)
-                    pairs.extend(zip(cols["key"].tolist(), cols[self.kind].tolist()))
+                    pairs.extend((k, self._object_acc(k, a)) for k, a in zip(cols["key"].tolist(),
+                                                                            cols[self.kind].tolist()))
             finally:
                 self._count(old)
                 old.release()
@@ -283,7 +301,7 @@ class ManagedKeyedState:
                     if set(map(type, raw_keys)) - {int}:
                         raise _Unfit
                     keys = _int_keys(np.fromiter(raw_keys, np.int64, len(raw_keys)))
-                    raw = None if self.kind == "count" else batch
+                    raw = None if self.kind == "count" else self._row_values(batch, raw_keys)
                 if keys is None or (raw is None and self.kind != "count"):
                     raise _Unfit
                 values = np.ones(len(keys), np.int64) if raw is None else self._values(raw)
@@ -296,6 +314,13 @@ class ManagedKeyedState:
             return [(k, 1) for k in keys_list]
         create = self.aggregation.create
         return list(zip(keys_list, map(create, records)))
+
+    def _pairs(self, batch: Batch) -> list[Any]:
+        """Partials as ``(key, acc)`` pairs of the object form (a fixed-form combiner's are columns)."""
+        if isinstance(batch, dict):
+            accs = batch[COLUMNAR_ACC if COLUMNAR_ACC in batch else "acc"].tolist()
+            return [(k, self._object_acc(k, a)) for k, a in zip(batch["key"].tolist(), accs)]
+        return batch
 
     def _partials(self, part: Any) -> Batch:
         if self.form == "object":
@@ -372,8 +397,6 @@ def _int_column(column: Any) -> np.ndarray:
     return _int_keys(column.astype(np.int64, copy=False))
 
 
-def _pairs(batch: Batch) -> list[Any]:
-    if isinstance(batch, dict):  # columnar partials of a fixed-form combiner
-        return list(zip(batch["key"].tolist(), batch[COLUMNAR_ACC if COLUMNAR_ACC in batch else "acc"].tolist()))
-    return batch
+_first_item = operator.itemgetter(0)
+_second_item = operator.itemgetter(1)
 

@@ -109,3 +109,17 @@ def test_an_unwritable_spill_directory_fails_the_job_naming_io_tmp_dirs(tmp_path
         env.execute("unwritable-spill")
     assert str(blocked) in str(failure.value)
     assert not blocked.exists()
+
+
+def test_key_value_pairs_sum_in_numpy_columns_and_hand_over_when_a_record_breaks_the_shape():
+    records = [(i % 1000, i % 7) for i in range(30_000)]
+    records[20_000] = (5, 3, "a third field")  # from here on the object form, with the state handed over
+    env = StreamEnvironment(workers=2, config={"memory.managed.size": "2mb"})
+    out = env.from_collection(records).key_by(lambda r: r[0]).sum(1).collect()
+    env.execute("pairs-then-triples")
+    sums: dict[int, int] = {}
+    for r in records:
+        sums[r[0]] = sums.get(r[0], 0) + r[1]
+    got = out.values()
+    assert {r[0]: r[1] for r in got} == sums and len(got) == len(sums)
+    assert all(type(r) is tuple for r in got)
