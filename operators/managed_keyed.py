@@ -55,6 +55,9 @@ _INT_LIMIT = 1 << 62  # int sums leave the fixed form before any accumulator cou
 #: The accumulator column of a fixed-form combiner's partials when its input was columnar (else "acc"):
 #: the final aggregation then emits columnar results too.
 COLUMNAR_ACC = "column_acc"
+#: The object form merges repeats in a staging dict of at most this many keys (a few MiB of heap, bounded)
+#: before they reach the managed table: one table insert serves every repeat of a hot key in the window.
+STAGING_KEYS = 1 << 16
 #: A combiner whose emit holds more than this share of the records it took in stops combining (see add).
 PASSTHROUGH_RATIO = 0.8
 
@@ -109,6 +112,7 @@ class ManagedKeyedState:
         # only costs: once an emit shows that, it forwards records as partials without a table.
         self._records_in = 0
         self._passthrough = False
+        self._staging: dict[Any, Any] = aggregation.new_state()  # the object form's staging dict (_add_object)
         self.metrics: dict[str, int] = {"spilled_bytes": 0, "spill_files": 0, "spill_passes": 0,
                                         "managed_peak_bytes": 0}
 
@@ -138,6 +142,9 @@ class ManagedKeyedState:
             self.form = "object"  # pairs come from a combiner in the object form
             return
         self.columnar = isinstance(batch, dict)
+        if not self.columnar and batch and self.key_fn is not None and type(self.key_fn(batch[0])) is not int:  # type: ignore[index]
+            self.form = "object"  # the fixed form takes int keys only: do not build this batch's keys twice
+            return
         if not self.columnar:
             if isinstance(self.field, str) and self.kind != "count":
                 self.form = "object"  # a dict record's field: results are whole records
@@ -231,15 +238,20 @@ class ManagedKeyedState:
         return values
 
     def _add_object(self, batch: Batch, partials: bool) -> list[Batch]:
-        agg = self._table()
+        """The object form: a bounded staging dict (the aggregation's own heap loops) in front of the table.
+
+        Repeats of a key within the staging window merge in the dict (``Counter``'s C loop for a count);
+        once it holds STAGING_KEYS keys it moves, whole, into the managed table. A state that never
+        outgrows the staging dict never touches the table (W3's 50,000 words).
+        """
+        staging, agg = self._staging, self.aggregation
         if partials:
-            return self._emitted(agg.add_partials(self._pairs(batch)))
-        records = to_records(batch)
-        keys = records if self.key_fn is None else list(map(self.key_fn, records))
-        if self.kind == "count":
-            return self._emitted(agg.add_batch(keys))
-        create = self.aggregation.create
-        return self._emitted(agg.add_batch(keys, [create(r) for r in records]))
+            agg.merge_partials(staging, self._pairs(batch))
+        else:
+            records = to_records(batch)
+            keys = iter(records) if self.key_fn is None else map(self.key_fn, records)  # no list: C loops
+            agg.fold(staging, keys, records)
+        return self._flush_staging() if len(staging) >= STAGING_KEYS else []
 
     def _table(self) -> HashAggregator:
         if self._agg is None:
@@ -328,8 +340,22 @@ class ManagedKeyedState:
         cols = _columns(part)
         return {"key": cols["key"], COLUMNAR_ACC if self.columnar else "acc": cols[self.kind]}
 
+    def _flush_staging(self) -> list[Batch]:
+        """Move the staging dict into the managed table (a combiner emits what no longer fits there)."""
+        pairs = _as_partials(self._staging)
+        self._staging = self.aggregation.new_state()
+        return self._emitted(self._table().add_partials(pairs)) if pairs else []
+
     def results(self) -> Iterator[Batch]:
         """The final records (or a combiner's remaining partials), in batches; releases the state."""
+        if self._staging:
+            if self._agg is None or self.combine:  # the table holds nothing of these keys: skip the round trip
+                staging, self._staging = self._staging, self.aggregation.new_state()
+                out = _as_partials(staging) if self.combine else self.aggregation.results(staging)
+                for i in range(0, len(out), STAGING_KEYS):
+                    yield out[i:i + STAGING_KEYS]
+            else:
+                self._flush_staging()  # a final aggregation's table may hold the same keys: merge there
         agg, self._agg = self._agg, None
         if agg is None:
             return
@@ -363,6 +389,7 @@ class ManagedKeyedState:
 
     def release(self) -> None:
         """Give every page back and delete every spill file (idempotent)."""
+        self._staging = self.aggregation.new_state()
         agg, self._agg = self._agg, None
         if agg is not None:
             self._count(agg)
@@ -395,6 +422,11 @@ def _int_column(column: Any) -> np.ndarray:
     if not isinstance(column, np.ndarray) or column.dtype.kind not in "iu" or column.dtype == np.uint64:
         raise _Unfit
     return _int_keys(column.astype(np.int64, copy=False))
+
+
+def _as_partials(state: dict[Any, Any]) -> list[tuple[Any, Any]]:
+    """A staging dict as ``(key, acc)`` partials; accumulators as tuples (msgpack keeps them on its C path)."""
+    return [(k, tuple(a)) if type(a) is list else (k, a) for k, a in state.items()]
 
 
 _first_item = operator.itemgetter(0)

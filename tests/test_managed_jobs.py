@@ -68,7 +68,7 @@ def test_a_count_over_many_times_its_managed_memory_spills_equals_counter_and_st
 
 
 def test_reduce_with_tuple_values_in_managed_memory_equals_python():
-    n, k = 60_000, 7_000
+    n, k = 500_000, 250_000  # more keys than the staging dict holds (operators.managed_keyed.STAGING_KEYS)
     records = [(f"k{(i * 31) % k}", (i % 13, i % 7)) for i in range(n)]
     env = StreamEnvironment(workers=2, config={"memory.managed.size": "2mb"})
     out = (env.from_collection(records).key_by(lambda r: r[0])
@@ -81,7 +81,7 @@ def test_reduce_with_tuple_values_in_managed_memory_equals_python():
     got = {r[0]: r[1] for r in out.values()}
     assert got == expected
     assert all(type(r) is tuple and type(r[1]) is tuple for r in out.values())
-    assert result.metrics["managed_peak_bytes"] > 0
+    assert result.metrics["managed_peak_bytes"] > 0 and result.metrics["spilled_bytes"] > 0
 
 
 def test_a_columnar_sum_by_int_key_stays_columnar_and_equals_numpy():
@@ -104,7 +104,7 @@ def test_a_columnar_sum_by_int_key_stays_columnar_and_equals_numpy():
 def test_an_unwritable_spill_directory_fails_the_job_naming_io_tmp_dirs(tmp_path):
     blocked = tmp_path / "no-such-dir" / "spill"
     env = StreamEnvironment(workers=2, config={"memory.managed.size": "2mb", "io.tmp-dirs": str(blocked)})
-    env.from_generator(lambda i: f"key-{i}", count=50_000).key_by(lambda w: w).count().collect()
+    env.from_generator(lambda i: f"key-{i}", count=300_000).key_by(lambda w: w).count().collect()
     with pytest.raises(JobFailedError, match=r"io\.tmp-dirs") as failure:
         env.execute("unwritable-spill")
     assert str(blocked) in str(failure.value)
