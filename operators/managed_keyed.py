@@ -58,6 +58,8 @@ COLUMNAR_ACC = "column_acc"
 #: The object form merges repeats in a staging dict of at most this many keys (a few MiB of heap, bounded)
 #: before they reach the managed table: one table insert serves every repeat of a hot key in the window.
 STAGING_KEYS = 1 << 16
+#: Fixed-form rows are handed to the table this many at a time (two columns of 8 bytes: 4 MiB of heap).
+FIXED_BATCH_ROWS = 1 << 18
 #: A combiner whose emit holds more than this share of the records it took in stops combining (see add).
 PASSTHROUGH_RATIO = 0.8
 
@@ -113,6 +115,9 @@ class ManagedKeyedState:
         self._records_in = 0
         self._passthrough = False
         self._staging: dict[Any, Any] = aggregation.new_state()  # the object form's staging dict (_add_object)
+        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # fixed-form rows not yet in the table
+        self._pending_rows = 0
+        self._pending_partials = False
         self.metrics: dict[str, int] = {"spilled_bytes": 0, "spill_files": 0, "spill_passes": 0,
                                         "managed_peak_bytes": 0}
 
@@ -164,7 +169,7 @@ class ManagedKeyedState:
                 raise _Unfit  # pairs from a combiner that left the fixed form
             keys = _int_column(batch["key"])
             values = self._values(batch[COLUMNAR_ACC if COLUMNAR_ACC in batch else "acc"])
-            return self._emitted(self._table().add_partials({"key": keys, self.kind: values}))
+            return self._pend(keys, values, partials=True)
         if isinstance(batch, dict):
             if self.key_column not in batch or (self.kind != "count"
                                                 and set(batch) != {self.key_column, self.value_column}):
@@ -185,8 +190,33 @@ class ManagedKeyedState:
         if raw is None:
             if self._dtype is None:
                 self._dtype = "int64"
-            return self._emitted(self._table().add_batch(keys))
+            return self._pend(keys, None, partials=False)
         values = self._values(raw)  # first: it fixes the value type the table is made for
+        return self._pend(keys, values, partials=False)
+
+    def _pend(self, keys: np.ndarray, values: np.ndarray | None, *, partials: bool) -> list[Batch]:
+        """Gather fixed-form rows into batches of FIXED_BATCH_ROWS: the table's cost is mostly per call."""
+        if partials != self._pending_partials and self._pending:
+            emitted = self._flush_pending()
+        else:
+            emitted = []
+        self._pending_partials = partials
+        self._pending.append((keys, values))
+        self._pending_rows += len(keys)
+        if self._pending_rows >= FIXED_BATCH_ROWS:
+            emitted += self._flush_pending()
+        return emitted
+
+    def _flush_pending(self) -> list[Batch]:
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        if not pending:
+            return []
+        keys = np.concatenate([k for k, _ in pending]) if len(pending) > 1 else pending[0][0]
+        if pending[0][1] is None:
+            return self._emitted(self._table().add_batch(keys))
+        values = np.concatenate([v for _, v in pending]) if len(pending) > 1 else pending[0][1]
+        if self._pending_partials:
+            return self._emitted(self._table().add_partials({"key": keys, self.kind: values}))
         return self._emitted(self._table().add_batch(keys, values))
 
     def _row_values(self, records: list[Any], keys: list[Any]) -> list[Any]:
@@ -273,6 +303,7 @@ class ManagedKeyedState:
     def _to_object_form(self) -> list[Batch]:
         """Leave the fixed form for good: its state moves to the object form as partials."""
         pairs: list[tuple[Any, Any]] = []
+        emitted = self._flush_pending()  # rows gathered for the fixed table go in first (a combiner may emit)
         old, self._agg = self._agg, None
         if old is not None:
             try:
@@ -285,7 +316,7 @@ class ManagedKeyedState:
                 old.release()
         self.form = "object"
         self.value_column = None
-        return self._emitted(self._table().add_partials(pairs)) if pairs else []
+        return emitted + (self._emitted(self._table().add_partials(pairs)) if pairs else [])
 
     # ----------------------------------------------------------------- output
     def _emitted(self, parts: list[Any]) -> list[Batch]:
@@ -348,6 +379,7 @@ class ManagedKeyedState:
 
     def results(self) -> Iterator[Batch]:
         """The final records (or a combiner's remaining partials), in batches; releases the state."""
+        yield from self._flush_pending()
         if self._staging:
             if self._agg is None or self.combine:  # the table holds nothing of these keys: skip the round trip
                 staging, self._staging = self._staging, self.aggregation.new_state()
@@ -390,6 +422,7 @@ class ManagedKeyedState:
     def release(self) -> None:
         """Give every page back and delete every spill file (idempotent)."""
         self._staging = self.aggregation.new_state()
+        self._pending, self._pending_rows = [], 0
         agg, self._agg = self._agg, None
         if agg is not None:
             self._count(agg)
