@@ -328,3 +328,42 @@ def test_print_and_to_file_sinks(tmp_path):
     parts = sorted((tmp_path / "out").iterdir())
     assert [p.name for p in parts] == ["part-0", "part-1"]
     assert [line for p in parts for line in p.read_text().splitlines()] == ["0", "10", "20", "30", "40", "50"]
+
+
+def _deep_record(depth: int, i: int) -> tuple:
+    """Record ``i``: ``(i, nested)``, ``nested`` holding ``depth`` lists and tuples in turn (MARKED frames)."""
+    rec: object = i
+    for level in range(depth):
+        rec = [rec] if level % 2 else (rec,)
+    return (i, rec)
+
+
+def _depths(batch: list) -> list:
+    out = []
+    for i, rec in batch:
+        depth = 0
+        while isinstance(rec, (list, tuple)):
+            depth, rec = depth + 1, rec[0]
+        out.append((i, depth, rec == i))
+    return out
+
+
+@pytest.mark.parametrize("depth", [100, 250, 450, 1000, 1023, 2000])
+def test_deeply_nested_records_cross_a_shuffle_or_fail_the_job_typed(depth):
+    # Each record nests depth + 1 levels (the (i, nested) tuple); 1,023 is serializer.MAX_NESTING.
+    import functools
+    env = StreamEnvironment(workers=2)
+    out = (env.from_generator(functools.partial(_deep_record, depth), count=40)
+           .key_by(lambda r: r[0] % 3).map_batches(_depths).collect())
+    if depth + 1 > 1023:
+        with pytest.raises(JobFailedError, match=r"(?s)NestingTooDeepError: cannot serialize: .*deeper than 1023 "
+                                                 r"levels.*serializer\.MAX_NESTING") as info:
+            env.execute("too-deep", timeout=60)
+        assert "exited with" not in str(info.value)
+    else:
+        env.execute("deep", timeout=60)
+        assert sorted(out.values()) == [(i, depth, True) for i in range(40)]
+    env = StreamEnvironment(workers=2)
+    again = env.from_collection(["ok"]).key_by(lambda w: w).count().collect()  # nothing is left broken
+    env.execute("after", timeout=60)
+    assert again.values() == [("ok", 1)]
