@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import signal
 import stat
 import subprocess
 import sys
+import time
 
+import failing_jobs
 import pytest
 import zmq
 from helpers import wait_until
@@ -113,3 +116,31 @@ def test_stopping_the_coordinator_stops_its_workers_and_unlinks_the_region(clust
     for worker in workers:  # told to shut down, the workers exit by themselves
         worker.wait(15)
         assert worker.returncode == 0
+
+
+def test_a_standing_cluster_keeps_every_worker_through_100_jobs_failing_at_random_moments(cluster):
+    # Each job fails in a user function on one worker (a source's first or a later poll, a map before the
+    # shuffle, the count after it); the healthy job after it must run on both workers. A worker left waiting
+    # for a peer that failed keeps heartbeating and ends its part of the job on Cancel.
+    endpoint, secret, coord, workers = cluster
+    _wait_for_workers(endpoint, secret)
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    slowest = 0.0
+    for i in range(100):
+        env = StreamEnvironment(workers=2, coordinator=endpoint, secret_file=str(secret))
+        where = failing_jobs.failing_job(env, rng)
+        start = time.monotonic()
+        with pytest.raises(JobFailedError, match="injected failure"):
+            env.execute(f"failing-{i}", timeout=60)
+            pytest.fail(f"seed {seed}, job {i}: did not fail ({where})")
+        env = StreamEnvironment(workers=2, coordinator=endpoint, secret_file=str(secret))
+        out = failing_jobs.healthy_job(env)
+        try:
+            env.execute(f"healthy-{i}", timeout=60)
+        except JobFailedError as exc:
+            pytest.fail(f"seed {seed}, job {i}: the healthy job after a failure ({where}) failed: {exc}")
+        assert dict(out.values()) == failing_jobs.HEALTHY, f"seed {seed}, job {i} ({where})"
+        slowest = max(slowest, time.monotonic() - start)
+    assert coord.poll() is None and all(w.poll() is None for w in workers)
+    assert slowest < 30, f"seed {seed}: a failed job and the healthy one after it took {slowest:.1f}s"

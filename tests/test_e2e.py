@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import signal
 import threading
 import time
 
+import failing_jobs
 import pytest
 from helpers import wait_until
 
@@ -367,3 +369,36 @@ def test_deeply_nested_records_cross_a_shuffle_or_fail_the_job_typed(depth):
     again = env.from_collection(["ok"]).key_by(lambda w: w).count().collect()  # nothing is left broken
     env.execute("after", timeout=60)
     assert again.values() == [("ok", 1)]
+
+
+@pytest.mark.slow
+def test_100_jobs_failing_at_random_moments_each_return_within_2s_and_the_next_job_runs(monkeypatch):
+    # The embedded twin of the standing cluster's loop (tests/test_cluster.py): a worker waiting for a peer
+    # that failed acts on the coordinator's Cancel and Shutdown at once, so execute() does not wait for it.
+    # Starting the worker processes is not counted: on a loaded 2-core machine that alone can take 1.5 s.
+    from runtime.cluster import local
+
+    started = []
+    start_cluster = local.LocalCluster.__init__
+
+    def timed_start(self, config):
+        t = time.monotonic()
+        start_cluster(self, config)
+        started.append(time.monotonic() - t)
+
+    monkeypatch.setattr(local.LocalCluster, "__init__", timed_start)
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    for i in range(100):
+        env = StreamEnvironment(workers=2)
+        where = failing_jobs.failing_job(env, rng)
+        start = time.monotonic()
+        with pytest.raises(JobFailedError, match="injected failure"):
+            env.execute(f"failing-{i}", timeout=60)
+            pytest.fail(f"seed {seed}, job {i}: did not fail ({where})")
+        took = time.monotonic() - start - started[-1]
+        assert took < 2, f"seed {seed}, job {i}: the failing job ({where}) took {took:.2f}s to return"
+        env = StreamEnvironment(workers=2)
+        out = failing_jobs.healthy_job(env)
+        env.execute(f"healthy-{i}", timeout=60)
+        assert dict(out.values()) == failing_jobs.HEALTHY, f"seed {seed}, job {i} ({where})"

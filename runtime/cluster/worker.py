@@ -75,6 +75,8 @@ class Worker:
         self._last_heartbeat = 0.0
         self._last_heard = time.monotonic()
         self.progress: Callable[[], dict[str, list[int]]] | None = None  # set by the running job
+        self._job: str | None = None  # the job being run (a Cancel for another one is stale)
+        self._shutdown = False  # a Shutdown arrived while a job ran: exit once it has been torn down
 
     # ------------------------------------------------------------------ control
     def send(self, message: Message) -> None:
@@ -103,11 +105,21 @@ class Worker:
         return self.sock
 
     def keep_alive(self, now: float) -> None:
+        """Heartbeat when due; raise JobCancelled if the running job was cancelled or the worker told to shut down.
+
+        Called by every wait of a job (see ``JobHost.keep_alive``), so cheap: one poll(0) of the control socket.
+        """
         self.heartbeat(now)
-        if self.sock.poll(0):
-            message = self.recv(0)
-            if isinstance(message, (Cancel, Shutdown)):
-                raise JobCancelled()
+        while self.sock.poll(0):
+            self._on_control(self.recv(0))
+
+    def _on_control(self, message: Message | None) -> None:
+        """A control message that arrived while a job runs: act on Cancel (of this job) and Shutdown."""
+        if isinstance(message, Shutdown):
+            self._shutdown = True
+            raise JobCancelled()
+        if isinstance(message, Cancel) and message.job == self._job:
+            raise JobCancelled()
 
     def wait_start(self, job_id: str) -> dict[str, list[str]]:
         while True:
@@ -115,8 +127,7 @@ class Worker:
             message = self.recv(HEARTBEAT_INTERVAL)
             if message is None:
                 continue
-            if isinstance(message, (Cancel, Shutdown)):
-                raise JobCancelled()
+            self._on_control(message)
             if isinstance(message, Start) and message.job == job_id:
                 return message.gates
 
@@ -172,6 +183,7 @@ class Worker:
             if isinstance(message, Shutdown):
                 return
             if isinstance(message, Deploy):
+                self._job = message.job
                 run = JobRun(self, message.job, message.graph, message.config)
                 del message  # the run holds the pickled graph until it has unpickled it
                 profile_dir = os.environ.get("SHMFLOW_INTERNAL_PROFILE")
@@ -181,6 +193,10 @@ class Worker:
                                     os.path.join(profile_dir, f"worker-{self.worker_id}-{run.job_id}.prof"))
                 else:
                     run.run()
+                self._job = None
+                del run
+                if self._shutdown:  # told to shut down while the job ran
+                    return
 
     def close(self) -> None:
         if self.memory is not None:
