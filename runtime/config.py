@@ -246,6 +246,10 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("network.transport", "transport", _choice, "auto",
             "must be one of 'auto', 'shm', 'tcp'", lambda v: v in ("auto", "shm", "tcp"),
             "data plane: shm (handles), tcp (bytes) or auto (shm on one host)", "choice"),
+    KeySpec("cluster.max-message-size", "max_message_size", _size, "256mb",
+            "must be a size >= 1 MiB", lambda v: v >= 1 << 20,
+            "largest control message a process accepts (ZMQ_MAXMSGSIZE): a job graph with its collections; "
+            "a peer sending more is disconnected", "size"),
     KeySpec("workers", "workers", _integer, 2,
             "must be an integer in [1, 256]", lambda v: 1 <= v <= 256,
             "number of worker processes", "int"),
@@ -351,6 +355,7 @@ class ShmflowConfig:
     buffer_timeout: float
     max_record_size: int
     transport: str
+    max_message_size: int
     workers: int
 
     def __init__(self, values: Mapping[str, object] | None = None, *, source: str = "code",

@@ -133,7 +133,8 @@ def test_defaults() -> None:
         "memory.network.min": 8 * MiB, "memory.network.max": GiB,
         "memory.managed.fraction": 0.4, "network.buffers-per-channel": 8,
         "network.floating-buffers-per-gate": 16, "network.buffer-timeout": 0.1,
-        "network.max-record-size": 64 * MiB, "network.transport": "auto", "workers": 2,
+        "network.max-record-size": 64 * MiB, "network.transport": "auto",
+        "cluster.max-message-size": 256 * MiB, "workers": 2,
     }
     assert all(cfg.source(spec.key) == "default" for spec in KEYS)
 

@@ -404,3 +404,12 @@ def test_100_jobs_failing_at_random_moments_each_return_within_2s_and_the_next_j
         out = failing_jobs.healthy_job(env)
         env.execute(f"healthy-{i}", timeout=60)
         assert dict(out.values()) == failing_jobs.HEALTHY, f"seed {seed}, job {i} ({where})"
+
+
+def test_a_job_graph_over_cluster_max_message_size_fails_before_it_is_sent_naming_the_key():
+    env = StreamEnvironment(workers=2, config={"cluster.max-message-size": "1mb"})
+    env.from_collection([("record", i) for i in range(600_000)]).key_by(lambda r: r[1] % 2).count().collect()
+    with pytest.raises(JobFailedError, match=(
+            r"^the graph of job 'big' for worker 0 is \d+\.\d MiB; cluster.max-message-size allows 1.0 MiB: "
+            r"raise it .*the embedded cluster ships each worker only its share")):
+        env.execute("big", timeout=60)

@@ -47,7 +47,8 @@ class LocalCluster:
         env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
         for wid in range(self.config.workers):
             proc = subprocess.Popen(
-                [sys.executable, "-m", "runtime.cluster.worker", str(wid), coord.endpoint, str(os.getpid())],
+                [sys.executable, "-m", "runtime.cluster.worker", str(wid), coord.endpoint, str(os.getpid()),
+                 str(self.config.max_message_size)],
                 stdin=subprocess.PIPE, env=env)
             assert proc.stdin is not None
             proc.stdin.write(coord.secret.hex().encode() + b"\n")  # the secret never shows in `ps`

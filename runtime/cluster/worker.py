@@ -63,11 +63,13 @@ class Worker:
     Process: the worker process, one thread.
     """
 
-    def __init__(self, worker_id: int, endpoint: str, secret: bytes) -> None:
+    def __init__(self, worker_id: int, endpoint: str, secret: bytes, *,
+                 max_message_size: int = control.DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.worker_id = worker_id
         self.secret = secret
         self.ctx = context()
         self.sock = make_socket(self.ctx, zmq.DEALER, identity=f"worker-{worker_id}-{os.getpid()}".encode())
+        control.secure_client(self.sock, secret, endpoint, max_message_size=max_message_size)
         connect(self.sock, endpoint)
         self.region: SharedRegion | None = None
         self.network: NetworkBufferPool | None = None
@@ -220,10 +222,11 @@ def _die_with_parent(parent_pid: int) -> None:
         raise SystemExit(1)
 
 
-def worker_main(worker_id: int, endpoint: str, secret: bytes) -> None:
+def worker_main(worker_id: int, endpoint: str, secret: bytes, *,
+                max_message_size: int = control.DEFAULT_MAX_MESSAGE_SIZE) -> None:
     """Run one worker until the coordinator shuts it down."""
     logging.basicConfig(level=logging.WARNING, format=f"worker {worker_id}: %(message)s")
-    worker = Worker(worker_id, endpoint, secret)
+    worker = Worker(worker_id, endpoint, secret, max_message_size=max_message_size)
     try:
         worker.register()
         worker.serve()
@@ -232,13 +235,13 @@ def worker_main(worker_id: int, endpoint: str, secret: bytes) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m runtime.cluster.worker ID ENDPOINT PARENT_PID``; the secret (hex) comes on stdin."""
+    """``python -m runtime.cluster.worker ID ENDPOINT PARENT_PID MAX_MESSAGE_SIZE``; the secret (hex) on stdin."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the coordinator tears down
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    worker_id, endpoint, parent = int(argv[0]), argv[1], int(argv[2])
+    worker_id, endpoint, parent, max_message_size = int(argv[0]), argv[1], int(argv[2]), int(argv[3])
     _die_with_parent(parent)
     secret = bytes.fromhex(sys.stdin.readline().strip())
-    worker_main(worker_id, endpoint, secret)
+    worker_main(worker_id, endpoint, secret, max_message_size=max_message_size)
 
 
 if __name__ == "__main__":
