@@ -192,3 +192,20 @@ def test_a_standing_cluster_keeps_every_worker_through_100_jobs_failing_at_rando
         slowest = max(slowest, time.monotonic() - start)
     assert coord.poll() is None and all(w.poll() is None for w in workers)
     assert slowest < 30, f"seed {seed}: a failed job and the healthy one after it took {slowest:.1f}s"
+
+
+def test_workers_of_a_sigkilled_coordinator_exit_within_5s_and_remove_its_region(cluster, shm_prefix):
+    # No Shutdown comes and the heartbeat timeout is 45 s; but on one host the coordinator is the region's
+    # creator, whose pid (and start time) a worker checks every heartbeat.
+    endpoint, secret, coord, workers = cluster
+    _wait_for_workers(endpoint, secret)
+    (region,) = [n for n in os.listdir("/dev/shm") if n.startswith(f"{shm_prefix}{coord.pid}-")]
+    coord.kill()  # and no wait(): a zombie is as dead as a reaped process
+    killed = time.monotonic()
+    for worker in workers:
+        worker.wait(15)
+    took = time.monotonic() - killed
+    assert took < 5, f"the workers exited {took:.1f}s after the coordinator was SIGKILLed"
+    assert all(w.returncode != 0 for w in workers)  # they did not finish: they gave up
+    assert "the coordinator (pid" in workers[0].stderr.read() + workers[1].stderr.read()
+    wait_until(lambda: not os.path.exists(f"/dev/shm/{region}"), timeout=5, msg=f"{region} removed")

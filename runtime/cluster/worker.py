@@ -50,7 +50,9 @@ from runtime.network.transport import connect, context, make_socket
 log = logging.getLogger("shmflow.worker")
 
 HEARTBEAT_INTERVAL = 0.5
-COORDINATOR_SILENCE = 45.0  # seconds without a word from the coordinator before a worker gives up
+# Seconds without a word from the coordinator before a worker gives up. A coordinator on this host is also
+# watched by its pid (the region's creator), every heartbeat: its death is noticed within HEARTBEAT_INTERVAL.
+COORDINATOR_SILENCE = 45.0
 
 
 class Worker:
@@ -78,6 +80,7 @@ class Worker:
         self._last_heard = time.monotonic()
         self.progress: Callable[[], dict[str, list[int]]] | None = None  # set by the running job
         self._job: str | None = None  # the job being run (a Cancel for another one is stale)
+        self._watch_creator = False  # the region's creator (the coordinator) runs in our pid namespace
         self._shutdown = False  # a Shutdown arrived while a job ran: exit once it has been torn down
 
     # ------------------------------------------------------------------ control
@@ -95,6 +98,7 @@ class Worker:
     def heartbeat(self, now: float) -> None:
         if now - self._last_heartbeat >= HEARTBEAT_INTERVAL:
             self._last_heartbeat = now
+            self._check_creator()
             progress = self.progress() if self.progress is not None else None
             self.send(Heartbeat(worker=self.worker_id, progress=progress))
         if now - self._last_heard > COORDINATOR_SILENCE:
@@ -166,8 +170,20 @@ class Worker:
         msg = f"worker {self.worker_id}: coordinator did not welcome it within {timeout}s"
         raise SystemExit(msg)
 
+    def _check_creator(self) -> None:
+        """Exit at once if the coordinator that created the region died (SIGKILL: no Shutdown came, and
+        its heartbeat timeout is long); remove the region's name, which it cannot any more."""
+        region = self.region
+        if self._watch_creator and region is not None and not region.creator_alive():
+            region.unlink_if_orphaned()
+            msg = (f"worker {self.worker_id}: the coordinator (pid {region.creator_pid}) is gone; "
+                   f"removed its region {region.name}")
+            raise SystemExit(msg)
+
     def _setup_arena(self, welcome: Welcome) -> None:
         self.region = SharedRegion.attach(welcome.region)
+        # A creator we can see now is in our pid namespace: from now on its death is the coordinator's.
+        self._watch_creator = self.region.creator_alive()
         offset, size = welcome.arena[:2]
         alloc = BuddyAllocator(self.region, welcome.min_block, offset=offset, size=size)
         self.network = NetworkBufferPool(alloc, welcome.network_buffers, welcome.segment_size,
