@@ -649,11 +649,12 @@ def parse_cli_overrides(args: Iterable[str]) -> dict[str, str]:
 
 def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
                 overrides: Mapping[str, object] | None = None, *,
-                check_shm: bool = True) -> ShmflowConfig:
+                check_shm: bool = True, labelled: Mapping[str, tuple[object, str]] | None = None) -> ShmflowConfig:
     """Build the config from defaults < TOML file < SHMFLOW_* env < CLI overrides.
 
     ``path`` defaults to ``$SHMFLOW_CONFIG`` (if set); ``env`` defaults to ``os.environ``;
-    ``overrides`` are ``-D`` values (see ``parse_cli_overrides``).
+    ``overrides`` are ``-D`` values (see ``parse_cli_overrides``), reported as ``cli -D key=value``;
+    ``labelled`` maps keys to ``(value, where it came from)`` (``StreamEnvironment(config=...)``) and wins.
 
     Raises:
         ConfigError: an unreadable file, an unknown key anywhere, or any invalid value or
@@ -670,6 +671,8 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
     for name, value in (overrides or {}).items():
         key = _spec(name, f"cli -D {name}={value}").key
         raw[key] = (value, f"cli -D {key}={value}")
+    for name, (value, source) in (labelled or {}).items():
+        raw[_spec(name, source).key] = (value, source)
     return ShmflowConfig._from_raw(raw, check_shm=check_shm)
 
 

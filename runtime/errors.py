@@ -90,6 +90,11 @@ class ProtocolError(ShmflowError):
     """A control message of an unknown type or protocol version, or with fields of the wrong type."""
 
 
+class InvalidArgumentError(ShmflowError, ValueError):
+    """An argument of the public API (StreamEnvironment, DataStream, an operator, a source) has a bad value:
+    names the argument, what is valid and what was given. (A wrong *type* raises builtin TypeError.)"""
+
+
 class GraphError(ShmflowError, ValueError):
     """A job graph that cannot run: a cycle, a dangling edge, a parallelism that does not fit."""
 
@@ -143,6 +148,7 @@ __all__ = [
     "TransportError",
     "AuthenticationError",
     "ProtocolError",
+    "InvalidArgumentError",
     "GraphError",
     "DeserializationError",
     "RecordTooLargeError",
