@@ -232,7 +232,8 @@ def test_next_start_up_sweeps_dead_blocks(shm_prefix):
 def test_sweep_removes_the_block_of_a_sigkilled_creator_that_is_a_zombie(shm_prefix):
     # `shmflow sweep` (runtime.memory.sweep): a creator that was SIGKILLed but not yet reaped by its parent
     # still has a pid; its state in /proc/<pid>/stat is Z, and that is dead.
-    code = "from runtime.memory import SharedRegion; r = SharedRegion.create(1 << 20); print(r.name, flush=True); input()"
+    code = ("from runtime.memory import SharedRegion; r = SharedRegion.create(1 << 20); "
+            "print(r.name, flush=True); input()")
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         name = proc.stdout.readline().strip()

@@ -396,7 +396,7 @@ def _is_tcp(endpoint: str) -> bool:
     return endpoint.startswith("tcp://")
 
 
-def secure_server(sock: zmq.Socket, secret: bytes, endpoint: str, *, max_message_size: int) -> None:
+def secure_server(sock: zmq.Socket[Any], secret: bytes, endpoint: str, *, max_message_size: int) -> None:
     """Before ``bind``: bound every message part to ``max_message_size``; on tcp, be the CURVE server."""
     sock.maxmsgsize = max_message_size
     if _is_tcp(endpoint):
@@ -406,7 +406,7 @@ def secure_server(sock: zmq.Socket, secret: bytes, endpoint: str, *, max_message
         sock.curve_server = True
 
 
-def secure_client(sock: zmq.Socket, secret: bytes, endpoint: str, *, max_message_size: int) -> None:
+def secure_client(sock: zmq.Socket[Any], secret: bytes, endpoint: str, *, max_message_size: int) -> None:
     """Before ``connect``: as :func:`secure_server`, for the connecting side (a CURVE client on tcp)."""
     sock.maxmsgsize = max_message_size
     if _is_tcp(endpoint):

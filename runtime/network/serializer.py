@@ -287,7 +287,7 @@ def _unmark_ext(code: int, data: bytes) -> _Mark:
     return _MARK
 
 
-def _unmark_list(items: list) -> Any:
+def _unmark_list(items: list[Any]) -> Any:
     """``list_hook`` of MARKED frames, called bottom-up by msgpack's (iterative) unpacker: a marked
     array becomes a tuple of its items. See ``_mark``; keep the two in step."""
     if items and items[0] is _MARK:
