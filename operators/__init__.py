@@ -1,4 +1,4 @@
-"""shmflow's operator library: concrete operators implementing runtime.task's protocol.
+"""shmflow's operator library: concrete operators implementing runtime.execution.task's protocol.
 
 Role: the operators the facade (runtime.api) instantiates. Modules:
 ``stateless`` (Map, Filter, FlatMap, MapBatches, WithTimestamps), ``aggregations``
@@ -9,8 +9,8 @@ count/sum/min/max), ``window`` (assigners, WindowAggregate), ``sources`` and ``s
 The aggregation factories ``count, sum, min, max, reduce`` shadow builtins,
 so they are not re-exported here: use ``operators.keyed.sum(...)``.
 
-Imports: runtime.task, runtime.errors, stdlib, numpy. Never runtime.api,
-runtime.worker or runtime.network.
+Imports: runtime.execution.task, runtime.errors, stdlib, numpy. Never runtime.api,
+runtime.cluster or runtime.network.
 """
 
 from operators.keyed import (

@@ -104,21 +104,21 @@ class Aggregation:
 
     # -- batch methods ---------------------------------------------------------------
 
-    def new_state(self) -> dict:
+    def new_state(self) -> dict[Any, Any]:
         """An empty ``{key: acc}`` state."""
         return {}
 
-    def fold(self, state: dict, keys: Iterable[Any], records: list) -> None:
+    def fold(self, state: dict[Any, Any], keys: Iterable[Any], records: list[Any]) -> None:
         """Fold ``records`` (with their parallel ``keys``) into ``state`` in place."""
         create, add, get = self.create, self.add, state.get
         for key, record in zip(keys, records):
             acc = get(key, _MISSING)
             state[key] = create(record) if acc is _MISSING else add(acc, record)
 
-    def updates(self, state: dict, keys: Iterable[Any], records: list) -> list:
+    def updates(self, state: dict[Any, Any], keys: Iterable[Any], records: list[Any]) -> list[Any]:
         """Fold like :meth:`fold` and return the updated result after every record (streaming)."""
         create, add, result, get = self.create, self.add, self.result, state.get
-        out = []
+        out: list[Any] = []
         append = out.append
         for key, record in zip(keys, records):
             acc = get(key, _MISSING)
@@ -126,17 +126,17 @@ class Aggregation:
             append(result(key, acc))
         return out
 
-    def merge_partials(self, state: dict, pairs: Iterable[Any]) -> None:
+    def merge_partials(self, state: dict[Any, Any], pairs: Iterable[Any]) -> None:
         """Merge ``(key, acc)`` partials (from a combiner) into ``state``."""
         merge, get = self.merge, state.get
         for key, acc in pairs:
             cur = get(key, _MISSING)
             state[key] = acc if cur is _MISSING else merge(cur, acc)
 
-    def merge_updates(self, state: dict, pairs: Iterable[Any]) -> list:
+    def merge_updates(self, state: dict[Any, Any], pairs: Iterable[Any]) -> list[Any]:
         """Merge partials like :meth:`merge_partials`; return the updated result after each."""
         merge, result, get = self.merge, self.result, state.get
-        out = []
+        out: list[Any] = []
         append = out.append
         for key, acc in pairs:
             cur = get(key, _MISSING)
@@ -144,7 +144,7 @@ class Aggregation:
             append(result(key, acc))
         return out
 
-    def results(self, state: dict) -> list:
+    def results(self, state: dict[Any, Any]) -> list[Any]:
         """The result record of every key, in key insertion order."""
         result = self.result
         return [result(key, acc) for key, acc in state.items()]
@@ -182,7 +182,8 @@ def _check_field_record(name: str, record: Any, field: Any) -> None:
     """Clear errors for the common mistakes, checked once per key (at ``create``)."""
     if field is None:
         if isinstance(record, (tuple, list, dict)):
-            msg = f"{name}() without a field needs plain values (numbers); got {type(record).__name__} {record!r}; pass {name}(field=...)"
+            msg = (f"{name}() without a field needs plain values (numbers); got {type(record).__name__} {record!r}; "
+                   f"pass {name}(field=...)")
             raise TypeError(msg)
         return
     if isinstance(record, dict):
@@ -221,30 +222,30 @@ class Count(Aggregation):
     def merge(self, a: int, b: int) -> int:
         return a + b
 
-    def new_state(self) -> dict:
+    def new_state(self) -> dict[Any, Any]:
         return Counter()
 
-    def fold(self, state: dict, keys: Iterable[Any], records: list) -> None:
+    def fold(self, state: dict[Any, Any], keys: Iterable[Any], records: list[Any]) -> None:
         if isinstance(state, Counter):
             state.update(keys)  # C loop (_count_elements)
         else:
             super().fold(state, keys, records)
 
-    def updates(self, state: dict, keys: Iterable[Any], records: list) -> list:
+    def updates(self, state: dict[Any, Any], keys: Iterable[Any], records: list[Any]) -> list[Any]:
         get = state.get
-        out = []
+        out: list[Any] = []
         append = out.append
         for key in keys:
             c = state[key] = get(key, 0) + 1
             append((key, c))
         return out
 
-    def merge_partials(self, state: dict, pairs: Iterable[Any]) -> None:
+    def merge_partials(self, state: dict[Any, Any], pairs: Iterable[Any]) -> None:
         get = state.get
         for key, c in pairs:
             state[key] = get(key, 0) + c
 
-    def results(self, state: dict) -> list:
+    def results(self, state: dict[Any, Any]) -> list[Any]:
         return list(state.items())
 
 
@@ -307,7 +308,7 @@ class Sum(_FieldAggregation):
     def _combine(self, a: Any, b: Any) -> Any:
         return a + b
 
-    def fold(self, state: dict, keys: Iterable[Any], records: list) -> None:
+    def fold(self, state: dict[Any, Any], keys: Iterable[Any], records: list[Any]) -> None:
         get, field = state.get, self.field
         if field is None:
             for key, record in zip(keys, records):
@@ -334,7 +335,7 @@ class Min(_FieldAggregation):
     def _combine(self, a: Any, b: Any) -> Any:
         return b if b < a else a
 
-    def fold(self, state: dict, keys: Iterable[Any], records: list) -> None:
+    def fold(self, state: dict[Any, Any], keys: Iterable[Any], records: list[Any]) -> None:
         get, field = state.get, self.field
         if field is None:
             for key, record in zip(keys, records):
@@ -366,7 +367,7 @@ class Max(_FieldAggregation):
     def _combine(self, a: Any, b: Any) -> Any:
         return b if b > a else a
 
-    def fold(self, state: dict, keys: Iterable[Any], records: list) -> None:
+    def fold(self, state: dict[Any, Any], keys: Iterable[Any], records: list[Any]) -> None:
         get, field = state.get, self.field
         if field is None:
             for key, record in zip(keys, records):
@@ -412,13 +413,13 @@ class Reduce(Aggregation):
     def result(self, key: Any, acc: Any) -> Any:
         return acc
 
-    def fold(self, state: dict, keys: Iterable[Any], records: list) -> None:
+    def fold(self, state: dict[Any, Any], keys: Iterable[Any], records: list[Any]) -> None:
         fn, get = self.fn, state.get
         for key, record in zip(keys, records):
             acc = get(key, _MISSING)
             state[key] = record if acc is _MISSING else fn(acc, record)
 
-    def results(self, state: dict) -> list:
+    def results(self, state: dict[Any, Any]) -> list[Any]:
         return list(state.values())
 
 

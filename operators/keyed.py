@@ -29,11 +29,11 @@ from operators.aggregations import (
     Sum,
     combinable,
     count,
-    max,
-    min,
+    max,  # noqa: A004 - the public aggregations are named as in Flink and Python
+    min,  # noqa: A004
     partial_key,
     reduce,
-    sum,
+    sum,  # noqa: A004
 )
 from operators.keyed_vectorized import Vectorized, vectorizable
 from operators.stateless import to_records
@@ -49,14 +49,15 @@ __all__ = [
 EMIT_BATCH_SIZE = 10_000  # records per emitted batch when a keyed operator flushes its state
 
 
-def _chunks(records: list, size: int = EMIT_BATCH_SIZE) -> Iterable[list]:
+def _chunks(records: list[Any], size: int = EMIT_BATCH_SIZE) -> Iterable[list[Any]]:
     for start in range(0, len(records), size):
         yield records[start:start + size]
 
 
 def _check_aggregation(owner: str, aggregation: Any) -> None:
     if not isinstance(aggregation, Aggregation):
-        msg = f"{owner} needs an Aggregation (count(), sum(), min(), max(), reduce(fn)); got {type(aggregation).__name__}"
+        msg = (f"{owner} needs an Aggregation (count(), sum(), min(), max(), reduce(fn)); got "
+               f"{type(aggregation).__name__}")
         raise TypeError(msg)
 
 
@@ -199,7 +200,8 @@ class KeyedCombine(Operator):
             raise TypeError(msg)
         _check_aggregation("KeyedCombine", aggregation)
         if not combinable(aggregation):
-            msg = f"KeyedCombine: aggregation {aggregation.name!r} is not combinable (no merge); check combinable() first"
+            msg = (f"KeyedCombine: aggregation {aggregation.name!r} is not combinable (no merge); check combinable() "
+                   "first")
             raise InvalidArgumentError(msg)
         if not isinstance(max_keys, int) or max_keys < 1:
             msg = f"KeyedCombine: max_keys must be an int >= 1; got {max_keys!r}"

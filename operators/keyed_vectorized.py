@@ -22,8 +22,8 @@ import gc
 import itertools
 import operator
 from collections import Counter
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, cast
 
 import numpy as np
 
@@ -42,7 +42,7 @@ _INF = float("inf")
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterable[None]:
+def _gc_paused() -> Iterator[None]:
     """Pause the cyclic GC while one call builds ~100k acyclic tuples/lists (partials, results).
 
     Each 700 allocations would start a collection, and the older generations
@@ -86,7 +86,7 @@ class Vectorized:
         self.field = getattr(aggregation, "field", None)
         self._getter = None if self.field is None else operator.itemgetter(self.field)
         self._table: np.ndarray | None = np.full(0, -1, np.int32)  # key -> slot, -1 = unseen
-        self._index: dict | None = None                            # key -> slot once keys leave the table
+        self._index: dict[int, int] = {}  # key -> slot once keys leave the table (then self._table is None)
         self.n = 0
         self.clear()
 
@@ -101,15 +101,15 @@ class Vectorized:
         else:
             self._index = {}
         self.n = 0
-        self._keys = np.empty(0, np.int64)
+        self._keys: np.ndarray = np.empty(0, np.int64)
         self._acc: np.ndarray | None = None
-        self._first: list = []  # the key's first record (``field`` aggregations), by slot
+        self._first: list[Any] = []  # the key's first record (``field`` aggregations), by slot
         self._vkind = "i" if self.kind == "count" else None  # value type: "i" int64, "f" float64
         self._bound = 0  # int sums/counts: an upper bound on every |accumulator|
 
     # -- input -----------------------------------------------------------------------------------
 
-    def fold(self, records: list, key_fn: Callable[[Any], Any] | None) -> bool:
+    def fold(self, records: list[Any], key_fn: Callable[[Any], Any] | None) -> bool:
         """Fold raw records; False (state unchanged) when the batch needs the generic path."""
         try:
             keys = records if key_fn is None else list(map(key_fn, records))
@@ -121,7 +121,7 @@ class Vectorized:
             return False
         return self._add(keys, values, records, partial=False)
 
-    def merge(self, pairs: list) -> bool:
+    def merge(self, pairs: list[Any]) -> bool:
         """Merge ``(key, acc)`` partials; False (state unchanged) when they need the generic path."""
         try:
             keys = list(map(_item0, pairs))
@@ -131,7 +131,7 @@ class Vectorized:
             return False
         return self._add(keys, values, accs, partial=True)
 
-    def _add(self, key_list: list, value_list: list | None, sources: list, *, partial: bool) -> bool:
+    def _add(self, key_list: list[Any], value_list: list[Any] | None, sources: list[Any], *, partial: bool) -> bool:
         n = len(key_list)
         if not n:
             return True
@@ -160,7 +160,8 @@ class Vectorized:
             step = n if values is None else max(int(values.max()), -int(values.min())) * n
             bound += step
             if bound > _INT_LIMIT:  # re-measure before giving up
-                bound = (int(np.abs(self._acc[:self.n]).max()) if self.n else 0) + step
+                acc_so_far = cast(np.ndarray, self._acc)  # not None once a key has a slot (self.n > 0)
+                bound = (int(np.abs(acc_so_far[:self.n]).max()) if self.n else 0) + step
                 if bound > _INT_LIMIT:
                     return False
         slots = self._lookup(keys, key_list)
@@ -168,7 +169,7 @@ class Vectorized:
         if new.any():
             pos = np.flatnonzero(new)
             new_slots, first_at = self._assign(keys[pos])  # first_at indexes pos
-            firsts: list = []
+            firsts: list[Any] = []
             if self.field is not None:
                 at = pos if len(first_at) == len(pos) else pos[first_at]
                 firsts = list(sources) if len(at) == n else list(map(sources.__getitem__, at.tolist()))
@@ -184,9 +185,9 @@ class Vectorized:
             slots[pos] = new_slots
             self._append(keys[pos[first_at]], firsts)
         self._vkind, self._bound = vkind, bound
-        acc = self._acc
+        acc = cast(np.ndarray, self._acc)  # _append allocated it: every key has a slot now
         with np.errstate(all="ignore"):  # inf + -inf is nan, as in Python's own float sum: no warning
-            if kind == "count" and values is None:
+            if values is None:  # count over raw records (fold passes no values only for count)
                 np.add.at(acc, slots, np.ones(n, np.int64))
             elif kind in ("sum", "count"):
                 np.add.at(acc, slots, values)
@@ -196,7 +197,7 @@ class Vectorized:
                 np.maximum.at(acc, slots, values)
         return True
 
-    def _lookup(self, keys: np.ndarray, key_list: list) -> np.ndarray:
+    def _lookup(self, keys: np.ndarray, key_list: list[Any]) -> np.ndarray:
         """The slot of every key (int64, -1 = unseen); moves from the table to a dict for large keys."""
         table = self._table
         if table is not None:
@@ -206,7 +207,8 @@ class Vectorized:
                     grown = np.full(min(_TABLE_LIMIT, max(high + 1, 2 * len(table))), -1, np.int32)
                     grown[:len(table)] = table
                     table = self._table = grown
-                return table[keys].astype(np.int64)
+                slots: np.ndarray = table[keys].astype(np.int64)
+                return slots
             self._index = dict(zip(self._keys[:self.n].tolist(), range(self.n)))
             self._table = None
         return np.fromiter(map(self._index.get, key_list, itertools.repeat(-1)), np.int64, len(key_list))
@@ -242,7 +244,7 @@ class Vectorized:
         if self._table is not None:
             self._table[keys] = -1
 
-    def _append(self, keys: np.ndarray, firsts: list) -> None:
+    def _append(self, keys: np.ndarray, firsts: list[Any]) -> None:
         start, stop = self.n, self.n + len(keys)
         if self._acc is None or stop > len(self._keys):
             capacity = max(stop, 2 * len(self._keys), 1024)
@@ -270,12 +272,13 @@ class Vectorized:
 
     # -- output (generic shapes, key insertion order) --------------------------------------------
 
-    def _columns(self) -> tuple[list, list]:
+    def _columns(self) -> tuple[list[Any], list[Any]]:
         if not self.n:
             return [], []
-        return self._keys[:self.n].tolist(), self._acc[:self.n].tolist()
+        acc = cast(np.ndarray, self._acc)  # not None: self.n > 0
+        return self._keys[:self.n].tolist(), acc[:self.n].tolist()
 
-    def partials(self) -> list:
+    def partials(self) -> list[Any]:
         """``(key, acc)`` partials, as ``list(state.items())`` of the generic state."""
         keys, accs = self._columns()
         with _gc_paused():
@@ -283,12 +286,12 @@ class Vectorized:
                 return list(zip(keys, accs))
             return list(zip(keys, zip(accs, self._first)))  # (k, (v, first)) built in C: all tuples
 
-    def results(self) -> list:
+    def results(self) -> list[Any]:
         """The result records, as ``aggregation.results(state)``."""
         with _gc_paused():
             return self._results()
 
-    def _results(self) -> list:
+    def _results(self) -> list[Any]:
         keys, accs = self._columns()
         if self.field is None:
             return list(zip(keys, accs))
@@ -298,20 +301,20 @@ class Vectorized:
             if len(lengths) == 1:  # plain tuples of one length: rebuild column-wise, in C
                 width = lengths.pop()
                 if -width <= field < width:
-                    columns = [map(operator.itemgetter(j), firsts) for j in range(width)]
+                    columns: list[Iterable[Any]] = [map(operator.itemgetter(j), firsts) for j in range(width)]
                     columns[field] = accs
                     return list(zip(*columns))
         return [_with_field(r, field, v) for r, v in zip(firsts, accs)]
 
-    def to_state(self) -> dict:
+    def to_state(self) -> dict[Any, Any]:
         """The same state as the generic ``{key: acc}`` dict (a Counter for count)."""
         with _gc_paused():
             return self._to_state()
 
-    def _to_state(self) -> dict:
+    def _to_state(self) -> dict[Any, Any]:
         keys, accs = self._columns()
         if self.kind == "count":
-            state: dict = Counter()
+            state: dict[Any, Any] = Counter()
             state.update(dict(zip(keys, accs)))
             return state
         if self.field is None:

@@ -4,7 +4,7 @@ Role: ``.collect()``, ``.print()``, ``.write_text(path)``. Each writes a whole
 batch with one call (``str.join`` over ``map(str, batch)``), not one call per
 record.
 
-Imports: runtime.task, runtime.errors, operators.stateless (batch helpers), stdlib.
+Imports: runtime.execution.task, runtime.errors, operators.stateless (batch helpers), stdlib.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class CollectSink(SinkOperator):
             raise TypeError(msg)
         self.sink_id = sink_id
         self._send: Any = None
-        self._pending: list = []
+        self._pending: list[Any] = []
         self._since: float | None = None  # processing time of the oldest pending record
 
     def open(self, ctx: OperatorContext) -> None:
@@ -168,7 +168,7 @@ class FileSink(SinkOperator):
 
     name = "file_sink"
 
-    def __init__(self, path: str | os.PathLike, *, encoding: str = "utf-8") -> None:
+    def __init__(self, path: str | os.PathLike[str], *, encoding: str = "utf-8") -> None:
         self.path = os.fspath(path)
         self.encoding = encoding
         self.target: str | None = None  # the file this subtask writes, known at open

@@ -9,14 +9,14 @@ shipped only its share. A source that was not split and is opened as subtask
 ``poll_batch(max_records)`` never blocks or sleeps: it returns a batch, ``[]``
 when nothing is ready yet (rate limiting), or ``None`` once exhausted.
 
-Imports: runtime.task, stdlib, numpy.
+Imports: runtime.execution.task, stdlib, numpy.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -79,7 +79,7 @@ class CollectionSource(_SplittableSource):
             if len(lengths) > 1:
                 msg = f"a columnar collection needs equal-length columns; got lengths {sorted(lengths)}"
                 raise InvalidArgumentError(msg)
-            self.items: Any = columns
+            self.items: list[Any] | dict[Any, np.ndarray] = columns
             self._len = lengths.pop() if lengths else 0
             #: Bytes per row across the columns: the subtask polls columnar sources by bytes, not rows.
             self.row_bytes = max(1, sum(col.itemsize * (col[:1].size or 1) for col in columns.values()))
@@ -99,10 +99,11 @@ class CollectionSource(_SplittableSource):
 
     def _select(self, index: int, parallelism: int) -> None:
         self.items = self._slice(index * self._len // parallelism, (index + 1) * self._len // parallelism)
-        self._len = len(next(iter(self.items.values()))) if isinstance(self.items, dict) and self.items else len(self.items)
+        items = self.items
+        self._len = len(next(iter(items.values()))) if isinstance(items, dict) and items else len(items)
         self._pos = 0
 
-    def _slice(self, start: int, stop: int) -> Any:
+    def _slice(self, start: int, stop: int) -> list[Any] | dict[Any, np.ndarray]:
         if isinstance(self.items, dict):
             return {name: col[start:stop] for name, col in self.items.items()}
         return self.items[start:stop]
@@ -237,7 +238,7 @@ class TextFileSource(_SplittableSource):
     bounded = True
     CHUNK_BYTES = 1 << 20
 
-    def __init__(self, path: str | os.PathLike, *, encoding: str = "utf-8") -> None:
+    def __init__(self, path: str | os.PathLike[str], *, encoding: str = "utf-8") -> None:
         self.path = os.fspath(path)
         self.encoding = encoding
         self._range: tuple[int, int | None] = (0, None)  # byte range [start, end); None: end of file
@@ -348,7 +349,7 @@ class TextFileSource(_SplittableSource):
             self._file = None
 
 
-def _find_newline(f: Any, start: int) -> int:
+def _find_newline(f: BinaryIO, start: int) -> int:
     """Offset of the first ``\\n`` at or after ``start`` in binary file ``f``, or -1."""
     f.seek(start)
     pos = start

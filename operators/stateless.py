@@ -5,9 +5,9 @@ loop (``map``, ``filter``, ``itertools``), never a Python method call per record
 per operator (DESIGN.md, "Operators"). Also home of the small batch helpers
 the other operator modules share (:func:`to_records`).
 
-Imports: runtime.task (the protocol), stdlib, numpy.
+Imports: runtime.execution.task (the protocol), stdlib, numpy.
 
-Batches (runtime.task): a ``list`` of records, a ``TimestampedBatch`` (records
+Batches (runtime.network.batch): a ``list`` of records, a ``TimestampedBatch`` (records
 plus one event timestamp per record, float seconds), or a ``dict`` of
 equal-length numpy arrays (columnar). Record-at-a-time operators see a
 columnar batch as rows, one ``dict`` ``{column: Python scalar}`` per row.
@@ -92,8 +92,8 @@ class Filter(Operator):
             emit(TimestampedBatch(compress(batch, mask), compress(batch.timestamps, mask)))
         elif isinstance(batch, dict):
             n = batch_len(batch)
-            mask = np.fromiter(map(bool, map(self.fn, to_records(batch))), dtype=bool, count=n)
-            emit({name: np.asarray(col)[mask] for name, col in batch.items()})
+            keep = np.fromiter(map(bool, map(self.fn, to_records(batch))), dtype=bool, count=n)
+            emit({name: np.asarray(col)[keep] for name, col in batch.items()})
         else:
             emit(list(filter(self.fn, batch)))
 

@@ -13,7 +13,7 @@ Event time: a watermark ``W`` asserts that no record with a timestamp below
 a record whose windows all ended at or before ``W - allowed_lateness`` is
 dropped and counted in ``ctx.metrics["late_records_dropped"]``.
 
-Imports: runtime.task, operators.keyed, operators.stateless, stdlib.
+Imports: runtime.execution.task, operators.keyed, operators.stateless, stdlib.
 """
 
 from __future__ import annotations
@@ -195,17 +195,19 @@ class WindowAggregate(Operator):
             msg = f"WindowAggregate: key_fn must be callable or None; got {type(key_fn).__name__}"
             raise TypeError(msg)
         if not isinstance(assigner, WindowAssigner):
-            msg = f"WindowAggregate needs a window assigner (e.g. TumblingEventTimeWindows.of(10)); got {type(assigner).__name__}"
+            msg = ("WindowAggregate needs a window assigner (e.g. TumblingEventTimeWindows.of(10)); got "
+                   f"{type(assigner).__name__}")
             raise TypeError(msg)
         _check_aggregation("WindowAggregate", aggregation)
-        if isinstance(allowed_lateness, bool) or not isinstance(allowed_lateness, (int, float)) or not allowed_lateness >= 0:
+        lateness_ok = isinstance(allowed_lateness, (int, float)) and not isinstance(allowed_lateness, bool)
+        if not lateness_ok or not allowed_lateness >= 0:
             msg = f"allowed_lateness must be >= 0 seconds; got {allowed_lateness!r}"
             raise InvalidArgumentError(msg)
         self.key_fn = key_fn
         self.assigner = assigner
         self.aggregation = aggregation
         self.allowed_lateness = float(allowed_lateness)
-        self._windows: dict[float, dict] = {}  # window start -> {key: acc}; open and (lateness) fired windows
+        self._windows: dict[float, dict[Any, Any]] = {}  # window start -> {key: acc}; open and (lateness) fired windows
         self._fired: set[float] = set()  # starts of windows already fired, kept for allowed lateness
         self._watermark = float("-inf")
         self._metrics: dict[str, float] = {}
@@ -233,7 +235,7 @@ class WindowAggregate(Operator):
             for start, _end in self.assigner.assign(now):
                 self._fold(start, keys, records)
 
-    def _fold(self, start: float, keys: Any, records: list) -> None:
+    def _fold(self, start: float, keys: Any, records: list[Any]) -> None:
         state = self._windows.get(start)
         if state is None:
             state = self._windows[start] = self.aggregation.new_state()
@@ -331,7 +333,7 @@ class WindowAggregate(Operator):
             return
         keep = self.allowed_lateness > 0 and self.assigner.event_time and bound != MAX_WATERMARK
         value = self.aggregation.value
-        out: list = []
+        out: list[Any] = []
         counts = []
         for start in ready:
             end = start + size
@@ -344,7 +346,7 @@ class WindowAggregate(Operator):
                 del self._windows[start]
         self._emit_results(out, counts, emit)
 
-    def _emit_results(self, out: list, counts: list[tuple[float, int]], emit: Emit) -> None:
+    def _emit_results(self, out: list[Any], counts: list[tuple[float, int]], emit: Emit) -> None:
         if not self.assigner.event_time:
             emit(out)
             return
@@ -353,9 +355,9 @@ class WindowAggregate(Operator):
         emit(TimestampedBatch(out, stamps))
 
 
-def _group(starts: list, keys: list, records: list) -> dict[float, tuple[list, list]]:
+def _group(starts: list[Any], keys: list[Any], records: list[Any]) -> dict[float, tuple[list[Any], list[Any]]]:
     """Bucket parallel (start, key, record) lists by window start, keeping arrival order."""
-    groups: dict[float, tuple[list, list]] = {}
+    groups: dict[float, tuple[list[Any], list[Any]]] = {}
     get = groups.get
     for start, key, record in zip(starts, keys, records):
         group = get(start)

@@ -9,7 +9,7 @@ from runtime.errors import JobFailedError, ShmflowError
 __all__ = ["JobFailedError", "ShmflowError", "StreamEnvironment", "__version__"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # The facade imports the operator library; load it on first use so that
     # `import runtime.memory` stays light (and layered).
     if name == "StreamEnvironment":

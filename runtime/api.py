@@ -1,8 +1,8 @@
 """The public facade: StreamEnvironment and DataStream, a fluent API in the spirit of Flink's DataStream.
 
 Imports: the one runtime module allowed to import ``operators``; also
-runtime.graph, runtime.config, runtime.errors and, lazily, the cluster
-(runtime.coordinator) that executes jobs.
+runtime.execution.graph, runtime.config, runtime.errors and, lazily, the cluster
+(runtime.cluster.client) that executes jobs.
 
 A program builds :class:`StreamNode` s through DataStream calls; ``execute()``
 turns them into a job graph (chaining forward edges; in batch mode putting a
@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import operator as _operator
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from operators import keyed, sinks, sources, stateless, window
@@ -39,7 +39,7 @@ class CollectResult:
         """All records, in arrival order (per upstream subtask in emission order)."""
         return self._values
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter(self._values)
 
     def __len__(self) -> int:
@@ -110,7 +110,7 @@ class StreamEnvironment:
     def from_source(self, source: Any, *, name: str | None = None) -> DataStream:
         """A stream from your own source (Flink's ``env.from_source``): a ``SourceOperator`` whose
         ``poll_batch(max_records)`` returns a batch, ``[]`` while nothing is ready, or ``None`` at
-        its end (see ``runtime.task.SourceOperator``).
+        its end (see ``runtime.execution.task.SourceOperator``).
 
         With ``split(parallelism)`` (a list of ``parallelism`` sources) every worker polls its own
         share; without, the source runs once, on worker 0, and the next shuffle spreads its records.
@@ -129,10 +129,11 @@ class StreamEnvironment:
         node = self._add(name, op, inputs=[], is_source=True)
         return DataStream(self, node)
 
-    def _add(self, name: str, op: Any, *, inputs: list, parallelism: int | None = None,
+    def _add(self, name: str, op: Any, *, inputs: Sequence[tuple[int, str, Callable[[Any], Any] | None]],
+             parallelism: int | None = None,
              is_source: bool = False, is_sink: bool = False, columnar_key: str | None = None) -> StreamNode:
         node = StreamNode(id=len(self._nodes), name=name, operator=op,
-                          parallelism=parallelism or self.workers, inputs=inputs,
+                          parallelism=parallelism or self.workers, inputs=list(inputs),
                           is_source=is_source, is_sink=is_sink, columnar_key=columnar_key)
         self._nodes.append(node)
         return node
@@ -152,7 +153,7 @@ class StreamEnvironment:
                  for n in self._nodes]
         for n in nodes:
             op = n.operator
-            if isinstance(op, (keyed.KeyedAggregate, window.WindowAggregate)):
+            if isinstance(op, keyed.KeyedAggregate):
                 op.mode = mode
         if mode == "batch":
             nodes = _insert_combiners(nodes, self._keyed_aggs)
@@ -183,12 +184,14 @@ def _insert_combiners(nodes: list[StreamNode], keyed_ids: list[int]) -> list[Str
             continue
         (up, part, key_fn), = agg_node.inputs
         upstream = out[up]
-        combine = StreamNode(id=len(out), name=f"combine({agg_node.name})",
-                             operator=keyed.KeyedCombine(op.key_fn, op.aggregation),
+        combiner = keyed.KeyedCombine(op.key_fn, op.aggregation)
+        combiner.key_column = op.key_column
+        combine = StreamNode(id=len(out), name=f"combine({agg_node.name})", operator=combiner,
                              parallelism=upstream.parallelism, inputs=[(up, "forward", None)])
         out.append(combine)
         op.partial_input = True
         agg_node.inputs = [(combine.id, "hash", _operator.itemgetter(0))]
+        agg_node.columnar_key = "key"  # a managed combiner's columnar partials: {"key": ..., "acc": ...}
     return out
 
 
@@ -300,6 +303,7 @@ class KeyedStream(_Aggregations):
     def _aggregate(self, name: str, aggregation: Any) -> DataStream:
         env = self.stream.env
         op = keyed.KeyedAggregate(self.key_fn, aggregation)  # job_graph() sets the mode at execute time
+        op.key_column = self.columnar_key
         out = self.stream._then(name, op, partitioning="hash", key_fn=self.key_fn, columnar_key=self.columnar_key)
         env._keyed_aggs.append(out.node.id)
         return out

@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from runtime._version import __version__
+
+if TYPE_CHECKING:
+    from runtime.config import ShmflowConfig
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -46,7 +50,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="number of worker processes")
 
 
-def load_cli_config(args: argparse.Namespace, *, check_shm: bool = True):
+def load_cli_config(args: argparse.Namespace, *, check_shm: bool = True) -> ShmflowConfig:
     """The effective configuration: defaults < TOML < SHMFLOW_* env < -D flags < --workers."""
     from runtime.config import load_config, parse_cli_overrides
     overrides = parse_cli_overrides(args.overrides)
@@ -204,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from runtime.errors import ConfigError
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except ConfigError as exc:
         print(f"shmflow: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -215,3 +220,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = ["build_parser", "main"]

@@ -15,6 +15,7 @@ import difflib
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -65,6 +66,7 @@ _WHOLE_BYTES_RULE = "must be a whole number of bytes"
 _INTEGER_RULE = "must be an integer"
 _NUMBER_RULE = "must be a finite number"
 _STRING_RULE = "must be a string"
+_PATHS_RULE = "must be one or more directories, separated by ',' or ':'"
 
 
 def _amount(value: object, units: Mapping[str, int | Decimal], rule: str) -> Decimal:
@@ -121,6 +123,20 @@ def _choice(value: object) -> str:
     if not isinstance(value, str):
         raise _RuleBroken(_STRING_RULE)
     return value.strip().lower()
+
+
+def _paths(value: object) -> tuple[str, ...]:
+    """Directories separated by commas or the OS path separator (Flink's ``io.tmp-dirs``); never empty."""
+    if isinstance(value, (list, tuple)):
+        parts = [str(p).strip() for p in value]
+    elif isinstance(value, str):
+        parts = [p.strip() for p in re.split(rf"[,{re.escape(os.pathsep)}]", value)]
+    else:
+        raise _RuleBroken(_PATHS_RULE)
+    parts = [p for p in parts if p]
+    if not parts:
+        raise _RuleBroken(_PATHS_RULE)
+    return tuple(parts)
 
 
 def _show(value: object) -> str:
@@ -192,7 +208,7 @@ class KeySpec:
     rule: str
     ok: Callable[[Any], bool]
     doc: str
-    kind: str  # "size" | "duration" | "fraction" | "int" | "choice": how describe() shows values
+    kind: str  # "size" | "size-or-unset" | "duration" | "fraction" | "int" | "choice" | "paths": how shown
 
     def show(self, value: Any) -> str:
         """A parsed value for humans: sizes as "32 KiB", durations as "100 ms"."""
@@ -200,6 +216,10 @@ class KeySpec:
             return format_size(value)
         if self.kind == "duration":
             return format_duration(value)
+        if self.kind == "paths":
+            return ",".join(value)
+        if self.kind == "size-or-unset":
+            return format_size(value) if value else "unset"
         return f"{value:g}" if self.kind == "fraction" else str(value)
 
     @property
@@ -231,6 +251,13 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("memory.managed.fraction", "managed_fraction", _number, 0.4,
             "must be a number in [0, 1]", lambda v: 0 <= v <= 1,
             "share of each worker arena for managed memory (sort, hash, window state)", "fraction"),
+    KeySpec("memory.managed.size", "managed_size", _size, 0,
+            "must be a size >= 0 (0: use memory.managed.fraction)", lambda v: v >= 0,
+            "managed memory per worker, absolute; wins over memory.managed.fraction when set", "size-or-unset"),
+    KeySpec("io.tmp-dirs", "tmp_dirs", _paths, tempfile.gettempdir(),
+            "must be one or more directories, separated by ',' or ':'", lambda v: bool(v),
+            "where operators spill what does not fit their managed memory (one directory per job and "
+            "worker, removed when the job ends)", "paths"),
     KeySpec("network.buffers-per-channel", "buffers_per_channel", _integer, 8,
             "must be an integer >= 1", lambda v: v >= 1,
             "exclusive buffers per input channel (credits)", "int"),
@@ -254,9 +281,19 @@ KEYS: tuple[KeySpec, ...] = (
             "must be an integer in [1, 256]", lambda v: 1 <= v <= 256,
             "number of worker processes", "int"),
 )
+#: Flink's names for the same settings (``taskmanager.memory.*``), accepted wherever a key is.
+ALIASES = {
+    "taskmanager.memory.managed.size": "memory.managed.size",
+    "taskmanager.memory.managed.fraction": "memory.managed.fraction",
+    "taskmanager.memory.network.fraction": "memory.network.fraction",
+    "taskmanager.memory.network.min": "memory.network.min",
+    "taskmanager.memory.network.max": "memory.network.max",
+    "taskmanager.memory.segment-size": "memory.segment.size",
+}
 _BY_KEY = {spec.key: spec for spec in KEYS}
 _BY_ATTR = {spec.attr: spec for spec in KEYS}
 _BY_ENV = {spec.env_var: spec for spec in KEYS}
+_ALIAS_BY_ENV = {ENV_PREFIX + re.sub(r"[.\-]", "_", alias.upper()): alias for alias in ALIASES}
 #: (lower, upper): lower must be <= upper. The key the user set is blamed (upper if both or none).
 _PAIRS = (("memory.min-block", "memory.segment.size"), ("memory.network.min", "memory.network.max"))
 
@@ -275,10 +312,15 @@ def _unknown(name: str, origin: str, choices: Iterable[str]) -> ConfigError:
 
 def _spec(name: str, origin: str, *, aliases: bool = False) -> KeySpec:
     """The spec of a dotted key (or, with ``aliases``, a snake_case attribute name)."""
-    spec = _BY_KEY.get(name) or (_BY_ATTR.get(name) if aliases else None)
+    spec = _BY_KEY.get(ALIASES.get(name, name)) or (_BY_ATTR.get(name) if aliases else None)
     if spec is None:
-        raise _unknown(name, origin, _BY_KEY)
+        raise _unknown(name, origin, [*_BY_KEY, *ALIASES])
     return spec
+
+
+def _as(name: str, origin: str) -> str:
+    """The origin of a value set through a Flink alias says so: ``file x.toml as taskmanager.memory...``."""
+    return f"{origin} as {name}" if name in ALIASES else origin
 
 
 def _origin(source: str) -> str:
@@ -350,6 +392,8 @@ class ShmflowConfig:
     network_min: int
     network_max: int
     managed_fraction: float
+    managed_size: int
+    tmp_dirs: tuple[str, ...]
     buffers_per_channel: int
     floating_buffers_per_gate: int
     buffer_timeout: float
@@ -362,7 +406,7 @@ class ShmflowConfig:
                  check_shm: bool = True) -> None:
         raw = {spec.key: (spec.default, "default") for spec in KEYS}
         for name, value in (values or {}).items():
-            raw[_spec(name, source, aliases=True).key] = (value, source)
+            raw[_spec(name, source, aliases=True).key] = (value, _as(name, source))
         self._init(raw, check_shm)
 
     def _init(self, raw: dict[str, tuple[object, str]], check_shm: bool) -> None:
@@ -458,7 +502,8 @@ class ShmflowConfig:
         buffers = network // seg
         required = min_buffers_per_worker(workers, buffers_per_channel=v["network.buffers-per-channel"],
                                           floating_per_gate=v["network.floating-buffers-per-gate"])
-        managed = int(v["memory.managed.fraction"] * arena) // block * block
+        managed_size = v["memory.managed.size"]
+        managed = (managed_size if managed_size else int(v["memory.managed.fraction"] * arena)) // block * block
         if buffers < required:
             inputs = self._where("memory.region.size", "workers", "memory.network.fraction",
                                  "memory.network.min")
@@ -559,7 +604,7 @@ class ShmflowConfig:
         """A new validated config: this one with ``values`` (keys or attr names) from ``source``."""
         raw = dict(self._raw)
         for name, value in values.items():
-            raw[_spec(name, source, aliases=True).key] = (value, source)
+            raw[_spec(name, source, aliases=True).key] = (value, _as(name, source))
         return ShmflowConfig._from_raw(raw, check_shm=self._check_shm)
 
     def replace(self, **values: object) -> ShmflowConfig:
@@ -593,7 +638,7 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, 
             yield key, value
 
 
-def _read_toml(path: Path) -> dict[str, object]:
+def _read_toml(path: Path) -> dict[str, tuple[object, str]]:
     origin = f"file {path}"
     try:
         with path.open("rb") as f:
@@ -604,13 +649,13 @@ def _read_toml(path: Path) -> dict[str, object]:
     except tomllib.TOMLDecodeError as exc:
         msg = f"config file must be valid TOML; got {path}: {exc}"
         raise ConfigError(msg) from exc
-    values: dict[str, object] = {}
+    values: dict[str, tuple[object, str]] = {}
     for name, value in _flatten(document):
         key = _spec(name, origin).key
         if key in values:
             msg = f"config key must be set once per file; got {key} twice ({origin})"
             raise ConfigError(msg)
-        values[key] = value
+        values[key] = (value, _as(name, origin))
     return values
 
 
@@ -621,12 +666,13 @@ def _read_env(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
         if (not var.startswith(ENV_PREFIX) or var in ENV_NON_CONFIG
                 or var.startswith(ENV_NON_CONFIG_PREFIXES) or value == ""):
             continue
-        spec = _BY_ENV.get(var)
+        alias = _ALIAS_BY_ENV.get(var)
+        spec = _BY_ENV.get(var) or (_BY_KEY[ALIASES[alias]] if alias else None)
         if spec is None:
             msg = (f"environment variable {var} must name a config key "
                    f"(SHMFLOW_ + key with . and - as _){_did_you_mean(var, _BY_ENV)}")
             raise ConfigError(msg)
-        found[spec.key] = (value, var)
+        found[spec.key] = (value, var if alias is None else f"{var} as {alias}")
     return found
 
 
@@ -643,7 +689,8 @@ def parse_cli_overrides(args: Iterable[str]) -> dict[str, str]:
         if not sep or not key:
             msg = f"-D argument must be key=value (e.g. -D workers=4); got {arg!r}"
             raise ConfigError(msg)
-        overrides[_spec(key, f"cli -D {arg}").key] = value.strip()
+        _spec(key, f"cli -D {arg}")
+        overrides[key] = value.strip()  # as given: a Flink alias is named as the value's origin
     return overrides
 
 
@@ -666,15 +713,15 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
     raw = {spec.key: (spec.default, "default") for spec in KEYS}
     if path is not None:
         file = Path(path)
-        raw.update((k, (v, f"file {file}")) for k, v in _read_toml(file).items())
+        raw.update(_read_toml(file))
     raw.update((k, (v, f"env {var}")) for k, (v, var) in _read_env(env).items())
     for name, value in (overrides or {}).items():
         key = _spec(name, f"cli -D {name}={value}").key
-        raw[key] = (value, f"cli -D {key}={value}")
+        raw[key] = (value, f"cli -D {name}={value}")
     for name, (value, source) in (labelled or {}).items():
-        raw[_spec(name, source).key] = (value, source)
+        raw[_spec(name, source).key] = (value, _as(name, source))
     return ShmflowConfig._from_raw(raw, check_shm=check_shm)
 
 
-__all__ = ["KEYS", "KeySpec", "MemoryPlan", "ShmflowConfig", "format_duration", "format_size",
+__all__ = ["ALIASES", "KEYS", "KeySpec", "MemoryPlan", "ShmflowConfig", "format_duration", "format_size",
            "load_config", "parse_cli_overrides", "parse_duration", "parse_size"]

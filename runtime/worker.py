@@ -1,4 +1,5 @@
-"""Deprecated path: the worker process lives in runtime.cluster.worker. Kept for one release (see CHANGELOG.md)."""
+"""Deprecated path: the worker process lives in runtime.cluster.worker. Kept for one release (see
+CHANGELOG.md)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ import warnings
 
 from runtime.cluster.worker import Worker, main, worker_main  # noqa: F401
 
-warnings.warn("runtime.worker moved; import from runtime.cluster.worker instead", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "runtime.worker moved; import from runtime.cluster.worker instead",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
-__all__ = ['Worker', 'main', 'worker_main']
+__all__ = [
+    "Worker",
+    "main",
+    "worker_main",
+]

@@ -13,7 +13,9 @@ import secrets
 import signal
 
 import pytest
-from helpers import wait_until
+from helpers import FakeClock, wait_until
+
+from runtime.memory import BuddyAllocator, SharedRegion
 
 SESSION_PREFIX = f"shmflow-t{os.getpid()}-"
 SESSION_TOKEN = secrets.token_hex(8)
@@ -93,3 +95,23 @@ def no_blocks_leaked_by_test():
 @pytest.fixture
 def shm_prefix() -> str:
     return SESSION_PREFIX
+
+
+# ------------------------------------------------------------- shared fixtures
+@pytest.fixture
+def region():
+    """A real 4 MiB shared region, closed and unlinked after the test."""
+    with SharedRegion.create(4 << 20) as r:
+        yield r
+
+
+@pytest.fixture
+def alloc(region):
+    """A buddy allocator over the whole of ``region``, 4 KiB minimum blocks."""
+    return BuddyAllocator(region, min_block=4096)
+
+
+@pytest.fixture
+def clock():
+    """A fake monotonic clock: ``clock.advance(30)`` instead of waiting (see helpers.FakeClock)."""
+    return FakeClock()

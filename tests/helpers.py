@@ -33,3 +33,20 @@ def reap(proc, *, timeout: float = 5.0) -> int | None:
         proc.kill()
         proc.join(timeout)
     return proc.exitcode
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test says so: ``clock.advance(30)`` instead of waiting.
+
+    Pass it where the code takes a ``clock`` (e.g. ``Coordinator(config, clock=clock)``).
+    Reading it from several threads is safe: a float attribute is read atomically.
+    """
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

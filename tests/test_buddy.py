@@ -23,12 +23,6 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-@pytest.fixture
-def region():
-    with SharedRegion.create(4 * MiB) as r:
-        yield r
-
-
 def test_allocate_rounds_up_to_power_of_two_blocks(region):
     alloc = BuddyAllocator(region, min_block=4096)
     assert alloc.allocate(10_000).size == 16 * KiB

@@ -24,7 +24,7 @@ from runtime.errors import (
     SegmentFreedError,
     ShmflowError,
 )
-from runtime.memory import BuddyAllocator, SharedRegion
+from runtime.memory import SharedRegion
 from runtime.network.buffer_pool import (
     BufferDescriptor,
     ClosedResourceError,
@@ -39,17 +39,6 @@ from runtime.network.buffer_pool import (
 KiB = 1024
 REMEDY = ("raise memory.network.fraction, memory.network.min or memory.region.size, "
           "or lower network.buffers-per-channel / network.floating-buffers-per-gate")
-
-
-@pytest.fixture
-def region():
-    with SharedRegion.create(4 << 20) as region:
-        yield region
-
-
-@pytest.fixture
-def alloc(region):
-    return BuddyAllocator(region, min_block=4096)
 
 
 @pytest.fixture
@@ -473,7 +462,7 @@ def test_concurrent_requests_and_cross_thread_recycles_keep_counts(net):
                     buf.release()
                 else:
                     returns.put((pool, buf.index))  # "sent"; the receiver recycles it
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the thread's failure is re-raised in the test
             errors.append(exc)
 
     def receiver() -> None:
@@ -541,7 +530,7 @@ def _receive_returns(conn, pool: LocalBufferPool, log: list, errors: list) -> No
             log.append(desc.index)
             pool.recycle_descriptor(desc)
         errors.append("no return from the consumer within 60 s")
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - the thread's failure is re-raised in the test
         errors.append(exc)
 
 
@@ -578,7 +567,7 @@ def test_producer_blocked_on_exhausted_pool_resumes_when_consumer_process_recycl
             def produce() -> None:
                 try:
                     result.append(pool.request_buffer(timeout=60))
-                except BaseException as exc:
+                except BaseException as exc:  # noqa: BLE001 - the thread's failure is re-raised in the test
                     result.append(exc)
                 done.set()
 

@@ -144,7 +144,7 @@ def test_a_dead_consumers_buffers_return_to_the_pool():
         try:
             assert c_conn.poll(60)
             part = ResultPartition(pool, [c_conn.recv()], channel_ids=0, transport="shm", name="p")
-            for i in range(4):
+            for _ in range(4):
                 buf = part.request_buffer(timeout=30)
                 buf.size = 8
                 part.send_buffer(0, buf)

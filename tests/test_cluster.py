@@ -174,11 +174,9 @@ def test_a_standing_cluster_keeps_every_worker_through_100_jobs_failing_at_rando
     _wait_for_workers(endpoint, secret)
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
-    slowest = 0.0
     for i in range(100):
         env = StreamEnvironment(workers=2, coordinator=endpoint, secret_file=str(secret))
         where = failing_jobs.failing_job(env, rng)
-        start = time.monotonic()
         with pytest.raises(JobFailedError, match="injected failure"):
             env.execute(f"failing-{i}", timeout=60)
             pytest.fail(f"seed {seed}, job {i}: did not fail ({where})")
@@ -189,9 +187,7 @@ def test_a_standing_cluster_keeps_every_worker_through_100_jobs_failing_at_rando
         except JobFailedError as exc:
             pytest.fail(f"seed {seed}, job {i}: the healthy job after a failure ({where}) failed: {exc}")
         assert dict(out.values()) == failing_jobs.HEALTHY, f"seed {seed}, job {i} ({where})"
-        slowest = max(slowest, time.monotonic() - start)
     assert coord.poll() is None and all(w.poll() is None for w in workers)
-    assert slowest < 30, f"seed {seed}: a failed job and the healthy one after it took {slowest:.1f}s"
 
 
 def test_workers_of_a_sigkilled_coordinator_exit_within_5s_and_remove_its_region(cluster, shm_prefix):

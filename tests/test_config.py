@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import re
+import tempfile
 import typing
 from pathlib import Path
 
@@ -131,7 +132,8 @@ def test_defaults() -> None:
         "memory.region.size": 256 * MiB, "memory.min-block": 4 * KiB,
         "memory.segment.size": 32 * KiB, "memory.network.fraction": 0.1,
         "memory.network.min": 8 * MiB, "memory.network.max": GiB,
-        "memory.managed.fraction": 0.4, "network.buffers-per-channel": 8,
+        "memory.managed.fraction": 0.4, "memory.managed.size": 0, "io.tmp-dirs": (tempfile.gettempdir(),),
+        "network.buffers-per-channel": 8,
         "network.floating-buffers-per-gate": 16, "network.buffer-timeout": 0.1,
         "network.max-record-size": 64 * MiB, "network.transport": "auto",
         "cluster.max-message-size": 256 * MiB, "workers": 2,
@@ -165,11 +167,12 @@ def test_access_by_key_and_attribute() -> None:
 
 def test_attribute_annotations_match_the_key_table() -> None:
     hints = {k: v for k, v in typing.get_type_hints(ShmflowConfig).items() if k[0] != "_"}
-    kinds = {"size": int, "int": int, "fraction": float, "duration": float, "choice": str}
+    kinds = {"size": int, "size-or-unset": int, "int": int, "fraction": float, "duration": float, "choice": str,
+             "paths": tuple[str, ...]}
     assert hints == {spec.attr: kinds[spec.kind] for spec in KEYS}
     cfg = cfg_of()
     for spec in KEYS:
-        assert isinstance(getattr(cfg, spec.attr), hints[spec.attr])
+        assert isinstance(getattr(cfg, spec.attr), typing.get_origin(hints[spec.attr]) or hints[spec.attr])
 
 
 def test_immutable_and_replace() -> None:
@@ -544,6 +547,49 @@ def test_describe_lists_every_key_value_and_source(tmp_path: Path) -> None:
     assert re.search(r"^memory\.segment\.size\s+32 KiB\s+default$", text, re.M)
     assert "memory plan: 4 worker arena(s) of 128 MiB" in text
     assert "409 buffers x 32 KiB" in text and "(needs >= 48)" in text
+
+
+# --------------------------------------------------------------------------- managed memory, spill dirs, aliases
+
+
+def test_managed_size_wins_over_the_fraction_when_set() -> None:
+    assert cfg_of().memory_plan().managed_bytes_per_worker == int(0.4 * 128 * MiB) // (4 * KiB) * 4 * KiB
+    plan = cfg_of({"memory.managed.size": "64mb", "memory.managed.fraction": 0.1}).memory_plan()
+    assert plan.managed_bytes_per_worker == 64 * MiB
+    assert cfg_of({"memory.managed.size": "64mb"}).describe().splitlines()[0].startswith("key")
+    with pytest.raises(ConfigError, match=r"^network \+ managed memory per worker must fit the worker arena"):
+        cfg_of({"memory.managed.size": "1gb"})
+
+
+def test_io_tmp_dirs_takes_one_or_more_directories() -> None:
+    assert cfg_of({"io.tmp-dirs": "/a, /b"}).tmp_dirs == ("/a", "/b")
+    assert cfg_of({"io.tmp-dirs": "/a:/b"}).tmp_dirs == ("/a", "/b")
+    assert cfg_of({"io.tmp-dirs": ["/c"]}).tmp_dirs == ("/c",)
+    with pytest.raises(ConfigError, match=r"^io\.tmp-dirs must be one or more directories, separated by ',' or ':'"):
+        cfg_of({"io.tmp-dirs": " , "})
+
+
+@pytest.mark.parametrize(("alias", "key", "value", "parsed"), [
+    ("taskmanager.memory.managed.size", "memory.managed.size", "32mb", 32 * MiB),
+    ("taskmanager.memory.managed.fraction", "memory.managed.fraction", "0.3", 0.3),
+    ("taskmanager.memory.network.fraction", "memory.network.fraction", "0.2", 0.2),
+    ("taskmanager.memory.network.min", "memory.network.min", "16mb", 16 * MiB),
+    ("taskmanager.memory.network.max", "memory.network.max", "512mb", 512 * MiB),
+    ("taskmanager.memory.segment-size", "memory.segment.size", "64kb", 64 * KiB),
+])
+def test_flink_names_set_the_same_keys_and_say_so(tmp_path, alias, key, value, parsed) -> None:
+    cli = load_config(env={}, overrides=parse_cli_overrides([f"{alias}={value}"]), check_shm=False)
+    assert cli[key] == parsed
+    assert cli.source(key) == f"cli -D {alias}={value}"
+    env_var = "SHMFLOW_" + alias.upper().replace(".", "_").replace("-", "_")
+    env = load_config(env={env_var: value}, check_shm=False)
+    assert env[key] == parsed and env.source(key) == f"env {env_var} as {alias}"
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'"{alias}" = "{value}"\n')
+    from_file = load_config(toml, env={}, check_shm=False)
+    assert from_file[key] == parsed and from_file.source(key) == f"file {toml} as {alias}"
+    in_code = ShmflowConfig({alias: value}, source="StreamEnvironment(config=...)", check_shm=False)
+    assert in_code.source(key) == f"StreamEnvironment(config=...) as {alias}"
 
 
 def test_a_config_dict_in_code_is_reported_as_coming_from_stream_environment(plenty_of_shm: None) -> None:

@@ -21,14 +21,32 @@ CORPUS = [f"The quick brown fox {i % 7} jumps over THE lazy dog {i % 13}" for i 
 EXPECTED = collections.Counter(w.lower() for line in CORPUS for w in line.split())
 
 
+#: The three topologies every end-to-end job runs on.
+TOPOLOGIES = {
+    # every subtask in one worker process: chained operators call each other, exchanges loop back
+    "one-process": {"workers": 1},
+    # two workers on one host: descriptors travel, the bytes stay in the shared region
+    "shm": {"workers": 2, "config": {"network.transport": "shm"}},
+    # two workers that copy the bytes over ZeroMQ tcp, as between hosts
+    "tcp": {"workers": 2, "config": {"network.transport": "tcp"}},
+}
+
+
+@pytest.fixture(params=list(TOPOLOGIES))
+def make_env(request):
+    """``make_env(mode=...)``: a StreamEnvironment on one of the three topologies."""
+    def make(**kwargs):
+        return StreamEnvironment(**TOPOLOGIES[request.param], **kwargs)
+    return make
+
+
 def wordcount(env):
     return (env.from_collection(CORPUS).flat_map(str.split).map(str.lower)
             .key_by(lambda w: w).count().collect())
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
-def test_wordcount_equals_counter(workers):
-    env = StreamEnvironment(workers=workers)
+def test_wordcount_equals_counter(make_env):
+    env = make_env()
     out = wordcount(env)
     result = env.execute("wordcount")
     assert dict(out.values()) == EXPECTED
@@ -36,8 +54,15 @@ def test_wordcount_equals_counter(workers):
     assert result.metrics["seconds"] > 0
 
 
-def test_streaming_mode_last_update_per_key_equals_batch():
-    env = StreamEnvironment(workers=2, mode="streaming")
+def test_wordcount_on_three_workers_equals_counter():
+    env = StreamEnvironment(workers=3)
+    out = wordcount(env)
+    env.execute("wordcount-3")
+    assert dict(out.values()) == EXPECTED
+
+
+def test_streaming_mode_last_update_per_key_equals_batch(make_env):
+    env = make_env(mode="streaming")
     out = wordcount(env)
     env.execute("wordcount-streaming")
     assert len(out.values()) == sum(EXPECTED.values())  # every update
@@ -48,8 +73,8 @@ def test_streaming_mode_last_update_per_key_equals_batch():
     assert last == EXPECTED
 
 
-def test_operators_chain_and_shuffle_with_tuples_intact():
-    env = StreamEnvironment(workers=2)
+def test_operators_chain_and_shuffle_with_tuples_intact(make_env):
+    env = make_env()
     nums = env.from_collection(range(1000))
     out = (nums.filter(lambda x: x % 3 == 0).map(lambda x: (x % 10, x)).key_by(lambda t: t[0])
            .sum(1).collect())
@@ -61,20 +86,20 @@ def test_operators_chain_and_shuffle_with_tuples_intact():
     assert all(type(r) is tuple for r in out.values())
 
 
-def test_union_rebalance_broadcast_and_reduce():
-    env = StreamEnvironment(workers=2)
+def test_union_rebalance_broadcast_and_reduce(make_env):
+    env = make_env()
     a = env.from_collection([("a", 1)] * 10)
     b = env.from_collection([("b", 2)] * 10)
     out = a.union(b).rebalance().key_by(lambda t: t[0]).reduce(lambda x, y: (x[0], x[1] + y[1])).collect()
     bc = env.from_collection([1, 2, 3]).broadcast().collect()
     env.execute("union")
     assert sorted(out.values()) == [("a", 10), ("b", 20)]
-    assert sorted(bc.values()) == [1, 1, 2, 2, 3, 3]  # every subtask got every record
+    assert sorted(bc.values()) == sorted([1, 2, 3] * env.workers)  # every subtask got every record
 
 
-def test_event_time_windows_equal_a_pure_python_reference():
+def test_event_time_windows_equal_a_pure_python_reference(make_env):
     events = [(f"s{i % 3}", (i * 7) % 50 + (i // 50) * 50, 1.0) for i in range(600)]  # out of order within 50s
-    env = StreamEnvironment(workers=2)
+    env = make_env()
     stream = env.from_collection(events).with_timestamps(lambda e: float(e[1]), out_of_orderness=50.0)
     tumbling = stream.key_by(lambda e: e[0]).window(TumblingEventTimeWindows.of(10.0)).count().collect()
     sliding = stream.key_by(lambda e: e[0]).window(SlidingEventTimeWindows.of(20.0, 10.0)).count().collect()
@@ -270,11 +295,11 @@ def test_the_same_environment_executes_twice_with_equal_results():
     assert dict(out.values()) == first == EXPECTED
 
 
-def test_a_columnar_collection_shuffles_by_column_with_numpy():
+def test_a_columnar_collection_shuffles_by_column_with_numpy(make_env):
     import numpy as np
     keys = np.arange(10_000, dtype=np.int64) % 97
     values = np.ones(10_000)
-    env = StreamEnvironment(workers=2)
+    env = make_env()
     sums = (env.from_collection({"key": keys, "value": values}).key_by("key")
             .map_batches(lambda b: {"key": np.unique(b["key"]), "sum": np.bincount(b["key"], b["value"])[np.unique(b["key"])]})
             .collect())
@@ -298,13 +323,6 @@ def test_a_columnar_source_is_polled_in_batches_of_half_a_mebibyte():
     env.execute("columnar-batches")
     rows = SOURCE_COLUMNAR_BYTES // 16
     assert lengths.values() == [rows, rows, rows, n - 3 * rows]
-
-
-def test_wordcount_over_the_tcp_transport():
-    env = StreamEnvironment(workers=2, config={"network.transport": "tcp"})
-    out = wordcount(env)
-    env.execute("wordcount-tcp")
-    assert dict(out.values()) == EXPECTED
 
 
 PRINT_AND_FILE_JOB = """
@@ -413,3 +431,21 @@ def test_a_job_graph_over_cluster_max_message_size_fails_before_it_is_sent_namin
             r"^the graph of job 'big' for worker 0 is \d+\.\d MiB; cluster.max-message-size allows 1.0 MiB: "
             r"raise it .*the embedded cluster ships each worker only its share")):
         env.execute("big", timeout=60)
+
+
+def test_the_job_reports_each_workers_peak_rss_and_gc_pauses():
+    import resource
+    env = StreamEnvironment(workers=2)
+    wordcount(env)
+    result = env.execute("memory-metrics")
+    m = result.metrics
+    assert sorted(m["workers"]) == [0, 1]
+    for figures in m["workers"].values():
+        assert 10 << 20 < figures["peak_rss_bytes"] < 1 << 30  # a Python process with numpy, zmq and a job
+        assert figures["gc_pause_seconds"] >= 0.0
+        assert figures["network_peak_bytes"] > 0
+    assert m["worker_peak_rss_bytes"] == max(f["peak_rss_bytes"] for f in m["workers"].values())
+    # the workers' own account agrees with what the kernel says of the children, measured from outside
+    children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    assert m["worker_peak_rss_bytes"] <= children_peak * 1.1 + (8 << 20)
+    assert "worker peak RSS" in result.summary() and "GC pauses" in result.summary()

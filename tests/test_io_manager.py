@@ -300,7 +300,7 @@ def _child_fills_the_disk(conn) -> None:
             results["directory"] = io.directory
             mm.close()
         conn.send(("ok", results))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the thread's failure is re-raised in the test
         conn.send(("error", traceback.format_exc()))
 
 

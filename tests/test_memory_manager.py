@@ -28,12 +28,6 @@ PAGE = 32 * KiB
 
 
 @pytest.fixture
-def region():
-    with SharedRegion.create(4 * MiB) as r:
-        yield r
-
-
-@pytest.fixture
 def manager(region):
     """A 1 MiB budget over a 2 MiB range: the budget, not the arena, is the limit."""
     mm = MemoryManager.for_range(region, 0, 2 * MiB, budget=1 * MiB, name="worker-0 managed memory")
@@ -227,7 +221,7 @@ def test_concurrent_allocate_and_release_from_threads_keeps_the_books(manager):
                     except OutOfMemoryError:
                         pass  # four tasks compete for 32 pages
             manager.release(held)
-        except BaseException as exc:  # pragma: no cover - reported below
+        except BaseException as exc:  # noqa: BLE001 - pragma: no cover - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=task, args=(f"task-{i}", i)) for i in range(4)]

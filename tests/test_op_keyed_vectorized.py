@@ -250,7 +250,7 @@ def test_int_sums_near_int64_overflow_fall_back_exactly():
     # min/max of int64 extremes are exact and need no fallback
     records = [(0, 2**63 - 1), (0, -2**63), (1, 5)]
     for agg in (keyed.min, keyed.max):
-        fast, generic, still_fast = both(lambda v: KeyedAggregate(key0, agg(1), mode="batch", vectorize=v),
+        fast, generic, still_fast = both(lambda v, agg=agg: KeyedAggregate(key0, agg(1), mode="batch", vectorize=v),
                                          [records])
         same(fast, generic)
         assert still_fast
@@ -284,7 +284,9 @@ def test_record_shapes_dicts_lists_namedtuples():
     for key_fn, field, records in cases:
         for agg in (keyed.sum, keyed.min, keyed.max):
             fast, generic, still_fast = both(
-                lambda v: KeyedAggregate(key_fn, agg(field), mode="batch", vectorize=v), [records[:1], records[1:]])
+                lambda v, key_fn=key_fn, agg=agg, field=field: KeyedAggregate(key_fn, agg(field), mode="batch",
+                                                                            vectorize=v),
+                [records[:1], records[1:]])
             same(fast, generic)
             assert still_fast
 

@@ -326,7 +326,7 @@ def _run_producers(transport: str, specs: list[tuple], consume, *, finish: str =
             for conn in conns:
                 conn.send(finish)
             if finish == "finish":
-                for conn, report in zip(conns, reports):
+                for conn in conns:
                     assert _expect(conn, "producer close") == ("closed", 0)  # every buffer came back
             for proc in procs:
                 proc.join(30)

@@ -12,6 +12,7 @@ import random
 import statistics
 import sys
 import time
+from typing import Any
 
 from runtime.memory import BuddyAllocator, SharedRegion
 
@@ -39,7 +40,7 @@ def _scenarios(pairs: int, seed: int) -> dict[str, list[int]]:
 
 
 def run_scenario(scenario: str, pairs: int, region_bytes: int = 256 << 20, min_block: int = 4096,
-                 seed: int = 1) -> dict:
+                 seed: int = 1) -> dict[str, Any]:
     """One repetition of one scenario: ``{"pairs_per_s": ...}`` (``shmflow bench`` runs it in a fresh
     process, as every other contender, so that no other workload's heap slows the collector)."""
     sizes = _scenarios(pairs, seed)[scenario]
@@ -51,7 +52,7 @@ def run_scenario(scenario: str, pairs: int, region_bytes: int = 256 << 20, min_b
 
 
 def run(pairs: int = 200_000, repeats: int = 3, region_bytes: int = 256 << 20, min_block: int = 4096,
-        seed: int = 1) -> dict:
+        seed: int = 1) -> dict[str, Any]:
     scenarios = _scenarios(pairs, seed)
     results = {}
     with SharedRegion.create(region_bytes) as region:
@@ -88,3 +89,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = ["main", "run", "run_scenario"]

@@ -103,13 +103,13 @@ class _ChildFailed(Exception):
 
 
 # ============================================================================== process plumbing
-def _child_main(role: str, results: Any, target: Callable[..., dict], args: tuple) -> None:
+def _child_main(role: str, results: Any, target: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> None:
     """Body of every child: run ``target(*args)`` and send ``(role, ok, payload)`` to the driver."""
     try:
         profile_dir = os.environ.get("SHMFLOW_INTERNAL_PROFILE")
         if profile_dir:  # a development aid: cProfile each child, one file per role and process
             import cProfile
-            box: dict = {}
+            box: dict[str, Any] = {}
             cProfile.runctx("box['out'] = target(*args)", {}, {"box": box, "target": target, "args": args},
                             os.path.join(profile_dir, f"bench-{role}-{os.getpid()}.prof"))
             payload = box["out"]
@@ -121,8 +121,8 @@ def _child_main(role: str, results: Any, target: Callable[..., dict], args: tupl
     results.put((role, True, payload))
 
 
-def _run_children(children: list[tuple[str, Callable[..., dict], tuple]], *,
-                  timeout: float = RUN_TIMEOUT) -> dict[str, dict]:
+def _run_children(children: list[tuple[str, Callable[..., dict[str, Any]], tuple[Any, ...]]], *,
+                  timeout: float = RUN_TIMEOUT) -> dict[str, dict[str, Any]]:
     """Start one spawn process per ``(role, target, args)``, collect each one's result dict, join them all.
 
     Raises:
@@ -135,7 +135,7 @@ def _run_children(children: list[tuple[str, Callable[..., dict], tuple]], *,
     try:
         for proc in procs:
             proc.start()
-        got: dict[str, dict] = {}
+        got: dict[str, dict[str, Any]] = {}
         deadline = clock() + timeout
         while len(got) < len(procs):
             try:
@@ -169,7 +169,7 @@ def _run_children(children: list[tuple[str, Callable[..., dict], tuple]], *,
         results.join_thread()
 
 
-def _failed(workload: str, peer: str, variant: str, params: dict, unit: str, error: str) -> dict[str, Any]:
+def _failed(workload: str, peer: str, variant: str, params: dict[str, Any], unit: str, error: str) -> dict[str, Any]:
     """The record of a run that produced no trustworthy result."""
     return {"workload": workload, "peer": peer, "variant": variant, "params": params, "seconds": None,
             "rate": None, "unit": unit, "ok": False, "error": error}
@@ -209,8 +209,8 @@ def _w1_volume(buf_bytes: int, quick: bool, total_bytes: int | None) -> int:
     return nbufs
 
 
-def _w1_finish(peer: str, variant: str, buf_bytes: int, nbufs: int, params: dict,
-               children: list[tuple[str, Callable[..., dict], tuple]]) -> dict[str, Any]:
+def _w1_finish(peer: str, variant: str, buf_bytes: int, nbufs: int, params: dict[str, Any],
+               children: list[tuple[str, Callable[..., dict[str, Any]], tuple[Any, ...]]]) -> dict[str, Any]:
     """Run a producer/consumer pair and turn their timestamps and checksum into a W1 record."""
     try:
         out = _run_children(children)
@@ -227,7 +227,7 @@ def _w1_finish(peer: str, variant: str, buf_bytes: int, nbufs: int, params: dict
 
 
 # ============================================================================== W1 multiprocessing.Queue
-def _w1_queue_producer(q: Any, barrier: Any, buf_bytes: int, nbufs: int) -> dict:
+def _w1_queue_producer(q: Any, barrier: Any, buf_bytes: int, nbufs: int) -> dict[str, Any]:
     pool = w1_pool()
     barrier.wait(READY_TIMEOUT)
     t_start = clock()
@@ -238,7 +238,7 @@ def _w1_queue_producer(q: Any, barrier: Any, buf_bytes: int, nbufs: int) -> dict
     return {"t_start": t_start}
 
 
-def _w1_queue_consumer(q: Any, barrier: Any) -> dict:
+def _w1_queue_consumer(q: Any, barrier: Any) -> dict[str, Any]:
     barrier.wait(READY_TIMEOUT)
     get = q.get
     acc = count = 0
@@ -264,7 +264,7 @@ def w1_mp_queue(buf_bytes: int, *, quick: bool = False, total_bytes: int | None 
 
 
 # ============================================================================== W1 pyzmq PUSH/PULL
-def _w1_zmq_producer(endpoint: str, barrier: Any, done: Any, buf_bytes: int, nbufs: int) -> dict:
+def _w1_zmq_producer(endpoint: str, barrier: Any, done: Any, buf_bytes: int, nbufs: int) -> dict[str, Any]:
     import zmq
 
     ctx = zmq.Context()
@@ -285,7 +285,7 @@ def _w1_zmq_producer(endpoint: str, barrier: Any, done: Any, buf_bytes: int, nbu
         ctx.term()
 
 
-def _w1_zmq_consumer(endpoint: str, barrier: Any, done: Any) -> dict:
+def _w1_zmq_consumer(endpoint: str, barrier: Any, done: Any) -> dict[str, Any]:
     import zmq
 
     ctx = zmq.Context()
@@ -332,7 +332,7 @@ def _ring_slots(region: Any, buf_bytes: int, nslots: int) -> np.ndarray:
 
 
 def _w1_ring_producer(region_name: str, data_out: Any, credits_in: Any, barrier: Any, done: Any,
-                      buf_bytes: int, nbufs: int, nslots: int) -> dict:
+                      buf_bytes: int, nbufs: int, nslots: int) -> dict[str, Any]:
     from runtime.memory import SharedRegion
 
     region = SharedRegion.attach(region_name)
@@ -358,7 +358,7 @@ def _w1_ring_producer(region_name: str, data_out: Any, credits_in: Any, barrier:
 
 
 def _w1_ring_consumer(region_name: str, data_in: Any, credits_out: Any, barrier: Any, done: Any,
-                      buf_bytes: int, nslots: int, credit_every: int) -> dict:
+                      buf_bytes: int, nslots: int, credit_every: int) -> dict[str, Any]:
     from runtime.memory import SharedRegion
 
     region = SharedRegion.attach(region_name)
@@ -417,7 +417,7 @@ def w1_shm_ring(buf_bytes: int, *, quick: bool = False, total_bytes: int | None 
 
 
 # ============================================================================== W1 single-core ceilings
-def _w1_inproc_child(buf_bytes: int, nbufs: int, nslots: int) -> dict:
+def _w1_inproc_child(buf_bytes: int, nbufs: int, nslots: int) -> dict[str, Any]:
     pool = w1_pool()
     slots = np.empty((nslots, buf_bytes // 8), dtype=np.uint64)
     slots[:] = 1  # fault the pages in before the clock
@@ -449,7 +449,7 @@ def w1_inproc(buf_bytes: int, *, quick: bool = False, total_bytes: int | None = 
                      params=params, **extra)
 
 
-def _w1_bandwidth_child(op: str, array_bytes: int, reps: int) -> dict:
+def _w1_bandwidth_child(op: str, array_bytes: int, reps: int) -> dict[str, Any]:
     words = array_bytes // 8
     src = np.arange(words, dtype=np.uint64)
     expected_sum = (words * (words - 1) // 2) & MASK64
@@ -508,8 +508,8 @@ def _w2_n(quick: bool, n: int | None, full: int = W2_N, small: int = W2_QUICK_N)
     return value
 
 
-def _w2_finish(peer: str, variant: str, n: int, params: dict,
-               children: list[tuple[str, Callable[..., dict], tuple]]) -> dict[str, Any]:
+def _w2_finish(peer: str, variant: str, n: int, params: dict[str, Any],
+               children: list[tuple[str, Callable[..., dict[str, Any]], tuple[Any, ...]]]) -> dict[str, Any]:
     try:
         out = _run_children(children)
     except _ChildFailed as exc:
@@ -521,7 +521,7 @@ def _w2_finish(peer: str, variant: str, n: int, params: dict,
                      params=params, **extra)
 
 
-def _w2_queue_producer(q: Any, barrier: Any, n: int, batch: int) -> dict:
+def _w2_queue_producer(q: Any, barrier: Any, n: int, batch: int) -> dict[str, Any]:
     rows = w2_rows(n)
     barrier.wait(READY_TIMEOUT)
     t_start = clock()
@@ -536,7 +536,7 @@ def _w2_queue_producer(q: Any, barrier: Any, n: int, batch: int) -> dict:
     return {"t_start": t_start}
 
 
-def _w2_queue_consumer(q: Any, barrier: Any, batch: int) -> dict:
+def _w2_queue_consumer(q: Any, barrier: Any, batch: int) -> dict[str, Any]:
     acc = [0.0] * W2_KEYS
     count = 0
     barrier.wait(READY_TIMEOUT)
@@ -581,7 +581,7 @@ def w2_mp_queue_per_record(*, quick: bool = False, n: int | None = None) -> dict
         q.join_thread()
 
 
-def _w2_zmq_producer(endpoint: str, barrier: Any, done: Any, n: int, columnar: bool) -> dict:
+def _w2_zmq_producer(endpoint: str, barrier: Any, done: Any, n: int, columnar: bool) -> dict[str, Any]:
     import msgpack
     import zmq
 
@@ -611,7 +611,7 @@ def _w2_zmq_producer(endpoint: str, barrier: Any, done: Any, n: int, columnar: b
         ctx.term()
 
 
-def _w2_zmq_consumer(endpoint: str, barrier: Any, done: Any, columnar: bool) -> dict:
+def _w2_zmq_consumer(endpoint: str, barrier: Any, done: Any, columnar: bool) -> dict[str, Any]:
     import msgpack
     import zmq
 
@@ -673,10 +673,10 @@ def w2_zmq_columns(*, quick: bool = False, n: int | None = None) -> dict[str, An
 
 
 # ============================================================================== W3 word count
-_W3_INPUTS: dict[Any, tuple[str, collections.Counter]] = {}
+_W3_INPUTS: dict[Any, tuple[str, collections.Counter[str]]] = {}
 
 
-def _w3_input(quick: bool, lines: int | None) -> tuple[str, collections.Counter]:
+def _w3_input(quick: bool, lines: int | None) -> tuple[str, collections.Counter[str]]:
     """(corpus text, its reference Counter), cached per process: full, quick (first 1/10), or generated ``lines``."""
     key = ("lines", lines) if lines is not None else ("quick" if quick else "full")
     if key not in _W3_INPUTS:
@@ -686,12 +686,12 @@ def _w3_input(quick: bool, lines: int | None) -> tuple[str, collections.Counter]
     return _W3_INPUTS[key]
 
 
-def _hash_facts() -> dict:
+def _hash_facts() -> dict[str, Any]:
     return {"hash_randomization": sys.flags.hash_randomization, "hash_abc": hash("abc"),
             "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED")}
 
 
-def _w3_worker(me: int, text: str, inboxes: list, barrier: Any) -> dict:
+def _w3_worker(me: int, text: str, inboxes: list[Any], barrier: Any) -> dict[str, Any]:
     parts = len(inboxes)
     facts = _hash_facts()
     inbox = inboxes[me]
@@ -774,7 +774,7 @@ def w3_mp_queue(*, quick: bool = False, lines: int | None = None) -> dict[str, A
     return w3_record(peer, variant, total_words, seconds, ok, params=params, **extra)
 
 
-def _w3_counter_child(text: str) -> dict:
+def _w3_counter_child(text: str) -> dict[str, Any]:
     t_start = clock()
     counts = collections.Counter(text.lower().split())
     t_end = clock()
@@ -798,9 +798,9 @@ def w3_counter(*, quick: bool = False, lines: int | None = None) -> dict[str, An
 
 
 # ============================================================================== registry and CLI
-def baselines() -> list[tuple[str, Callable[..., dict]]]:
+def baselines() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
     """Every baseline as ``(name, fn)``; call ``fn(quick=...)`` for one repetition."""
-    runs: list[tuple[str, Callable[..., dict]]] = []
+    runs: list[tuple[str, Callable[..., dict[str, Any]]]] = []
     for size in W1_BUFFER_SIZES:
         tag = f"{size // 1024}KiB" if size < MiB else f"{size // MiB}MiB"
         runs += [

@@ -1,6 +1,6 @@
 """Keyed-aggregation micro-benchmark: generic vs vectorized combine + merge on W2 records, printed as JSON.
 
-Imports: operators.keyed, runtime.task (OperatorContext), runtime.bench.workloads (w2_rows), numpy, the
+Imports: operators.keyed, runtime.execution.task (OperatorContext), runtime.bench.workloads (w2_rows), numpy, the
 standard library. Run as ``python -m runtime.bench.keyed [--records N] [--repeats R] [--quick]``.
 Measures; never asserts on time.
 
@@ -38,21 +38,21 @@ BATCH = 1000
 _clock = time.process_time  # CPU time: the 2 cores are shared with other jobs, wall time is noise
 
 
-def _batches(records: list, size: int = BATCH) -> list[list]:
+def _batches(records: list[Any], size: int = BATCH) -> list[list[Any]]:
     return [records[i:i + size] for i in range(0, len(records), size)]
 
 
-def _one_run(rows: list, subtasks: int, vectorize: bool) -> dict[str, Any]:
+def _one_run(rows: list[Any], subtasks: int, vectorize: bool) -> dict[str, Any]:
     """One combine + shuffle + merge pass; returns seconds and the merged results of subtask 0."""
     batches = _batches(rows)
     combine_seconds = 0.0
     combined = 0
-    shuffled: list[list] = [[] for _ in range(subtasks)]
+    shuffled: list[list[Any]] = [[] for _ in range(subtasks)]
     for s in range(subtasks):
         mine = batches[s::subtasks]
         combine = KeyedCombine(lambda r: r[0], keyed.sum(1), vectorize=vectorize)
         combine.open(OperatorContext(mode="batch"))
-        partials: list = []
+        partials: list[Any] = []
         start = _clock()
         for batch in mine:
             combine.process_batch(batch, partials.extend)
@@ -64,7 +64,7 @@ def _one_run(rows: list, subtasks: int, vectorize: bool) -> dict[str, Any]:
     inbound = _batches(pickle.loads(pickle.dumps(shuffled[0], protocol=5)))
     merge = KeyedAggregate(None, keyed.sum(1), mode="batch", partial_input=True, vectorize=vectorize)
     merge.open(OperatorContext(mode="batch"))
-    results: list = []
+    results: list[Any] = []
     start = _clock()
     for batch in inbound:
         merge.process_batch(batch, results.extend)
@@ -79,7 +79,7 @@ def _one_run(rows: list, subtasks: int, vectorize: bool) -> dict[str, Any]:
 
 def run(records: int = 1_000_000, repeats: int = 3, subtasks: int = 2) -> dict[str, Any]:
     rows = w2_rows(records)
-    runs: dict[bool, list[dict]] = {False: [], True: []}
+    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     for _ in range(repeats):  # interleaved repetitions
         for vectorize in (False, True):
             runs[vectorize].append(_one_run(rows, subtasks, vectorize))
@@ -90,7 +90,8 @@ def run(records: int = 1_000_000, repeats: int = 3, subtasks: int = 2) -> dict[s
     out: dict[str, Any] = {
         "benchmark": "keyed_combine_merge",
         "workload": {"records": records, "batch": BATCH, "subtasks": subtasks, "keys": "int in [0, 100000)",
-                     "values": "float in [0, 1)", "job": "key_by(lambda r: r[0]).sum(1)", "clock": "process_time (CPU seconds of this process; robust when cores are shared)"},
+                     "values": "float in [0, 1)", "job": "key_by(lambda r: r[0]).sum(1)",
+                     "clock": "process_time (CPU seconds of this process; robust when cores are shared)"},
         "python": sys.version.split()[0],
         "numpy": np.__version__,
         "same_results": bool(same_keys and len(g) == len(f) and np.array_equal(g, f)),
@@ -124,3 +125,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = ["BATCH", "main", "run"]

@@ -89,12 +89,12 @@ class Contender:
     section: str           # table group, e.g. "W1 32 KiB"
     kind: str              # shmflow | baseline | ceiling
     label: str             # short name for ratio cells and the plot
-    run: Callable[[], dict]
+    run: Callable[[], dict[str, Any]]
     compare: tuple[str, ...] = ()   # shmflow only: names of the contenders to take ratios against
     target: Target | None = None
     ratio_targets: tuple[RatioTarget, ...] = ()  # shmflow only: goals relative to baselines (in compare)
-    warmup: Callable[[], dict] | None = None  # shmflow only: an untimed tiny run before the reps
-    records: list[dict] = field(default_factory=list)
+    warmup: Callable[[], dict[str, Any]] | None = None  # shmflow only: an untimed tiny run before the reps
+    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _size_tag(size: int) -> str:
@@ -118,15 +118,13 @@ def build_contenders(workloads: list[str], *, scale: str = "full", workers: int 
     w2_kw: dict[str, Any] = {"quick": quick, **({"n": TINY["w2_n"]} if tiny else {})}
     w3_kw: dict[str, Any] = {"quick": quick, **({"lines": TINY["w3_lines"]} if tiny else {})}
     lat_kw: dict[str, Any] = {"quick": quick, **({"count": TINY["latency_n"]} if tiny else {})}
-    job_kw = {"workers": workers}
 
     def bad(name: str) -> bool:
-        return bool(corrupt) and corrupt in name
+        return bool(corrupt and corrupt in name)
 
     out: list[Contender] = []
 
     if "w1" in workloads:
-        tiny_w1 = {"total_bytes": TINY["w1_bytes"]}
         dram = TINY["w1_dram_bytes"] if tiny else bl.CEILING_DRAM_BYTES
         ceilings = [(f"w1_{op}_{_size_tag(dram)}", P(bl.w1_memory_bandwidth, op, dram, **w1_kw))
                     for op in ("copy", "sum")]
@@ -147,7 +145,7 @@ def build_contenders(workloads: list[str], *, scale: str = "full", workers: int 
                                  P(sf.w1_shmflow, size, transport="shm", corrupt=bad(shm), **w1_kw),
                                  compare=(*base, *hot, *(name for name, _ in ceilings)), target=target,
                                  ratio_targets=ratio_targets,
-                                 warmup=P(sf.w1_shmflow, size, transport="shm", **tiny_w1))]
+                                 warmup=P(sf.w1_shmflow, size, transport="shm", total_bytes=TINY["w1_bytes"]))]
             if size < (1 << 20):
                 tcp = f"w1_shmflow_tcp_{tag}"
                 shmflow.append(Contender(tcp, "w1", section, "shmflow", "shmflow tcp",
@@ -170,14 +168,13 @@ def build_contenders(workloads: list[str], *, scale: str = "full", workers: int 
 
     if "w2" in workloads:
         rows, cols = "w2_shmflow_rows", "w2_shmflow_columnar"
-        tiny_w2 = {"n": TINY["w2_n"], **job_kw}
         rows_base = ["w2_mp_queue_rows", "w2_zmq_msgpack", "w2_mp_queue_per_record"]
         out += _alternate(
             [Contender(rows, "w2", "W2 rows", "shmflow", "shmflow rows job",
-                       P(sf.w2_rows_job, corrupt=bad(rows), **w2_kw, **job_kw),
+                       P(sf.w2_rows_job, corrupt=bad(rows), **w2_kw, workers=workers),
                        compare=tuple(rows_base), target=Target(2.6e6, ">=", ">= 2.6 M records/s"),
                        ratio_targets=(RatioTarget("w2_mp_queue_rows", 1.0, "≥ 1.0× mp.Queue batches"),),
-                       warmup=P(sf.w2_rows_job, **tiny_w2))],
+                       warmup=P(sf.w2_rows_job, n=TINY["w2_n"], workers=workers))],
             [Contender("w2_mp_queue_rows", "w2", "W2 rows", "baseline", "mp.Queue batches",
                        P(bl.w2_mp_queue_rows, **w2_kw)),
              Contender("w2_zmq_msgpack", "w2", "W2 rows", "baseline", "pyzmq msgpack", P(bl.w2_zmq_msgpack, **w2_kw)),
@@ -185,10 +182,10 @@ def build_contenders(workloads: list[str], *, scale: str = "full", workers: int 
                        P(bl.w2_mp_queue_per_record, **w2_kw))])
         out += _alternate(
             [Contender(cols, "w2", "W2 columnar", "shmflow", "shmflow columnar job",
-                       P(sf.w2_columnar_job, corrupt=bad(cols), **w2_kw, **job_kw), compare=("w2_zmq_columns",),
+                       P(sf.w2_columnar_job, corrupt=bad(cols), **w2_kw, workers=workers), compare=("w2_zmq_columns",),
                        target=Target(40e6, ">=", ">= 40 M records/s"),
                        ratio_targets=(RatioTarget("w2_zmq_columns", 0.76, "≥ 0.76× pyzmq columns"),),  # 40 / 52.7
-                       warmup=P(sf.w2_columnar_job, **tiny_w2))],
+                       warmup=P(sf.w2_columnar_job, n=TINY["w2_n"], workers=workers))],
             [Contender("w2_zmq_columns", "w2", "W2 columnar", "baseline", "pyzmq columns",
                        P(bl.w2_zmq_columns, **w2_kw))])
 
@@ -196,10 +193,10 @@ def build_contenders(workloads: list[str], *, scale: str = "full", workers: int 
         name = "w3_shmflow"
         out += _alternate(
             [Contender(name, "w3", "W3 word count", "shmflow", "shmflow word count job",
-                       P(sf.w3_job, corrupt=bad(name), **w3_kw, **job_kw), compare=("w3_mp_queue", "w3_counter"),
+                       P(sf.w3_job, corrupt=bad(name), **w3_kw, workers=workers), compare=("w3_mp_queue", "w3_counter"),
                        target=Target(3e6, ">=", ">= 3 M words/s"),
                        ratio_targets=(RatioTarget("w3_mp_queue", 0.65, "≥ 0.65× mp.Queue 2 proc"),),  # 3 / 4.6
-                       warmup=P(sf.w3_job, lines=TINY["w3_lines"], **job_kw))],
+                       warmup=P(sf.w3_job, lines=TINY["w3_lines"], workers=workers))],
             [Contender("w3_mp_queue", "w3", "W3 word count", "baseline", "mp.Queue, 2 processes",
                        P(bl.w3_mp_queue, **w3_kw)),
              Contender("w3_counter", "w3", "W3 word count", "ceiling", "Counter, one process",
@@ -208,9 +205,9 @@ def build_contenders(workloads: list[str], *, scale: str = "full", workers: int 
     if "latency" in workloads:
         name = "latency_shmflow"
         out.append(Contender(name, "latency", "latency", "shmflow", "shmflow keyed job",
-                             P(sf.latency_job, corrupt=bad(name), **lat_kw, **job_kw),
+                             P(sf.latency_job, corrupt=bad(name), **lat_kw, workers=workers),
                              target=Target(5.0, "<=", "p99 <= 5 ms"),
-                             warmup=P(sf.latency_job, count=TINY["latency_n"], **job_kw)))
+                             warmup=P(sf.latency_job, count=TINY["latency_n"], workers=workers)))
 
     if "alloc" in workloads:
         pairs = ALLOC_PAIRS[scale]
@@ -229,7 +226,7 @@ def _alternate(shmflow: list[Contender], others: list[Contender]) -> list[Conten
     return out
 
 
-def _alloc_run(alloc_bench: Any, scenario: str, pairs: int) -> dict:
+def _alloc_run(alloc_bench: Any, scenario: str, pairs: int) -> dict[str, Any]:
     """One repetition of the allocator micro-benchmark, as a result record (pairs/s)."""
     from runtime.bench.workloads import record
 
@@ -286,7 +283,7 @@ def summarize(contenders: list[Contender]) -> list[dict[str, Any]]:
     """One entry per contender: median/min/max over its ok repetitions, ratios to its baselines, target."""
     by_name = {c.name: c for c in contenders}
     rows: list[dict[str, Any]] = []
-    stats: dict[str, dict | None] = {}
+    stats: dict[str, dict[str, Any] | None] = {}
     for c in contenders:
         good = [r for r in c.records if r.get("ok") and r.get("rate") is not None]
         stats[c.name] = _spread([float(r["rate"]) for r in good])
@@ -446,7 +443,8 @@ def render_table(rows: list[dict[str, Any]], console: Any, title: str) -> None:
             goal = f"{'≥' if t['op'] == '>=' else '≤'} {_display(t['value'], r['unit'])[0]}"
             target = f"[green]✓ {goal}[/]" if t["met"] else f"[yellow]✗ {goal}[/]"
         for t in r.get("ratio_targets", []):
-            target += ("\n" if target else "") + (f"[green]✓ {t['text']}[/]" if t["met"] else f"[yellow]✗ {t['text']}[/]")
+            mark = f"[green]✓ {t['text']}[/]" if t["met"] else f"[yellow]✗ {t['text']}[/]"
+            target += ("\n" if target else "") + mark
         cells = ratio_cells.get(r["name"], [])
         ratio = cells[0][1] if len(cells) == 1 else "\n".join(f"{tag} {text}" for tag, text in cells)
         ok = "[green]ok[/]" if r["ok"] else "[bold red]FAIL[/]"

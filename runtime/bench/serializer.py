@@ -83,7 +83,7 @@ def _write_only(batches: list[Any], views: list[memoryview]) -> tuple[float, lis
     return time.perf_counter() - start, sizes
 
 
-def run(records: int = 1_000_000, repeats: int = 3) -> dict:
+def run(records: int = 1_000_000, repeats: int = 3) -> dict[str, Any]:
     rows = w2_rows(records)
     keys, values = w2_columns(records)
     row_batches = [rows[i: i + BATCH] for i in range(0, records, BATCH)]
@@ -105,7 +105,7 @@ def run(records: int = 1_000_000, repeats: int = 3) -> dict:
             for _ in range(repeats):
                 acc = [0.0] * KEYS
 
-                def consume_rows(batch: Any, acc: list = acc) -> None:
+                def consume_rows(batch: Any, acc: list[Any] = acc) -> None:
                     for k, v in batch:
                         acc[k] += v
                 times.append(_roundtrip(row_batches, views, consume_rows, write="write_records"))
@@ -192,3 +192,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = ["BATCH", "BUFFER_SIZE", "KEYS", "main", "run"]

@@ -1,7 +1,7 @@
 """shmflow's side of ``shmflow bench``: W1 through the network stack; W2, W3 and latency as jobs.
 
-Imports: runtime.bench.workloads, runtime.bench.baselines (its process plumbing), operators (sources, stateless),
-runtime.memory, runtime.network, runtime.api, numpy, the standard library.
+Imports: runtime.bench.workloads, runtime.bench.baselines (its process plumbing), runtime.execution.task (the
+Operator protocol), runtime.memory, runtime.network, runtime.api, numpy, the standard library.
 
 Each public function runs ONE repetition and returns one result record in the
 shape of :func:`runtime.bench.workloads.record` (the baselines' shape), so the
@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from operators.stateless import MapBatches
 from runtime.bench.baselines import (
     READY_TIMEOUT,
     RUN_TIMEOUT,
@@ -68,6 +67,7 @@ from runtime.bench.workloads import (
     w3_record,
     w3_reference,
 )
+from runtime.execution.task import Emit, Operator
 
 #: The W1 producer requests buffers in batches of up to this many bytes (16 x 32 KiB, 1 x 1 MiB).
 W1_REQUEST_BYTES = 512 << 10
@@ -113,7 +113,7 @@ def _w1_region_bytes(buf_bytes: int) -> int:
 
 
 def _w1_producer(region_name: str, endpoints: Any, barrier: Any, done: Any, buf_bytes: int, nbufs: int,
-                 nbuffers: int, transport: str) -> dict:
+                 nbuffers: int, transport: str) -> dict[str, Any]:
     from runtime.memory import BuddyAllocator, SharedRegion
     from runtime.network import NetworkBufferPool
     from runtime.network.partition import ResultPartition
@@ -156,7 +156,7 @@ def _w1_producer(region_name: str, endpoints: Any, barrier: Any, done: Any, buf_
         region.close()
 
 
-def _w1_consumer(endpoints: Any, barrier: Any, done: Any, nbufs: int, buf_bytes: int, transport: str) -> dict:
+def _w1_consumer(endpoints: Any, barrier: Any, done: Any, nbufs: int, buf_bytes: int, transport: str) -> dict[str, Any]:
     from runtime.network.gate import InputGate
 
     exclusive, floating = w1_credits(buf_bytes)
@@ -259,7 +259,9 @@ def _job_extra(result: Any) -> dict[str, Any]:
     m = result.metrics
     return {"job": {"wall_seconds": round(result.seconds, 4), "timed_seconds": round(m.get("timed_seconds", 0), 6),
                     "records": m.get("records"), "backpressure_seconds": round(m.get("backpressure_seconds", 0), 4),
-                    "memory_high_water_bytes": m.get("memory_high_water_bytes")}}
+                    "worker_peak_rss_bytes": m.get("worker_peak_rss_bytes"),
+                    "managed_peak_bytes": m.get("managed_peak_bytes"), "spilled_bytes": m.get("spilled_bytes"),
+                    "gc_pause_seconds": m.get("gc_pause_seconds")}}
 
 
 _first = itemgetter(0)
@@ -315,7 +317,7 @@ class _ColumnSums:
         self.acc: np.ndarray | None = None
         self.count = 0
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.acc is None:
             self.acc = np.zeros(W2_KEYS, dtype=np.float64)
         keys = batch["key"]
@@ -324,20 +326,26 @@ class _ColumnSums:
         return {}
 
 
-class _ColumnSumsOp(MapBatches):
+class _ColumnSumsOp(Operator):
     """``key_by("key").map_batches(_ColumnSums())`` plus a ``finish`` that emits the sums once, at end of input:
-    a columnar batch ``{"key": 0..99999, "value": sums}`` and then ``[("records", count)]``."""
+    a columnar batch ``{"key": 0..99999, "value": sums}`` and then ``[("records", count)]``.
+
+    An Operator of its own rather than a MapBatches: MapBatches takes any ``fn(batch) -> batch``, this one
+    needs the :class:`_ColumnSums` it reads in ``finish``."""
 
     name = "w2_column_sums"
 
-    def process_batch(self, batch: Any, emit: Any) -> None:
-        self.fn(batch)
+    def __init__(self, sums: _ColumnSums) -> None:
+        self.sums = sums
 
-    def finish(self, emit: Any) -> None:
-        fn = self.fn
-        acc = fn.acc if fn.acc is not None else np.zeros(W2_KEYS, dtype=np.float64)
+    def process_batch(self, batch: Any, emit: Emit) -> None:
+        self.sums(batch)
+
+    def finish(self, emit: Emit) -> None:
+        sums = self.sums
+        acc = sums.acc if sums.acc is not None else np.zeros(W2_KEYS, dtype=np.float64)
         emit({"key": np.arange(W2_KEYS, dtype=np.int64), "value": acc})  # columnar: ships as raw arrays
-        emit([("records", fn.count)])
+        emit([("records", sums.count)])
 
 
 def w2_columnar_job(*, quick: bool = False, n: int | None = None, workers: int = JOB_WORKERS,
@@ -387,26 +395,28 @@ def _tokens(line: str) -> list[str]:
     return line.lower().split()
 
 
-_W3_REF: dict[str, tuple[Path, collections.Counter]] = {}
+_W3_REF: dict[str, tuple[Path, collections.Counter[str]]] = {}
 
 
-def w3_input(quick: bool = False, lines: int | None = None) -> tuple[Path, collections.Counter]:
+def w3_input(quick: bool = False, lines: int | None = None) -> tuple[Path, collections.Counter[str]]:
     """(a corpus file, its reference Counter): the full corpus, its first 1/10 (quick), or ``lines`` generated.
 
     Cached in :func:`data_dir`; the Counter is cached per process (one at a time).
     """
     key = f"lines={lines}" if lines is not None else ("quick" if quick else "full")
     if key not in _W3_REF:
-        full = w3_corpus_path() if lines is None else None
+        full: Path | None = None  # the full corpus, unless the input is generated
         if lines is not None:
             path = data_dir() / f"w3_corpus_generated_l{lines}.txt"
             text = w3_generate(lines)
-        elif quick:
-            path = data_dir() / f"w3_corpus_quick_l{W3_LINES // W3_QUICK_FRACTION}.txt"
-            with open(full, encoding="ascii") as f:
-                text = "".join(line for _, line in zip(range(W3_LINES // W3_QUICK_FRACTION), f))
         else:
-            path, text = full, full.read_text(encoding="ascii")
+            full = w3_corpus_path()
+            if quick:
+                path = data_dir() / f"w3_corpus_quick_l{W3_LINES // W3_QUICK_FRACTION}.txt"
+                with open(full, encoding="ascii") as f:
+                    text = "".join(line for _, line in zip(range(W3_LINES // W3_QUICK_FRACTION), f))
+            else:
+                path, text = full, full.read_text(encoding="ascii")
         if path != full and (not path.exists() or path.read_text(encoding="ascii") != text):
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(text, encoding="ascii")
@@ -453,7 +463,7 @@ def _stamp(i: int) -> tuple[int, float]:
     return (i % LATENCY_KEYS, time.monotonic())
 
 
-def _latencies(batch: list) -> list[float]:
+def _latencies(batch: list[Any]) -> list[float]:
     now = time.monotonic
     return [now() - r[1] for r in batch]
 

@@ -136,7 +136,7 @@ def w2_expected(n: int = W2_N) -> np.ndarray:
     return np.bincount(keys, weights=values, minlength=W2_KEYS)
 
 
-def w2_row_consume(acc: list, batch: Iterable[Sequence]) -> None:
+def w2_row_consume(acc: list[Any], batch: Iterable[Sequence[Any]]) -> None:
     """Row-mode consumer work: add each record's value to ``acc[key]`` in a Python loop."""
     for key, value in batch:
         acc[key] += value
@@ -259,7 +259,7 @@ def data_dir() -> Path:
     return path
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -337,7 +337,7 @@ def w3_tokens(text: str) -> list[str]:
     return text.lower().split()
 
 
-def w3_reference(text: str) -> collections.Counter:
+def w3_reference(text: str) -> collections.Counter[str]:
     """The correct result: ``Counter(text.lower().split())``."""
     return collections.Counter(w3_tokens(text))
 

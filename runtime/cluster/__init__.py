@@ -11,3 +11,5 @@ runtime.errors. Never ``operators``.
 - :mod:`~runtime.cluster.progress`: the terminal progress line and job summaries.
 - :mod:`~runtime.cluster.layout`: ``shmflow layout``'s picture of a cluster's region.
 """
+
+__all__: list[str] = []

@@ -80,7 +80,7 @@ def _user_code_by_value() -> Iterator[None]:
 
 def _dumps(graph: JobGraph) -> bytes:
     try:
-        return cloudpickle.dumps(graph)
+        return bytes(cloudpickle.dumps(graph))
     except Exception:  # noqa: BLE001 - find the operator to blame (pickling each is slow: only now)
         pass
     for vertex in graph.vertices:
@@ -91,7 +91,7 @@ def _dumps(graph: JobGraph) -> bytes:
                 msg = (f"operator {node.name!r} of job {graph.name!r} cannot be shipped to the workers: "
                        f"{type(exc).__name__}: {exc}")
                 raise JobFailedError(msg) from exc
-    return cloudpickle.dumps(graph)  # not an operator's fault: raise what pickling raises
+    return bytes(cloudpickle.dumps(graph))  # not an operator's fault: raise what pickling raises
 
 
 def check_shippable(graph: JobGraph) -> bytes:
@@ -146,7 +146,6 @@ def execute_job(graph: JobGraph, config: ShmflowConfig, *, collect: dict[str, An
     Raises:
         JobFailedError: the job failed, could not be shipped, or the cluster did not start.
     """
-    payload = check_shippable(graph) if coordinator is not None else worker_payloads(graph)
     started = time.monotonic()
 
     def on_collect(sink: str, records: bytes) -> None:
@@ -161,14 +160,14 @@ def execute_job(graph: JobGraph, config: ShmflowConfig, *, collect: dict[str, An
         with cluster:
             tick = progress_printer(graph.name, cluster.coordinator, started) if sys.stderr.isatty() else None
             try:
-                metrics = cluster.coordinator.run_job(graph, payload, on_collect=on_collect, timeout=timeout,
-                                                      on_tick=tick)
+                metrics = cluster.coordinator.run_job(graph, worker_payloads(graph), on_collect=on_collect,
+                                                      timeout=timeout, on_tick=tick)
             finally:
                 if tick is not None:
                     sys.stderr.write("\r\x1b[K")
                     sys.stderr.flush()
     else:
-        metrics = submit(coordinator, graph, payload, on_collect=on_collect, secret_file=secret_file,
+        metrics = submit(coordinator, graph, check_shippable(graph), on_collect=on_collect, secret_file=secret_file,
                          timeout=timeout, max_message_size=config.max_message_size)
     seconds = time.monotonic() - started
     return JobResult(graph.name, seconds, summarize(metrics, seconds))

@@ -1,6 +1,6 @@
 """The coordinator (Flink's JobManager + ResourceManager): owns the region, grants arenas, runs jobs.
 
-Imports: runtime.memory, runtime.control, runtime.graph, runtime.network
+Imports: runtime.memory, runtime.cluster.protocol, runtime.execution.graph, runtime.network
 (transport), runtime.errors. Never imports ``operators``.
 
 The coordinator alone creates, carves and unlinks the shared region. Each
@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import zmq
@@ -59,19 +60,18 @@ from runtime.memory import BuddyAllocator, MemorySegment, SharedRegion, format_b
 from runtime.network.budget import job_buffers_required
 from runtime.network.transport import bind, context, local_endpoint, make_socket
 
+if TYPE_CHECKING:
+    from runtime.config import ShmflowConfig
+
 log = logging.getLogger("shmflow.coordinator")
 
 HEARTBEAT_TIMEOUT = 30.0  # seconds of silence after which a worker counts as lost (a busy step can be long)
 STARTUP_TIMEOUT = 60.0
 
 
-def _exitcode(proc: Any) -> int | None:
-    """The exit code of a worker process (Popen or multiprocessing.Process), None while it runs."""
-    if proc is None:
-        return None
-    if hasattr(proc, "poll"):
-        return proc.poll()
-    return proc.exitcode
+def _exitcode(proc: subprocess.Popen[bytes] | None) -> int | None:
+    """The exit code of a worker process this coordinator started, None while it runs (or not ours)."""
+    return None if proc is None else proc.poll()
 
 
 @dataclass
@@ -81,11 +81,11 @@ class WorkerHandle:
     worker_id: int
     identity: bytes
     pid: int
+    last_heard: float  # the coordinator's clock when this worker was last heard from
     arena: MemorySegment | None = None
     attached: bool = False
-    last_heard: float = field(default_factory=time.monotonic)
     progress: dict[str, list[int]] | None = None  # from the last heartbeat: chain -> [records in, out]
-    process: Any = None  # the worker's process handle when this coordinator started it
+    process: subprocess.Popen[bytes] | None = None  # the worker's process when this coordinator started it
 
 
 class Coordinator:
@@ -98,7 +98,9 @@ class Coordinator:
     Process: the coordinator process, one thread.
     """
 
-    def __init__(self, config: Any, *, endpoint: str | None = None, secret: bytes | None = None) -> None:
+    def __init__(self, config: ShmflowConfig, *, endpoint: str | None = None, secret: bytes | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock  # heartbeat bookkeeping only; tests inject a fake one
         self.config = config
         self.plan = config.memory_plan()
         self.secret = secret or control.new_secret()
@@ -147,7 +149,7 @@ class Coordinator:
         identity, message = received
         handle = self._by_identity.get(identity)
         if handle is not None:
-            handle.last_heard = time.monotonic()
+            handle.last_heard = self.clock()
         if isinstance(message, Register):
             self._on_register(identity, message)
             return None
@@ -175,7 +177,7 @@ class Coordinator:
         if wid in self.workers:
             log.warning("worker %d registered twice; refusing pid %s", wid, message.pid)
             return
-        handle = WorkerHandle(wid, identity, message.pid)
+        handle = WorkerHandle(wid, identity, message.pid, last_heard=self.clock())
         handle.arena = self.allocator.allocate(self.plan.arena_bytes, owner=f"worker-{wid} arena")
         self.workers[wid] = handle
         self._by_identity[identity] = handle
@@ -197,7 +199,7 @@ class Coordinator:
             self.allocator.free(handle.arena)
 
     def wait_workers_attached(self, n: int, *, timeout: float = STARTUP_TIMEOUT,
-                              processes: list[Any] | None = None) -> None:
+                              processes: list[subprocess.Popen[bytes]] | None = None) -> None:
         deadline = time.monotonic() + timeout
         while sum(h.attached for h in self.workers.values()) < n:
             for i, proc in enumerate(processes or []):
@@ -276,7 +278,8 @@ class Coordinator:
                 raise InsufficientNetworkBuffersError(msg)
 
     def _watch(self, graph: JobGraph, participants: dict[int, WorkerHandle], job: str, deadline: float | None,
-               deployed: dict | None, finished: dict | None, on_collect: Callable[[str, bytes], None]) -> None:
+               deployed: dict[int, dict[str, str]] | None, finished: dict[int, dict[str, Any]] | None,
+               on_collect: Callable[[str, bytes], None]) -> None:
         self._check_alive(graph, participants)
         if self._on_tick is not None and time.monotonic() >= self._next_tick:
             self._next_tick = time.monotonic() + 0.5
@@ -289,7 +292,8 @@ class Coordinator:
             return
         identity, message = received
         if isinstance(message, Submit):
-            self.send_to(identity, JobError(message="the coordinator is running another job; submit again when it ends"))
+            busy = "the coordinator is running another job; submit again when it ends"
+            self.send_to(identity, JobError(message=busy))
             return
         if not isinstance(message, (Collect, Deployed, Finished, Failed)) or message.job != job:
             return
@@ -310,7 +314,7 @@ class Coordinator:
             raise JobFailedError(msg)
 
     def _check_alive(self, graph: JobGraph, participants: dict[int, WorkerHandle]) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for wid, handle in participants.items():
             code = _exitcode(handle.process)
             silent = now - handle.last_heard > HEARTBEAT_TIMEOUT
@@ -334,18 +338,23 @@ class Coordinator:
             identity, message = received
             if not isinstance(message, Submit):
                 continue
+
+            def relay(sink: str, records: bytes, client: bytes = identity) -> None:
+                self.send_to(client, Results(sink=sink, records=records))
+
+            def still_running(client: bytes = identity) -> None:
+                self.send_to(client, Running())
+
             try:
                 graph = check_graph_payload(message.graph)
-                metrics = self.run_job(
-                    graph, message.graph, timeout=message.timeout,
-                    on_collect=lambda sink, records: self.send_to(identity, Results(sink=sink, records=records)),
-                    on_tick=lambda: self.send_to(identity, Running()))
+                metrics = self.run_job(graph, message.graph, timeout=message.timeout, on_collect=relay,
+                                       on_tick=still_running)
                 self.send_to(identity, JobSucceeded(metrics=metrics))
-            except Exception as exc:  # the client gets the failure; the coordinator keeps serving
+            except Exception as exc:  # noqa: BLE001 - the client gets the failure; the coordinator keeps serving
                 self.send_to(identity, JobError(message=str(exc)))
 
     def _reap_silent(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for wid, handle in list(self.workers.items()):
             if _exitcode(handle.process) is not None or now - handle.last_heard > HEARTBEAT_TIMEOUT:
                 log.warning("worker %d (pid %d) is gone; reclaiming its arena", wid, handle.pid)
@@ -367,3 +376,6 @@ def check_graph_payload(payload: bytes) -> JobGraph:
         msg = f"a submitted job must be a JobGraph; got {type(graph).__name__}"
         raise JobFailedError(msg)
     return graph
+
+
+__all__ = ["HEARTBEAT_TIMEOUT", "Coordinator", "WorkerHandle", "check_graph_payload"]

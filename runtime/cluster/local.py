@@ -33,7 +33,7 @@ class LocalCluster:
     def __init__(self, config: ShmflowConfig) -> None:
         self.config = config
         self.coordinator = Coordinator(config)
-        self.processes: list[subprocess.Popen] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
         try:
             self._start_workers()
         except BaseException:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from runtime.cluster.coordinator import Coordinator
+from runtime.execution.job_run import WORKER_METRICS
 from runtime.memory.units import format_bytes
 
 
@@ -41,13 +42,18 @@ def progress_printer(name: str, coordinator: Coordinator, started: float) -> Cal
 
 
 def summarize(per_worker: dict[int, dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """Merge the workers' metrics: per operator chain, records in/out and backpressure; totals."""
+    """Merge the workers' metrics: per operator chain, records in/out and backpressure; totals.
+
+    Per worker (``workers``): peak RSS, GC pause time, network and managed memory
+    peaks. Totals: ``managed_peak_bytes`` and ``spilled_bytes`` summed over
+    workers, ``worker_peak_rss_bytes`` the largest worker's.
+    """
     operators: dict[str, dict[str, float]] = {}
-    high_water = 0
-    for metrics in per_worker.values():
+    workers: dict[int, dict[str, float]] = {}
+    for wid, metrics in per_worker.items():
         for name, values in metrics.items():
-            if name == "memory_high_water_bytes":
-                high_water += values
+            if name == WORKER_METRICS:
+                workers[int(wid)] = dict(values)
                 continue
             chain = name.rsplit("[", 1)[0]
             agg = operators.setdefault(chain, {})
@@ -70,20 +76,35 @@ def summarize(per_worker: dict[int, dict[str, Any]], seconds: float) -> dict[str
         "records": records,
         "records_per_s": records / timed if timed > 0 else 0.0,
         "backpressure_seconds": sum(m.get("backpressure_seconds", 0) for m in operators.values()),
-        "memory_high_water_bytes": high_water,
+        "workers": workers,
+        "worker_peak_rss_bytes": max((w.get("peak_rss_bytes", 0) for w in workers.values()), default=0),
+        "gc_pause_seconds": sum(w.get("gc_pause_seconds", 0.0) for w in workers.values()),
+        "network_peak_bytes": sum(w.get("network_peak_bytes", 0) for w in workers.values()),
+        "managed_peak_bytes": sum(w.get("managed_peak_bytes", 0) for w in workers.values()),
+        "spilled_bytes": sum(m.get("spilled_bytes", 0) for m in operators.values()),
+        "spill_files": sum(m.get("spill_files", 0) for m in operators.values()),
     }
 
 
 def render_summary(name: str, seconds: float, metrics: dict[str, Any]) -> str:
-    """One paragraph: records, throughput, memory high-water, backpressure, per operator chain."""
+    """One paragraph: records and throughput; memory (managed, spilled, worker RSS, GC); per operator chain."""
     m = metrics
+    spilled = (f", spilled {format_bytes(m['spilled_bytes'])} in {m.get('spill_files', 0)} files"
+               if m.get("spilled_bytes") else "")
     lines = [f"job {name!r}: {m.get('records', 0):,} records in {m.get('timed_seconds', seconds):.2f}s "
-             f"({m.get('records_per_s', 0):,.0f} records/s; {seconds:.2f}s with start-up); memory high-water "
-             f"{format_bytes(m.get('memory_high_water_bytes', 0))}; backpressure "
-             f"{m.get('backpressure_seconds', 0):.2f}s"]
-    for name, ops in m.get("operators", {}).items():
+             f"({m.get('records_per_s', 0):,.0f} records/s; {seconds:.2f}s with start-up); backpressure "
+             f"{m.get('backpressure_seconds', 0):.2f}s",
+             f"  memory: managed peak {format_bytes(m.get('managed_peak_bytes', 0))}{spilled}; network peak "
+             f"{format_bytes(m.get('network_peak_bytes', 0))}; worker peak RSS "
+             f"{format_bytes(m.get('worker_peak_rss_bytes', 0))} (largest); GC pauses "
+             f"{m.get('gc_pause_seconds', 0.0):.2f}s"]
+    for chain, ops in m.get("operators", {}).items():
         late = f", {ops['late_records_dropped']:,} late records dropped" if ops.get("late_records_dropped") else ""
-        lines.append(f"  {name}: {ops.get('records_in', 0):,} in, {ops.get('records_out', 0):,} out{late}")
+        spill = (f", managed peak {format_bytes(ops['managed_peak_bytes'])}" if ops.get("managed_peak_bytes")
+                 else "")
+        if ops.get("spilled_bytes"):
+            spill += f", spilled {format_bytes(ops['spilled_bytes'])}"
+        lines.append(f"  {chain}: {ops.get('records_in', 0):,} in, {ops.get('records_out', 0):,} out{late}{spill}")
     return "\n".join(lines)
 
 

@@ -231,7 +231,8 @@ def encode(message: Message) -> bytes:
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": message.TYPE}
     for f in dataclasses.fields(message):
         body[f.name] = getattr(message, f.name)
-    return msgpack.packb(body, use_bin_type=True)
+    payload: bytes = msgpack.packb(body, use_bin_type=True)
+    return payload
 
 
 def decode(payload: bytes, *, peer: str = "peer") -> Message:
@@ -454,7 +455,7 @@ def open_message(secret: bytes, frames: list[bytes], *, peer: str = "peer") -> M
     return decode(payload, peer=peer)
 
 
-def send(sock: zmq.Socket, secret: bytes, message: Message, *, identity: bytes | None = None) -> None:
+def send(sock: zmq.Socket[bytes], secret: bytes, message: Message, *, identity: bytes | None = None) -> None:
     """Sign and send ``message`` (ROUTER side: to the peer ``identity``)."""
     frames = seal(secret, message)
     if identity is not None:
@@ -462,7 +463,7 @@ def send(sock: zmq.Socket, secret: bytes, message: Message, *, identity: bytes |
     sock.send_multipart(frames)
 
 
-def recv_from(sock: zmq.Socket, secret: bytes) -> tuple[bytes, Message] | None:
+def recv_from(sock: zmq.Socket[bytes], secret: bytes) -> tuple[bytes, Message] | None:
     """ROUTER side: (identity, message), or None (logged) when the message is refused."""
     frames = sock.recv_multipart()
     identity, rest = frames[0], frames[1:]
@@ -473,7 +474,7 @@ def recv_from(sock: zmq.Socket, secret: bytes) -> tuple[bytes, Message] | None:
         return None
 
 
-def recv(sock: zmq.Socket, secret: bytes) -> Message | None:
+def recv(sock: zmq.Socket[bytes], secret: bytes) -> Message | None:
     """DEALER side: the message, or None (logged) when it is refused."""
     frames = sock.recv_multipart()
     try:

@@ -107,7 +107,7 @@ class Worker:
 
     # ------------------------------------------------- JobHost (runtime.execution.job_run)
     @property
-    def control_socket(self) -> zmq.Socket:
+    def control_socket(self) -> zmq.Socket[bytes]:
         return self.sock
 
     def keep_alive(self, now: float) -> None:
@@ -262,3 +262,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+__all__ = ["COORDINATOR_SILENCE", "HEARTBEAT_INTERVAL", "Worker", "main", "worker_main"]

@@ -9,3 +9,5 @@ pickled and run through :mod:`runtime.execution.task`'s protocol).
 - :mod:`~runtime.execution.subtask`: one parallel instance of a vertex.
 - :mod:`~runtime.execution.job_run`: one job on one worker and its cooperative loop.
 """
+
+__all__: list[str] = []

@@ -1,6 +1,6 @@
 """The logical job graph and its translation into vertices (operator chains) and edges.
 
-Imports: runtime.task, runtime.errors (stdlib otherwise). Knows nothing of
+Imports: runtime.execution.task, runtime.errors (stdlib otherwise). Knows nothing of
 the concrete operators: a node holds an operator *object* (shipped to workers
 pickled) and a few flags.
 
@@ -199,3 +199,6 @@ def build_job_graph(name: str, nodes: list[StreamNode], *, mode: str) -> JobGrap
             target.inputs.append(edge)
             source.outputs.append(edge)
     return JobGraph(name=name, vertices=vertices, mode=mode)
+
+
+__all__ = ["PARTITIONINGS", "JobEdge", "JobGraph", "JobVertex", "StreamNode", "build_job_graph"]

@@ -28,8 +28,10 @@ from typing import Any, Protocol
 import zmq
 
 from runtime.execution.graph import JobGraph
+from runtime.execution.process_stats import gc_timer, peak_rss_bytes, reset_peak_rss
 from runtime.execution.subtask import OperatorFailure, Subtask
-from runtime.execution.task import OperatorContext
+from runtime.execution.task import ManagedMemory, Operator, OperatorContext
+from runtime.io import IOManager
 from runtime.memory.manager import MemoryManager
 from runtime.memory.region import SharedRegion
 from runtime.network.batch import pack_batch
@@ -38,6 +40,23 @@ from runtime.network.buffer_pool import LocalBufferPool, NetworkBufferPool
 from runtime.network.gate import InputGate
 from runtime.network.partition import ResultPartition
 from runtime.network.records import Partitioner, RecordReader, RecordWriter
+
+#: The key of a job's per-worker figures in its metrics (the other keys are subtasks, ``name[index]``).
+WORKER_METRICS = "__worker__"
+
+
+def managed_shares(operators: list[Operator], *, budget: int, page_size: int) -> dict[int, int]:
+    """Each stateful operator's share of a worker's managed ``budget``: ``id(op) -> bytes``.
+
+    Shares are proportional to :attr:`Operator.managed_memory_weight` (Flink's
+    use-case weights), whole pages, and together never above the budget.
+    Operators of weight 0 get nothing (and are absent).
+    """
+    weights = {id(op): op.managed_memory_weight for op in operators if op.managed_memory_weight > 0}
+    total = sum(weights.values())
+    if not total or budget < page_size:
+        return {}
+    return {key: budget * weight // total // page_size * page_size for key, weight in weights.items()}
 
 
 class JobCancelled(Exception):
@@ -57,7 +76,7 @@ class JobHost(Protocol):
     memory: MemoryManager | None
 
     @property
-    def control_socket(self) -> zmq.Socket:
+    def control_socket(self) -> zmq.Socket[bytes]:
         """The socket control messages arrive on; the job's loop polls it with its data sockets."""
 
     def keep_alive(self, now: float) -> None:
@@ -97,10 +116,15 @@ class JobRun:
     """
 
     def __init__(self, host: JobHost, job_id: str, payload: bytes, config: dict[str, Any]) -> None:
+        if host.region is None or host.network is None or host.memory is None:
+            msg = f"worker {host.worker_id} cannot run job {job_id}: its arena is not set up (no welcome yet)"
+            raise RuntimeError(msg)
         self.host = host
+        self.network: NetworkBufferPool = host.network
+        self.memory: MemoryManager = host.memory
         self.job_id = job_id
         self._payload: bytes | None = payload  # pickled; unpickled in run(), where failures are reported
-        self.graph: JobGraph | None = None
+        self.graph: JobGraph  # unpickled in run(), where a failure is reported
         self.config: dict[str, Any] = config
         self._current: str | None = None  # the operator chain running now, for failure reports
         self.subtasks: list[Subtask] = []
@@ -108,9 +132,13 @@ class JobRun:
         self.partitions: list[ResultPartition] = []
         self.pools: list[LocalBufferPool] = []
         self.writers: list[RecordWriter] = []
+        self._gc_before = 0.0
+        self._io_manager: IOManager | None = None
 
     # ------------------------------------------------------------------ phases
     def run(self) -> None:
+        reset_peak_rss()  # this job's peak, not the largest of every job this worker ran
+        self._gc_before = gc_timer().seconds
         self.host.set_progress(lambda: {st.vertex.name: [st.records_in, st.records_out] for st in self.subtasks})
         try:
             import cloudpickle  # the job graph arrives pickled (its HMAC was verified on receipt)
@@ -130,7 +158,7 @@ class JobRun:
             pass
         except OperatorFailure as exc:
             self.host.report_failed(self.job_id, exc.operator, exc.traceback)
-        except Exception as exc:  # runtime failure: report it with its traceback
+        except Exception as exc:  # noqa: BLE001 - runtime failure: report it with its traceback
             self.host.report_failed(self.job_id, self._current or "runtime",
                                       "".join(traceback.format_exception(exc)))
         finally:
@@ -147,12 +175,14 @@ class JobRun:
         cfg = self.config
         mode = self.graph.mode
         gates: dict[str, str] = {}
-        for vertex in self.graph.vertices:
-            if w.worker_id >= vertex.parallelism:
-                continue
-            index = w.worker_id
+        index = w.worker_id
+        mine = [v for v in self.graph.vertices if index < v.parallelism]
+        chains = {v.id: [self._instantiate(node, index) for node in v.nodes] for v in mine}
+        shares = managed_shares([op for ops in chains.values() for op in ops], budget=self.memory.budget,
+                                page_size=self.memory.page_size)
+        for vertex in mine:
             self._current = vertex.name
-            operators = [self._instantiate(node, index) for node in vertex.nodes]
+            operators = chains[vertex.id]
             gate = None
             if vertex.inputs:
                 channels = self.graph.gate_channels(vertex)
@@ -164,9 +194,11 @@ class JobRun:
                 self.gates[vertex.id] = gate
                 gates[str(vertex.id)] = gate.endpoint
 
-            def ctx_factory(name: str, subtask: int, parallelism: int) -> OperatorContext:
+            def ctx_factory(name: str, subtask: int, parallelism: int, op: Operator) -> OperatorContext:
+                share = shares.get(id(op), 0)
+                managed = (ManagedMemory(self.memory, f"{name}[{subtask}]", share, self._io) if share else None)
                 return OperatorContext(operator_name=name, subtask_index=subtask, parallelism=parallelism,
-                                       worker_id=w.worker_id, mode=mode, memory=w.memory,
+                                       worker_id=w.worker_id, mode=mode, memory=self.memory, managed=managed,
                                        send_to_client=self._send_to_client)
 
             st = Subtask(self.graph, vertex, index, operators, gate=gate, ctx_factory=ctx_factory)
@@ -177,6 +209,14 @@ class JobRun:
         self._current = None
         self.host.report_deployed(self.job_id, gates)
 
+    def _io(self) -> IOManager:
+        """The job's IOManager, created on first use in one of ``io.tmp-dirs`` (closed in ``_close``)."""
+        if self._io_manager is None:
+            dirs = self.config["io.tmp-dirs"]
+            directory = dirs[self.host.worker_id % len(dirs)]  # spread workers over the directories, as Flink
+            self._io_manager = IOManager(directory, threads=2)
+        return self._io_manager
+
     def _instantiate(self, node: Any, index: int) -> Any:
         op = node.operator
         if node.is_source and callable(getattr(op, "split", None)) and node.split_for != index:
@@ -185,7 +225,6 @@ class JobRun:
 
     def _connect(self, gate_endpoints: dict[str, list[str]]) -> None:
         """Create one result partition per output edge, connected to every target subtask's gate."""
-        w = self.host
         cfg = self.config
         transport = "tcp" if cfg["network.transport"] == "tcp" else "shm"
         for st in self.subtasks:
@@ -200,7 +239,7 @@ class JobRun:
                 n = len(targets)
                 budget = partition_budget(n, buffers_per_channel=cfg["network.buffers-per-channel"],
                                           floating_per_gate=cfg["network.floating-buffers-per-gate"])
-                pool = w.network.create_buffer_pool(budget.guaranteed, budget.maximum,
+                pool = self.network.create_buffer_pool(budget.guaranteed, budget.maximum,
                                                     name=f"{st.vertex.name}[{st.index}]->{target.id}")
                 self.pools.append(pool)
                 part = ResultPartition(pool, [endpoints[t] for t in targets], channel_ids=channel_id,
@@ -278,9 +317,12 @@ class JobRun:
         out: dict[str, Any] = {}
         for st in self.subtasks:
             out[f"{st.vertex.name}[{st.index}]"] = st.metrics()
-        network_peak = sum(p.stats().peak_in_use for p in self.pools) * self.host.network.buffer_size
-        managed_peak = self.host.memory.stats().high_water_mark if self.host.memory is not None else 0
-        out["memory_high_water_bytes"] = network_peak + managed_peak
+        out[WORKER_METRICS] = {
+            "peak_rss_bytes": peak_rss_bytes(),
+            "gc_pause_seconds": gc_timer().seconds - self._gc_before,
+            "network_peak_bytes": sum(p.stats().peak_in_use for p in self.pools) * self.network.buffer_size,
+            "managed_peak_bytes": self.memory.stats().high_water_mark,
+        }
         return out
 
     def _close(self) -> None:
@@ -294,9 +336,11 @@ class JobRun:
             gate.close()
         for pool in self.pools:
             pool.destroy()
-        if self.host.memory is not None:
-            for owner in list(self.host.memory.owners()):
-                self.host.memory.release_all(owner)
+        for owner in list(self.memory.owners()):
+            self.memory.release_all(owner)
+        if self._io_manager is not None:
+            self._io_manager.close()  # removes the job's spill directory and every file in it
+            self._io_manager = None
 
 
-__all__ = ["JobCancelled", "JobHost", "JobRun"]
+__all__ = ["WORKER_METRICS", "JobCancelled", "JobHost", "JobRun", "managed_shares"]

@@ -1,7 +1,7 @@
 """One parallel instance of a job vertex: its operator chain, its input gate, its outputs.
 
-Imports: runtime.task, runtime.graph, runtime.network, runtime.errors. Runs
-operators only through runtime.task's protocol (never imports ``operators``).
+Imports: runtime.execution (task, graph), runtime.network, runtime.errors. Runs
+operators only through runtime.execution.task's protocol (never imports ``operators``).
 
 A subtask makes progress in small :meth:`Subtask.step` s that the worker's
 loop interleaves: one source batch, or the buffers that arrived on its gate.
@@ -15,11 +15,14 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from runtime.execution.graph import JobGraph, JobVertex
 from runtime.execution.task import MAX_WATERMARK, Operator, OperatorContext, SourceOperator, batch_len
 from runtime.network.events import EndOfPartition, Watermark
+
+if TYPE_CHECKING:
+    from runtime.network.records import RecordReader
 
 SOURCE_BATCH = 4096  # records per source poll: large enough to amortise Python, small for latency
 # Bytes per poll of a columnar source (32,768 rows of an int64 key and a float64 value): numpy does a
@@ -46,14 +49,15 @@ class Subtask:
     """
 
     def __init__(self, graph: JobGraph, vertex: JobVertex, index: int, operators: list[Operator], *,
-                 gate: Any = None, writers: list[Any] | None = None, ctx_factory: Callable[..., OperatorContext]) -> None:
+                 gate: Any = None, writers: list[Any] | None = None,
+                 ctx_factory: Callable[..., OperatorContext]) -> None:
         self.graph = graph
         self.vertex = vertex
         self.index = index
         self.name = f"{vertex.name} ({index + 1}/{vertex.parallelism})"
         self.operators = operators
         self.gate = gate
-        self.reader = None
+        self.reader: RecordReader | None = None
         self.writers = writers or []
         self.finished = False
         self._ending = False  # input done; waiting for the writers to drain
@@ -61,11 +65,11 @@ class Subtask:
         self.records_out = 0
         self.first_record_at: float | None = None  # time.monotonic() (system-wide) of the first record
         self.finished_at: float | None = None
-        self._source: SourceOperator | None = operators[0] if vertex.is_source else None
+        self._source: SourceOperator | None = cast(SourceOperator, operators[0]) if vertex.is_source else None
         row_bytes = getattr(self._source, "row_bytes", 0)  # set by columnar sources
         self._source_batch = max(SOURCE_BATCH, SOURCE_COLUMNAR_BYTES // row_bytes) if row_bytes else SOURCE_BATCH
         for i, op in enumerate(operators):
-            op.open(ctx_factory(vertex.nodes[i].name, index, vertex.parallelism))
+            op.open(ctx_factory(vertex.nodes[i].name, index, vertex.parallelism, op))
         # emits[i] pushes a batch into operator i (emits[len] is the output)
         self._emits: list[Callable[[Any], None]] = [None] * (len(operators) + 1)  # type: ignore[list-item]
         self._emits[-1] = self._output
@@ -90,7 +94,7 @@ class Subtask:
                 op.process_batch(batch, downstream)
             except OperatorFailure:
                 raise
-            except Exception:
+            except Exception:  # noqa: BLE001 - a user function may raise anything; it fails the job by name
                 raise OperatorFailure(name, traceback.format_exc()) from None
         return emit
 
@@ -105,16 +109,18 @@ class Subtask:
         for w in self.writers:
             w.emit(batch)
 
-    def _forward_watermark(self, start: int, wm: float) -> None:
-        """Pass watermark ``wm`` through operators ``start..`` and then to the outputs."""
+    def _forward_watermark(self, start: int, watermark: float) -> None:
+        """Pass ``watermark`` through operators ``start..`` and then to the outputs."""
+        wm = watermark
         for i in range(start, len(self.operators)):
             op = self.operators[i]
             try:
-                wm = op.process_watermark(wm, self._emits[i + 1])
-            except Exception:
+                forwarded = op.process_watermark(wm, self._emits[i + 1])
+            except Exception:  # noqa: BLE001 - a user function may raise anything; it fails the job by name
                 raise OperatorFailure(self.vertex.nodes[i].name, traceback.format_exc()) from None
-            if wm is None:
+            if forwarded is None:  # the operator holds the watermark back
                 return
+            wm = forwarded
         for w in self.writers:
             w.emit_event(Watermark(wm))
 
@@ -152,6 +158,8 @@ class Subtask:
             self.records_in += batch_len(batch)
             self._source_emit(batch)
             return True
+        if self.reader is None:  # not a source and no input: nothing to do
+            return False
         items = self.reader.poll()
         if not items:
             return False
@@ -192,7 +200,7 @@ class Subtask:
             if t is not None and t <= now:
                 try:
                     op.on_processing_time(now, self._emits[i + 1])
-                except Exception:
+                except Exception:  # noqa: BLE001 - a user function may raise anything; it fails the job by name
                     raise OperatorFailure(self.vertex.nodes[i].name, traceback.format_exc()) from None
                 fired = True
         return fired
@@ -210,7 +218,7 @@ class Subtask:
         for i in range(start, len(self.operators)):
             try:
                 self.operators[i].finish(self._emits[i + 1])
-            except Exception:
+            except Exception:  # noqa: BLE001 - a user function may raise anything; it fails the job by name
                 raise OperatorFailure(self.vertex.nodes[i].name, traceback.format_exc()) from None
         for w in self.writers:
             w.emit_event(EndOfPartition())
@@ -242,7 +250,10 @@ class Subtask:
         for op in self.operators:
             try:
                 op.close()
-            except Exception:  # closing must not mask the original failure
+            except Exception:  # noqa: BLE001 - closing must not mask the original failure
                 pass
 
 
+
+
+__all__ = ["SOURCE_BATCH", "SOURCE_COLUMNAR_BYTES", "OperatorFailure", "Subtask"]

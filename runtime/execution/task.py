@@ -24,9 +24,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from runtime.network.batch import Batch, TimestampedBatch, batch_len, to_records
+
+if TYPE_CHECKING:
+    from runtime.io import IOManager
+    from runtime.memory.manager import MemoryManager
 
 Emit = Callable[[Batch], None]
 
@@ -35,14 +39,42 @@ MAX_WATERMARK = float("inf")
 
 
 @dataclass
+class ManagedMemory:
+    """What the runtime lends one stateful operator: its share of the worker's managed memory, and spill I/O.
+
+    The worker's managed budget (``memory.managed.size`` or ``.fraction``) is
+    shared by the stateful operators of all its subtasks in proportion to
+    their :attr:`Operator.managed_memory_weight` (Flink's
+    ``ManagedMemoryUseCase`` weights). An operator takes pages lazily, up to
+    ``share_bytes``, from ``memory`` on behalf of ``owner``; running out of its
+    share makes it spill through :meth:`io`, never fail.
+
+    Ownership: the operator owns every page it takes as ``owner`` and frees
+    them when it finishes; the runtime releases whatever ``owner`` still
+    holds when the job ends (and reports it as a leak). ``io()`` returns the
+    job's IOManager, created on first use in one of ``io.tmp-dirs``; the
+    runtime closes it (removing every spill file) when the job ends, fails or
+    is cancelled.
+    Process: the worker running the operator; its one thread.
+    """
+
+    memory: MemoryManager
+    owner: str
+    share_bytes: int
+    io: Callable[[], IOManager]
+
+
+@dataclass
 class OperatorContext:
     """What a running operator may know and use.
 
     ``mode`` is ``"streaming"`` (keyed aggregations emit every update) or
     ``"batch"`` (one final record per key at end of input). ``memory`` is the
-    worker's MemoryManager (managed memory for state) when the runtime
-    provides one. ``clock`` returns processing time in seconds (injectable for
-    tests). ``metrics`` is a plain dict of counters the runtime reports.
+    worker's MemoryManager when the runtime provides one; ``managed`` is this
+    operator's share of it (only for operators whose ``managed_memory_weight``
+    is above 0, and only when the worker has managed memory). ``clock`` returns
+    processing time in seconds (injectable for tests). ``metrics`` is a plain
+    dict of counters the runtime reports (summed per operator chain).
     """
 
     operator_name: str = "operator"
@@ -50,7 +82,8 @@ class OperatorContext:
     parallelism: int = 1
     worker_id: int = 0
     mode: str = "streaming"
-    memory: Any = None
+    memory: MemoryManager | None = None
+    managed: ManagedMemory | None = None
     clock: Callable[[], float] = time.time
     metrics: dict[str, float] = field(default_factory=dict)
     send_to_client: Callable[[str, Batch], None] | None = None  # collect() sinks ship results this way
@@ -69,6 +102,9 @@ class Operator:
     """
 
     name: str = "operator"
+    #: This operator's claim on the worker's managed memory, relative to the other stateful operators
+    #: of the worker (0: it keeps no state in managed memory). See :class:`ManagedMemory`.
+    managed_memory_weight: int = 0
 
     def open(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
@@ -143,6 +179,7 @@ __all__ = [
     "MAX_WATERMARK",
     "Batch",
     "Emit",
+    "ManagedMemory",
     "Operator",
     "OperatorContext",
     "SinkOperator",

@@ -1,6 +1,6 @@
 """Spilling: the IOManager writes memory segments to temp files and reads them back in the background.
 
-Imports: runtime.errors, runtime.memory only (never runtime.network, runtime.config or runtime.worker).
+Imports: runtime.errors, runtime.memory only (never runtime.network, runtime.config or runtime.cluster).
 """
 
 from runtime.io.manager import IOManager, IOManagerStats

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from runtime.errors import InvalidHandleError
 from runtime.io.spill import BlockRef, SegmentBusyError, SpillFile, _FileState, _spill_error
@@ -43,6 +43,7 @@ from runtime.memory.units import format_bytes
 SPILL_PREFIX = "shmflow-spill-"
 _HINT_RE = re.compile(r"[^A-Za-z0-9._-]+")
 _IDS = itertools.count(1)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class _IOCore:
 
     # --------------------------------------------------------------- requests
     def submit_locked(self, state: _FileState, segments: list[MemorySegment], what: str,
-                      fn: Callable[..., Any], *args: Any) -> Future:
+                      fn: Callable[..., _T], *args: Any) -> Future[_T]:
         """Hand ``segments`` to a thread running ``fn(*args)``. Caller holds the lock.
 
         Ownership: the segments are recorded as pending (the IOManager's) until
@@ -131,7 +132,7 @@ class _IOCore:
         future.add_done_callback(lambda f: self._done(state, keys, f))
         return future
 
-    def _run(self, keys: list[tuple[int, int]], fn: Callable[..., Any], *args: Any) -> Any:
+    def _run(self, keys: list[tuple[int, int]], fn: Callable[..., _T], *args: Any) -> _T:
         try:
             return fn(*args)
         except BaseException:
@@ -144,7 +145,7 @@ class _IOCore:
                     self.pending.pop(key, None)
                 self.inflight -= 1
 
-    def _done(self, state: _FileState, keys: list[tuple[int, int]], future: Future) -> None:
+    def _done(self, state: _FileState, keys: list[tuple[int, int]], future: Future[Any]) -> None:
         with self.lock:
             state.futures.discard(future)
             if future.cancelled():  # never ran: give the segments back

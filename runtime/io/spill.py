@@ -24,7 +24,7 @@ import os
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from runtime.errors import (
     InvalidHandleError,
@@ -46,7 +46,7 @@ try:
 except (AttributeError, ValueError, OSError):  # pragma: no cover
     _IOV_MAX = 1024
 
-Segments = Union[MemorySegment, Sequence[MemorySegment]]
+Segments = MemorySegment | Sequence[MemorySegment]
 
 
 
@@ -73,7 +73,7 @@ class _FileState:
         self.size = 0  # bytes reserved by submitted writes (the file's logical end)
         self.blocks = 0
         self.deleted = False
-        self.futures: set[Future] = set()  # pending requests on this file
+        self.futures: set[Future[Any]] = set()  # pending requests on this file: Future[BlockRef] or Future[int]
 
 
 def free_space(path: str) -> int:
@@ -90,7 +90,7 @@ def _describe(exc: OSError) -> str:
 def _spill_error(msg: str, exc: OSError | None, path: str) -> SpillError:
     """A SpillError with ``.path`` and, from ``exc``, ``.errno`` (str() stays ``msg``)."""
     err = SpillError(msg)
-    err.path = path  # type: ignore[attr-defined]
+    err.path = path  # type: ignore[attr-defined]  # runtime.errors.SpillError declares no .path attribute
     if exc is not None:
         err.errno = exc.errno  # strerror stays None, so str(err) is msg alone
     return err
@@ -275,7 +275,7 @@ class SpillFile:
 
 
 # ----------------------------------------------------------------- validation
-def _as_segments(segments: Any, what: str) -> list[MemorySegment]:
+def _as_segments(segments: Segments, what: str) -> list[MemorySegment]:
     if isinstance(segments, MemorySegment):
         return [segments]
     if isinstance(segments, (list, tuple)) and segments \
@@ -302,7 +302,8 @@ def _check_nbytes(segs: list[MemorySegment], nbytes: int | None, what: str) -> i
     return nbytes
 
 
-def _check_ref(ref: Any, state: _FileState) -> BlockRef:
+def _check_ref(ref: BlockRef | Sequence[Any], state: _FileState) -> BlockRef:
+    """``ref`` as a BlockRef (a msgpack round trip turns it into a list) naming a block of ``state``'s file."""
     try:
         ref = BlockRef(*ref)
     except TypeError:
@@ -330,7 +331,7 @@ def _views(segs: list[MemorySegment], nbytes: int) -> list[memoryview]:
     return views
 
 
-def _transfer(op: Callable[[int, list, int], int], fd: int, views: list[memoryview], offset: int,
+def _transfer(op: Callable[[int, list[memoryview], int], int], fd: int, views: list[memoryview], offset: int,
               progress: list[int]) -> None:
     """Move all of ``views`` with ``os.pwritev``/``os.preadv`` at ``offset``, resuming short transfers.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from runtime.errors import (
     DoubleFreeError,
@@ -22,12 +22,14 @@ from runtime.errors import (
     InvalidSizeError,
     OutOfMemoryError,
 )
-from runtime.memory.segment import MemorySegment, SegmentHandle
+from runtime.memory.segment import MemorySegment, SegmentHandleLike
 from runtime.memory.snapshot import Snapshot
 from runtime.memory.units import format_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from runtime.memory.region import SharedRegion
+
+__all__ = ["AllocatorStats", "BuddyAllocator"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class AllocatorStats(Snapshot):
     largest_free_block: int
     free_bytes_by_order: dict[int, int] = field(default_factory=dict)
     free_blocks_by_order: dict[int, int] = field(default_factory=dict)
-    allocated_bytes_by_owner: dict[Any, int] = field(default_factory=dict)
+    allocated_bytes_by_owner: dict[Hashable, int] = field(default_factory=dict)
     high_water_mark: int = 0
     fragmentation: float = 0.0  # 1 - largest_free_block / free_bytes; 0 when free memory is one block
 
@@ -82,7 +84,7 @@ class BuddyAllocator:
         # Owner of this allocator only. Offsets here are relative to self.offset.
         self._free: list[set[int]] = [set() for _ in range(self.max_order + 1)]  # index = order
         self._allocated: dict[int, MemorySegment] = {}
-        self._by_owner: dict[Any, int] = {}
+        self._by_owner: dict[Hashable, int] = {}
         self._free_bytes = 0
         self._high_water = 0
         pos = 0
@@ -149,7 +151,7 @@ class BuddyAllocator:
         return seg
 
     # ------------------------------------------------------------------- free
-    def free(self, seg: MemorySegment | SegmentHandle) -> None:
+    def free(self, seg: MemorySegment | SegmentHandleLike) -> None:
         """Return a block and coalesce it with its buddy while the buddy is free.
 
         Accepts the segment ``allocate`` returned, or its handle (for
@@ -201,7 +203,7 @@ class BuddyAllocator:
             order += 1
         free[order].add(rel)
 
-    def _resolve_handle(self, handle: Any) -> MemorySegment:
+    def _resolve_handle(self, handle: SegmentHandleLike) -> MemorySegment:
         try:
             offset, size, generation = (int(x) for x in handle)
         except (TypeError, ValueError):
@@ -228,8 +230,8 @@ class BuddyAllocator:
         return sum(seg.size for seg in victims)
 
     # ------------------------------------------------------------- inspection
-    def segments(self, owner: Any = ...) -> Iterator[MemorySegment]:
-        """The live segments, in address order (all, or those of ``owner``)."""
+    def segments(self, owner: Hashable = ...) -> Iterator[MemorySegment]:
+        """The live segments, in address order (all, or those of ``owner``; ``...`` means all)."""
         for rel in sorted(self._allocated):
             seg = self._allocated[rel]
             if owner is ... or seg.owner == owner:

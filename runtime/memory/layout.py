@@ -8,18 +8,20 @@ grant) are drawn as their own bars, below the allocator that granted their range
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
 from runtime.memory.buddy import BuddyAllocator
 from runtime.memory.units import format_bytes
+
+__all__ = ["render_layout"]
 
 _FREE = "."
 _SYMBOLS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789#@%&*+=~"
 
 
-def _bar(alloc: BuddyAllocator, width: int, symbols: dict) -> str:
+def _bar(alloc: BuddyAllocator, width: int, symbols: dict[Hashable, str]) -> str:
     """One character per ``alloc.size / width`` bytes: the owner holding most of that span."""
-    cells = [[0, _FREE] for _ in range(width)]  # [bytes of the dominant owner, symbol]
+    cells: list[tuple[float, str]] = [(0, _FREE)] * width  # (bytes of the dominant owner, symbol)
     scale = alloc.size / width
     for seg in alloc.segments():
         sym = symbols.setdefault(seg.owner, _SYMBOLS[len(symbols) % len(_SYMBOLS)])
@@ -28,7 +30,7 @@ def _bar(alloc: BuddyAllocator, width: int, symbols: dict) -> str:
         for cell in range(int(start), min(width, int(end - 1e-9) + 1)):
             covered = (min(end, cell + 1) - max(start, cell)) * scale
             if covered > cells[cell][0]:
-                cells[cell] = [covered, sym]
+                cells[cell] = (covered, sym)
     return "".join(sym for _, sym in cells)
 
 
@@ -39,7 +41,7 @@ def render_layout(allocators: Iterable[tuple[str, BuddyAllocator]], *, width: in
     owner that holds most of them (``.`` is free). The legend gives each
     owner's bytes and block count, then the free blocks by size.
     """
-    symbols: dict = {}
+    symbols: dict[Hashable, str] = {}
     lines: list[str] = []
     for title, alloc in allocators:
         stats = alloc.stats()
@@ -47,7 +49,7 @@ def render_layout(allocators: Iterable[tuple[str, BuddyAllocator]], *, width: in
                      f"{format_bytes(alloc.size)}, min block {format_bytes(alloc.min_block)}, "
                      f"{format_bytes(stats.free_bytes)} free, largest free {format_bytes(stats.largest_free_block)}")
         lines.append(f"  |{_bar(alloc, width, symbols)}|")
-        per_owner: dict = {}
+        per_owner: dict[Hashable, tuple[int, int]] = {}
         for seg in alloc.segments():
             nbytes, count = per_owner.get(seg.owner, (0, 0))
             per_owner[seg.owner] = (nbytes + seg.size, count + 1)

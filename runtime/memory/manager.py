@@ -26,7 +26,7 @@ import warnings
 import weakref
 from collections.abc import Hashable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from runtime.errors import (
     DoubleFreeError,
@@ -43,6 +43,8 @@ from runtime.memory.units import format_bytes
 if TYPE_CHECKING:  # pragma: no cover
     from runtime.memory.region import SharedRegion
 
+__all__ = ["BUDGET_KEY", "DEFAULT_PAGE_SIZE", "LeakReport", "MemoryManager", "MemoryManagerStats"]
+
 logger = logging.getLogger("shmflow.memory")
 
 DEFAULT_PAGE_SIZE = 32768
@@ -54,7 +56,7 @@ class LeakReport:
     """An owner that still held managed memory when its task ended (or the manager closed)."""
 
     manager: str
-    owner: Any
+    owner: Hashable
     segments: int
     nbytes: int
     when: str  # "release_all" or "close"
@@ -85,7 +87,7 @@ class MemoryManagerStats(Snapshot):
     releases: int  # segments released (by release, release_all and close)
     leaks: int  # leak reports recorded
     closed: bool
-    bytes_by_owner: dict[Any, int] = field(default_factory=dict)
+    bytes_by_owner: dict[Hashable, int] = field(default_factory=dict)
 
 
 class MemoryManager:
@@ -241,7 +243,7 @@ class MemoryManager:
         if self._used > self._high_water:
             self._high_water = self._used
 
-    def _fail(self, what: str, owner: Hashable, cause: OutOfMemoryError | None = None) -> None:
+    def _fail(self, what: str, owner: Hashable, cause: OutOfMemoryError | None = None) -> NoReturn:
         """Raise the OutOfMemoryError for a refused request. Caller holds the lock."""
         self._failed += 1
         left = self.budget - self._used
@@ -336,8 +338,9 @@ class MemoryManager:
             held = self._held.get(owner)
             if not held:
                 return 0
+            leak: LeakReport | None
             if report:
-                leak: LeakReport | None = self._release_owner(owner, held, "release_all")
+                leak = self._release_owner(owner, held, "release_all")
                 nbytes = leak.nbytes
             else:
                 leak, nbytes = None, self._bytes[owner]
@@ -395,7 +398,7 @@ class MemoryManager:
             warnings.warn(msg, ResourceWarning, stacklevel=2, source=self)
 
     # ------------------------------------------------------------- inspection
-    def owners(self) -> dict[Any, int]:
+    def owners(self) -> dict[Hashable, int]:
         """Bytes held per owner (owners holding nothing are absent)."""
         with self._lock:
             return dict(self._bytes)

@@ -32,14 +32,15 @@ import struct
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing import resource_tracker, shared_memory
-from typing import Any
+from types import FrameType
+from typing import Any, Protocol, cast
 
 import numpy as np
 
 from runtime.errors import InvalidHandleError, InvalidSizeError, OutOfMemoryError, RegionError
-from runtime.memory.segment import MemorySegment, SegmentHandle
+from runtime.memory.segment import MemorySegment, SegmentHandleLike
 from runtime.memory.units import format_bytes, free_bytes
 
 try:  # POSIX only; shmflow needs /dev/shm.
@@ -105,6 +106,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class _SharedMemoryFields(Protocol):
+    """The private fields of CPython's ``SharedMemory`` that :class:`_Untracked` takes over
+    (typeshed declares only the public API). Checked against CPython 3.11 to 3.13."""
+
+    _mmap: mmap.mmap | None
+    _buf: memoryview | None
+    _fd: int
+
+    @property
+    def name(self) -> str: ...
+
+
+#: What ``signal.getsignal`` returns and ``signal.signal`` takes: a handler, SIG_DFL / SIG_IGN, or None.
+_SignalHandler = Callable[[int, FrameType | None], Any] | int | None
+
+
 class _Untracked:
     """Open a block through SharedMemory without the resource tracker claiming its name (gh-82300).
 
@@ -127,13 +144,14 @@ class _Untracked:
                     shm = shared_memory.SharedMemory(name, create=create, size=size)
                 finally:
                     resource_tracker.register = original
-        mapping = shm._mmap
-        shm._buf.release()
-        shm._buf = None
-        shm._mmap = None
-        os.close(shm._fd)
-        shm._fd = -1
-        return shm.name.lstrip("/"), mapping
+        raw = cast(_SharedMemoryFields, shm)
+        mapping = cast(mmap.mmap, raw._mmap)  # set by the constructor; None only after close()
+        cast(memoryview, raw._buf).release()
+        raw._buf = None
+        raw._mmap = None
+        os.close(raw._fd)
+        raw._fd = -1
+        return raw.name.lstrip("/"), mapping
 
 
 def _unlink_name(name: str) -> bool:
@@ -157,7 +175,7 @@ class _CleanupRegistry:
         self._names: dict[str, int] = {}  # name -> creator pid (a forked child must not unlink)
         self._lock = threading.Lock()
         self._installed = False
-        self._previous: dict[int, Any] = {}
+        self._previous: dict[int, _SignalHandler] = {}
 
     def add(self, name: str) -> None:
         with self._lock:
@@ -191,7 +209,7 @@ class _CleanupRegistry:
             self._previous[signum] = previous
             signal.signal(signum, self._on_signal)
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.unlink_all()
         previous = self._previous.get(signum, signal.SIG_DFL)
         if callable(previous):
@@ -371,7 +389,7 @@ class SharedRegion:
         self._generations[i] = g
         return g
 
-    def segment(self, handle: SegmentHandle | tuple | list, *, readonly: bool = False) -> MemorySegment:
+    def segment(self, handle: SegmentHandleLike, *, readonly: bool = False) -> MemorySegment:
         """A view of the bytes a handle names, checked against the generation table.
 
         Ownership: the view borrows the bytes; whoever allocated them still owns
@@ -431,7 +449,7 @@ class SharedRegion:
         if self._creator:
             self.unlink()
         mapping, self._mmap = self._mmap, None
-        self.array = None  # type: ignore[assignment]
+        self.array = None  # type: ignore[assignment]  # drops the numpy export; closed regions are never read
         for view in (self._generations, self.buf):
             try:
                 view.release()

@@ -10,7 +10,8 @@ region's usable area. Typed access is little-endian (``<``), like the header.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -22,8 +23,13 @@ from runtime.errors import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy.typing as npt
+    from typing_extensions import Buffer
+
     from runtime.memory.buddy import BuddyAllocator
     from runtime.memory.region import SharedRegion
+
+__all__ = ["MemorySegment", "SegmentHandle", "SegmentHandleLike"]
 
 
 class SegmentHandle(NamedTuple):
@@ -36,6 +42,11 @@ class SegmentHandle(NamedTuple):
     offset: int
     size: int
     generation: int
+
+
+#: What ``SharedRegion.segment`` and ``BuddyAllocator.free`` accept as a handle: a SegmentHandle, or the
+#: (offset, size, generation) triple it became on the wire (msgpack turns tuples into lists).
+SegmentHandleLike = SegmentHandle | tuple[int, int, int] | list[int]
 
 
 # Typed accessors: name -> struct format. One table drives get_<name>/put_<name>.
@@ -64,7 +75,7 @@ class MemorySegment:
                  "_allocator", "_freed", "_checked", "_buf", "__weakref__")
 
     def __init__(self, region: SharedRegion, offset: int, size: int, generation: int,
-                 owner: Any = None, *, readonly: bool = False, checked: bool = False,
+                 owner: Hashable = None, *, readonly: bool = False, checked: bool = False,
                  allocator: BuddyAllocator | None = None) -> None:
         self.region = region
         self.offset = offset
@@ -78,7 +89,7 @@ class MemorySegment:
         self._buf = region.buf  # usable area; positions below are offset + pos
 
     @classmethod
-    def _allocated(cls, region: SharedRegion, offset: int, size: int, generation: int, owner: Any,
+    def _allocated(cls, region: SharedRegion, offset: int, size: int, generation: int, owner: Hashable,
                    allocator: BuddyAllocator) -> MemorySegment:
         """``cls(region, offset, size, generation, owner, allocator=allocator)`` for the allocator's hot
         path: keyword arguments cost as much as the rest of the constructor."""
@@ -124,7 +135,7 @@ class MemorySegment:
         return self.size
 
     # ------------------------------------------------------------------- bytes
-    def put_bytes(self, pos: int, data: Any) -> None:
+    def put_bytes(self, pos: int, data: Buffer) -> None:
         """Copy a bytes-like ``data`` into the segment at ``pos``."""
         self._check_writable("put_bytes")
         mv = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data
@@ -143,7 +154,7 @@ class MemorySegment:
         mv = self._buf[start: start + nbytes]
         return mv.toreadonly() if self.readonly else mv
 
-    def as_array(self, dtype: Any = np.uint8, count: int = -1, pos: int = 0) -> np.ndarray:
+    def as_array(self, dtype: npt.DTypeLike = np.uint8, count: int = -1, pos: int = 0) -> np.ndarray:
         """A zero-copy numpy view of the segment (from ``pos``, ``count`` items or as many as fit)."""
         dtype = np.dtype(dtype)
         if count < 0:
@@ -193,10 +204,11 @@ def _make_accessors(name: str, fmt: str) -> None:
     getter_name = f"get_{name}"
     putter_name = f"put_{name}"
 
-    def get(self: MemorySegment, pos: int) -> Any:
-        return unpack_from(self._buf, self._check(pos, width, getter_name))[0]
+    def get(self: MemorySegment, pos: int) -> int | float:
+        value: int | float = unpack_from(self._buf, self._check(pos, width, getter_name))[0]
+        return value
 
-    def put(self: MemorySegment, pos: int, value: Any) -> None:
+    def put(self: MemorySegment, pos: int, value: int | float) -> None:
         if self.readonly:
             self._check_writable(putter_name)
         start = self._check(pos, width, putter_name)

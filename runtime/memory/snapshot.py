@@ -6,7 +6,12 @@ Imports: nothing from the project.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:  # pragma: no cover
+    from _typeshed import DataclassInstance
+
+__all__ = ["Snapshot"]
 
 
 class Snapshot:
@@ -16,4 +21,5 @@ class Snapshot:
         return getattr(self, key)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
+        # Every subclass is a dataclass; the mixin itself cannot say so to the type checker.
+        return asdict(cast("DataclassInstance", self))

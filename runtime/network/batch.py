@@ -15,7 +15,7 @@ Operators receive and emit batches; user functions see single records
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -23,7 +23,7 @@ import numpy as np
 from runtime.network.serializer import iter_records, pack_to_buffers
 
 
-class TimestampedBatch(list):
+class TimestampedBatch(list[Any]):
     """A list of records with a parallel list of event timestamps (seconds, float)."""
 
     __slots__ = ("timestamps",)
@@ -32,12 +32,13 @@ class TimestampedBatch(list):
         super().__init__(records)
         self.timestamps: list[float] = list(timestamps)
         if len(self.timestamps) != len(self):
-            msg = f"a timestamped batch needs one timestamp per record; got {len(self)} records, {len(self.timestamps)} timestamps"
+            msg = (f"a timestamped batch needs one timestamp per record; got {len(self)} records, "
+                   f"{len(self.timestamps)} timestamps")
             raise ValueError(msg)
 
 
 #: A list of records, a TimestampedBatch, or a dict of equal-length numpy arrays.
-Batch = Union[list, TimestampedBatch, dict]
+Batch = list[Any] | TimestampedBatch | dict[str, np.ndarray]
 
 
 def batch_len(batch: Batch) -> int:
@@ -47,7 +48,7 @@ def batch_len(batch: Batch) -> int:
     return len(batch)
 
 
-def to_records(batch: Batch) -> list:
+def to_records(batch: Batch) -> list[Any]:
     """The records of a batch as a list (a TimestampedBatch is returned as is).
 
     A columnar batch (dict of equal-length numpy arrays) becomes one dict per
@@ -68,11 +69,13 @@ def to_records(batch: Batch) -> list:
     raise TypeError(msg)
 
 
-def pack_batch(batch: Any, *, chunk: int = 1 << 20) -> bytes:
-    """A batch as bytes for the control plane (collect sinks); tuples stay tuples."""
+def pack_batch(batch: Batch | np.ndarray | Iterable[Any], *, chunk: int = 1 << 20) -> bytes:
+    """A batch (or a structured array, or any iterable of records) as bytes for the control plane
+    (collect sinks); tuples stay tuples."""
     records = batch if isinstance(batch, (dict, np.ndarray)) else list(batch)
     parts = pack_to_buffers([records], buffer_size=chunk)
-    return msgpack.packb([bytes(buf[:n]) for buf, n in parts], use_bin_type=True)
+    packed: bytes = msgpack.packb([bytes(buf[:n]) for buf, n in parts], use_bin_type=True)
+    return packed
 
 
 def unpack_batch(payload: bytes) -> list[Any]:

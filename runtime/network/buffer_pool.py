@@ -26,9 +26,9 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, NoReturn, TypeVar
 
 from runtime.errors import (
     ClosedResourceError,
@@ -44,8 +44,13 @@ from runtime.errors import (
 from runtime.memory import BuddyAllocator, MemorySegment, SharedRegion, format_bytes
 from runtime.memory.snapshot import Snapshot
 
-__all__ = ["BufferDescriptor", "ClosedResourceError", "LocalBufferPool", "LocalBufferPoolStats",
-           "NetworkBuffer", "NetworkBufferPool", "NetworkBufferPoolStats", "buffer_view", "release_buffers"]
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import numpy.typing as npt
+
+__all__ = ["BufferDescriptor", "BufferDescriptorLike", "BufferListener", "ClosedResourceError", "LocalBufferPool",
+           "LocalBufferPoolStats", "NetworkBuffer", "NetworkBufferPool", "NetworkBufferPoolStats", "buffer_view",
+           "release_buffers"]
 
 _REMEDY = ("raise memory.network.fraction, memory.network.min or memory.region.size, "
            "or lower network.buffers-per-channel / network.floating-buffers-per-gate")
@@ -56,11 +61,21 @@ class BufferDescriptor(NamedTuple):
     ``generation`` is that of the pool's block at ``block_offset``; freeing the block makes it stale."""
 
     pool_id: int       # LocalBufferPool.pool_id, unique within its NetworkBufferPool
-    index: int         # buffer index in the NetworkBufferPool
+    index: int  # type: ignore[assignment]  # shadows tuple.index(); the field name is public API
     size: int          # bytes filled
     offset: int        # usable-area offset of the buffer's first byte
     generation: int
     block_offset: int
+
+
+#: A BufferDescriptor, or the 6 integers it became on the wire (msgpack turns tuples into lists).
+BufferDescriptorLike = BufferDescriptor | tuple[int, int, int, int, int, int] | list[int]
+
+#: ``LocalBufferPool.add_listener``'s callback: called with the pool, its result ignored.
+BufferListener = Callable[["LocalBufferPool"], object]
+#: Listeners to call once the lock is released: (listener, the pool to pass it).
+_Todo = tuple[tuple[BufferListener, "LocalBufferPool"], ...]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -104,7 +119,7 @@ def _retire(buffer: NetworkBuffer) -> None:
         buffer._segment._freed = True
 
 
-def _parse(descriptor: Any) -> BufferDescriptor:
+def _parse(descriptor: BufferDescriptorLike) -> BufferDescriptor:
     try:
         return BufferDescriptor(*(int(x) for x in descriptor))
     except (TypeError, ValueError):
@@ -113,7 +128,7 @@ def _parse(descriptor: Any) -> BufferDescriptor:
         raise InvalidHandleError(msg) from None
 
 
-def _count(value: Any, what: str, low: int) -> int:
+def _count(value: object, what: str, low: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         msg = f"{what} must be an int; got {type(value).__name__}"
         raise TypeError(msg)
@@ -144,7 +159,7 @@ class _BufferView(MemorySegment):
         return self._freed
 
 
-def buffer_view(region: SharedRegion, descriptor: BufferDescriptor | tuple | list) -> MemorySegment:
+def buffer_view(region: SharedRegion, descriptor: BufferDescriptorLike) -> MemorySegment:
     """A read-only view of the ``size`` filled bytes of the buffer a descriptor names.
 
     Ownership: the view borrows the bytes; the producer's pool owns them. Stop using the view
@@ -176,7 +191,7 @@ class NetworkBuffer:
 
     Ownership: ``request`` gives the caller refcount 1. ``retain()`` adds a reference,
     ``release()`` drops one; at 0 the buffer is recycled to its pool and ``segment`` raises
-    SegmentFreedError from then on. ``Channel.send()`` takes over the caller's reference.
+    SegmentFreedError from then on. ``ResultPartition.send_buffer()`` takes over the caller's reference.
     Process: the process of its pool; other processes see it through ``descriptor()``.
     Thread-safe (the refcount changes under the pool's lock).
     """
@@ -205,7 +220,7 @@ class NetworkBuffer:
         return seg
 
     @property
-    def array(self) -> Any:
+    def array(self) -> npt.NDArray[np.uint8]:
         """A writable uint8 numpy view of the buffer's ``capacity`` bytes (the fast path: no new view object
         per request; the network pool carves one per buffer index, once).
 
@@ -294,7 +309,7 @@ class LocalBufferPool:
         # Guarded by self._lock (the network pool's):
         self._available: deque[int] = deque()  # idle indices held here; only while held <= min
         self._out: dict[int, NetworkBuffer] = {}  # index -> the buffer object lent for it
-        self._listeners: list[Callable[[LocalBufferPool], Any]] = []
+        self._listeners: list[BufferListener] = []
         self._destroyed = False
         self._waiters = self._requests = self._blocked_requests = self._peak = 0
         self._blocked_seconds = 0.0
@@ -304,7 +319,7 @@ class LocalBufferPool:
         """Take a buffer, blocking until one is recycled if the share is exhausted (backpressure).
 
         Ownership: the caller owns the result (refcount 1): ``release()`` it exactly once, or
-        pass it to ``Channel.send()``, which takes ownership.
+        pass it to ``ResultPartition.send_buffer()``, which takes ownership.
         Process: the pool's worker, any thread.
 
         Raises:
@@ -383,8 +398,8 @@ class LocalBufferPool:
             self._peak = len(self._out)
         return buf
 
-    def _wait_locked(self, timeout: float | None, attempt: Callable[[], Any], what: str, *,
-                     blocked: bool) -> Any:
+    def _wait_locked(self, timeout: float | None, attempt: Callable[[], _T | None], what: str, *,
+                     blocked: bool) -> _T:
         net = self._network
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
@@ -410,7 +425,7 @@ class LocalBufferPool:
             if blocked:
                 self._blocked_seconds += time.monotonic() - start
 
-    def _raise_destroyed(self) -> None:
+    def _raise_destroyed(self) -> NoReturn:
         msg = f"local buffer pool {self.name!r} was destroyed; no buffers can be requested from it"
         raise ClosedResourceError(msg)
 
@@ -453,7 +468,7 @@ class LocalBufferPool:
             todo = self._release_locked(buf)
         _call_listeners(todo)
 
-    def recycle_descriptor(self, descriptor: BufferDescriptor | tuple | list) -> None:
+    def recycle_descriptor(self, descriptor: BufferDescriptorLike) -> None:
         """As :meth:`recycle_index`, for a descriptor sent back by another process.
 
         Ownership and Process: as :meth:`recycle_index`.
@@ -475,18 +490,18 @@ class LocalBufferPool:
             todo = self._release_locked(buffer)
         _call_listeners(todo)
 
-    def _release_locked(self, buffer: NetworkBuffer) -> tuple:
+    def _release_locked(self, buffer: NetworkBuffer) -> _Todo:
         if buffer._refcount <= 0:
             self._raise_double_free(buffer.index)
         buffer._refcount -= 1
         return () if buffer._refcount else self._recycle_locked(buffer)
 
-    def _raise_double_free(self, index: int) -> None:
+    def _raise_double_free(self, index: int) -> NoReturn:
         msg = (f"network buffer {index} of local pool {self.name!r} was released after it was "
                "recycled; release each reference exactly once")
         raise DoubleFreeError(msg)
 
-    def _recycle_locked(self, buffer: NetworkBuffer) -> tuple:
+    def _recycle_locked(self, buffer: NetworkBuffer) -> _Todo:
         """Take ``buffer`` back (refcount already 0); returns the listeners to call.
 
         If you change where a buffer goes, update ``_take_locked`` and ``available``.
@@ -513,7 +528,7 @@ class LocalBufferPool:
                      if pool is self or len(pool._out) + len(pool._available) < pool.max
                      for fn in pool._listeners)
 
-    def add_listener(self, fn: Callable[[LocalBufferPool], Any]) -> None:
+    def add_listener(self, fn: BufferListener) -> None:
         """Call ``fn(pool)`` after each recycle that may let this pool hand out a buffer.
 
         Listeners run outside the lock, in the recycling thread; they must not block.
@@ -523,7 +538,7 @@ class LocalBufferPool:
             self._listeners.append(fn)
             self._network._listening.add(self)
 
-    def remove_listener(self, fn: Callable[[LocalBufferPool], Any]) -> None:
+    def remove_listener(self, fn: BufferListener) -> None:
         with self._lock:
             self._listeners.remove(fn)
             if not self._listeners:
@@ -600,7 +615,7 @@ class LocalBufferPool:
                 f"in_use={len(self._out)}{state}>")
 
 
-def _call_listeners(todo: tuple) -> None:
+def _call_listeners(todo: _Todo) -> None:
     for fn, pool in todo:
         fn(pool)
 
@@ -611,7 +626,7 @@ def release_buffers(buffers: list[NetworkBuffer]) -> None:
     Ownership and errors: as ``NetworkBuffer.release`` for each, in order (a DoubleFreeError stops
     the run; the buffers before it stay released). Listeners run after, unlocked.
     """
-    todo: list = []
+    todo: list[tuple[BufferListener, LocalBufferPool]] = []
     i, n = 0, len(buffers)
     try:
         while i < n:
@@ -637,7 +652,7 @@ class NetworkBufferPool:
     """
 
     def __init__(self, allocator: BuddyAllocator, num_buffers: int, buffer_size: int = 32768, *,
-                 owner: Any = "network") -> None:
+                 owner: Hashable = "network") -> None:
         _count(num_buffers, "num_buffers", 1)
         _count(buffer_size, "buffer_size", 1)
         if buffer_size & (buffer_size - 1) or buffer_size < allocator.min_block:
@@ -658,7 +673,7 @@ class NetworkBufferPool:
 
     @classmethod
     def from_segment(cls, segment: MemorySegment, buffer_size: int = 32768, *,
-                     num_buffers: int | None = None, owner: Any = "network") -> NetworkBufferPool:
+                     num_buffers: int | None = None, owner: Hashable = "network") -> NetworkBufferPool:
         """Carve an already-granted block (``num_buffers`` defaults to as many as fit).
 
         Ownership: the block stays its granter's; ``close()`` does not free it, and must come
@@ -685,7 +700,7 @@ class NetworkBufferPool:
         self._setup(segment, n, buffer_size, owner, owns_block=False)
         return self
 
-    def _setup(self, block: MemorySegment, num_buffers: int, buffer_size: int, owner: Any, *,
+    def _setup(self, block: MemorySegment, num_buffers: int, buffer_size: int, owner: Hashable, *,
                owns_block: bool) -> None:
         self.region = block.region
         self.num_buffers = num_buffers
@@ -705,9 +720,9 @@ class NetworkBufferPool:
         self._listening: set[LocalBufferPool] = set()  # pools with listeners
         self._next_id = 0
         self._closed = False
-        self._row_views: list | None = None  # per-index uint8 arrays for NetworkBuffer.array, made once
+        self._row_views: list[npt.NDArray[np.uint8]] | None = None  # per-index arrays for NetworkBuffer.array
 
-    def _rows(self) -> list:
+    def _rows(self) -> list[npt.NDArray[np.uint8]]:
         rows = self._row_views
         if rows is None:
             n, size = self.num_buffers, self.buffer_size

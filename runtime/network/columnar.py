@@ -30,8 +30,11 @@ _U32 = struct.Struct("<I")
 _TYPESTR = re.compile(r"[<>|=][?biufcSUVMm][0-9]{1,9}(\[[0-9]{0,9}[a-zA-Z]{1,3}\])?\Z")
 _MAX_DIMS = 32
 
+#: A dtype spec as it travels: a type string, or a structured descr of (name, spec[, shape]) fields.
+_Descr = str | list[tuple[str, "_Descr"] | tuple[str, "_Descr", tuple[int, ...]]]
 
-def _dtype_spec(dtype: np.dtype, where: str) -> Any:
+
+def _dtype_spec(dtype: np.dtype, where: str) -> str | list[tuple[Any, ...]]:
     if dtype.hasobject:
         msg = f"{where}: dtype {dtype} holds Python objects; columnar batches need fixed-size dtypes"
         raise TypeError(msg)
@@ -53,11 +56,11 @@ class ColumnarLayout:
     form: int
     header: bytes
     data_start: int  # payload offset of the column data (aligned)
-    arrays: list  # [(ndarray, offset from data_start)]
+    arrays: list[tuple[np.ndarray, int]]  # [(ndarray, offset from data_start)]
     length: int  # payload bytes
 
     @classmethod
-    def prepare(cls, batch: Any) -> ColumnarLayout:
+    def prepare(cls, batch: dict[str, np.ndarray] | np.ndarray) -> ColumnarLayout:
         if isinstance(batch, np.ndarray):
             if batch.dtype.names is None or batch.ndim != 1:
                 msg = (f"write_batch: an ndarray batch must be a 1-d structured array; got dtype {batch.dtype} "
@@ -109,7 +112,7 @@ class ColumnarLayout:
             end = pos + arr.nbytes
 
 
-def _parse_descr(spec: Any, depth: int) -> Any:
+def _parse_descr(spec: object, depth: int) -> _Descr:
     """Validate a dtype spec from the wire; return it in the shape ``descr_to_dtype`` takes."""
     if isinstance(spec, str):
         if not _TYPESTR.match(spec):
@@ -119,7 +122,7 @@ def _parse_descr(spec: Any, depth: int) -> Any:
     if depth >= 4 or not isinstance(spec, list) or not spec or len(spec) > 1024:
         msg = f"dtype {spec!r:.60} is not a type string or a structured descr"
         raise ValueError(msg)
-    fields = []
+    fields: list[tuple[str, _Descr] | tuple[str, _Descr, tuple[int, ...]]] = []
     for entry in spec:
         if not isinstance(entry, list) or len(entry) not in (2, 3) or not isinstance(entry[0], str):
             msg = f"structured dtype field {entry!r:.60} is not [name, type] or [name, type, shape]"
@@ -137,11 +140,14 @@ def _parse_descr(spec: Any, depth: int) -> Any:
     return fields
 
 
-def _wire_dtype(spec: Any) -> np.dtype:
+def _wire_dtype(spec: object) -> np.dtype:
     parsed = _parse_descr(spec, 0)
     try:
-        dtype = np.dtype(parsed) if isinstance(parsed, str) else descr_to_dtype(parsed)
-    except Exception as exc:  # numpy raises TypeError, ValueError, SyntaxError... for odd specs
+        if isinstance(parsed, str):
+            dtype = np.dtype(parsed)
+        else:
+            dtype = descr_to_dtype(parsed)  # type: ignore[arg-type]  # numpy's stub omits nested descrs; numpy takes them
+    except Exception as exc:  # noqa: BLE001 - numpy raises TypeError, ValueError, SyntaxError... for odd specs
         msg = f"dtype {spec!r:.60} is not a valid numpy dtype ({exc})"
         raise ValueError(msg) from None
     if dtype.hasobject or dtype.itemsize == 0:
@@ -150,7 +156,7 @@ def _wire_dtype(spec: Any) -> np.dtype:
     return dtype
 
 
-def read_columnar(form: int, payload: memoryview) -> Any:
+def read_columnar(form: int, payload: memoryview) -> dict[str, np.ndarray] | np.ndarray:
     """Decode a COLUMNAR payload into views of ``payload`` (raises ValueError on any inconsistency)."""
     length = len(payload)
     if length < 4:
@@ -160,7 +166,8 @@ def read_columnar(form: int, payload: memoryview) -> Any:
     if 4 + hl > length:
         msg = f"header of {hl} bytes overflows the {length}-byte payload"
         raise ValueError(msg)
-    header = msgpack.unpackb(payload[4: 4 + hl], use_list=True, raw=False, strict_map_key=False)  # an ext type fails the header checks below
+    # an ext type fails the header checks below
+    header = msgpack.unpackb(payload[4: 4 + hl], use_list=True, raw=False, strict_map_key=False)
     if not (type(header) is list and len(header) == 4 and header[0] == COLUMNAR_VERSION
             and header[1] == form and type(header[2]) is int and type(header[3]) is list):
         msg = f"header {header!r:.80} is not [1, {form}, rows, columns]"

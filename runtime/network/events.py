@@ -20,7 +20,7 @@ Checkpoint barriers will join them later (the wire reserves event codes for them
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,6 @@ class UserEvent:
 
 #: Every in-band event type; ``isinstance(item, EVENT_TYPES)`` tells events from batches.
 EVENT_TYPES = (EndOfPartition, Watermark, UserEvent)
-Event = Union[EndOfPartition, Watermark, UserEvent]
+Event = EndOfPartition | Watermark | UserEvent
 
 __all__ = ["EVENT_TYPES", "EndOfPartition", "Event", "UserEvent", "Watermark"]

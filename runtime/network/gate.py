@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -52,21 +52,21 @@ class ReceivedBuffer:
 
     Ownership: the gate lends it; call ``release()`` exactly once when done
     (that recycles it to its sender and returns the credit). The view must not
-    be used after that.
+    be used after that: ``release()`` sets it to None.
     """
 
     __slots__ = ("gate", "channel", "index", "view", "_released")
 
-    def __init__(self, gate: InputGate, channel: int, index: int, view: Any) -> None:
+    def __init__(self, gate: InputGate, channel: int, index: int, view: memoryview) -> None:
         self.gate = gate
         self.channel = channel
         self.index = index
-        self.view = view
+        self.view: memoryview | None = view  # shm: a read-only slice of the sender's pool; tcp: the zmq frame
         self._released = False
 
     @property
     def size(self) -> int:
-        return len(self.view)
+        return len(cast(memoryview, self.view))  # a released buffer raises TypeError, as before
 
     def release(self) -> None:
         if self._released:
@@ -87,7 +87,7 @@ class _ChannelState:
         self.index = index
         self.name = name
         self.identity: bytes | None = None
-        self.hello: dict | None = None
+        self.hello: dict[str, Any] | None = None
         self.base = 0
         self.buffer_size = 0
         self.region: SharedRegion | None = None
@@ -191,7 +191,7 @@ class InputGate:
             if not sock.poll(0):
                 break
 
-    def _on_message(self, frames: list) -> None:
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
         head = frames[1]
         kind = head.buffer[0]
@@ -207,7 +207,8 @@ class InputGate:
         if kind == msg.DATA:
             backlog, desc = msg.decode_data(head.buffer, where=where)
             n = len(desc)
-            if ch.region is not None and ch.region.generation(ch.base) != ch.hello["pool_generation"]:
+            hello = cast("dict[str, Any]", ch.hello)  # set with ch.identity, before ch was in _by_identity
+            if ch.region is not None and ch.region.generation(ch.base) != hello["pool_generation"]:
                 text = f"{where}: the sender's buffer pool was freed (its worker is gone)"
                 raise BrokenChannelError(text)
             buf = ch.view
@@ -216,12 +217,13 @@ class InputGate:
             base, bsize = ch.base, ch.buffer_size
             idx_list = desc["index"].tolist()
             size_list = desc["size"].tolist()
-            if n and (max(idx_list) >= ch.hello["num_buffers"] or max(size_list) > bsize):
+            if n and (max(idx_list) >= hello["num_buffers"] or max(size_list) > bsize):
                 i, size = next((i, size) for i, size in zip(idx_list, size_list)
-                               if i >= ch.hello["num_buffers"] or size > bsize)
+                               if i >= hello["num_buffers"] or size > bsize)
                 text = f"{where}: descriptor ({i}, {size}) outside the sender's pool"
                 raise DeserializationError(text)
             cindex = ch.index
+            buf = cast(memoryview, buf)  # None only for a tcp channel, which never sends DATA
             self._ready.extend([ReceivedBuffer(self, cindex, i, buf[base + i * bsize:base + i * bsize + size])
                                 for i, size in zip(idx_list, size_list)])
             self._bytes += sum(size_list)

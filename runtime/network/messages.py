@@ -26,12 +26,35 @@ their pool (shm) and ``C``/``R`` grant new credits.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
 
 from runtime.errors import DeserializationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy.typing as npt
+
+__all__ = [
+    "BYTES",
+    "CLOSE",
+    "CREDIT",
+    "DATA",
+    "DESCRIPTOR",
+    "HELLO",
+    "PROTOCOL_VERSION",
+    "RECYCLE",
+    "decode_bytes_header",
+    "decode_credit",
+    "decode_data",
+    "decode_hello",
+    "encode_bytes_header",
+    "encode_credit",
+    "encode_data",
+    "encode_hello",
+    "encode_recycle",
+]
 
 PROTOCOL_VERSION = 1
 HELLO, DATA, BYTES, CREDIT, RECYCLE, CLOSE = (ord(c) for c in "HDBCRX")
@@ -40,14 +63,15 @@ _CREDIT = struct.Struct("<I")
 DESCRIPTOR = np.dtype([("index", "<u4"), ("size", "<u4")])
 
 
-def encode_hello(**fields: Any) -> bytes:
-    return b"H" + msgpack.packb({"version": PROTOCOL_VERSION, **fields})
+def encode_hello(**fields: str | int) -> bytes:
+    packed: bytes = msgpack.packb({"version": PROTOCOL_VERSION, **fields})
+    return b"H" + packed
 
 
 def decode_hello(frame: bytes, *, where: str) -> dict[str, Any]:
     try:
         hello = msgpack.unpackb(frame[1:])
-    except Exception as exc:  # msgpack raises several types for garbage
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several types for garbage
         msg = f"{where}: malformed hello ({exc})"
         raise DeserializationError(msg) from None
     if not isinstance(hello, dict) or hello.get("version") != PROTOCOL_VERSION:
@@ -56,12 +80,12 @@ def decode_hello(frame: bytes, *, where: str) -> dict[str, Any]:
     return hello
 
 
-def encode_data(backlog: int, descriptors: np.ndarray) -> bytes:
+def encode_data(backlog: int, descriptors: npt.NDArray[np.void]) -> bytes:
     """``D``: ``descriptors`` is a DESCRIPTOR array of (index, size)."""
     return b"D" + _COUNTS.pack(backlog, len(descriptors)) + descriptors.tobytes()
 
 
-def decode_data(frame: Any, *, where: str) -> tuple[int, np.ndarray]:
+def decode_data(frame: bytes | memoryview, *, where: str) -> tuple[int, npt.NDArray[np.void]]:
     """(backlog, DESCRIPTOR array); the array is a view of ``frame``."""
     if len(frame) < 1 + _COUNTS.size:
         msg = f"{where}: data message of {len(frame)} bytes is shorter than its header"
@@ -78,8 +102,9 @@ def encode_bytes_header(backlog: int, count: int) -> bytes:
     return b"B" + _COUNTS.pack(backlog, count)
 
 
-def decode_bytes_header(frame: Any, nframes: int, *, where: str) -> int:
+def decode_bytes_header(frame: bytes | memoryview, nframes: int, *, where: str) -> int:
     """The backlog of a ``B`` message whose payload came as ``nframes`` further frames."""
+    backlog: int
     if len(frame) != 1 + _COUNTS.size:
         msg = f"{where}: bytes header of {len(frame)} bytes; expected {1 + _COUNTS.size}"
         raise DeserializationError(msg)
@@ -94,11 +119,11 @@ def encode_credit(credits: int) -> bytes:
     return b"C" + _CREDIT.pack(credits)
 
 
-def encode_recycle(credits: int, indices: np.ndarray | list[int]) -> bytes:
+def encode_recycle(credits: int, indices: npt.NDArray[np.uint32] | list[int]) -> bytes:
     return b"R" + _CREDIT.pack(credits) + np.asarray(indices, dtype="<u4").tobytes()
 
 
-def decode_credit(frame: Any, *, where: str) -> tuple[int, np.ndarray]:
+def decode_credit(frame: bytes | memoryview, *, where: str) -> tuple[int, npt.NDArray[np.uint32]]:
     """(credits, indices recycled) of a ``C`` or ``R`` message."""
     if len(frame) < 1 + _CREDIT.size or (len(frame) - 1 - _CREDIT.size) % 4:
         msg = f"{where}: credit message of {len(frame)} bytes is malformed"

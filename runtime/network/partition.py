@@ -38,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
 import numpy as np
 import zmq
@@ -46,7 +46,7 @@ import zmq
 from runtime.errors import BrokenChannelError, DeserializationError
 from runtime.memory.snapshot import Snapshot
 from runtime.network import messages as msg
-from runtime.network.buffer_pool import release_buffers
+from runtime.network.buffer_pool import LocalBufferPool, NetworkBuffer, release_buffers
 from runtime.network.transport import KEEP_ALIVE_INTERVAL, connect, context, make_socket
 
 TRANSPORTS = ("shm", "tcp")
@@ -86,9 +86,10 @@ class OutputChannel:
         self.socket = make_socket(partition.ctx, zmq.DEALER, identity=b"ch%d" % channel_id)
         connect(self.socket, endpoint)
         self.credits = 0
-        self.queue: deque = deque()  # full buffers waiting for credit: the backlog
-        self.in_flight: dict[int, Any] = {}  # shm: buffer index -> buffer, until recycled
-        self.tracked: deque = deque()  # tcp: (MessageTracker, [buffers]) until zmq sent them
+        self.queue: deque[NetworkBuffer] = deque()  # full buffers waiting for credit: the backlog
+        self.in_flight: dict[int, NetworkBuffer] = {}  # shm: buffer index -> buffer, until recycled
+        # tcp: (MessageTracker, [buffers]) until zmq sent them
+        self.tracked: deque[tuple[zmq.MessageTracker, list[NetworkBuffer]]] = deque()
         self.max_in_flight = 0
         self.closed = False
         self.socket.send(msg.encode_hello(channel=channel_id, **partition.hello_fields))
@@ -110,7 +111,7 @@ class OutputChannel:
             text = f"channel {self.name} to {self.endpoint} is closed; its consumer is gone"
             raise BrokenChannelError(text)
 
-    def enqueue(self, buffer: Any) -> None:
+    def enqueue(self, buffer: NetworkBuffer) -> None:
         self.check_open()
         self.queue.append(buffer)
 
@@ -132,9 +133,10 @@ class OutputChannel:
             for b in batch:
                 in_flight[b.index] = b
         else:
-            frames = [msg.encode_bytes_header(len(queue), n)]
+            frames: list[bytes | memoryview] = [msg.encode_bytes_header(len(queue), n)]
             frames += [b.segment.view(0, b.size) for b in batch]
-            tracker = self.socket.send_multipart(frames, copy=False, track=True)
+            # With track=True pyzmq returns a MessageTracker; its stub says "| None" for every call.
+            tracker = cast(zmq.MessageTracker, self.socket.send_multipart(frames, copy=False, track=True))
             self.tracked.append((tracker, batch))
         part._buffers_sent += n
         part._bytes_sent += sum(b.size for b in batch)
@@ -150,7 +152,7 @@ class OutputChannel:
             for b in tracked.popleft()[1]:
                 b.release()
 
-    def on_control(self, frames: list) -> None:
+    def on_control(self, frames: list[zmq.Frame]) -> None:
         """Apply a credit (``C``) or recycle (``R``) message from the consumer."""
         frame = frames[0].buffer
         kind = frame[0]
@@ -162,7 +164,7 @@ class OutputChannel:
         if not len(indices):
             return
         pop = self.in_flight.pop
-        returned = []
+        returned: list[NetworkBuffer] = []
         try:
             for i in indices.tolist():
                 buf = pop(i, None)
@@ -181,7 +183,7 @@ class OutputChannel:
             n += 1
         self.queue.clear()
         self.in_flight.clear()
-        for tracker, bufs in self.tracked:
+        for _tracker, bufs in self.tracked:
             for buf in bufs:
                 buf.release()
                 n += 1
@@ -207,7 +209,7 @@ class ResultPartition:
     Process: the producing worker. Not thread-safe.
     """
 
-    def __init__(self, pool: Any, endpoints: list[str], *, channel_ids: list[int] | int,
+    def __init__(self, pool: LocalBufferPool, endpoints: list[str], *, channel_ids: list[int] | int,
                  transport: str = "shm", name: str = "partition", ship_batch: int = 0,
                  max_backlog: int = 10, keep_alive: Callable[[], None] | None = None) -> None:
         if transport not in TRANSPORTS:
@@ -238,8 +240,11 @@ class ResultPartition:
         self._blocked = 0.0
 
     # ---------------------------------------------------------------- buffers
-    def request_buffer(self, *, timeout: float | None = None) -> Any:
+    def request_buffer(self, *, timeout: float | None = None) -> NetworkBuffer:
         """A free buffer from the pool; while there is none, ship and wait for recycles.
+
+        Ownership: the caller owns the buffer (refcount 1) until it passes it to :meth:`send_buffer`
+        or releases it.
 
         Raises:
             TimeoutError: no buffer came back within ``timeout`` seconds.
@@ -249,7 +254,7 @@ class ResultPartition:
             return buf
         return self._wait_buffers(1, timeout)[0]
 
-    def request_buffers(self, n: int, *, timeout: float | None = None) -> list:
+    def request_buffers(self, n: int, *, timeout: float | None = None) -> list[NetworkBuffer]:
         """Between 1 and ``n`` free buffers, taken under one lock; waits as :meth:`request_buffer` while
         there is none. The batch path for producers that fill buffer after buffer.
 
@@ -259,7 +264,7 @@ class ResultPartition:
         bufs = self.pool.try_request_buffers(n)
         return bufs if bufs else self._wait_buffers(n, timeout)
 
-    def _wait_buffers(self, n: int, timeout: float | None) -> list:
+    def _wait_buffers(self, n: int, timeout: float | None) -> list[NetworkBuffer]:
         start = time.monotonic()
         try:
             while True:
@@ -276,7 +281,7 @@ class ResultPartition:
         finally:
             self._blocked += time.monotonic() - start
 
-    def send_buffer(self, subpartition: int, buffer: Any, *, block: bool = True) -> None:
+    def send_buffer(self, subpartition: int, buffer: NetworkBuffer, *, block: bool = True) -> None:
         """Queue a filled buffer (``buffer.size`` bytes) for consumer ``subpartition``.
 
         Buffers ship in batches: once half the channel's credit window (credits
@@ -293,7 +298,7 @@ class ResultPartition:
         ch.enqueue(buffer)
         self._queued(ch, block)
 
-    def send_buffers(self, subpartition: int, buffers: list, *, block: bool = True) -> None:
+    def send_buffers(self, subpartition: int, buffers: list[NetworkBuffer], *, block: bool = True) -> None:
         """:meth:`send_buffer` for each of ``buffers`` in order, deciding once whether to ship.
 
         Ownership: the channel owns every buffer from now on.
@@ -393,7 +398,7 @@ class ResultPartition:
         if tracked and not any(t.done for t in tracked):
             tracked[0].wait(timeout)  # tcp: buffers return when zmq has sent them
         else:
-            for sock, _ in self._poller.poll(timeout * 1000):
+            for sock, _ in self._poller.poll(int(timeout * 1000)):  # what Poller.poll does with a float
                 ch = self._by_socket[sock]
                 ch.on_control(sock.recv_multipart(copy=False))
         self._drain_control()
@@ -430,7 +435,7 @@ class ResultPartition:
         self.close()
 
 
-def pool_hello_fields(pool: Any) -> dict[str, Any]:
+def pool_hello_fields(pool: LocalBufferPool) -> dict[str, str | int]:
     """What a receiver needs to turn (index, size) descriptors into views of the sender's pool."""
     network = pool.network_pool
     block = network.segment
@@ -443,4 +448,4 @@ def pool_hello_fields(pool: Any) -> dict[str, Any]:
     }
 
 
-__all__ = ["TRANSPORTS", "BrokenChannelError", "OutputChannel", "PartitionStats", "ResultPartition", "pool_hello_fields"]
+__all__ = ["TRANSPORTS", "OutputChannel", "PartitionStats", "ResultPartition", "pool_hello_fields"]

@@ -23,20 +23,25 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import numpy as np
 
 from runtime.errors import RecordTooLargeError
-from runtime.network.batch import TimestampedBatch, pack_batch, unpack_batch  # noqa: F401 - pack and unpack re-exported
-from runtime.network.events import UserEvent
-from runtime.network.gate import InputGate
-from runtime.network.partition import ResultPartition
+from runtime.network.batch import Batch, TimestampedBatch, pack_batch, unpack_batch
+from runtime.network.buffer_pool import LocalBufferPool, NetworkBuffer
+from runtime.network.events import Event, UserEvent
+from runtime.network.gate import InputGate, ReceivedBuffer
+from runtime.network.partition import PartitionStats, ResultPartition
 from runtime.network.serializer import (
     DEFAULT_MAX_RECORD_SIZE,
     BufferDeserializer,
     BufferSerializer,
+    Item,
+    SerializationResult,
 )
+
+__all__ = ["Partitioner", "RecordReader", "RecordWriter", "pack_batch", "unpack_batch"]
 
 _TIMESTAMPS = "__shmflow.timestamps__"
 #: Up to this many partitions, a columnar batch is split by one scan per partition; above, by a sort.
@@ -62,7 +67,8 @@ class Partitioner:
         self.columnar_key = columnar_key
         self._next = 0
 
-    def split(self, batch: Any) -> list[tuple[int, Any]]:
+    def split(self, batch: Batch | np.ndarray) -> list[tuple[int, Batch | np.ndarray]]:
+        """``(channel, sub-batch)`` pairs; a sub-batch is of the batch's kind (records, timestamped or columnar)."""
         n = self.n
         if n == 1 or self.kind == "forward":
             return [(0, batch)]
@@ -71,10 +77,10 @@ class Partitioner:
         if self.kind == "rebalance":
             self._next = (self._next + 1) % n
             return [(self._next, batch)]
-        if isinstance(batch, dict) or isinstance(batch, np.ndarray):
+        if isinstance(batch, (dict, np.ndarray)):
             return self._split_columnar(batch)
-        key_fn = self.key_fn
-        buckets: list[list] = [[] for _ in range(n)]
+        key_fn = cast("Callable[[Any], Any]", self.key_fn)  # a hash partitioner of records has one
+        buckets: list[list[Any]] = [[] for _ in range(n)]
         dests = [hash(k) % n for k in map(key_fn, batch)]
         timestamps = getattr(batch, "timestamps", None)
         if timestamps is None:
@@ -82,13 +88,13 @@ class Partitioner:
             for rec, d in zip(batch, dests):
                 appends[d](rec)
             return [(i, b) for i, b in enumerate(buckets) if b]
-        ts_buckets: list[list] = [[] for _ in range(n)]
+        ts_buckets: list[list[float]] = [[] for _ in range(n)]
         for rec, ts, d in zip(batch, timestamps, dests):
             buckets[d].append(rec)
             ts_buckets[d].append(ts)
         return [(i, TimestampedBatch(b, ts_buckets[i])) for i, b in enumerate(buckets) if b]
 
-    def _split_columnar(self, batch: Any) -> list[tuple[int, Any]]:
+    def _split_columnar(self, batch: dict[str, np.ndarray] | np.ndarray) -> list[tuple[int, Batch | np.ndarray]]:
         col = self.columnar_key
         if col is None:
             msg = "a columnar batch (dict of arrays) can only be hash-partitioned by a column: use key_by('column')"
@@ -101,12 +107,13 @@ class Partitioner:
             dest = keys & (n - 1) if n & (n - 1) == 0 else np.remainder(keys, n)
         else:
             dest = np.fromiter((hash(k) % n for k in keys.tolist()), dtype=np.int64, count=len(keys))
+        take: Callable[[np.ndarray], dict[str, np.ndarray] | np.ndarray]
         if isinstance(batch, dict):
-            def take(idx: np.ndarray) -> dict:
+            def take(idx: np.ndarray) -> dict[str, np.ndarray]:
                 return {name: arr.take(idx, axis=0) for name, arr in batch.items()}
         else:
             take = batch.take
-        out = []
+        out: list[tuple[int, Batch | np.ndarray]] = []
         if n <= _MASK_SPLIT_MAX:  # a linear pass per partition beats a sort
             for i in range(n):
                 idx = np.flatnonzero(dest == i)
@@ -124,12 +131,12 @@ class Partitioner:
 
 
 # ---------------------------------------------------------------------------- writer
-def _is_timestamps(item: Any) -> bool:
+def _is_timestamps(item: object) -> TypeGuard[UserEvent]:
     """The event that carries the timestamps of the TimestampedBatch after it."""
     return type(item) is UserEvent and type(item.payload) is tuple and item.payload[:1] == (_TIMESTAMPS,)
 
 
-def _halves(item: Any) -> list | None:
+def _halves(item: Item) -> list[Item] | None:
     """A record list or columnar batch cut in two by rows, or None when it holds one row (or is an event)."""
     if isinstance(item, list):
         rows = len(item)
@@ -157,8 +164,8 @@ class _ChannelWriter:
     def __init__(self, index: int, max_record_size: int) -> None:
         self.index = index
         self.ser = BufferSerializer(max_record_size=max_record_size)
-        self.buffer: Any = None  # the NetworkBuffer being filled; owned by this writer until sent
-        self.items: deque = deque()  # batches and events not yet written (no buffer was free)
+        self.buffer: NetworkBuffer | None = None  # the buffer being filled; owned by this writer until sent
+        self.items: deque[Item] = deque()  # batches and events not yet written (no buffer was free)
         self.continuing = False  # the serializer holds the rest of a spanning frame
         self.first_write: float | None = None
 
@@ -178,14 +185,15 @@ class RecordWriter:
         self.partitioner = partitioner
         self.buffer_timeout = buffer_timeout
         self.clock = clock
-        self.pool = partition.pool
+        self.pool: LocalBufferPool = partition.pool
         self.channels = [_ChannelWriter(i, max_record_size) for i in range(len(partition.channels))]
 
-    def emit(self, batch: Any) -> None:
+    def emit(self, batch: Batch | np.ndarray) -> None:
         for index, sub in self.partitioner.split(batch):
             cw = self.channels[index]
-            if getattr(sub, "timestamps", None) is not None:
-                cw.items.append(UserEvent((_TIMESTAMPS, list(sub.timestamps))))
+            timestamps = getattr(sub, "timestamps", None)
+            if timestamps is not None:
+                cw.items.append(UserEvent((_TIMESTAMPS, list(timestamps))))
                 cw.items.append(sub)  # a TimestampedBatch: if it must be halved, each half gets its own event
             else:
                 cw.items.append(sub)
@@ -193,7 +201,7 @@ class RecordWriter:
             if self.buffer_timeout == 0:
                 self._flush_channel(cw)
 
-    def emit_event(self, event: Any) -> None:
+    def emit_event(self, event: Event) -> None:
         """An in-band event to every channel, in order with the records before it."""
         for cw in self.channels:
             cw.items.append(event)
@@ -235,7 +243,7 @@ class RecordWriter:
                 continue
             self._after_write(cw, result)
 
-    def _after_write(self, cw: _ChannelWriter, result: Any) -> None:
+    def _after_write(self, cw: _ChannelWriter, result: SerializationResult) -> None:
         if result.is_full_buffer:
             self._send(cw)
             cw.continuing = not result.is_full_record
@@ -243,7 +251,7 @@ class RecordWriter:
             cw.first_write = self.clock()
 
     def _send(self, cw: _ChannelWriter) -> None:
-        buf = cw.buffer
+        buf = cast(NetworkBuffer, cw.buffer)  # callers check that the channel holds one
         buf.size = cw.ser.position
         cw.buffer = None
         cw.first_write = None
@@ -297,7 +305,7 @@ class RecordWriter:
         return (all(not cw.items and not cw.continuing and cw.buffer is None for cw in self.channels)
                 and self.partition.stats().backlog == 0)
 
-    def stats(self) -> Any:
+    def stats(self) -> PartitionStats:
         return self.partition.stats()
 
     def close(self) -> None:
@@ -322,8 +330,8 @@ class RecordReader:
     def __init__(self, gate: InputGate, *, max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> None:
         self.gate = gate
         self._des = [BufferDeserializer(ch.name, max_record_size=max_record_size) for ch in gate.channels]
-        self._timestamps: list[list | None] = [None] * len(gate.channels)
-        self._held: list[Any] = []
+        self._timestamps: list[list[float] | None] = [None] * len(gate.channels)
+        self._held: list[ReceivedBuffer] = []
 
     def poll(self) -> list[tuple[int, Any]]:
         """Everything that arrived since the last poll: ``(channel, batch_or_event)`` pairs."""
@@ -334,7 +342,7 @@ class RecordReader:
         for rb in self.gate.next_buffers(timeout=0):
             ch = rb.channel
             self._held.append(rb)
-            for item in self._des[ch].feed(rb.view):
+            for item in self._des[ch].feed(cast(memoryview, rb.view)):  # not released before the next poll
                 if _is_timestamps(item):
                     self._timestamps[ch] = item.payload[1]
                     continue

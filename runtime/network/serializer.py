@@ -88,7 +88,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast, overload
 
 import msgpack
 import numpy as np
@@ -96,7 +96,11 @@ import numpy as np
 from runtime.errors import DeserializationError, NestingTooDeepError, RecordTooLargeError
 from runtime.network.columnar import FORM_DICT, FORM_STRUCT, ColumnarLayout, read_columnar
 from runtime.network.columnar import align8 as _align
-from runtime.network.events import EVENT_TYPES, EndOfPartition, UserEvent, Watermark
+from runtime.network.events import EVENT_TYPES, EndOfPartition, Event, UserEvent, Watermark
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy.typing as npt
+    from typing_extensions import Buffer
 
 __all__ = [
     "DEFAULT_MAX_RECORD_SIZE",
@@ -105,11 +109,17 @@ __all__ = [
     "BufferDeserializer",
     "BufferSerializer",
     "DeserializerStats",
+    "Item",
     "SerializationResult",
     "SerializerStats",
     "iter_records",
     "pack_to_buffers",
 ]
+
+#: What a channel carries and ``BufferSerializer.write`` takes: a record batch (a list, also a
+#: TimestampedBatch), a columnar batch (a dict of arrays or a structured array), or an event.
+Item = list[Any] | dict[str, np.ndarray] | np.ndarray | Event
+_B = TypeVar("_B", bound="Buffer")
 
 # ----------------------------------------------------------------------------- wire constants
 MAGIC = 0xF7
@@ -190,13 +200,13 @@ class DeserializerStats:
 _SCALARS = frozenset({int, float, str, bytes, bool, type(None), bytearray, memoryview})
 
 
-def _children(level: list, types: set) -> tuple[Iterator[Any], bool, bool]:
+def _children(level: list[Any], types: set[type]) -> tuple[Iterator[Any], bool, bool]:
     """An iterator over the elements one level below ``level``, and whether tuples / lists occur in it."""
     mixed = len(types) > 1
-    groups: list = []
+    groups: list[Iterator[Any]] = []
     has_tuple = has_list = False
     for t in types - _SCALARS:
-        members = [x for x in level if type(x) is t] if mixed else level
+        members: list[Any] = [x for x in level if type(x) is t] if mixed else level
         if issubclass(t, tuple):
             has_tuple = True
             groups.append(chain.from_iterable(members))
@@ -210,7 +220,7 @@ def _children(level: list, types: set) -> tuple[Iterator[Any], bool, bool]:
     return chain.from_iterable(groups), has_tuple, has_list
 
 
-def _array_mode(records: list, max_elements: int) -> int:
+def _array_mode(records: list[Any], max_elements: int) -> int:
     """MODE_TUPLES if no list occurs below the top level, MODE_LISTS if no tuple does, else MODE_MARKED.
 
     A level-by-level scan of element types with C-level ``map``/``set``/``chain``:
@@ -222,7 +232,7 @@ def _array_mode(records: list, max_elements: int) -> int:
         NestingTooDeepError: a record nests deeper than ``MAX_NESTING`` (or is cyclic).
         RecordTooLargeError: more elements than ``max_elements``.
     """
-    level: list = records
+    level: list[Any] = records
     types = set(map(type, level))
     seen_tuple = seen_list = False
     total = 0
@@ -254,6 +264,9 @@ def _array_mode(records: list, max_elements: int) -> int:
 _TUPLE_MARK = msgpack.ExtType(EXT_TUPLE, b"")
 
 
+_MARK_BASES: tuple[type, ...] = (list, dict, str, bytes, float)
+
+
 def _mark(obj: Any) -> Any:
     """``default`` of the MARKED packer (strict types): a tuple becomes ``[mark, *items]``; subclasses their base.
 
@@ -261,7 +274,7 @@ def _mark(obj: Any) -> Any:
     """
     if isinstance(obj, tuple):
         return [_TUPLE_MARK, *obj]
-    for base in (list, dict, str, bytes, float):
+    for base in _MARK_BASES:
         if isinstance(obj, base):
             return base(obj)
     if isinstance(obj, int) and not isinstance(obj, bool):
@@ -300,7 +313,7 @@ def _unpack_marked(payload: Any) -> Any:
                            list_hook=_unmark_list)
 
 
-def _no_ext(code: int, data: bytes) -> Any:
+def _no_ext(code: int, data: bytes) -> NoReturn:
     msg = f"unexpected msgpack ext type {code} in a frame without marked tuples"
     raise ValueError(msg)
 
@@ -353,7 +366,8 @@ class _Pending:
 
     __slots__ = ("kind", "flags", "data", "offset", "batch")
 
-    def __init__(self, kind: int, flags: int, data: Any, offset: int, batch: ColumnarLayout | None = None) -> None:
+    def __init__(self, kind: int, flags: int, data: bytes | memoryview | None, offset: int,
+                 batch: ColumnarLayout | None = None) -> None:
         self.kind = kind
         self.flags = flags
         self.data = data  # the whole payload (bytes-like), or None for a deferred columnar batch
@@ -389,7 +403,8 @@ class BufferSerializer:
 
     def __init__(self, *, max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> None:
         if not 0 < max_record_size <= _MAX_LENGTH:
-            msg = f"max_record_size must be in [1, {_MAX_LENGTH}] bytes (network.max-record-size); got {max_record_size}"
+            msg = (f"max_record_size must be in [1, {_MAX_LENGTH}] bytes (network.max-record-size); got "
+                   f"{max_record_size}")
             raise ValueError(msg)
         self.max_record_size = max_record_size
         self._buf: memoryview | None = None  # the current target; owner: this serializer's caller
@@ -401,7 +416,7 @@ class BufferSerializer:
         self._frames = self._records = self._batches = self._events = self._spans = self._bytes = 0
 
     # ----------------------------------------------------------------- target buffer
-    def set_buffer(self, buffer: Any) -> None:
+    def set_buffer(self, buffer: Buffer) -> None:
         """Make ``buffer`` (writable, >= 16 bytes, buffer protocol) the target, filled from offset 0.
 
         Raises:
@@ -414,7 +429,7 @@ class BufferSerializer:
             raise RuntimeError(msg)
         self._target(buffer)
 
-    def _target(self, buffer: Any) -> None:
+    def _target(self, buffer: Buffer) -> None:
         mv = memoryview(buffer)
         if mv.readonly:
             msg = "target buffer is read-only; serialize into a buffer requested from the pool"
@@ -426,7 +441,7 @@ class BufferSerializer:
             raise ValueError(msg)
         self._buf, self._cap, self._pos = mv, len(mv), 0
 
-    def continue_into(self, buffer: Any) -> SerializationResult:
+    def continue_into(self, buffer: Buffer) -> SerializationResult:
         """Make ``buffer`` the target and write what is pending into it (if anything)."""
         self._target(buffer)
         pend = self._pending
@@ -435,10 +450,12 @@ class BufferSerializer:
         if pend.batch is not None:  # a deferred columnar batch: try it whole first
             self._pending = None
             return self._write_columnar(pend.batch)
+        # Without a columnar batch, data holds the payload (see _Pending).
+        data = cast("bytes | memoryview", pend.data)
         if pend.offset == 0:  # the header did not fit the last buffer
             self._pending = None
-            return self._write_frame(pend.kind, pend.flags, pend.data)
-        buf, data, off = self._buf, pend.data, pend.offset
+            return self._write_frame(pend.kind, pend.flags, data)
+        buf, off = cast(memoryview, self._buf), pend.offset  # set by _target above
         left = len(data) - off
         _HEADER.pack_into(buf, 0, KIND_CONTINUATION, 0, MAGIC, VERSION, left)
         n = min(left, self._cap - HEADER_SIZE)
@@ -506,7 +523,7 @@ class BufferSerializer:
         packer = self._marked_packer if mode == MODE_MARKED else self._packer
         try:
             packer.pack(records)
-        except Exception as exc:  # msgpack: TypeError (type), OverflowError (int), ValueError (depth)
+        except Exception as exc:  # noqa: BLE001 - msgpack: TypeError (type), OverflowError (int), ValueError (depth)
             packer.reset()
             raise _pack_error(records, exc) from None
         payload = packer.getbuffer()
@@ -518,7 +535,7 @@ class BufferSerializer:
         self._records += len(records)
         return result
 
-    def write(self, item: Any) -> SerializationResult:
+    def write(self, item: Item) -> SerializationResult:
         """Write what a channel carries: a ``list`` (a record batch: :meth:`write_records`), an event
         (:meth:`write_event`) or a columnar batch (:meth:`write_batch`). Raises as those do."""
         if isinstance(item, list):
@@ -531,11 +548,11 @@ class BufferSerializer:
         """Write one record (a batch of one: prefer ``write_records`` for throughput)."""
         return self.write_records([record])
 
-    def write_event(self, event: Any) -> SerializationResult:
+    def write_event(self, event: Event) -> SerializationResult:
         """Write an in-band event (EndOfPartition, Watermark, UserEvent) as an EVENT frame."""
         self._check_ready("write_event")
         if isinstance(event, EndOfPartition):
-            body: list = [EVENT_END_OF_PARTITION]
+            body: list[Any] = [EVENT_END_OF_PARTITION]
         elif isinstance(event, Watermark):
             ts = event.timestamp
             if isinstance(ts, bool) or not isinstance(ts, (int, float)):
@@ -549,12 +566,12 @@ class BufferSerializer:
             raise TypeError(msg)
         try:
             data = msgpack.packb(body, use_bin_type=True, strict_types=True, default=_mark)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - msgpack raises several types; re-raised typed
             raise _pack_error([body[-1]], exc) from None
         self._events += 1
         return self._write_frame(KIND_EVENT, 0, data)
 
-    def write_batch(self, columns: Any) -> SerializationResult:
+    def write_batch(self, columns: dict[str, np.ndarray] | np.ndarray) -> SerializationResult:
         """Write a columnar batch (dict of equal-length numpy arrays, or a 1-d structured array).
 
         The arrays are copied straight into the buffer (no intermediate bytes)
@@ -579,7 +596,7 @@ class BufferSerializer:
         p = _align(self._pos)
         n = layout.length
         if p + HEADER_SIZE + n <= self._cap:
-            buf = self._buf
+            buf = cast(memoryview, self._buf)  # _check_ready or _target set it
             buf[self._pos: p] = bytes(p - self._pos)
             _HEADER.pack_into(buf, p, KIND_COLUMNAR, layout.form, MAGIC, VERSION, n)
             layout.write_into(buf, p + HEADER_SIZE)
@@ -591,10 +608,11 @@ class BufferSerializer:
             self._pending = _Pending(KIND_COLUMNAR, layout.form, None, 0, layout)
             return PARTIAL_RECORD_BUFFER_FULL
         data = np.empty(n, dtype=np.uint8)  # larger than a buffer: it spans, so materialise once
-        layout.write_into(memoryview(data), 0)
-        return self._write_frame(KIND_COLUMNAR, layout.form, memoryview(data), owned=True)
+        layout.write_into(data.data, 0)
+        return self._write_frame(KIND_COLUMNAR, layout.form, data.data, owned=True)
 
-    def _write_frame(self, kind: int, flags: int, payload: Any, *, owned: bool = False) -> SerializationResult:
+    def _write_frame(self, kind: int, flags: int, payload: bytes | memoryview, *,
+                     owned: bool = False) -> SerializationResult:
         """Write header + payload at the next aligned offset; keep what does not fit as pending.
 
         ``owned``: the payload is the serializer's own copy, so what does not fit is kept without
@@ -604,7 +622,7 @@ class BufferSerializer:
             msg = (f"{_KIND_NAMES[kind]} frame of {n} bytes exceeds the record size limit of "
                    f"{self.max_record_size} bytes (network.max-record-size); write smaller batches")
             raise RecordTooLargeError(msg)
-        buf, pos = self._buf, self._pos
+        buf, pos = cast(memoryview, self._buf), self._pos  # _check_ready or _target set it
         p = _align(pos)
         if p + MIN_FRAME_ROOM > self._cap:  # not even a header and 8 bytes: all of it waits
             self._pending = _Pending(kind, flags, payload if owned else bytes(payload), 0)
@@ -648,12 +666,13 @@ class BufferDeserializer:
 
     def __init__(self, channel: str = "?", *, max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> None:
         if not 0 < max_record_size <= _MAX_LENGTH:
-            msg = f"max_record_size must be in [1, {_MAX_LENGTH}] bytes (network.max-record-size); got {max_record_size}"
+            msg = (f"max_record_size must be in [1, {_MAX_LENGTH}] bytes (network.max-record-size); got "
+                   f"{max_record_size}")
             raise ValueError(msg)
         self.channel = channel
         self.max_record_size = max_record_size
         self._nbuf = 0  # index of the buffer being fed
-        self._span: np.ndarray | None = None  # reassembly of a spanning frame
+        self._span: npt.NDArray[np.uint8] | None = None  # reassembly of a spanning frame
         self._span_filled = 0
         self._span_kind = self._span_flags = 0
         self._span_where = ""
@@ -681,7 +700,7 @@ class BufferDeserializer:
         return DeserializerStats(self._nbuf, self._frames, self._records, self._spans, self._copied)
 
     # ----------------------------------------------------------------- reading
-    def feed(self, buffer: Any, nbytes: int | None = None) -> list[Any]:
+    def feed(self, buffer: Buffer, nbytes: int | None = None) -> list[Any]:
         """Decode the first ``nbytes`` (default: all) bytes of the channel's next buffer.
 
         Returns the items of every frame that ends in this buffer, in order.
@@ -748,10 +767,11 @@ class BufferDeserializer:
         return out
 
     def _continue_span(self, view: memoryview, n: int, out: list[Any]) -> int:
-        span = self._span
+        span = cast("npt.NDArray[np.uint8]", self._span)  # feed calls this only while a frame spans
         total = len(span)
         missing = total - self._span_filled
-        where = f"(continuing the {_KIND_NAMES[self._span_kind]} frame {self._span_where}, {missing} of {total} bytes missing)"
+        where = (f"(continuing the {_KIND_NAMES[self._span_kind]} frame {self._span_where}, {missing} of {total} bytes "
+                 "missing)")
         if n < HEADER_SIZE:
             raise self._error(0, "continuation", f"is truncated: buffer holds {n} bytes {where}")
         kind, flags, magic, version, length = _HEADER.unpack_from(view, 0)
@@ -771,7 +791,7 @@ class BufferDeserializer:
         self._spans += 1
         origin = self._span_where
         try:
-            out.append(self._decode(self._span_kind, self._span_flags, memoryview(span), 0, self._nbuf, origin))
+            out.append(self._decode(self._span_kind, self._span_flags, span.data, 0, self._nbuf, origin))
         finally:
             self._span = None
         return HEADER_SIZE + take
@@ -807,13 +827,13 @@ class BufferDeserializer:
             msg = (f"channel {self.channel!r}: {_KIND_NAMES[kind]} frame {where} nests deeper than msgpack's 1024 "
                    f"levels; {_NESTING_RULE}")
             raise DeserializationError(msg) from None
-        except Exception as exc:  # msgpack/numpy raise many types on garbage; report them all alike
+        except Exception as exc:  # noqa: BLE001 - msgpack/numpy raise many types on garbage; report them all alike
             where = origin or f"at offset {offset} of buffer {nbuf}"
             msg = f"channel {self.channel!r}: {_KIND_NAMES[kind]} frame {where} is corrupt: {type(exc).__name__}: {exc}"
             raise DeserializationError(msg) from None
 
 
-def _read_event(payload: memoryview) -> Any:
+def _read_event(payload: memoryview) -> Event:
     body = _unpack_marked(payload)
     if type(body) is list and body and type(body[0]) is int:
         code = body[0]
@@ -828,8 +848,14 @@ def _read_event(payload: memoryview) -> Any:
 
 
 # ----------------------------------------------------------------------------- the loop in miniature
-def pack_to_buffers(items: Iterable[Any], *, buffer_size: int = 32768,
-                    new_buffer: Callable[[int], Any] = bytearray,
+@overload
+def pack_to_buffers(items: Iterable[Item], *, buffer_size: int = ...,
+                    max_record_size: int = ...) -> list[tuple[bytearray, int]]: ...
+@overload
+def pack_to_buffers(items: Iterable[Item], *, buffer_size: int = ..., new_buffer: Callable[[int], _B],
+                    max_record_size: int = ...) -> list[tuple[_B, int]]: ...
+def pack_to_buffers(items: Iterable[Item], *, buffer_size: int = 32768,
+                    new_buffer: Callable[[int], Any] = bytearray,  # the overloads above carry the types
                     max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> list[tuple[Any, int]]:
     """Serialize ``items`` into fresh buffers as a channel would; returns ``[(buffer, nbytes)]``.
 
@@ -855,7 +881,7 @@ def pack_to_buffers(items: Iterable[Any], *, buffer_size: int = 32768,
     return out
 
 
-def iter_records(buffers: Iterable[Any], *, channel: str = "?",
+def iter_records(buffers: Iterable[Buffer | tuple[Buffer, int]], *, channel: str = "?",
                  max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> Iterator[Any]:
     """Yield the records of a channel's buffers one by one (columnar batches and events as they are).
 

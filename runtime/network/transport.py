@@ -18,6 +18,8 @@ import zmq
 
 from runtime.errors import TransportError
 
+__all__ = ["Kind", "bind", "connect", "context", "local_endpoint", "make_socket"]
+
 Kind = Literal["ipc", "tcp"]
 
 #: The longest any wait of a gate or a partition goes without calling its ``keep_alive`` callback (the
@@ -25,7 +27,7 @@ Kind = Literal["ipc", "tcp"]
 KEEP_ALIVE_INTERVAL = 0.1
 
 
-def context() -> zmq.Context:
+def context() -> zmq.Context[zmq.Socket[bytes]]:
     """This process's zmq context. Never fork after creating it (spawn workers instead)."""
     return zmq.Context.instance()
 
@@ -42,8 +44,8 @@ def local_endpoint(kind: Kind = "ipc", *, host: str = "127.0.0.1") -> str:
     raise ValueError(msg)
 
 
-def make_socket(ctx: zmq.Context, socket_type: int, *, hwm: int | None = None,
-                identity: bytes | None = None) -> zmq.Socket:
+def make_socket(ctx: zmq.Context[zmq.Socket[bytes]], socket_type: int, *, hwm: int | None = None,
+                identity: bytes | None = None) -> zmq.Socket[bytes]:
     """A socket with linger 0 (closing never blocks on unsent messages) and optional high-water marks."""
     sock = ctx.socket(socket_type)
     sock.linger = 0
@@ -55,7 +57,7 @@ def make_socket(ctx: zmq.Context, socket_type: int, *, hwm: int | None = None,
     return sock
 
 
-def bind(sock: zmq.Socket, endpoint: str) -> str:
+def bind(sock: zmq.Socket[bytes], endpoint: str) -> str:
     """Bind and return the endpoint peers should connect to (with the port the kernel chose)."""
     try:
         sock.bind(endpoint)
@@ -65,7 +67,7 @@ def bind(sock: zmq.Socket, endpoint: str) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
-def connect(sock: zmq.Socket, endpoint: str) -> None:
+def connect(sock: zmq.Socket[bytes], endpoint: str) -> None:
     try:
         sock.connect(endpoint)
     except zmq.ZMQError as exc:
