@@ -251,10 +251,11 @@ def worker_main(worker_id: int, endpoint: str, secret: bytes, *,
 
 
 def main(argv: list[str]) -> None:
-    """``python -m runtime.cluster.worker ID ENDPOINT PARENT_PID MAX_MESSAGE_SIZE``; the secret (hex) on stdin."""
+    """``python -m runtime.cluster.worker ID ENDPOINT PARENT_PID [MAX_MESSAGE_SIZE]``; the secret (hex) on stdin."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the coordinator tears down
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    worker_id, endpoint, parent, max_message_size = int(argv[0]), argv[1], int(argv[2]), int(argv[3])
+    worker_id, endpoint, parent = int(argv[0]), argv[1], int(argv[2])
+    max_message_size = int(argv[3]) if len(argv) > 3 else control.DEFAULT_MAX_MESSAGE_SIZE
     _die_with_parent(parent)
     secret = bytes.fromhex(sys.stdin.readline().strip())
     worker_main(worker_id, endpoint, secret, max_message_size=max_message_size)
