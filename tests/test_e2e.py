@@ -341,8 +341,10 @@ def test_print_and_to_file_sinks(tmp_path):
     import sys
     script = tmp_path / "job.py"
     script.write_text(PRINT_AND_FILE_JOB)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's runtime, as its workers'
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH")] if p)}
     out = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert sorted(out.stdout.splitlines()) == ["1> 0", "1> 10", "1> 20", "2> 30", "2> 40", "2> 50"]
     parts = sorted((tmp_path / "out").iterdir())
