@@ -11,7 +11,7 @@ The aggregations, and the table of their result shapes, are in
 :mod:`operators.aggregations` (re-exported here); the numpy fast path of
 count/sum/min/max is in :mod:`operators.keyed_vectorized`.
 
-Imports: runtime.task, operators.stateless (batch helpers), operators.aggregations,
+Imports: runtime.execution.task, operators.stateless (batch helpers), operators.aggregations,
 operators.keyed_vectorized, stdlib.
 """
 
@@ -36,6 +36,7 @@ from operators.aggregations import (
     sum,  # noqa: A004
 )
 from operators.keyed_vectorized import Vectorized, vectorizable
+from operators.managed_keyed import ManagedKeyedState, fits_managed_memory
 from operators.stateless import to_records
 from runtime.errors import InvalidArgumentError
 from runtime.execution.task import Batch, Emit, Operator, TimestampedBatch
@@ -109,8 +110,15 @@ class KeyedAggregate(Operator):
         self.mode = mode
         self.partial_input = partial_input
         self.vectorize = vectorize and vectorizable(aggregation)
+        self.key_column: str | None = None  # key_by("column") on a columnar stream (set by the API)
         self._state = aggregation.new_state()
         self._vec: Vectorized | None = None  # made at the first batch-mode batch (after open and the graph)
+        self._managed: ManagedKeyedState | None = None  # batch mode with managed memory (from open)
+
+    @property
+    def managed_memory_weight(self) -> int:  # type: ignore[override]
+        """Batch mode keeps its table in managed memory (when the aggregation can merge partials)."""
+        return 1 if self.mode != "streaming" and fits_managed_memory(self.aggregation) else 0
 
     def open(self, ctx: Any) -> None:
         super().open(ctx)
@@ -119,8 +127,18 @@ class KeyedAggregate(Operator):
             if self.mode not in ("streaming", "batch"):
                 msg = f"KeyedAggregate: ctx.mode must be 'streaming' or 'batch'; got {self.mode!r}"
                 raise ValueError(msg)
+        managed = getattr(ctx, "managed", None)
+        if self.mode == "batch" and managed is not None and fits_managed_memory(self.aggregation):
+            self._managed = ManagedKeyedState(self.aggregation, managed, combine=False, key_fn=self.key_fn,
+                                              key_column=self.key_column)
 
     def process_batch(self, batch: Batch, emit: Emit) -> None:
+        if self._managed is not None:
+            self._managed.add(batch, partials=self.partial_input)
+            return
+        if self.partial_input and isinstance(batch, dict):  # columnar partials of a managed combiner
+            accs = batch["acc"] if "acc" in batch else batch["column_acc"]
+            batch = list(zip(batch["key"].tolist(), accs.tolist()))
         records = to_records(batch)
         agg = self.aggregation
         streaming = self.mode != "batch"  # None (not opened) behaves as streaming
@@ -149,6 +167,9 @@ class KeyedAggregate(Operator):
             agg.fold(self._state, keys, records)
 
     def finish(self, emit: Emit) -> None:
+        if self._managed is not None:
+            _emit_managed(self._managed, self.ctx, emit)
+            return
         if self.mode == "batch":
             if self._vec is not None:
                 results = self._vec.results()
@@ -162,6 +183,26 @@ class KeyedAggregate(Operator):
     def close(self) -> None:
         self._state = self.aggregation.new_state()
         self._vec = None
+        if self._managed is not None:
+            self._managed.release()
+
+
+def _emit_managed(state: ManagedKeyedState, ctx: Any, emit: Emit) -> None:
+    """Emit a managed state's results (or partials) in chunks, then report its memory and spilling."""
+    keep_alive = getattr(ctx, "keep_alive", None)
+    try:
+        for batch in state.results():
+            if isinstance(batch, dict):
+                emit(batch)
+            else:
+                for chunk in _chunks(batch):
+                    emit(chunk)
+            if keep_alive is not None:
+                keep_alive()  # spilled partitions are aggregated here, after the input: heartbeat between them
+    finally:
+        state.release()
+        for key, value in state.metrics.items():
+            ctx.metrics[key] = ctx.metrics.get(key, 0) + value
 
 
 class KeyedCombine(Operator):
@@ -210,15 +251,28 @@ class KeyedCombine(Operator):
         self.aggregation = aggregation
         self.max_keys = max_keys
         self.vectorize = vectorize and vectorizable(aggregation)
+        self.key_column: str | None = None  # key_by("column") on a columnar stream (set by the API)
         self._state = aggregation.new_state()
         self._vec: Vectorized | None = None
         self._flush_every_batch = False
+        self._managed: ManagedKeyedState | None = None  # batch mode with managed memory (from open)
+
+    #: A combiner pre-aggregates in managed memory when the runtime lends it (batch mode).
+    managed_memory_weight = 1
 
     def open(self, ctx: Any) -> None:
         super().open(ctx)
         self._flush_every_batch = ctx.mode == "streaming"
+        managed = getattr(ctx, "managed", None)
+        if not self._flush_every_batch and managed is not None:
+            self._managed = ManagedKeyedState(self.aggregation, managed, combine=True, key_fn=self.key_fn,
+                                              key_column=self.key_column)
 
     def process_batch(self, batch: Batch, emit: Emit) -> None:
+        if self._managed is not None:
+            for partials in self._managed.add(batch, partials=False):
+                emit(partials)
+            return
         records = to_records(batch)
         if self.vectorize and not self._flush_every_batch:  # streaming flushes every batch: stays generic
             vec = self._vec
@@ -237,11 +291,16 @@ class KeyedCombine(Operator):
             self._flush(emit)
 
     def finish(self, emit: Emit) -> None:
+        if self._managed is not None:
+            _emit_managed(self._managed, self.ctx, emit)
+            return
         self._flush(emit)
 
     def close(self) -> None:
         self._state = self.aggregation.new_state()
         self._vec = None
+        if self._managed is not None:
+            self._managed.release()
 
     def _flush(self, emit: Emit) -> None:
         partials = None

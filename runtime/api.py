@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from operators import keyed, sinks, sources, stateless, window
+from operators import keyed, sinks, sort, sources, stateless, window
 from runtime.cluster.client import JobResult
 from runtime.errors import InvalidArgumentError
 from runtime.execution.graph import JobGraph, StreamNode, build_job_graph
@@ -231,6 +231,17 @@ class DataStream:
         """Partition by key: a function of the record, or a column name for columnar batches."""
         return KeyedStream(self, key)
 
+    def sort_by(self, key: Callable[[Any], Any] | str, *, reverse: bool = False, name: str = "sort_by"
+                ) -> DataStream:
+        """Batch mode: every record, ordered by ``key(record)`` (or a column), within each subtask.
+
+        An external sort in managed memory: sorted runs spill to ``io.tmp-dirs`` when the operator's share
+        is full and are merged at end of input. For a global order run it with parallelism 1:
+        ``stream.sort_by(key).set_parallelism(1).collect()`` (a sink runs with its input's parallelism).
+        """
+        key_fn = _column_key(key) if isinstance(key, str) else key
+        return self._then(name, sort.Sort(key_fn, reverse=reverse))
+
     def rebalance(self) -> DataStream:
         return self._then("rebalance", stateless.Map(_identity), partitioning="rebalance")
 
@@ -256,14 +267,18 @@ class DataStream:
         sink_id = f"collect-{len(self.env._collects)}"
         result = CollectResult(sink_id)
         self.env._collects[sink_id] = result
-        self._then(f"collect[{sink_id}]", sinks.CollectSink(sink_id), is_sink=True)
+        self._sink(f"collect[{sink_id}]", sinks.CollectSink(sink_id))
         return result
 
     def print(self, prefix: str | None = None) -> None:
-        self._then("print", sinks.PrintSink(prefix), is_sink=True)
+        self._sink("print", sinks.PrintSink(prefix))
 
     def to_file(self, path: str) -> None:
-        self._then(f"to_file({path})", sinks.FileSink(str(path)), is_sink=True)
+        self._sink(f"to_file({path})", sinks.FileSink(str(path)))
+
+    def _sink(self, name: str, op: Any) -> None:
+        # A sink runs with its input's parallelism: chained to it, so the order of a sorted stream survives.
+        self._then(name, op, is_sink=True, parallelism=self.node.parallelism)
 
 
 def _identity(x: Any) -> Any:

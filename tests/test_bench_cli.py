@@ -32,7 +32,7 @@ def test_all_tiny_writes_json_with_spreads_ratios_versions_and_a_plot(tmp_path):
     import importlib.util
     plotting = importlib.util.find_spec("matplotlib") is not None  # the optional `bench` extra
     report, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    out = bench("all", "--tiny", "--json", str(report), *(("--plot", str(png)) if plotting else ()))
+    out = bench("all", "--tiny", "--json", str(report), *(("--plot", str(png)) if plotting else ()), timeout=300)
     failed = [line for line in out.stdout.splitlines() if line.startswith("FAILED")]
     assert out.returncode == 0, "\n".join(failed) or out.stdout[-3000:] + out.stderr[-3000:]
     data = json.loads(report.read_text())
@@ -45,12 +45,14 @@ def test_all_tiny_writes_json_with_spreads_ratios_versions_and_a_plot(tmp_path):
     results = {r["name"]: r for r in data["results"]}
     for name in ("w1_shmflow_shm_32KiB", "w1_shmflow_shm_1MiB", "w1_shmflow_tcp_32KiB", "w1_zmq_32KiB",
                  "w1_mp_queue_1MiB", "w1_shm_ring_1MiB", "w1_copy_32MiB", "w2_shmflow_rows",
-                 "w2_shmflow_columnar", "w2_zmq_columns", "w3_shmflow", "w3_mp_queue", "latency_shmflow",
-                 "alloc_fixed_32KiB"):
+                 "w2_shmflow_columnar", "w2_zmq_columns", "w3_shmflow", "w3_mp_queue", "w4_shmflow_rows",
+                 "w4_shmflow_columns", "w4_dict", "latency_shmflow", "alloc_fixed_32KiB"):
         assert name in results, name
     for r in data["results"]:
         assert r["ok"] is True, r
         assert r["unit"] and r["variant"] and r["reps"] == r["ok_reps"] == 1
+        if r.get("skipped"):  # an optional baseline that is not installed (DuckDB)
+            continue
         assert r["min"] <= r["median"] <= r["max"]
         assert len(r["runs"]) == 1 and r["runs"][0]["ok"] is True
     shmflow = [r for r in data["results"] if r["kind"] == "shmflow"]
@@ -78,6 +80,44 @@ def test_all_tiny_writes_json_with_spreads_ratios_versions_and_a_plot(tmp_path):
     assert "FAIL" not in out.stdout
 
 
+def test_w4_tiny_spills_and_checks_its_checksums(tmp_path):
+    report = tmp_path / "w4.json"
+    out = bench("w4", "--tiny", "--json", str(report), timeout=300)
+    failed = [line for line in out.stdout.splitlines() if line.startswith("FAILED")]
+    assert out.returncode == 0, "\n".join(failed) or out.stdout[-3000:] + out.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["ok"] is True and data["params"]["workloads"] == ["w4"]
+    results = {r["name"]: r for r in data["results"]}
+    settings = runner.w4_settings("tiny")
+    for form in ("rows", "columns"):
+        job = results[f"w4_shmflow_{form}"]
+        assert job["ok"] is True and job["unit"] == "records/s" and job["median"] > 0
+        (run,) = job["runs"]
+        assert run["checksums"] == run["expected"] and run["expected"]["groups"] == settings["k"]
+        assert run["params"]["managed_bytes"] == settings["managed_bytes"]
+        memory = run["memory"]
+        assert memory["spilled_bytes"] > 0
+        assert len(memory["worker_peak_rss_bytes"]) == 2 and min(memory["worker_peak_rss_bytes"]) > 0
+        assert memory["children_maxrss_bytes"] >= max(memory["worker_peak_rss_bytes"]) // 2
+        assert memory["gc_pause_seconds"] >= 0
+        bound = job["memory_bound"]
+        assert bound["against"] == f"w4_shmflow_{form}_k{settings['bound_k']}"
+        assert bound["bound_bytes"] == bound["reference_peak_bytes"] + settings["managed_bytes"] + (96 << 20)
+        assert isinstance(bound["met"], bool) and bound["spilled_bytes"] > 0
+        reference = results[bound["against"]]
+        assert reference["ok"] is True and reference["runs"][0]["expected"]["groups"] == settings["bound_k"]
+    for name in ("w4_dict", "w4_numpy", "w4_duckdb_int", "w4_duckdb_str"):
+        r = results[name]
+        assert r["ok"] is True
+        assert r.get("skipped") or (r["median"] > 0 and r["runs"][0]["memory"]["peak_rss_bytes"] > 0)
+    targets = {(t["name"], t.get("against")) for t in data["targets"]}
+    assert ("w4_shmflow_rows", "w4_dict") in targets
+    assert ("w4_shmflow_rows", "w4_shmflow_rows_k10000") in targets
+    assert ("w4_shmflow_columns", "w4_shmflow_columns_k10000") in targets
+    assert (("w4_shmflow_columns", "w4_duckdb_int") in targets) == (not results["w4_duckdb_int"].get("skipped"))
+    assert "W4 memory" in out.stdout and "FAIL" not in out.stdout
+
+
 def test_a_wrong_answer_fails_loudly(tmp_path):
     report, name = tmp_path / "bench.json", "w3_shmflow"
     out = bench("w3", "--tiny", "--corrupt", name, "--json", str(report))
@@ -92,11 +132,13 @@ def test_a_wrong_answer_fails_loudly(tmp_path):
     assert "FAIL" in out.stdout and f"FAILED {name}" in out.stdout
 
 
-@pytest.mark.parametrize("run", ["w1_shm", "w2_rows_job", "w2_columnar_job", "latency_job"])
+@pytest.mark.parametrize("run", ["w1_shm", "w2_rows_job", "w2_columnar_job", "latency_job", "w4_job"])
 def test_each_check_catches_a_corrupted_answer(run):
     from runtime.bench import shmflow_runs
 
-    if run.startswith("w1"):
+    if run == "w4_job":
+        fn = functools.partial(shmflow_runs.w4_job, "rows", n=20_000, k=8_000, managed_bytes=1 << 20)
+    elif run.startswith("w1"):
         def fn(**kw):
             return shmflow_runs.w1_shmflow(32 << 10, transport=run[3:], total_bytes=1 << 20, **kw)
     else:

@@ -8,6 +8,7 @@ Baselines run once at tiny volumes; nothing here looks at timings.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import importlib.util
 import json
@@ -92,7 +93,79 @@ def test_w3_line_ranges_are_the_references(ref):
         assert wl.w3_line_ranges(text, parts) == ref.w3_line_ranges(text, parts)
 
 
+def test_w4_generators_are_the_references(ref):
+    for start, stop, k in ((0, 70_000, wl.W4_K), (65_536, 131_072, 10_000), (3, 8, 11), (5, 5, 7)):
+        assert np.array_equal(wl.w4_key_index(start, stop, k), ref.w4_key_index(start, stop, k))
+        mine, theirs = wl.w4_columns(start, stop, k), ref.w4_columns(start, stop, k)
+        assert set(mine) == set(theirs) == {"key", "value"}
+        for col in ("key", "value"):
+            assert mine[col].dtype == theirs[col].dtype == np.int64 and np.array_equal(mine[col], theirs[col])
+        assert wl.w4_rows(start, stop, k) == ref.w4_rows(start, stop, k)
+    assert wl.w4_key_str(42) == ref.w4_key_str(42)
+    for n in (0, 1, 65_536, 200_001):
+        assert wl.w4_chunks(n) == ref.w4_chunks(n)
+    assert wl.w4_chunks() == ref.w4_chunks()
+
+
+@pytest.mark.parametrize("n, k", [(10_000_000, 5_000_000), (1_000_000, 500_000), (1_000_000, 10_000),
+                                  (100_000, 50_000), (100, 1_000), (50_000, 20_000), (12_345, 7919 * 3), (0, 5)])
+def test_w4_expected_is_the_references(ref, n, k):
+    assert wl.w4_expected(n, k) == ref.w4_expected(n, k)
+
+
+def test_w4_checksums_and_dict_baseline_are_the_references(ref):
+    n, k = 30_000, 12_000
+    rows = [row for a, b in wl.w4_chunks(n) for row in wl.w4_rows(a, b, k)]
+    sums: dict[str, int] = {}
+    for key, value in rows:
+        sums[key] = sums.get(key, 0) + value
+    assert wl.w4_checksum(sums.items()) == ref.w4_checksum(sums.items()) == ref.w4_expected(n, k)
+    int_pairs = [(int(key[4:]), value) for key, value in sums.items()]
+    assert wl.w4_checksum(int_pairs) == ref.w4_checksum(int_pairs)
+    mine, theirs = wl.w4_dict_baseline(n, k), ref.w4_dict_baseline(n, k)
+    assert mine["ok"] is theirs["ok"] is True
+    assert {key: mine[key] for key in ("peer", "variant", "n", "k")} == \
+        {key: theirs[key] for key in ("peer", "variant", "n", "k")}
+
+
 # ------------------------------------------------------------------------------------ self-consistency, no reference
+def test_w4_expected_counts_every_key():
+    for n, k in ((100_000, 50_000), (1_000, 10_000), (25_000, 10_000), (5_000, 7919 * 2)):
+        per = np.bincount(wl.w4_key_index(0, n, k), minlength=k)
+        present = np.flatnonzero(per)
+        weighted = int((present.astype(np.uint64) * np.uint64(3) + per[present].astype(np.uint64)).sum(dtype=np.uint64))
+        assert wl.w4_expected(n, k) == {"groups": present.size, "total": n, "weighted": weighted}
+    assert wl.w4_expected() == {"groups": 5_000_000, "total": 10_000_000, "weighted": 37_500_002_500_000}
+
+
+def test_w4_columnar_checksums_and_their_sum_match_the_row_checksums():
+    keys = np.array([0, 5, 2**62, 7], dtype=np.int64)
+    sums = np.array([2, 1, 3, 2**40], dtype=np.int64)
+    pairs = list(zip(keys.tolist(), sums.tolist()))
+    assert wl.w4_checksum_columns(keys, sums) == wl.w4_checksum(pairs)  # weighted wraps mod 2**64
+    halves = [wl.w4_checksum(pairs[:2]), wl.w4_checksum_columns(keys[2:], sums[2:])]
+    assert wl.w4_add_checksums(halves) == wl.w4_checksum(pairs)
+    assert wl.w4_checksum([("key-000000000005", 1)]) == {"groups": 1, "total": 1, "weighted": 16}
+
+
+def test_w4_source_shares_cover_the_records_once_in_chunks():
+    from runtime.bench.shmflow_runs import W4Source
+
+    n, k = 300_000, 70_000
+    for form in ("rows", "columns"):
+        seen: list[np.ndarray] = []
+        for part in W4Source(n, k, form).split(3):
+            first = True
+            while (batch := part.poll_batch(4096 if first else 50_000)) is not None:
+                size = len(batch["key"]) if form == "columns" else len(batch)
+                assert size <= (4096 if first else 50_000)
+                first = False
+                keys = batch["key"] if form == "columns" else np.array([int(key[4:]) for key, _ in batch])
+                seen.append(keys)
+            assert part._pending is None  # nothing kept after the end
+        assert np.array_equal(np.concatenate(seen), wl.w4_key_index(0, n, k))
+
+
 @pytest.mark.parametrize("buf_bytes", [32 * KiB, MiB])
 def test_w1_checksum_equals_touching_every_buffer(pool, buf_bytes):
     nbufs = wl.W1_POOL_BYTES // buf_bytes + 3  # wraps around the pool
@@ -217,6 +290,23 @@ def test_w2_baselines(baseline, n):
     assert result["params"]["n"] == n and result["max_abs_err"] < 1e-9
 
 
+@pytest.mark.parametrize("baseline", [bl.w4_dict, bl.w4_numpy, functools.partial(bl.w4_duckdb, "int"),
+                                      functools.partial(bl.w4_duckdb, "str")])
+def test_w4_baselines(baseline):
+    result = baseline(n=40_000, k=15_000)
+    if result.get("skipped"):
+        assert "duckdb" in result["skipped"] and result["ok"] is True and result["rate"] is None
+        pytest.skip(result["skipped"])
+    _assert_ok(result)
+    assert result["params"]["n"] == 40_000 and result["memory"]["peak_rss_bytes"] > 0
+
+
+def test_w4_duckdb_is_skipped_not_failed_without_duckdb(monkeypatch):
+    monkeypatch.setattr(bl, "duckdb_version", lambda: None)
+    result = bl.w4_duckdb("int", n=1_000, k=100)
+    assert result["ok"] is True and result["skipped"] and result["rate"] is None and "error" not in result
+
+
 @pytest.mark.parametrize("baseline", [bl.w3_mp_queue, bl.w3_counter])
 def test_w3_baselines(baseline):
     result = baseline(lines=3_000)
@@ -231,7 +321,7 @@ def test_a_failing_child_gives_a_failed_run_not_an_exception():
 
 def test_registry_and_command_line(capsys):
     names = [name for name, _ in bl.baselines()]
-    assert len(names) == len(set(names)) == 20
+    assert len(names) == len(set(names)) == 24
     assert bl.main(["--quick", "--only", "w1_sum_32KiB"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1

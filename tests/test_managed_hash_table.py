@@ -12,14 +12,15 @@ import os
 import re
 from collections import Counter
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.errors import InvalidSizeError, SpillError
+from runtime.errors import InvalidSizeError, OutOfMemoryError, SpillError
 from runtime.io import IOManager
-from runtime.managed import FixedHashTable, HashAggregator, ManagedShare, SerializedHashTable, mix64, unmix64
+from runtime.managed import FixedHashTable, HashAggregator, ManagedShare, SerializedHashTable, mix64, spilling, unmix64
 from runtime.memory import SharedRegion
 from runtime.memory.manager import MemoryManager
 
@@ -169,15 +170,47 @@ def test_serialized_table_reduce_round_trips_tuples(tmp_path_factory, keys, data
     assert got == want
 
 
+@SETTINGS
+@given(keys=st.lists(st.sampled_from(["a", "é", "a" * 31, "a" * 32, "a" * 255, "a" * 256, "a" * 70_000, b"a", 1, 1.0,
+                                      True, -0.0, 0.0, (1, "a"), None]), max_size=300),
+       batch=st.integers(1, 100))
+def test_serialized_keys_are_equal_exactly_when_their_msgpack_bytes_are(tmp_path_factory, keys, batch):
+    # One msgpack call per batch for ASCII str keys, one per key otherwise: the same bytes, the same groups.
+    packb = msgpack.Packer(use_bin_type=True).pack
+    with managed(tmp_path_factory.mktemp("io")) as (mm, _):
+        table = SerializedHashTable(ManagedShare(mm, "ser", 2 * MiB), ["count"])
+        for i in range(0, len(keys), batch):
+            assert table.insert_batch(keys[i:i + batch]) is None
+        got = Counter()
+        for k, n in (pair for b in table.drain() for pair in b):
+            assert packb(k) not in got
+            got[packb(k)] = n
+    assert got == Counter(map(packb, keys))
+
+
 def test_serialized_keys_compare_by_their_bytes_even_on_fingerprint_collisions(tmp_path, monkeypatch):
     import runtime.managed.serialized_table as ser
 
-    monkeypatch.setattr(ser, "fingerprints", lambda packed: np.full(len(packed), 7, np.uint64))
+    monkeypatch.setattr(ser, "fingerprints", lambda buf, offs, lens: np.full(len(lens), 7, np.uint64))
     with managed(tmp_path) as (mm, _):
         table = SerializedHashTable(ManagedShare(mm, "collide", 256 * KiB), ["count"])
         words = ["a", "b", "a", "c", "b", "a"] * 20
         for i in range(0, len(words), 5):
             table.insert_batch(words[i:i + 5])
+        assert collect_pairs(table.drain()) == Counter(words)
+
+
+def test_serialized_table_finds_every_key_after_rehashes_that_wrap_around(tmp_path, monkeypatch):
+    import runtime.managed.serialized_table as ser
+
+    # every fingerprint homes in the last four slots: each probe and each rehash runs past the end
+    monkeypatch.setattr(ser, "fingerprints", lambda buf, offs, lens: ~(lens.astype(np.uint64) % np.uint64(4)))
+    words = [f"w{i % 700}" for i in range(3000)]
+    with managed(tmp_path) as (mm, _):
+        table = SerializedHashTable(ManagedShare(mm, "wrap", 64 * KiB), ["count"])
+        for i in range(0, len(words), 250):
+            assert table.insert_batch(words[i:i + 250]) is None
+        assert table.capacity > 64 and len(table) == 700
         assert collect_pairs(table.drain()) == Counter(words)
 
 
@@ -271,7 +304,47 @@ def test_200k_distinct_strings_in_a_1_mib_share_spill_and_equal_a_counter(tmp_pa
     assert got == Counter(words)
 
 
+@pytest.mark.parametrize(("key_type", "n", "pages"), [("int64", 60_000, 5), ("object", 12_000, 7)])
+def test_a_forced_deep_spill_writes_one_file_per_depth_and_leaves_none(tmp_path, key_type, n, pages):
+    rng = np.random.default_rng(13)
+    ints = rng.integers(0, n // 2, n)
+    keys = ints if key_type == "int64" else [f"k{k}" for k in ints.tolist()]
+    with managed(tmp_path) as (mm, io):
+        with HashAggregator(mm, "deep", pages * PAGE, io, key_type=key_type) as agg:
+            for i in range(0, n, 5_000):
+                agg.add_batch(keys[i:i + 5_000])
+            res = list(agg.results())
+            stats = agg.statistics()
+        files_created = io.stats().files_created
+    got = {k: v[0] for k, v in collect_columns(res, ["count"]).items()} if key_type == "int64" else collect_pairs(res)
+    assert got == Counter(ints.tolist() if key_type == "int64" else keys)
+    assert stats.max_level >= 3 and stats.spill_passes > 500  # hundreds of partitions went to disk and back
+    assert files_created == stats.spill_files <= stats.max_level + 1
+
+
+def test_a_depth_whose_file_is_large_starts_a_new_one_and_leaves_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(spilling, "SPILL_FILE_REUSE_BYTES", 1)  # every level that spilled deletes its file
+    keys = np.random.default_rng(17).integers(0, 20_000, 40_000)
+    with managed(tmp_path) as (mm, io), HashAggregator(mm, "deep", 5 * PAGE, io) as agg:
+        agg.add_batch(keys)
+        got = {k: v[0] for k, v in collect_columns(agg.results(), ["count"]).items()}
+        stats = agg.statistics()
+    assert got == Counter(keys.tolist())
+    assert stats.max_level >= 2 and stats.spill_files > stats.max_level + 1
+
+
 # --------------------------------------------------------------- errors
+def test_share_allocate_pages_takes_all_or_none_and_names_the_key(tmp_path):
+    with managed(tmp_path) as (mm, io):
+        share = ManagedShare(mm, "s", 3 * PAGE)
+        assert len(share.allocate_pages(2)) == 2 and share.used_bytes == 2 * PAGE
+        with pytest.raises(OutOfMemoryError, match=r"^cannot allocate 2 pages \(8 KiB\) for 's': 4 KiB of its share "
+                           r"of 12 KiB left; raise memory\.managed\.fraction$"):
+            share.allocate_pages(2)
+        assert share.used_bytes == 2 * PAGE and mm.used_bytes == 2 * PAGE
+        share.release_all()
+
+
 def test_a_share_too_small_names_the_minimum_and_the_config_key(tmp_path):
     with (
         managed(tmp_path) as (mm, io),

@@ -1,6 +1,8 @@
-"""The baselines ``shmflow bench`` runs beside shmflow: W1/W2/W3 over multiprocessing, raw pyzmq, a shm ring.
+"""The baselines ``shmflow bench`` runs beside shmflow: W1/W2/W3 over multiprocessing, raw pyzmq, a shm ring; W4
+in one process (a dict, numpy) and in DuckDB (optional).
 
-Imports: runtime.bench.workloads, runtime.memory (SharedRegion), numpy, pyzmq, msgpack, the standard library.
+Imports: runtime.bench.workloads, runtime.memory (SharedRegion), numpy, pyzmq, msgpack, the standard library;
+duckdb lazily, in W4's DuckDB child (optional: that baseline is skipped without it).
 
 Each public ``w*_`` function runs ONE repetition in fresh processes of the
 ``spawn`` context and returns one result record (see
@@ -56,6 +58,9 @@ from runtime.bench.workloads import (
     W2_QUICK_N,
     W3_BATCH,
     W3_WORKERS,
+    W4_K,
+    W4_N,
+    W4_STRIDE,
     MiB,
     clock,
     environment,
@@ -81,6 +86,12 @@ from runtime.bench.workloads import (
     w3_merge,
     w3_record,
     w3_reference,
+    w4_checksum_columns,
+    w4_dict_baseline,
+    w4_expected,
+    w4_key_index,
+    w4_record,
+    w4_scale,
 )
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -797,6 +808,135 @@ def w3_counter(*, quick: bool = False, lines: int | None = None) -> dict[str, An
                      **({} if ok else {"error": "counts differ from the reference"}))
 
 
+# ============================================================================== W4 large keyed state, batch
+#: DuckDB's settings in W4 (WORKLOADS.md): its memory limit and threads.
+W4_DUCKDB_MEMORY_LIMIT = "256MB"
+W4_DUCKDB_THREADS = 2
+W4_DUCKDB_HINT = "pip install duckdb (or pip install -e '.[bench]')"
+
+
+def _maxrss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _w4_dict_child(n: int, k: int) -> dict[str, Any]:
+    out = w4_dict_baseline(n, k)
+    return {**out, "peak_rss_bytes": _maxrss_bytes()}
+
+
+def w4_dict(*, n: int = W4_N, k: int = W4_K) -> dict[str, Any]:
+    """W4's reference baseline in a fresh process: ``w4_dict_baseline`` folds the row chunks into a ``dict``
+    (unbounded memory), generation included in the clock. Reports its process's peak RSS."""
+    peer, variant = "python dict", "one process: w4_rows chunks folded into a dict (unbounded memory)"
+    params = {"n": n, "k": k, "form": "rows", "workers": 1}
+    try:
+        out = _run_children([("dict", _w4_dict_child, (n, k))])["dict"]
+    except _ChildFailed as exc:
+        return _failed("W4", peer, variant, params, "records/s", str(exc))
+    extra: dict[str, Any] = {"memory": {"peak_rss_bytes": out["peak_rss_bytes"]}}
+    if not out["ok"]:
+        extra["error"] = "checksums differ from w4_expected"
+    return w4_record(peer, variant, n, out["seconds"], out["ok"], params=params, **extra)
+
+
+def _w4_numpy_child(n: int, k: int) -> dict[str, Any]:
+    keys = w4_key_index(0, n, k)  # the int key column, materialised before the clock (values are all 1)
+    t_start = clock()
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    sums = np.bincount(inverse, minlength=uniq.size)
+    checksums = w4_checksum_columns(uniq, sums)
+    t_end = clock()
+    return {"t_start": t_start, "t_end": t_end, "checksums": checksums, "peak_rss_bytes": _maxrss_bytes()}
+
+
+def w4_numpy(*, n: int = W4_N, k: int = W4_K) -> dict[str, Any]:
+    """W4 in numpy, one fresh process: ``np.unique(keys, return_inverse=True)`` + ``np.bincount`` over the
+    int key column (materialised before the clock; the values are all 1), then the checksums."""
+    peer, variant = "numpy", "one process: np.unique(return_inverse) + np.bincount, int keys materialised"
+    params = {"n": n, "k": k, "form": "columns", "workers": 1}
+    try:
+        out = _run_children([("numpy", _w4_numpy_child, (n, k))])["numpy"]
+    except _ChildFailed as exc:
+        return _failed("W4", peer, variant, params, "records/s", str(exc))
+    expected = w4_expected(n, k)
+    ok = out["checksums"] == expected
+    extra: dict[str, Any] = {"checksums": out["checksums"], "memory": {"peak_rss_bytes": out["peak_rss_bytes"]}}
+    if not ok:
+        extra["error"] = f"checksums {out['checksums']}, expected {expected}"
+    return w4_record(peer, variant, n, out["t_end"] - out["t_start"], ok, params=params, **extra)
+
+
+def duckdb_version() -> str | None:
+    """The installed DuckDB's version, or None when it is not installed (W4's DuckDB baseline is optional)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("duckdb")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _w4_duckdb_child(n: int, k: int, keys: str, tmp_dir: str) -> dict[str, Any]:
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET temp_directory='{tmp_dir}'")
+        con.execute(f"SET memory_limit='{W4_DUCKDB_MEMORY_LIMIT}'")
+        con.execute(f"SET threads={W4_DUCKDB_THREADS}")
+        # The table of W4's columns, materialised before the clock: key (i * 7919) % k, value 1.
+        idx = f"(i * {W4_STRIDE}) % {k}"
+        key = idx if keys == "int" else f"'key-' || lpad(CAST({idx} AS VARCHAR), 12, '0')"
+        con.execute(f"CREATE TABLE w4 AS SELECT {key} AS key, CAST(1 AS BIGINT) AS value FROM range({n}) r(i)")
+        key_index = "key" if keys == "int" else "CAST(substr(key, 5) AS BIGINT)"
+        query = (f"SELECT count(*), sum(s), sum({key_index} * 3 + s) "
+                 "FROM (SELECT key, sum(value) AS s FROM w4 GROUP BY key)")
+        t_start = clock()
+        row = con.execute(query).fetchone()
+        t_end = clock()
+        if row is None:
+            msg = "the checksum query returned no row"
+            raise RuntimeError(msg)
+        groups, total, weighted = row
+        spilled_row = con.execute("SELECT coalesce(sum(size), 0) FROM duckdb_temporary_files()").fetchone()
+        spilled = spilled_row[0] if spilled_row else 0
+    finally:
+        con.close()
+    checksums = {"groups": int(groups), "total": int(total or 0), "weighted": int(weighted or 0) & MASK64}
+    return {"t_start": t_start, "t_end": t_end, "checksums": checksums, "peak_rss_bytes": _maxrss_bytes(),
+            "temp_files_bytes_after": int(spilled)}
+
+
+def w4_duckdb(keys: str = "int", *, n: int = W4_N, k: int = W4_K) -> dict[str, Any]:
+    """W4 in DuckDB, one fresh process: ``SET memory_limit='256MB'; SET threads=2``, a table of W4's columns
+    (``key`` int64 key indices, or the row form's ``"key-%012d"`` strings with ``keys="str"``; ``value`` 1)
+    made before the clock, then ``SELECT key, sum(value) ... GROUP BY key`` reduced to the three checksums
+    in the same query (as the shmflow job reduces its results). Skipped, not failed, without duckdb."""
+    version = duckdb_version()
+    peer = "DuckDB" + (f" {version}" if version else "")
+    variant = (f"{keys} keys: SELECT key, sum(value) GROUP BY key (checksums in SQL), memory_limit "
+               f"{W4_DUCKDB_MEMORY_LIMIT}, threads {W4_DUCKDB_THREADS}, table materialised before the clock")
+    params = {"n": n, "k": k, "keys": keys, "memory_limit": W4_DUCKDB_MEMORY_LIMIT, "threads": W4_DUCKDB_THREADS}
+    if version is None:  # optional: reported as skipped, never a failure
+        return {"workload": "W4", "peer": peer, "variant": variant, "params": params, "seconds": None,
+                "rate": None, "unit": "records/s", "ok": True, "skipped": f"duckdb is not installed: {W4_DUCKDB_HINT}"}
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="shmflow-bench-duckdb-") as tmp_dir:
+            out = _run_children([("duckdb", _w4_duckdb_child, (n, k, keys, tmp_dir))])["duckdb"]
+    except _ChildFailed as exc:
+        return _failed("W4", peer, variant, params, "records/s", str(exc))
+    expected = w4_expected(n, k)
+    ok = out["checksums"] == expected
+    extra: dict[str, Any] = {"checksums": out["checksums"], "memory": {"peak_rss_bytes": out["peak_rss_bytes"]}}
+    if not ok:
+        extra["error"] = f"checksums {out['checksums']}, expected {expected}"
+    return w4_record(peer, variant, n, out["t_end"] - out["t_start"], ok, params=params, **extra)
+
+
 # ============================================================================== registry and CLI
 def baselines() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
     """Every baseline as ``(name, fn)``; call ``fn(quick=...)`` for one repetition."""
@@ -819,13 +959,22 @@ def baselines() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
         ("w2_zmq_columns", w2_zmq_columns),
         ("w3_mp_queue", w3_mp_queue),
         ("w3_counter", w3_counter),
+        ("w4_dict", functools.partial(_w4_at_scale, w4_dict)),
+        ("w4_duckdb_int", functools.partial(_w4_at_scale, functools.partial(w4_duckdb, "int"))),
+        ("w4_duckdb_str", functools.partial(_w4_at_scale, functools.partial(w4_duckdb, "str"))),
+        ("w4_numpy", functools.partial(_w4_at_scale, w4_numpy)),
     ]
     return runs
 
 
+def _w4_at_scale(fn: Callable[..., dict[str, Any]], quick: bool = False) -> dict[str, Any]:
+    n, k = w4_scale(quick)
+    return fn(n=n, k=k)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.bench.baselines",
-                                     description="Run every W1/W2/W3 baseline once; print one JSON line each.")
+                                     description="Run every W1-W4 baseline once; print one JSON line each.")
     parser.add_argument("--quick", action="store_true", help="smaller volumes (a smoke run)")
     parser.add_argument("--only", default="", help="run only baselines whose name contains this text")
     parser.add_argument("--reps", type=int, default=1, help="repetitions, interleaved across baselines")
@@ -850,5 +999,5 @@ if __name__ == "__main__":
 __all__ = [
     "baselines", "main", "w1_inproc", "w1_memory_bandwidth", "w1_mp_queue", "w1_shm_ring", "w1_zmq",
     "w2_mp_queue_per_record", "w2_mp_queue_rows", "w2_zmq_columns", "w2_zmq_msgpack", "w3_counter",
-    "w3_mp_queue",
+    "w3_mp_queue", "w4_dict", "w4_duckdb", "w4_numpy",
 ]

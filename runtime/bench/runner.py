@@ -1,7 +1,10 @@
-"""``shmflow bench``: shmflow and its baselines on W1/W2/W3, latency and alloc, in one invocation.
+"""``shmflow bench``: shmflow and its baselines on W1/W2/W3/W4, latency and alloc, in one invocation.
 
 Imports: runtime.bench (workloads, baselines, shmflow_runs, alloc), runtime._version, rich, numpy,
 the standard library; matplotlib lazily, for ``--plot`` only.
+
+W4 (large keyed state) also reports memory: each worker's peak RSS, bytes spilled and GC pauses, and
+a memory bound (:class:`MemoryBound`) against the same job with few keys, run in the same invocation.
 
 Per workload, every contender (shmflow runs, baselines, ceilings) runs once per
 repetition, shmflow and baselines alternating, and repetition 2 starts only
@@ -39,15 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-WORKLOADS = ("w1", "w2", "w3", "latency", "alloc")
+WORKLOADS = ("w1", "w2", "w3", "w4", "latency", "alloc")
 CHOICES = (*WORKLOADS, "all")
 #: Repetitions of a full run (median of 3); ``--quick`` runs one.
 REPS = 3
 #: Scale names: the full workload, the smoke run, and a tiny one for tests.
 SCALES = ("full", "quick", "tiny")
-#: Tiny volumes (tests): W1 bytes and DRAM-ceiling array, W2 records, W3 lines, latency records, alloc pairs.
+#: Tiny volumes (tests): W1 bytes and DRAM-ceiling array, W2 records, W3 lines, latency records, alloc pairs;
+#: W4 records, keys and managed memory per worker (small enough that it still spills).
 TINY = {"w1_bytes": 4 << 20, "w1_dram_bytes": 32 << 20, "w2_n": 20_000, "w3_lines": 2_000, "latency_n": 500,
-        "alloc_pairs": 2_000}
+        "alloc_pairs": 2_000, "w4_n": 100_000, "w4_k": 50_000, "w4_managed_bytes": 2 << 20}
 ALLOC_PAIRS = {"full": 200_000, "quick": 20_000, "tiny": TINY["alloc_pairs"]}
 PLOT_HINT = "pip install -e '.[bench]'"
 
@@ -80,12 +84,28 @@ class RatioTarget:
         return ratio is not None and ratio >= self.value
 
 
+@dataclass(frozen=True)
+class MemoryBound:
+    """W4's memory bound (reported, never asserted): in every repetition each worker's peak RSS is at most
+    ``against``'s (the same job with small state, in the same invocation: the median over its repetitions
+    of its largest worker's peak) + ``allowance`` bytes, and the job spilled."""
+
+    against: str
+    allowance: int
+    text: str
+
+    def check(self, reference_peak: float | None, peak: float | None, spilled: float | None) -> bool:
+        if reference_peak is None or peak is None or spilled is None:
+            return False
+        return peak <= reference_peak + self.allowance and spilled > 0
+
+
 @dataclass
 class Contender:
     """One thing that is measured: ``run()`` does one repetition and returns a result record."""
 
     name: str
-    workload: str          # w1 | w2 | w3 | latency | alloc
+    workload: str          # w1 | w2 | w3 | w4 | latency | alloc
     section: str           # table group, e.g. "W1 32 KiB"
     kind: str              # shmflow | baseline | ceiling
     label: str             # short name for ratio cells and the plot
@@ -94,6 +114,7 @@ class Contender:
     target: Target | None = None
     ratio_targets: tuple[RatioTarget, ...] = ()  # shmflow only: goals relative to baselines (in compare)
     warmup: Callable[[], dict[str, Any]] | None = None  # shmflow only: an untimed tiny run before the reps
+    memory_bound: MemoryBound | None = None  # W4: a goal for its workers' peak RSS and its spilling
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -202,6 +223,9 @@ def build_contenders(workloads: list[str], *, scale: str = "full", workers: int 
              Contender("w3_counter", "w3", "W3 word count", "ceiling", "Counter, one process",
                        P(bl.w3_counter, **w3_kw))])
 
+    if "w4" in workloads:
+        out += _w4_contenders(scale, workers, bad)
+
     if "latency" in workloads:
         name = "latency_shmflow"
         out.append(Contender(name, "latency", "latency", "shmflow", "shmflow keyed job",
@@ -216,6 +240,66 @@ def build_contenders(workloads: list[str], *, scale: str = "full", workers: int 
             out.append(Contender(f"alloc_{scenario}", "alloc", "alloc", "shmflow", f"shmflow {scenario}",
                                  P(_alloc_run, alloc_bench, scenario, pairs), target=target))
     return out
+
+
+def w4_settings(scale: str) -> dict[str, int]:
+    """W4's records, keys and managed memory per worker at ``scale``, and the memory bound's K.
+
+    Full: N 10 M over K 5 M with 64 MiB (WORKLOADS.md). Quick: a tenth of N and K, and of the managed
+    memory too (6.4 MiB), so that the state still outgrows it and spills as in a full run. Tiny (tests):
+    100,000 records over 50,000 keys in 2 MiB.
+    """
+    from runtime.bench.workloads import W4_BOUND_K, W4_MANAGED_BYTES, W4_N, w4_scale
+
+    if scale == "tiny":
+        n, k, managed = TINY["w4_n"], TINY["w4_k"], TINY["w4_managed_bytes"]
+    else:
+        n, k = w4_scale(scale == "quick")
+        managed = W4_MANAGED_BYTES * n // W4_N
+    return {"n": n, "k": k, "managed_bytes": managed, "bound_k": W4_BOUND_K}
+
+
+def _w4_contenders(scale: str, workers: int, bad: Callable[[str], bool]) -> list[Contender]:
+    """W4: shmflow rows and columns, the same jobs with K = 10,000 (the memory bound's reference), and
+    the dict, DuckDB (int and str keys; skipped when not installed) and numpy baselines."""
+    from runtime.bench import baselines as bl
+    from runtime.bench import shmflow_runs as sf
+    from runtime.bench.workloads import W4_RSS_SLACK, MiB
+
+    P = functools.partial
+    w4 = w4_settings(scale)
+    n, k, managed, bound_k = w4["n"], w4["k"], w4["managed_bytes"], w4["bound_k"]
+    duckdb = bl.duckdb_version() is not None
+    tiny: dict[str, Any] = {"n": TINY["w4_n"], "k": TINY["w4_k"], "managed_bytes": TINY["w4_managed_bytes"],
+                            "workers": workers}
+    allowance = managed + W4_RSS_SLACK
+    section = f"W4 {n / 1e6:g} M records, {k:,} keys, managed {managed / MiB:g} MiB"
+    bound_section = f"W4 memory bound: the same jobs with {bound_k:,} keys"
+    goals = {"rows": (("w4_dict", "w4_duckdb_str"), RatioTarget("w4_dict", 1.0, "≥ 1.0× python dict")),
+             "columns": (("w4_duckdb_int", "w4_numpy"),
+                         RatioTarget("w4_duckdb_int", 0.25, "≥ 0.25× DuckDB int keys") if duckdb else None)}
+    shmflow: list[Contender] = []
+    for form, (compare, ratio) in goals.items():
+        name = f"w4_shmflow_{form}"
+        bound = MemoryBound(f"{name}_k{bound_k}", allowance,
+                            f"RSS ≤ K {bound_k:,} peak + {allowance / MiB:g} MiB, spilled")
+        shmflow.append(Contender(name, "w4", section, "shmflow", f"shmflow {form} job",
+                                 P(sf.w4_job, form, n=n, k=k, managed_bytes=managed, workers=workers,
+                                   corrupt=bad(name)),
+                                 compare=compare, ratio_targets=(ratio,) if ratio else (), memory_bound=bound,
+                                 warmup=P(sf.w4_job, form, **tiny)))
+    for form in ("rows", "columns"):
+        name = f"w4_shmflow_{form}_k{bound_k}"
+        shmflow.append(Contender(name, "w4", bound_section, "shmflow", f"shmflow {form}, K {bound_k:,}",
+                                 P(sf.w4_job, form, n=n, k=bound_k, managed_bytes=managed, workers=workers,
+                                   corrupt=bad(name))))
+    others = [Contender("w4_dict", "w4", section, "baseline", "python dict", P(bl.w4_dict, n=n, k=k)),
+              Contender("w4_duckdb_int", "w4", section, "baseline", "DuckDB int keys",
+                        P(bl.w4_duckdb, "int", n=n, k=k)),
+              Contender("w4_duckdb_str", "w4", section, "baseline", "DuckDB str keys",
+                        P(bl.w4_duckdb, "str", n=n, k=k)),
+              Contender("w4_numpy", "w4", section, "baseline", "numpy unique+bincount", P(bl.w4_numpy, n=n, k=k))]
+    return _alternate(shmflow, others)
 
 
 def _alternate(shmflow: list[Contender], others: list[Contender]) -> list[Contender]:
@@ -273,6 +357,46 @@ def run_contenders(contenders: list[Contender], *, reps: int, warmup: bool,
                 c.records.append(rec)
 
 
+def _memory_spread(memory: list[dict[str, Any]]) -> dict[str, Any]:
+    """W4's memory figures over the ok repetitions: each number's spread; per-worker lists element-wise
+    (the largest of each worker over the repetitions, and the median)."""
+    if not memory:
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in memory[0].items():
+        if isinstance(value, list):
+            columns = list(zip(*(m[key] for m in memory if len(m.get(key, ())) == len(value))))
+            out[key] = {"max": [max(col) for col in columns], "median": [statistics.median(col) for col in columns]}
+        elif isinstance(value, (int, float)):
+            out[key] = _spread([float(m[key]) for m in memory if key in m])
+    return out
+
+
+def _largest_worker_peak(memory: dict[str, Any]) -> float | None:
+    """The largest worker's peak RSS over the repetitions (workers' own account), else the outside one."""
+    per_worker = (memory.get("worker_peak_rss_bytes") or {}).get("max") or []
+    if per_worker:
+        return float(max(per_worker))
+    outside = memory.get("children_maxrss_bytes")
+    return outside["max"] if outside else None
+
+
+def _memory_bound(goal: MemoryBound, ok: bool, memory: dict[str, Any], reference: Contender | None) -> dict[str, Any]:
+    """The memory bound's verdict: the largest worker peak of any repetition against the reference job's
+    median largest-worker peak + the allowance, and the least spilled of any repetition > 0."""
+    ref_peaks = []
+    for r in reference.records if reference is not None else []:
+        per_worker = (r.get("memory") or {}).get("worker_peak_rss_bytes") or []
+        if r.get("ok") and per_worker:
+            ref_peaks.append(float(max(per_worker)))
+    ref_peak = statistics.median(ref_peaks) if ref_peaks else None
+    peak = _largest_worker_peak(memory)
+    spilled = (memory.get("spilled_bytes") or {}).get("min")
+    return {"against": goal.against, "text": goal.text, "allowance_bytes": goal.allowance,
+            "reference_peak_bytes": ref_peak, "bound_bytes": None if ref_peak is None else ref_peak + goal.allowance,
+            "peak_bytes": peak, "spilled_bytes": spilled, "met": ok and goal.check(ref_peak, peak, spilled)}
+
+
 def _spread(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
@@ -322,6 +446,14 @@ def summarize(contenders: list[Contender]) -> list[dict[str, Any]]:
         if c.target is not None:
             entry["target"] = {"value": c.target.value, "op": c.target.op, "text": c.target.text,
                                "met": ok and c.target.met(entry["median"])}
+        skipped = [r["skipped"] for r in recs if r.get("skipped")]
+        if skipped:
+            entry["skipped"] = skipped[0]
+        memory = _memory_spread([r["memory"] for r in recs if r.get("ok") and r.get("memory")])
+        if memory:
+            entry["memory"] = memory
+        if c.memory_bound is not None:
+            entry["memory_bound"] = _memory_bound(c.memory_bound, ok, memory, by_name.get(c.memory_bound.against))
         if c.ratio_targets:
             entry["ratio_targets"] = []
             for rt in c.ratio_targets:
@@ -341,7 +473,7 @@ def _versions(plot: bool) -> dict[str, Any]:
     from runtime._version import __version__
 
     out: dict[str, Any] = {"shmflow": __version__, "python": sys.version.split()[0]}
-    for dist in ("numpy", "pyzmq", "msgpack", "cloudpickle", "rich", *(("matplotlib",) if plot else ())):
+    for dist in ("numpy", "pyzmq", "msgpack", "cloudpickle", "rich", "duckdb", *(("matplotlib",) if plot else ())):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -424,7 +556,8 @@ def render_table(rows: list[dict[str, Any]], console: Any, title: str) -> None:
                 tag += f" ({r['section']})"
             ratio_cells.setdefault(other, []).append((tag, text))
     last_section = None
-    for r in rows:
+    sections = list(dict.fromkeys(r["section"] for r in rows))  # interleaved contenders: grouped for display
+    for r in sorted(rows, key=lambda r: sections.index(r["section"])):
         new_section = r["section"] != last_section
         if last_section is not None and new_section:
             table.add_section()
@@ -442,17 +575,60 @@ def render_table(rows: list[dict[str, Any]], console: Any, title: str) -> None:
             t = r["target"]
             goal = f"{'≥' if t['op'] == '>=' else '≤'} {_display(t['value'], r['unit'])[0]}"
             target = f"[green]✓ {goal}[/]" if t["met"] else f"[yellow]✗ {goal}[/]"
-        for t in r.get("ratio_targets", []):
+        goals = [*r.get("ratio_targets", []), *([r["memory_bound"]] if r.get("memory_bound") else [])]
+        for t in goals:
             mark = f"[green]✓ {t['text']}[/]" if t["met"] else f"[yellow]✗ {t['text']}[/]"
             target += ("\n" if target else "") + mark
         cells = ratio_cells.get(r["name"], [])
         ratio = cells[0][1] if len(cells) == 1 else "\n".join(f"{tag} {text}" for tag, text in cells)
         ok = "[green]ok[/]" if r["ok"] else "[bold red]FAIL[/]"
+        if r.get("skipped") and r["median"] is None:
+            ok, spread = "[yellow]skipped[/]", r["skipped"]
         row = [r["section"] if new_section else "", r["label"]]
         if wide:
             row.append(r["variant"] or "")
         row += [med, spread, unit, ratio, target, ok]
         table.add_row(*row, style="red" if not r["ok"] else ("bold" if r["kind"] == "shmflow" else None))
+    console.print(table)
+    render_memory_table(rows, console)
+
+
+def _mib(value: float | None) -> str:
+    return "—" if value is None else f"{value / (1 << 20):,.0f}"
+
+
+def render_memory_table(rows: list[dict[str, Any]], console: Any) -> None:
+    """W4's memory figures (medians over repetitions): each worker's peak RSS from inside (``VmHWM``), the
+    workers' peak from outside (``RUSAGE_CHILDREN`` of the fresh process that ran the job), spilled bytes,
+    GC pauses, managed memory in use, and the memory bound."""
+    from rich.table import Table
+
+    sections = list(dict.fromkeys(r["section"] for r in rows))
+    mem_rows = sorted((r for r in rows if r.get("memory")), key=lambda r: sections.index(r["section"]))
+    if not mem_rows:
+        return
+    table = Table(title="W4 memory (MiB; medians over repetitions; a worker's peak RSS includes the pages of the "
+                        "shared region it touched)", header_style="bold", title_justify="left")
+    for col in ("contender", "worker peak RSS", "from outside", "spilled", "GC pause s", "managed peak (sum)",
+                "bound", "ok"):
+        table.add_column(col, justify="left" if col == "contender" else "right")
+    for r in mem_rows:
+        m = r["memory"]
+
+        def med(key: str, m: dict[str, Any] = m) -> float | None:
+            return (m.get(key) or {}).get("median")
+
+        workers = (m.get("worker_peak_rss_bytes") or {}).get("median") or []
+        peak = ", ".join(_mib(w) for w in workers) if workers else _mib(med("peak_rss_bytes"))
+        gc = med("gc_pause_seconds")
+        bound = r.get("memory_bound")
+        verdict = ""
+        if bound:
+            verdict = "[green]✓[/]" if bound["met"] else "[yellow]✗[/]"
+        table.add_row(r["label"] + ("" if r["kind"] == "shmflow" else f" ({r['kind']})"), peak,
+                      _mib(med("children_maxrss_bytes")), _mib(med("spilled_bytes")),
+                      "—" if gc is None else f"{gc:.2f}", _mib(med("managed_peak_bytes")),
+                      _mib(bound["bound_bytes"]) if bound else "", verdict)
     console.print(table)
 
 
@@ -565,6 +741,11 @@ def run(args: argparse.Namespace, *, console: Any = None) -> int:
         if not r["ok"]:
             why = (r.get("errors") or ["no result"])[0].strip().splitlines()
             console.print(f"[bold red]FAILED[/] {r['name']}: " + " | ".join(why[-3:]), markup=True, highlight=False)
+        elif r.get("skipped"):
+            console.print(f"[yellow]skipped[/] {r['name']}: {r['skipped']}", markup=True, highlight=False)
+    if "w4" in workloads and scale == "quick":
+        console.print("W4 quick: N and K are a tenth of a full run's, and so is the managed memory per worker "
+                      "(6.4 MiB instead of 64 MiB), so that the state still spills")
     targets = [{"name": r["name"], "label": r["label"], "section": r["section"], "target": r["target"]["text"],
                 "unit": r["unit"],
                 "value": (r["figures"]["p99"]["median"] if r.get("figures") and r["workload"] == "latency"
@@ -572,6 +753,10 @@ def run(args: argparse.Namespace, *, console: Any = None) -> int:
     targets += [{"name": r["name"], "label": r["label"], "section": r["section"], "target": t["text"], "unit": "×",
                  "against": t["against"], "value": t["ratio"], "met": t["met"]}
                 for r in rows for t in r.get("ratio_targets", [])]
+    targets += [{"name": r["name"], "label": r["label"], "section": r["section"], "target": b["text"],
+                 "unit": "bytes", "against": b["against"], "value": b["peak_bytes"], "bound": b["bound_bytes"],
+                 "spilled_bytes": b["spilled_bytes"], "met": b["met"]}
+                for r in rows if (b := r.get("memory_bound"))]
     missed = [t for t in targets if not t["met"]]
     if targets:
         names = ", ".join(f"{t['label']} {t['target']} ({t['section']})" for t in missed)

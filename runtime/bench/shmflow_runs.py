@@ -1,4 +1,4 @@
-"""shmflow's side of ``shmflow bench``: W1 through the network stack; W2, W3 and latency as jobs.
+"""shmflow's side of ``shmflow bench``: W1 through the network stack; W2, W3, W4 and latency as jobs.
 
 Imports: runtime.bench.workloads, runtime.bench.baselines (its process plumbing), runtime.execution.task (the
 Operator protocol), runtime.memory, runtime.network, runtime.api, numpy, the standard library.
@@ -17,7 +17,8 @@ Timing follows ../shared/WORKLOADS.md. W1: ``time.monotonic()`` right before the
 producer's first send (after both processes passed a ready barrier) to the
 consumer's end of work on the last buffer. Jobs: ``JobResult.metrics
 ["timed_seconds"]``, from the first source record to the last subtask's end
-(monotonic, system-wide). Measures; never asserts on time.
+(monotonic, system-wide). W4 runs its job in a fresh process, so that process's ``RUSAGE_CHILDREN``
+after the job is its workers' peak RSS, measured from outside. Measures; never asserts on time.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ from runtime.bench.workloads import (
     W2_KEYS,
     W3_LINES,
     W3_QUICK_FRACTION,
+    W4_K,
+    W4_MANAGED_BYTES,
+    W4_N,
+    MiB,
     clock,
     data_dir,
     w1_pool,
@@ -66,8 +71,16 @@ from runtime.bench.workloads import (
     w3_generate,
     w3_record,
     w3_reference,
+    w4_add_checksums,
+    w4_checksum,
+    w4_checksum_columns,
+    w4_chunks,
+    w4_columns,
+    w4_expected,
+    w4_record,
+    w4_rows,
 )
-from runtime.execution.task import Emit, Operator
+from runtime.execution.task import Emit, Operator, SourceOperator
 
 #: The W1 producer requests buffers in batches of up to this many bytes (16 x 32 KiB, 1 x 1 MiB).
 W1_REQUEST_BYTES = 512 << 10
@@ -81,6 +94,8 @@ LATENCY_QUICK_N = 20_000
 LATENCY_KEYS = 100
 #: Workers of the W2/W3/latency jobs.
 JOB_WORKERS = 2
+#: The config's memory.network.min: W4's region gives each arena this much network besides managed memory.
+W4_NETWORK_MIN = 8 << 20
 
 
 # ============================================================================== W1 through the network stack
@@ -458,6 +473,169 @@ def w3_job(*, quick: bool = False, lines: int | None = None, workers: int = JOB_
     return w3_record(peer, variant, total_words, result.metrics["timed_seconds"], ok, params=params, **extra)
 
 
+# ============================================================================== W4 large keyed state, batch
+class W4Source(SourceOperator):
+    """W4's input, generated inside the worker while the job runs: ``w4_rows`` or ``w4_columns`` chunks.
+
+    ``split(p)`` gives subtask ``i`` a contiguous share of the chunks of :func:`w4_chunks` (``i * C // p``
+    up to ``(i + 1) * C // p`` of ``C``); a share generates one chunk of 65,536 records at a time and hands
+    it out in slices of at most ``max_records``, so at most one chunk is alive and nothing exists in
+    advance. The first chunk's first slice is generated on its own (the same records): the job's clock
+    starts at the first record a source returns, so this leaves only that slice's generation untimed.
+
+    ``form`` is ``"rows"`` (``("key-%012d", 1)`` tuples) or ``"columns"`` (``{"key", "value"}`` int64 columns).
+    """
+
+    name = "w4_source"
+    bounded = True
+
+    def __init__(self, n: int, k: int, form: str, chunks: list[tuple[int, int]] | None = None) -> None:
+        if form not in ("rows", "columns"):
+            msg = f"W4Source form must be 'rows' or 'columns'; got {form!r}"
+            raise ValueError(msg)
+        self.n, self.k, self.form = n, k, form
+        self.chunks = w4_chunks(n) if chunks is None else chunks
+        self._split: tuple[int, int] | None = None
+        if form == "columns":
+            self.row_bytes = 16  # two int64 columns: the subtask polls columnar sources by bytes
+        self._next = 0  # index into chunks
+        self._pending: Any = None  # the current chunk (list or dict of arrays)
+        self._pos = 0
+        self._len = 0
+        self._started = False
+
+    def split(self, parallelism: int) -> list[W4Source]:
+        count = len(self.chunks)
+        parts = []
+        for i in range(parallelism):
+            part = W4Source(self.n, self.k, self.form,
+                            self.chunks[i * count // parallelism:(i + 1) * count // parallelism])
+            part._split = (i, parallelism)
+            parts.append(part)
+        return parts
+
+    def open(self, ctx: Any) -> None:
+        super().open(ctx)
+        if self._split is None and ctx.parallelism > 1:  # not split by the graph: take share i by itself
+            mine = self.split(ctx.parallelism)[ctx.subtask_index]
+            self.chunks, self._split = mine.chunks, mine._split
+
+    def _generate(self, start: int, stop: int) -> Any:
+        return w4_rows(start, stop, self.k) if self.form == "rows" else w4_columns(start, stop, self.k)
+
+    def poll_batch(self, max_records: int) -> Any:
+        if self._pos >= self._len:
+            if self._next >= len(self.chunks):
+                self._pending = None
+                return None
+            start, stop = self.chunks[self._next]
+            if not self._started:  # the first slice alone, then the rest of its chunk
+                self._started = True
+                first = min(stop, start + max(1, max_records))
+                if first < stop:
+                    self.chunks[self._next] = (first, stop)
+                    self._pending, self._pos, self._len = self._generate(start, first), 0, first - start
+                    return self._take(max_records)
+            self._next += 1
+            self._pending, self._pos, self._len = self._generate(start, stop), 0, stop - start
+        return self._take(max_records)
+
+    def _take(self, max_records: int) -> Any:
+        a = self._pos
+        b = self._pos = min(self._len, a + max(1, max_records))
+        chunk = self._pending
+        if a == 0 and b == self._len:
+            return chunk
+        if isinstance(chunk, dict):
+            return {name: col[a:b] for name, col in chunk.items()}
+        return chunk[a:b]
+
+
+def _w4_checksum_batch(batch: Any) -> list[tuple[int, int, int]]:
+    """``map_batches`` after the keyed sum: one ``(groups, total, weighted)`` record per batch of results."""
+    if isinstance(batch, dict):
+        c = w4_checksum_columns(batch["key"], batch["value"])
+    else:
+        c = w4_checksum(batch)
+    return [(c["groups"], c["total"], c["weighted"])]
+
+
+def w4_region_bytes(managed_bytes: int, workers: int) -> int:
+    """``memory.region.size`` whose per-worker arena (a power of two) holds the network buffers and
+    ``managed_bytes``: network is 10% of the arena, at least 8 MiB (the config's defaults)."""
+    arena = 1 << max(0, (managed_bytes + W4_NETWORK_MIN - 1).bit_length())
+    while max(W4_NETWORK_MIN, arena // 10) + managed_bytes > arena:
+        arena *= 2
+    return arena * workers
+
+
+def _w4_job_child(form: str, n: int, k: int, managed_bytes: int, workers: int) -> dict[str, Any]:
+    """One W4 job, run in a fresh process (so ``RUSAGE_CHILDREN`` afterwards is its workers' peak RSS)."""
+    import resource
+
+    config = {"memory.managed.size": managed_bytes, "memory.region.size": w4_region_bytes(managed_bytes, workers)}
+    env = _job_env(workers, config=config, mode="batch")
+    src = env.from_source(W4Source(n, k, form), name=f"w4_{form}")
+    keyed = src.key_by(_first).sum(1) if form == "rows" else src.key_by("key").sum("value")
+    out = keyed.map_batches(_w4_checksum_batch).collect()
+    result = env.execute(f"bench-w4-{form}", timeout=RUN_TIMEOUT)
+    parts = [{"groups": g, "total": t, "weighted": w} for g, t, w in out.values()]
+    m = result.metrics
+    workers_m = m.get("workers", {})
+    return {
+        "checksums": w4_add_checksums(parts), "partial_records": len(parts), "records": m.get("records"),
+        "timed_seconds": m["timed_seconds"], "wall_seconds": result.seconds,
+        "worker_peak_rss_bytes": [int(workers_m[w].get("peak_rss_bytes", 0)) for w in sorted(workers_m)],
+        "worker_gc_pause_seconds": [round(workers_m[w].get("gc_pause_seconds", 0.0), 4) for w in sorted(workers_m)],
+        "children_maxrss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "driver_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "spilled_bytes": int(m.get("spilled_bytes", 0)), "spill_files": int(m.get("spill_files", 0)),
+        "managed_peak_bytes": int(m.get("managed_peak_bytes", 0)),
+        "gc_pause_seconds": float(m.get("gc_pause_seconds", 0.0)),
+        "backpressure_seconds": float(m.get("backpressure_seconds", 0.0)),
+    }
+
+
+def w4_job(form: str, *, n: int = W4_N, k: int = W4_K, managed_bytes: int = W4_MANAGED_BYTES,
+           workers: int = JOB_WORKERS, corrupt: bool = False) -> dict[str, Any]:
+    """W4 as a job, in a fresh process: a :class:`W4Source` per worker, ``key_by(...).sum(...)`` in batch
+    mode with ``managed_bytes`` of managed memory per worker, reduced to ``w4_checksum`` s in the job.
+
+    rows: ``.key_by(r[0]).sum(1)`` over ``("key-%012d", 1)`` tuples; columns: ``.key_by("key").sum("value")``
+    over int64 columns (results come out as columnar batches). ``map_batches`` turns every batch of results
+    into one ``(groups, total, weighted)`` record; the driver adds those up (``weighted`` mod 2**64) and the
+    run is ok only if they equal :func:`w4_expected`. Records/s is N over the job's timed region.
+    """
+    peer = "shmflow"
+    key = "r[0]).sum(1)" if form == "rows" else "'key').sum('value')"
+    variant = (f"job, {workers} workers, batch: W4Source({form}, generated in the workers).key_by({key}"
+               f", managed {managed_bytes / MiB:g} MiB per worker; checksums reduced in the job")
+    params = {"n": n, "k": k, "form": form, "workers": workers, "mode": "batch", "managed_bytes": managed_bytes,
+              "region_bytes": w4_region_bytes(managed_bytes, workers), "combiner": True}
+    try:
+        out = _run_children([("job", _w4_job_child, (form, n, k, managed_bytes, workers))])["job"]
+    except _ChildFailed as exc:
+        return _failed("W4", peer, variant, params, "records/s", str(exc))
+    except Exception:  # noqa: BLE001
+        return _failed("W4", peer, variant, params, "records/s", traceback.format_exc())
+    got = dict(out["checksums"])
+    if corrupt:
+        got["weighted"] = (got["weighted"] + 1) & MASK64
+    expected = w4_expected(n, k)
+    ok = got == expected and out["records"] == n
+    extra: dict[str, Any] = {"checksums": got, "expected": expected, "memory": _w4_memory(out)}
+    if not ok:
+        extra["error"] = f"checksums {got} over {out['records']} records; expected {expected} over {n}"
+    return w4_record(peer, variant, n, out["timed_seconds"], ok, params=params, **extra)
+
+
+def _w4_memory(out: dict[str, Any]) -> dict[str, Any]:
+    keys = ("worker_peak_rss_bytes", "worker_gc_pause_seconds", "children_maxrss_bytes", "driver_maxrss_bytes",
+            "spilled_bytes", "spill_files", "managed_peak_bytes", "gc_pause_seconds", "backpressure_seconds",
+            "wall_seconds", "partial_records")
+    return {key: out[key] for key in keys}
+
+
 # ============================================================================== latency
 def _stamp(i: int) -> tuple[int, float]:
     return (i % LATENCY_KEYS, time.monotonic())
@@ -507,4 +685,5 @@ def latency_job(*, quick: bool = False, count: int | None = None, rate: float = 
     return out_rec
 
 
-__all__ = ["latency_job", "w1_pool_buffers", "w1_shmflow", "w2_columnar_job", "w2_rows_job", "w3_input", "w3_job"]
+__all__ = ["W4Source", "latency_job", "w1_pool_buffers", "w1_shmflow", "w2_columnar_job", "w2_rows_job", "w3_input",
+           "w3_job", "w4_job", "w4_region_bytes"]

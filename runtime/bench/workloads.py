@@ -1,4 +1,4 @@
-"""The standard workloads W1, W2, W3 of ``shmflow bench``: input generators, consumer work, checks, result records.
+"""The standard workloads W1, W2, W3, W4 of ``shmflow bench``: input generators, consumer work, checks, result records.
 
 Imports: numpy and the standard library only (no other part of shmflow).
 
@@ -15,6 +15,9 @@ W2 "keyed records"    N (key, value) records flow to a consumer keeping
                       per-key sums over 100,000 keys.
 W3 "word count"       a 50 MB Zipf-distributed corpus is counted by word,
                       hash-partitioned over 2 worker processes.
+W4 "large keyed state" a keyed sum of 10 M records over 5 M keys, generated in
+                      chunks by whoever consumes them, with 64 MiB of managed
+                      memory per worker: checked by three checksums.
 
 Everything here is deterministic and process-independent except W3's
 partitioning, which relies on ``hash(str)`` and therefore on
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import math
 import os
 import platform
 import sys
@@ -381,6 +385,117 @@ def w3_check(counts: Mapping[str, int], ref: Mapping[str, int]) -> bool:
     return len(counts) == len(ref) and all(ref.get(word) == count for word, count in counts.items())
 
 
+# ------------------------------------------------------------------------------------------------ W4
+W4_N = 10_000_000            # records
+W4_K = 5_000_000             # distinct keys: every key occurs N // K = 2 times
+W4_STRIDE = 7919             # a prime coprime with K: i -> (i * 7919) % K is a bijection on each block of K
+W4_CHUNK = 65_536            # records per generated chunk
+W4_QUICK_N = 1_000_000
+W4_QUICK_K = 500_000
+W4_BOUND_K = 10_000          # the memory bound's job: the same N over this few keys
+W4_MANAGED_BYTES = 64 * MiB  # managed memory per worker
+W4_RSS_SLACK = 96 * MiB      # the bound's allowance on top of the small-state peak and managed memory
+
+
+def w4_scale(quick: bool = False) -> tuple[int, int]:
+    """(N, K) of a full run, or of a ``--quick`` one (a tenth of both)."""
+    return (W4_QUICK_N, W4_QUICK_K) if quick else (W4_N, W4_K)
+
+
+def w4_key_index(start: int, stop: int, k: int = W4_K) -> np.ndarray:
+    """Key indices of records ``[start, stop)``: ``(i * 7919) % k`` as int64."""
+    return np.arange(start, stop, dtype=np.int64) * W4_STRIDE % k
+
+
+def w4_columns(start: int, stop: int, k: int = W4_K) -> dict[str, np.ndarray]:
+    """Records ``[start, stop)`` as columns: int64 ``key`` (the key index) and int64 ``value`` (all 1)."""
+    keys = w4_key_index(start, stop, k)
+    return {"key": keys, "value": np.ones(keys.size, dtype=np.int64)}
+
+
+def w4_key_str(idx: int) -> str:
+    """The row form's key of key index ``idx``: ``"key-%012d"``."""
+    return f"key-{idx:012d}"
+
+
+def w4_rows(start: int, stop: int, k: int = W4_K) -> list[tuple[str, int]]:
+    """Records ``[start, stop)`` as ``("key-%012d", 1)`` tuples."""
+    return [(f"key-{idx:012d}", 1) for idx in w4_key_index(start, stop, k).tolist()]
+
+
+def w4_chunks(n: int = W4_N, chunk: int = W4_CHUNK) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` ranges in which the ``n`` records are generated, in order."""
+    return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+
+def w4_expected(n: int = W4_N, k: int = W4_K) -> dict[str, int]:
+    """The three checksums of a correct keyed sum over the ``n`` records (see :func:`w4_checksum`).
+
+    groups: distinct keys; total: the sum of every per-key sum (= n);
+    weighted: the sum over keys of ``key_index * 3 + sum``, mod 2**64.
+    Closed form: records ``[0, n)`` cover the bijection ``i -> i * 7919 % k``
+    ``n // k`` whole times and then ``n % k`` more records, so every key
+    present has ``n // k`` or ``n // k + 1`` records (checked by
+    ``tests/test_bench_workloads.py`` against a bincount).
+    """
+    if math.gcd(W4_STRIDE, k) != 1:  # not a bijection: count the keys
+        per = np.bincount(w4_key_index(0, n, k), minlength=k)
+        present = np.flatnonzero(per)
+        key_sum, groups = int(present.sum(dtype=np.int64)), int(present.size)
+    else:
+        full, rest = divmod(n, k)
+        groups = k if full else rest
+        # every key index 0..k-1 occurs `full` times; records full*k.. add one each to `rest` distinct keys
+        key_sum = k * (k - 1) // 2 if full else int(w4_key_index(0, rest, k).sum(dtype=np.int64))
+    return {"groups": groups, "total": n, "weighted": (3 * key_sum + n) & MASK64}
+
+
+def w4_checksum(pairs: Iterable[tuple[Any, int]]) -> dict[str, int]:
+    """Checksums of ``(key, sum)`` results; ``key`` is an int key index or a ``"key-%012d"`` string."""
+    groups = total = weighted = 0
+    for key, value in pairs:
+        idx = key if isinstance(key, int) else int(key[4:])
+        groups += 1
+        total += value
+        weighted = (weighted + idx * 3 + value) & MASK64
+    return {"groups": groups, "total": total, "weighted": weighted}
+
+
+def w4_checksum_columns(keys: np.ndarray, values: np.ndarray) -> dict[str, int]:
+    """:func:`w4_checksum` of columnar results (int key indices and sums), vectorised."""
+    keys64 = np.asarray(keys).astype(np.uint64, copy=False)
+    values64 = np.asarray(values).astype(np.uint64, copy=False)
+    weighted = int((keys64 * np.uint64(3) + values64).sum(dtype=np.uint64))
+    return {"groups": int(keys64.size), "total": int(np.asarray(values).sum(dtype=np.int64)), "weighted": weighted}
+
+
+def w4_add_checksums(parts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Checksums of the union of disjoint result sets: counts add, ``weighted`` adds mod 2**64."""
+    groups = total = weighted = 0
+    for part in parts:
+        groups += part["groups"]
+        total += part["total"]
+        weighted = (weighted + part["weighted"]) & MASK64
+    return {"groups": groups, "total": total, "weighted": weighted}
+
+
+def w4_dict_baseline(n: int = W4_N, k: int = W4_K) -> dict[str, Any]:
+    """One process, unbounded memory: generate the row chunks and fold them into a ``dict``, timed as a whole.
+
+    Returns the reference's record: peer, variant, n, k, seconds, records_per_s, ok.
+    """
+    t0 = clock()
+    acc: dict[str, int] = {}
+    get = acc.get
+    for start, stop in w4_chunks(n):
+        for key, value in w4_rows(start, stop, k):
+            acc[key] = get(key, 0) + value
+    elapsed = clock() - t0
+    ok = w4_checksum(acc.items()) == w4_expected(n, k)
+    return {"peer": "python dict", "variant": "one process, rows generated in chunks", "n": n, "k": k,
+            "seconds": round(elapsed, 6), "records_per_s": round(n / elapsed, 1), "ok": ok}
+
+
 # ------------------------------------------------------------------------------------------------ records
 def environment() -> dict[str, Any]:
     """Versions and machine facts to store beside results."""
@@ -437,6 +552,12 @@ def w2_record(peer: str, variant: str, n: int, seconds: float, ok: bool, max_abs
     return record("W2", peer, variant, params, seconds, n, "records/s", ok, max_abs_err=max_abs_err, **extra)
 
 
+def w4_record(peer: str, variant: str, n: int, seconds: float, ok: bool, **extra: Any) -> dict[str, Any]:
+    """A W4 result: records/s for ``n`` records folded into per-key sums."""
+    params = {"n": n, **extra.pop("params", {})}
+    return record("W4", peer, variant, params, seconds, n, "records/s", ok, **extra)
+
+
 def w3_record(peer: str, variant: str, words: int, seconds: float, ok: bool, **extra: Any) -> dict[str, Any]:
     """A W3 result: words/s for ``words`` words counted."""
     params = {"words": words, **extra.pop("params", {})}
@@ -451,4 +572,7 @@ __all__ = [
     "w2_check", "w2_columnar_consume", "w2_columns", "w2_expected", "w2_record", "w2_row_consume", "w2_rows",
     "w3_check", "w3_corpus_path", "w3_corpus_text", "w3_generate", "w3_head_lines", "w3_line_ranges",
     "w3_merge", "w3_owner", "w3_record", "w3_reference", "w3_tokens",
+    "W4_BOUND_K", "W4_CHUNK", "W4_K", "W4_MANAGED_BYTES", "W4_N", "W4_QUICK_K", "W4_QUICK_N", "W4_RSS_SLACK",
+    "W4_STRIDE", "w4_add_checksums", "w4_checksum", "w4_checksum_columns", "w4_chunks", "w4_columns",
+    "w4_dict_baseline", "w4_expected", "w4_key_index", "w4_key_str", "w4_record", "w4_rows", "w4_scale",
 ]

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import zmq
 
+from runtime.errors import SpillError
 from runtime.execution.graph import JobGraph
 from runtime.execution.process_stats import gc_timer, peak_rss_bytes, reset_peak_rss
 from runtime.execution.subtask import OperatorFailure, Subtask
@@ -199,7 +200,7 @@ class JobRun:
                 managed = (ManagedMemory(self.memory, f"{name}[{subtask}]", share, self._io) if share else None)
                 return OperatorContext(operator_name=name, subtask_index=subtask, parallelism=parallelism,
                                        worker_id=w.worker_id, mode=mode, memory=self.memory, managed=managed,
-                                       send_to_client=self._send_to_client)
+                                       send_to_client=self._send_to_client, keep_alive=self._keep_alive)
 
             st = Subtask(self.graph, vertex, index, operators, gate=gate, ctx_factory=ctx_factory)
             if gate is not None:
@@ -209,12 +210,20 @@ class JobRun:
         self._current = None
         self.host.report_deployed(self.job_id, gates)
 
+    def _keep_alive(self) -> None:
+        self.host.keep_alive(time.monotonic())
+
     def _io(self) -> IOManager:
         """The job's IOManager, created on first use in one of ``io.tmp-dirs`` (closed in ``_close``)."""
         if self._io_manager is None:
             dirs = self.config["io.tmp-dirs"]
             directory = dirs[self.host.worker_id % len(dirs)]  # spread workers over the directories, as Flink
-            self._io_manager = IOManager(directory, threads=2)
+            try:
+                self._io_manager = IOManager(directory, threads=2)
+            except SpillError as exc:
+                msg = (f"cannot spill: io.tmp-dirs entry {directory} cannot hold the job's spill directory "
+                       f"({exc.__cause__ or exc}); set io.tmp-dirs to a writable directory with free space")
+                raise SpillError(msg) from exc
         return self._io_manager
 
     def _instantiate(self, node: Any, index: int) -> Any:

@@ -87,6 +87,9 @@ class OperatorContext:
     clock: Callable[[], float] = time.time
     metrics: dict[str, float] = field(default_factory=dict)
     send_to_client: Callable[[str, Batch], None] | None = None  # collect() sinks ship results this way
+    #: An operator that works long in one call (a final aggregation reading back what it spilled) calls
+    #: this every few seconds: the worker heartbeats and acts on a cancel (raising out of the operator).
+    keep_alive: Callable[[], None] = lambda: None
 
     def processing_time(self) -> float:
         return self.clock()

@@ -436,6 +436,11 @@ class FixedHashTable:
         for i in range(0, len(occupied), batch_rows):
             yield self._T[occupied[i:i + batch_rows]]
 
+    def spill_chunks(self, batch_rows: int = BATCH_ROWS) -> Iterator[bytes]:
+        """The table's rows ``[h, acc...]`` as bytes for a spill file, in batches; the table is unchanged."""
+        for rows in self.rows(batch_rows):
+            yield rows.tobytes()
+
     def rows_to_columns(self, rows: U64Array) -> Columns:
         """Rows ``[h, acc...]`` -> ``{"key": keys, name: accumulator}`` (new arrays)."""
         cols: Columns = {"key": bits_key(unmix64(np.ascontiguousarray(rows[:, 0])), self.key_dtype)}

@@ -10,10 +10,11 @@ Imports: runtime.memory, runtime.io, runtime.errors (numpy and stdlib otherwise)
   inverse over numpy ``uint64`` arrays. The finalizer is a bijection, so the
   fixed-width table stores the hash instead of the key and inverts it on the
   way out; partitions take the top bits, table slots the low bits.
-- :class:`SpillStream` appends bytes to one spill file through a staging page
-  (one or more blocks per call) and reads them back block by block. Every
-  ``SpillError`` crossing this boundary is re-raised naming ``io.tmp-dirs``
-  and the path.
+- :class:`PartitionedSpill` appends the byte streams of several partitions to
+  one spill file through a staging page (blocks tagged by their partition) and
+  reads one partition back block by block; :class:`SpillStream` is its
+  one-stream form (a sorted run). Every ``SpillError`` crossing this boundary
+  is re-raised naming ``io.tmp-dirs`` and the path.
 """
 
 from __future__ import annotations
@@ -39,15 +40,19 @@ __all__ = [
     "IndexArray",
     "ManagedShare",
     "NumArray",
+    "PartitionedSpill",
     "SpillCounters",
     "SpillStream",
     "U64Array",
+    "WORD_PAD",
     "bits_key",
+    "equal_strings",
     "fingerprints",
     "key_bits",
     "mix64",
     "spill_error",
     "unmix64",
+    "word_view",
 ]
 
 SHARE_KEY = "memory.managed.fraction"
@@ -113,16 +118,78 @@ def bits_key(bits: U64Array, dtype: np.dtype[Any]) -> NumArray:
     return bits.view(np.float64 if dtype.kind == "f" else np.int64)
 
 
-def fingerprints(packed: list[bytes]) -> U64Array:
-    """64-bit fingerprints of serialized keys, never 0: ``mix64(hash(b))`` over the list in C loops.
+_FP_SEED = np.uint64(0x2545F4914F6CDD1D)
+# _LOW_BYTES[k]: the mask that keeps the k lowest bytes of a little-endian uint64 word (k in 0..8).
+_LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(9)], np.uint64)
+WORD_PAD = 7  # bytes a word read may run past the end of a string
 
-    ``hash(bytes)`` is cached on the bytes object (a dict that saw it has
-    computed it already) and salted per process; spill files are read back by
-    the process that wrote them, so that is enough.
+
+def word_view(buf: npt.NDArray[np.uint8]) -> U64Array:
+    """``w[i]`` = the 8 bytes at ``buf[i]`` as a little-endian uint64, unaligned: a strided view, no copy.
+
+    Reading a string's last word reads up to 7 bytes past its end, so the
+    strings read through it must end at least ``WORD_PAD`` bytes before the
+    end of ``buf`` (KeyBytes pads; RecordArea leaves that much free at the end
+    of every page).
     """
-    fp = mix64(np.fromiter(map(hash, packed), np.int64, len(packed)).view(np.uint64))
-    fp[fp == 0] = 1  # 0 marks an empty slot
-    return fp
+    return np.ndarray((max(len(buf) - WORD_PAD, 0),), np.dtype("<u8"), buffer=buf.data, strides=(1,))
+
+
+def equal_strings(a: U64Array, a_at: npt.NDArray[np.int64], b: U64Array, b_at: npt.NDArray[np.int64],
+                  lens: npt.NDArray[np.int64]) -> BoolArray:
+    """Whether the strings at ``a_at[i]`` and ``b_at[i]`` (both ``lens[i]`` bytes) are equal, 8 bytes a pass.
+
+    ``a`` and ``b`` are :func:`word_view` s. One pass over the pairs still
+    running per word of the longest string.
+    """
+    eq: BoolArray = np.ones(len(lens), bool)
+    sel = np.arange(len(lens))
+    rest = lens
+    while sel.size:
+        diff = (a[a_at] ^ b[b_at]) & _LOW_BYTES[np.minimum(rest, 8)]
+        eq[sel[diff != 0]] = False
+        more = np.flatnonzero((rest > 8) & (diff == 0))
+        sel, rest, a_at, b_at = sel[more], rest[more] - 8, a_at[more] + 8, b_at[more] + 8
+    return eq
+
+
+def fingerprints(buf: npt.NDArray[np.uint8], offs: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]) -> U64Array:
+    """64-bit fingerprints of the byte strings ``buf[offs[i]:offs[i] + lens[i]]``, never 0, in numpy passes.
+
+    ``h = mix64(len ^ seed)``, then ``h = mix64(h ^ w)`` for each 8-byte
+    little-endian word ``w`` of the string (the last one zero-padded): a
+    function of the bytes alone, not of the batch, its order or the buffer
+    layout, so a key gets the same fingerprint packed from input, read back
+    from a spill file or merged as a partial. Not salted: inputs chosen to
+    collide cost probing time, never correctness (keys are compared by bytes).
+    One pass over the strings still running per word of the longest one: 13-byte
+    keys take two. (Before: ``mix64(hash(bytes))`` per key through
+    ``np.fromiter``, the top entry of a 2 M-key string count.)
+    """
+    n = len(lens)
+    h = mix64(lens.astype(np.uint64) ^ _FP_SEED)
+    if n:
+        end = int((offs + lens).max())
+        if len(buf) < end + WORD_PAD:
+            buf = np.concatenate((buf[:end], np.zeros(WORD_PAD, np.uint8)))
+        words = word_view(buf)
+        at = offs.copy()
+        rest = lens.copy()
+        sel: npt.NDArray[np.intp] | None = None  # None: every string
+        while True:
+            w = words[at] & _LOW_BYTES[np.minimum(rest, 8)]
+            if sel is None:
+                h = mix64(h ^ w)
+            else:
+                h[sel] = mix64(h[sel] ^ w)
+            more = rest > 8
+            if not more.any():
+                break
+            keep = np.flatnonzero(more)
+            sel = keep if sel is None else sel[keep]
+            at, rest = at[keep] + 8, rest[keep] - 8
+    h[h == 0] = 1  # 0 marks an empty slot
+    return h
 
 
 # ------------------------------------------------------------------- share
@@ -132,7 +199,9 @@ class ManagedShare:
     Blocks (``try_allocate``, a power of two from the buddy allocator, counted
     at their rounded size) and pages (``try_allocate_page``) are taken lazily;
     both return ``None`` when the share, the budget or the arena has no room:
-    the caller spills, it never fails for lack of memory.
+    the caller spills, it never fails for lack of memory. The few pages a
+    structure cannot work without (staging pages for spill I/O) come from
+    :meth:`allocate_pages`, which raises instead.
 
     Ownership: the share allocates every segment through ``memory`` on behalf
     of ``owner`` and frees it in :meth:`release` or :meth:`release_all`. The
@@ -181,7 +250,7 @@ class ManagedShare:
             seg = self.memory.allocate(self.owner, nbytes)
         except OutOfMemoryError:
             return None
-        return self._take(seg)
+        return self._hold(seg)
 
     def try_allocate_page(self) -> MemorySegment | None:
         """One page of ``page_size`` bytes, or None (see :meth:`try_allocate`)."""
@@ -191,9 +260,41 @@ class ManagedShare:
             (seg,) = self.memory.allocate_pages(self.owner, 1)
         except OutOfMemoryError:
             return None
-        return self._take(seg)
+        return self._hold(seg)
 
-    def _take(self, seg: MemorySegment) -> MemorySegment:
+    def allocate_pages(self, n: int) -> list[MemorySegment]:
+        """Take ``n`` pages of ``page_size`` bytes now, all of them or none: pages the caller cannot work without.
+
+        Unlike :meth:`try_allocate_page`, running out is an error: use it for
+        what a structure needs before it can make progress at all (the
+        staging pages of spill I/O), not for what it could spill instead.
+        Ownership: the caller holds each page until it passes it to
+        :meth:`release`; :meth:`release_all` takes them back in any case.
+        Process: the worker owning the arena. Not thread-safe.
+
+        Raises:
+            TypeError: ``n`` is not an int.
+            InvalidSizeError: ``n`` < 0.
+            OutOfMemoryError: the share (or the manager's budget or arena) has
+                no room for ``n`` more pages; names the owner, the request, what
+                is left and ``memory.managed.fraction``. Nothing stays allocated.
+        """
+        if not isinstance(n, int) or isinstance(n, bool):
+            msg = f"n must be an int; got {type(n).__name__}"
+            raise TypeError(msg)
+        if n < 0:
+            msg = f"number of pages must be >= 0; got {n}"
+            raise InvalidSizeError(msg)
+        nbytes = n * self.page_size
+        if self._used + nbytes > self.share_bytes:
+            msg = (f"cannot allocate {n} page{'s' if n != 1 else ''} ({format_bytes(nbytes)}) for {self.owner!r}: "
+                   f"{format_bytes(self.available_bytes)} of its share of {format_bytes(self.share_bytes)} left; "
+                   f"raise {SHARE_KEY}")
+            raise OutOfMemoryError(msg)
+        return [self._hold(seg) for seg in self.memory.allocate_pages(self.owner, n)]
+
+    def _hold(self, seg: MemorySegment) -> MemorySegment:
+        """Count a segment just allocated for this share as held (the one place ``_used`` grows)."""
         self._held[seg] = None
         self._used += seg.size
         if self._used > self._peak:
@@ -256,19 +357,25 @@ class SpillCounters:
     blocks_read: int = 0
 
 
-class SpillStream:
-    """A byte stream in one spill file: :meth:`write` appends, :meth:`read_blocks` reads it back.
+class PartitionedSpill:
+    """One spill file holding the byte streams of several partitions; every block is tagged by its partition.
 
-    ``write`` copies its bytes into the staging page ``stage`` and writes one
-    block per page-full, synchronously; nothing stays pending between calls,
-    so several streams may share one staging page. ``read_blocks`` reads each
-    block into ``stage`` and yields a copy of its bytes.
+    :meth:`write` appends bytes to partition ``part``'s stream, one block per
+    staging page-full, synchronously; nothing stays pending between calls,
+    so several writers may share one staging page. Blocks of different
+    partitions interleave in the file; the per-partition lists of
+    :class:`BlockRef` keep them apart, and :meth:`read_blocks` reads one
+    partition back in write order (each block into ``stage``, then copied out).
+    The file is created by the first write: a level that never spills makes
+    none. Bytes of a partition that was read back (:meth:`drop`) stay in the
+    file until :meth:`delete` (spill files are append-only); after
+    :meth:`clear` the file may take the partitions of a next user.
 
-    Ownership: the stream owns its spill file and deletes it in :meth:`delete`
+    Ownership: the object owns its spill file and deletes it in :meth:`delete`
     (the IOManager removes it on close otherwise). ``stage`` belongs to the
-    caller (a page of its share); the stream writes it, and the IOManager
-    holds it, only inside ``write`` / while advancing ``read_blocks``.
-    Process: the IOManager's process.
+    caller (a page of its share); the IOManager holds it only inside
+    ``write`` / while advancing ``read_blocks``.
+    Process: the IOManager's process. Not thread-safe.
 
     Raises:
         SpillError: the file cannot be created, written or read; the message
@@ -276,31 +383,59 @@ class SpillStream:
     """
 
     def __init__(self, io: IOManager, hint: str, counters: SpillCounters) -> None:
+        self._io = io
+        self._hint = hint
+        self._counters = counters
+        self._file: SpillFile | None = None
+        self._deleted = False
+        self.path = ""  # set when the file is created
+        self.blocks: dict[int, list[BlockRef]] = {}  # partition -> its blocks, in write order
+        self.nbytes = 0  # bytes written to the file, live or not
+
+    def create(self) -> SpillFile:
+        """The spill file, created on the first call."""
+        if self._file is not None:
+            return self._file
+        if self._deleted:
+            err = spill_error("write to a deleted", self.path or self._hint,
+                              RuntimeError("the spill was deleted"))
+            raise err
+        io = self._io
         try:
-            self._file: SpillFile | None = io.create_spill_file(hint)
+            self._file = f = io.create_spill_file(self._hint)
         except SpillError as exc:
             err = spill_error("create a", getattr(exc, "path", io.directory), exc)
             raise err from exc
-        self.path = self._file.path
-        self.blocks: list[BlockRef] = []
-        self.nbytes = 0
-        self._counters = counters
-        counters.spill_files += 1
+        self.path = f.path
+        self._counters.spill_files += 1
+        return f
 
-    def write(self, data: Buffer, stage: MemorySegment) -> None:
-        """Append ``data`` as one block per staging page-full."""
-        f = self._file
-        if f is None:
-            err = spill_error("write to a deleted", self.path, RuntimeError("the stream was deleted"))
-            raise err
+    def __contains__(self, part: int) -> bool:
+        return part in self.blocks
+
+    def parts(self) -> list[int]:
+        """Partitions with a stream here (possibly empty), ascending."""
+        return sorted(self.blocks)
+
+    def open_part(self, part: int) -> None:
+        """Start partition ``part``'s stream (empty) if it has none."""
+        self.blocks.setdefault(part, [])
+
+    def write(self, part: int, data: Buffer, stage: MemorySegment) -> None:
+        """Append ``data`` to partition ``part``'s stream as one block per staging page-full."""
         mv = (data.data if isinstance(data, np.ndarray) else memoryview(data)).cast("B")
+        n = len(mv)
+        refs = self.blocks.setdefault(part, [])
+        if not n:
+            return
+        f = self.create()
         size = stage.size
-        pos, n = 0, len(mv)
+        pos = 0
         while pos < n:
             take = min(size, n - pos)
             stage.put_bytes(0, mv[pos:pos + take])
             try:
-                self.blocks.append(f.write(stage, take))
+                refs.append(f.write(stage, take))
             except SpillError as exc:
                 err = spill_error("write to", self.path, exc)
                 raise err from exc
@@ -309,13 +444,16 @@ class SpillStream:
         self._counters.spilled_bytes += n
         self._counters.blocks_written += -(-n // size)
 
-    def read_blocks(self, stage: MemorySegment) -> Iterator[bytes]:
-        """Each block, in write order, as bytes (read into ``stage``, then copied out)."""
-        f = self._file
-        if f is None:
-            err = spill_error("read a deleted", self.path, RuntimeError("the stream was deleted"))
+    def read_blocks(self, part: int, stage: MemorySegment) -> Iterator[bytes]:
+        """Each block of partition ``part``, in write order, as bytes (read into ``stage``, then copied out)."""
+        if self._deleted:
+            err = spill_error("read a deleted", self.path or self._hint, RuntimeError("the spill was deleted"))
             raise err
-        for ref in self.blocks:
+        refs = self.blocks.get(part, [])
+        f = self._file
+        if not refs or f is None:
+            return
+        for ref in refs:
             try:
                 f.read(ref, stage)
             except SpillError as exc:
@@ -324,8 +462,56 @@ class SpillStream:
             self._counters.blocks_read += 1
             yield stage.get_bytes(0, ref.nbytes)
 
+    def drop(self, part: int) -> None:
+        """Forget partition ``part`` (after reading it back); its bytes stay in the file until :meth:`delete`."""
+        self.blocks.pop(part, None)
+
+    def clear(self) -> None:
+        """Forget every partition: the file stays, and later writes append to it (its old bytes are dead)."""
+        self.blocks.clear()
+
     def delete(self) -> None:
         """Remove the file. Idempotent; never raises for a file that is already gone."""
         f, self._file = self._file, None
+        self._deleted = True
+        self.blocks.clear()
         if f is not None:
             f.delete()
+
+
+class SpillStream:
+    """A byte stream in a spill file of its own: :meth:`write` appends, :meth:`read_blocks` reads it back.
+
+    A :class:`PartitionedSpill` with a single partition, created at once (a
+    sorted run always has bytes to write).
+
+    Ownership: the stream owns its spill file and deletes it in :meth:`delete`
+    (the IOManager removes it on close otherwise). ``stage`` belongs to the
+    caller (see :class:`PartitionedSpill`).
+    Process: the IOManager's process. Not thread-safe.
+
+    Raises:
+        SpillError: the file cannot be created, written or read; the message
+            names the path and ``io.tmp-dirs``.
+    """
+
+    def __init__(self, io: IOManager, hint: str, counters: SpillCounters) -> None:
+        self._spill = PartitionedSpill(io, hint, counters)
+        self.path = self._spill.create().path
+        self._spill.open_part(0)
+
+    @property
+    def nbytes(self) -> int:
+        return self._spill.nbytes
+
+    def write(self, data: Buffer, stage: MemorySegment) -> None:
+        """Append ``data`` as one block per staging page-full."""
+        self._spill.write(0, data, stage)
+
+    def read_blocks(self, stage: MemorySegment) -> Iterator[bytes]:
+        """Each block, in write order, as bytes (read into ``stage``, then copied out)."""
+        return self._spill.read_blocks(0, stage)
+
+    def delete(self) -> None:
+        """Remove the file. Idempotent; never raises for a file that is already gone."""
+        self._spill.delete()

@@ -127,9 +127,7 @@ class ExternalSorter:
         self.width = 1 + (self.value_dtype is not None)
         self.fan_in = max(2, share_bytes // share.page_size - 2)
         self._pack: Callable[[object], bytes] = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-        self.stage_out, self.stage_in = memory.allocate_pages(owner, 2)
-        for seg in (self.stage_out, self.stage_in):
-            share._take(seg)
+        self.stage_out, self.stage_in = share.allocate_pages(2)
         self._area = RecordArea(share)  # serialized run
         self._pages: list[MemorySegment] = []  # fixed-width run: pages of rows
         self._rows_in_page: list[int] = []

@@ -7,13 +7,22 @@ Imports: runtime.managed, runtime.memory, runtime.io, runtime.errors (numpy, msg
 :class:`~runtime.managed.share.ManagedShare`.
 
 - ``mode="final"``: when a table needs room the share does not have, the
-  largest in-memory partition is written to a spill file through the
-  IOManager (its table's rows, through a staging page) and its memory goes back
-  to the share; later rows of a spilled partition are appended to its file as
-  pre-aggregated partials. When the input ends, the in-memory partitions are
-  emitted first, then each spilled partition is read back and aggregated alone,
-  with the whole share, by a next *level* that partitions by the next 4 hash
-  bits and spills again if it still does not fit (recursive hybrid hash).
+  largest in-memory partition is spilled through the IOManager (its table's
+  rows, through a staging page) and its memory goes back to the share; later
+  rows of a spilled partition are appended to its stream as pre-aggregated
+  partials. When the input ends, the in-memory partitions are emitted first,
+  then each spilled partition is read back and aggregated alone, with the
+  whole share, by a next *level* that partitions by the next 4 hash bits and
+  spills again if it still does not fit (recursive hybrid hash).
+- Spill files: one per recursion depth (:class:`~runtime.managed.share.PartitionedSpill`),
+  not one per partition: the partitions' streams interleave in it, each block
+  tagged by its partition. Levels of one depth run one after the other, so
+  when a level has read back all its partitions its depth's file holds no
+  live byte, and the next level of that depth appends to it; once it holds
+  ``SPILL_FILE_REUSE_BYTES`` it is deleted instead and the next level starts
+  a new one. Tiny shares recurse deep and spill thousands of partitions (one
+  file each, before): the file count is now about the depth, and the dead
+  bytes on disk stay below that bound per depth.
 - ``mode="combine"``: when full, every partial is emitted and the tables start
   again empty; nothing goes to disk. The output of :meth:`HashAggregator.add_batch`
   is then the partials to send on (a combiner before the shuffle).
@@ -27,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Generic, Protocol, TypeAlias, TypeVar
 
 import numpy as np
 
@@ -43,19 +52,25 @@ from runtime.managed.hash_table import (
     preaggregate_rows,
 )
 from runtime.managed.serialized_table import SerializedBatch, SerializedHashTable, unpacker
-from runtime.managed.share import ManagedShare, SpillCounters, SpillStream
+from runtime.managed.share import ManagedShare, NumArray, PartitionedSpill, SpillCounters, U64Array
 from runtime.memory.manager import MemoryManager
 from runtime.memory.segment import MemorySegment
 from runtime.memory.snapshot import Snapshot
 
-__all__ = ["HashAggregator", "HashAggregatorStats", "PARTITION_BITS"]
+__all__ = ["MAX_LEVEL", "PARTITIONS", "PARTITION_BITS", "SPILL_FILE_REUSE_BYTES", "HashAggregator",
+           "HashAggregatorStats", "Pairs", "Result"]
 
 PARTITION_BITS = 4
 PARTITIONS = 1 << PARTITION_BITS
 MAX_LEVEL = 64 // PARTITION_BITS - 1
-Table: TypeAlias = FixedHashTable | SerializedHashTable
-Batch: TypeAlias = np.ndarray | SerializedBatch
-Result: TypeAlias = Columns | list
+# A depth's spill file is reused by the next level of that depth until it holds this many bytes (all of
+# them dead once a level is done), then deleted: bounds the dead bytes on disk per depth.
+SPILL_FILE_REUSE_BYTES = 64 << 20
+Pairs: TypeAlias = list[tuple[object, object]]  # (key, value) results of the serialized form
+Result: TypeAlias = Columns | Pairs
+Keys: TypeAlias = Sequence[object] | NumArray
+Partials: TypeAlias = Columns | Sequence[tuple[object, object]]
+B = TypeVar("B", U64Array, SerializedBatch)  # a form's batch: fixed-width rows or a serialized batch
 
 
 @dataclass(frozen=True)
@@ -75,23 +90,45 @@ class HashAggregatorStats(Snapshot):
     share_bytes: int
 
 
-class _Form:
+class _Table(Protocol[B]):
+    """What a level needs from a table (FixedHashTable and SerializedHashTable both are one)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def upsert(self, batch: B) -> B | None: ...
+
+    def spill_chunks(self) -> Iterator[bytes]: ...
+
+    def drain(self) -> Iterator[Result]: ...
+
+    def release(self) -> None: ...
+
+
+class _Form(Generic[B]):
     """What the aggregator needs from a table form; the two forms below fill it in."""
 
-    def __init__(self, make: Callable[[], Table]) -> None:
-        self.make = make
-        self.proto = make()  # a table that never allocates: prepares batches
-
-    def partition(self, batch: Batch, level: int) -> Iterator[tuple[int, Batch]]:
+    def make(self) -> _Table[B]:
         raise NotImplementedError
 
-    def encode(self, batch: Batch) -> bytes:
+    def prepare(self, keys: Keys, values: Keys | None) -> B:
+        """Raw records -> a batch unique by key."""
         raise NotImplementedError
 
-    def table_chunks(self, table: Table) -> Iterator[bytes]:
+    def prepare_partials(self, partials: Partials) -> B:
+        """A combiner's output -> a batch unique by key."""
         raise NotImplementedError
 
-    def read(self, stream: SpillStream, stage: MemorySegment) -> Iterator[Batch]:
+    def partition(self, batch: B, level: int) -> Iterator[tuple[int, B]]:
+        raise NotImplementedError
+
+    def encode(self, batch: B) -> bytes:
+        raise NotImplementedError
+
+    def read(self, blocks: Iterator[bytes]) -> Iterator[B]:
+        """Batches back from the blocks of one spilled partition (chunks may span blocks)."""
         raise NotImplementedError
 
 
@@ -99,8 +136,25 @@ def _shift(level: int) -> np.uint64:
     return np.uint64(64 - PARTITION_BITS * (level + 1))
 
 
-class _FixedForm(_Form):
-    def partition(self, batch: np.ndarray, level: int) -> Iterator[tuple[int, np.ndarray]]:
+class _FixedForm(_Form[U64Array]):
+    def __init__(self, make: Callable[[], FixedHashTable]) -> None:
+        self._make = make
+        self.proto = make()  # a table that never allocates: prepares batches
+
+    def make(self) -> FixedHashTable:
+        return self._make()
+
+    def prepare(self, keys: Keys, values: Keys | None) -> U64Array:
+        return self.proto.prepare(np.asarray(keys), None if values is None else np.asarray(values))
+
+    def prepare_partials(self, partials: Partials) -> U64Array:
+        if not isinstance(partials, dict):
+            msg = (f"partials of a fixed-width aggregation must be {{'key': ..., name: ...}} columns; "
+                   f"got {type(partials).__name__}")
+            raise TypeError(msg)
+        return self.proto.prepare_partials(partials)
+
+    def partition(self, batch: U64Array, level: int) -> Iterator[tuple[int, U64Array]]:
         # Rows are sorted by hash and share the bits above this level's: partitions are runs.
         part = (batch[:, 0] >> _shift(level)) & np.uint64(PARTITIONS - 1)
         bounds = np.searchsorted(part, np.arange(PARTITIONS + 1, dtype=np.uint64)).tolist()
@@ -108,28 +162,44 @@ class _FixedForm(_Form):
             if bounds[p + 1] > bounds[p]:
                 yield p, batch[bounds[p]:bounds[p + 1]]
 
-    def encode(self, batch: np.ndarray) -> bytes:
+    def encode(self, batch: U64Array) -> bytes:
         return np.ascontiguousarray(batch).tobytes()
 
-    def table_chunks(self, table: Table) -> Iterator[bytes]:
-        for rows in table.rows():  # type: ignore[union-attr]
-            yield rows.tobytes()
-
-    def read(self, stream: SpillStream, stage: MemorySegment) -> Iterator[np.ndarray]:
+    def read(self, blocks: Iterator[bytes]) -> Iterator[U64Array]:
         proto = self.proto
         row_bytes, width = proto.row_bytes, proto.width
         pending = b""
-        for block in stream.read_blocks(stage):
+        for block in blocks:
             data = pending + block if pending else block
             whole = len(data) - len(data) % row_bytes
             pending = data[whole:]
             if whole:
                 rows = np.frombuffer(data, np.uint64, whole // 8).reshape(-1, width)
                 yield preaggregate_rows(rows, proto.aggs)
-        assert not pending, "a spill stream of rows ends on a row boundary"
+        assert not pending, "a spilled partition of rows ends on a row boundary"
 
 
-class _SerializedForm(_Form):
+class _SerializedForm(_Form[SerializedBatch]):
+    def __init__(self, make: Callable[[], SerializedHashTable]) -> None:
+        self._make = make
+        self.proto = make()  # a table that never allocates: prepares batches
+
+    def make(self) -> SerializedHashTable:
+        return self._make()
+
+    def prepare(self, keys: Keys, values: Keys | None) -> SerializedBatch:
+        # msgpack packs Python ints and floats, not numpy scalars
+        ks: Sequence[object] = keys.tolist() if isinstance(keys, np.ndarray) else keys
+        if isinstance(values, np.ndarray) and self.proto.reduce_fn is not None:
+            values = values.tolist()
+        return self.proto.prepare(ks, values)
+
+    def prepare_partials(self, partials: Partials) -> SerializedBatch:
+        if isinstance(partials, dict):
+            msg = "partials of an object-key aggregation must be (key, value) pairs; got a dict of columns"
+            raise TypeError(msg)
+        return self.proto.prepare_partials(partials)
+
     def partition(self, batch: SerializedBatch, level: int) -> Iterator[tuple[int, SerializedBatch]]:
         part = (batch.fps >> _shift(level)) & np.uint64(PARTITIONS - 1)
         order = np.argsort(part, kind="stable")
@@ -141,46 +211,57 @@ class _SerializedForm(_Form):
                 yield p, (batch if hi - lo == n else batch.take(order[lo:hi]))
 
     def encode(self, batch: SerializedBatch) -> bytes:
-        return self.proto.encode_batch(batch)  # type: ignore[union-attr]
+        return self.proto.encode_batch(batch)
 
-    def table_chunks(self, table: Table) -> Iterator[bytes]:
-        return table.spill_chunks()  # type: ignore[union-attr]
-
-    def read(self, stream: SpillStream, stage: MemorySegment) -> Iterator[SerializedBatch]:
+    def read(self, blocks: Iterator[bytes]) -> Iterator[SerializedBatch]:
         up = unpacker()
-        decode = self.proto.decode_chunk  # type: ignore[union-attr]
-        for block in stream.read_blocks(stage):
+        decode = self.proto.decode_chunk
+        for block in blocks:
             up.feed(block)
             for chunk in up:
                 yield decode(chunk)
 
 
-class _Level:
-    """The tables and spill streams of one recursion level (level 0 takes the input)."""
+class _Level(Generic[B]):
+    """The tables and the spill file of one recursion level (level 0 takes the input).
 
-    def __init__(self, agg: HashAggregator, level: int) -> None:
+    Ownership: the level's tables take their memory from the aggregator's
+    share. Its spill file belongs to the aggregator (one per depth, see
+    :meth:`HashAggregator.spill_file`); the level writes and reads only its own
+    partitions there and hands the file back in :meth:`release` (also at the
+    end of :meth:`finish`).
+    """
+
+    def __init__(self, agg: HashAggregator, form: _Form[B], level: int) -> None:
         if level > MAX_LEVEL:
             msg = (f"hash aggregation of {agg.share.owner!r} has re-partitioned {level} times and a partition "
                    f"still does not fit its share of {agg.share.share_bytes} bytes (a record larger than "
                    f"the share?); raise memory.managed.fraction")
             raise OutOfMemoryError(msg)
         self.agg = agg
+        self.form: _Form[B] = form
         self.level = level
-        self.tables: list[Table | None] = [None] * PARTITIONS
-        self.streams: list[SpillStream | None] = [None] * PARTITIONS
+        self.tables: list[_Table[B] | None] = [None] * PARTITIONS
+        self.spill: PartitionedSpill | None = None  # this depth's file, taken at the first spill (final mode)
         agg.max_level = max(agg.max_level, level)
 
-    def add(self, batch: Batch) -> list[Result]:
-        agg, form = self.agg, self.agg.form
+    def add_records(self, keys: Keys, values: Keys | None) -> list[Result]:
+        return self.add(self.form.prepare(keys, values))
+
+    def add_partials(self, partials: Partials) -> list[Result]:
+        return self.add(self.form.prepare_partials(partials))
+
+    def add(self, batch: B) -> list[Result]:
+        agg, form = self.agg, self.form
         emitted: list[Result] = []
         for p, sub in form.partition(batch, self.level):
-            if self.streams[p] is not None:
-                self.streams[p].write(form.encode(sub), agg.stage_out)  # type: ignore[union-attr]
+            if self.spill is not None and p in self.spill:
+                self.spill.write(p, form.encode(sub), agg.staging()[0])
                 continue
             table = self.tables[p]
             if table is None:
                 table = self.tables[p] = form.make()
-            rest = table.upsert(sub)  # type: ignore[arg-type]
+            rest = table.upsert(sub)
             while rest is not None:
                 if agg.mode == "combine":
                     if not any(t is not None and len(t) for t in self.tables):
@@ -188,31 +269,37 @@ class _Level:
                         raise AssertionError(msg)
                     emitted.extend(self.emit_all())
                     table = self.tables[p] = form.make()
-                    rest = table.upsert(rest)  # type: ignore[arg-type]
+                    rest = table.upsert(rest)
                     continue
-                victim = max(range(PARTITIONS), key=lambda q: -1 if self.tables[q] is None
-                             else self.tables[q].nbytes)  # type: ignore[union-attr]
-                self.spill(victim)
+                victim = max(range(PARTITIONS), key=self._held_bytes)
+                spill = self.spill_partition(victim)
                 if victim == p:
-                    self.streams[p].write(form.encode(rest), agg.stage_out)  # type: ignore[union-attr]
+                    spill.write(p, form.encode(rest), agg.staging()[0])
                     rest = None
                 else:
-                    rest = table.upsert(rest)  # type: ignore[arg-type]
+                    rest = table.upsert(rest)
         return emitted
 
-    def spill(self, p: int) -> None:
-        """Write partition ``p``'s table to a new spill file and give its memory back."""
-        agg = self.agg
-        stream = SpillStream(agg.io, f"{agg.name}-L{self.level}-p{p}", agg.counters)  # type: ignore[arg-type]
-        self.streams[p] = stream
+    def _held_bytes(self, p: int) -> int:
         table = self.tables[p]
-        self.tables[p] = None
+        return -1 if table is None else table.nbytes
+
+    def spill_partition(self, p: int) -> PartitionedSpill:
+        """Write partition ``p``'s table to this level's spill file and give its memory back."""
+        agg = self.agg
+        spill = self.spill
+        if spill is None:
+            spill = self.spill = agg.spill_file(self.level)
+        spill.open_part(p)
+        table, self.tables[p] = self.tables[p], None
         if table is not None:
             try:
-                for chunk in agg.form.table_chunks(table):
-                    stream.write(chunk, agg.stage_out)
+                stage = agg.staging()[0]
+                for chunk in table.spill_chunks():
+                    spill.write(p, chunk, stage)
             finally:
                 table.release()
+        return spill
 
     def emit_all(self) -> list[Result]:
         """Every table's rows as results (copies); the tables are released."""
@@ -231,17 +318,17 @@ class _Level:
                 if table is not None:
                     self.tables[p] = None
                     yield from table.drain()
-            for p, stream in enumerate(self.streams):
-                if stream is None:
-                    continue
-                agg = self.agg
+            spill = self.spill
+            if spill is None:
+                return
+            agg = self.agg
+            for p in spill.parts():
                 agg.counters.spill_passes += 1
-                sub = _Level(agg, self.level + 1)
+                sub = _Level(agg, self.form, self.level + 1)
                 try:
-                    for batch in agg.form.read(stream, agg.stage_in):
+                    for batch in self.form.read(spill.read_blocks(p, agg.staging()[1])):
                         sub.add(batch)
-                    stream.delete()
-                    self.streams[p] = None
+                    spill.drop(p)
                     yield from sub.finish()
                 finally:
                     sub.release()
@@ -249,14 +336,14 @@ class _Level:
             self.release()
 
     def release(self) -> None:
-        """Release every table and delete every spill file of this level. Idempotent."""
+        """Release every table and hand this depth's spill file back (its partitions forgotten). Idempotent."""
         for p in range(PARTITIONS):
             table, self.tables[p] = self.tables[p], None
             if table is not None:
                 table.release()
-            stream, self.streams[p] = self.streams[p], None
-            if stream is not None:
-                stream.delete()
+        spill, self.spill = self.spill, None
+        if spill is not None:
+            self.agg.spill_file_done(self.level)
 
 
 class HashAggregator:
@@ -272,11 +359,13 @@ class HashAggregator:
 
     Ownership: everything lives in a :class:`ManagedShare` of ``share_bytes``
     taken from ``memory`` for ``owner``: the tables' blocks and pages, and in
-    final mode two staging pages for spill I/O (taken at construction). Spill
-    files are created in ``io``'s directory and deleted as soon as they are
-    read back, in :meth:`release` and when :meth:`results` ends or fails.
-    :meth:`release` (or leaving a ``with`` block) gives every page back,
-    also after an exception. Results are copies that outlive the aggregator.
+    final mode two staging pages for spill I/O (taken at construction with
+    :meth:`ManagedShare.allocate_pages`). Spill files (about one per
+    recursion depth, see the module docstring) are created in ``io``'s
+    directory and deleted in :meth:`release`, which runs when :meth:`results`
+    ends or fails. :meth:`release` (or leaving a ``with``
+    block) gives every page back, also after an exception. Results are copies
+    that outlive the aggregator.
     Process: the worker owning ``memory`` and ``io``. Not thread-safe.
 
     Raises:
@@ -310,46 +399,79 @@ class HashAggregator:
         self.max_level = 0
         self.emits = 0
         page = share.page_size
+        root: _Level[U64Array] | _Level[SerializedBatch]
         if key_type == "object":
             aggs_t = None if reduce_fn is not None else parse_aggs(aggs)
-            width = 5 if reduce_fn is not None else 3 + len(aggs_t)  # type: ignore[arg-type]
+            width = 5 if aggs_t is None else 3 + len(aggs_t)
             least = share.block_size(MIN_CAPACITY * 8 * width) + page
-            self.form: _Form = _SerializedForm(lambda: SerializedHashTable(
-                share, aggs_t, reduce_fn=reduce_fn, max_load=max_load))
+            root = _Level(self, _SerializedForm(lambda: SerializedHashTable(
+                share, aggs_t, reduce_fn=reduce_fn, max_load=max_load)), 0)
         else:
             width = 1 + len(parse_aggs(aggs))
             least = share.block_size(MIN_CAPACITY * 8 * width)
-            self.form = _FixedForm(lambda: FixedHashTable(share, aggs, key_dtype=key_type, max_load=max_load))
+            root = _Level(self, _FixedForm(lambda: FixedHashTable(
+                share, aggs, key_dtype=key_type, max_load=max_load)), 0)
         if mode == "final":
             least += 2 * page
         check_share(share, least, f"{mode} hash aggregation ({key_type} keys)")
-        self.stage_out: MemorySegment | None = None
-        self.stage_in: MemorySegment | None = None
-        if mode == "final":
-            self.stage_out, self.stage_in = memory.allocate_pages(owner, 2)
-            for seg in (self.stage_out, self.stage_in):
-                share._take(seg)
-        self._root: _Level | None = _Level(self, 0)
+        # Staging pages for spill I/O (final mode): [0] writes, [1] reads. Owner: this aggregator.
+        self._stages: list[MemorySegment] = share.allocate_pages(2) if mode == "final" else []
+        self._spills: dict[int, PartitionedSpill] = {}  # depth -> its spill file. Owner: this aggregator.
+        self._root: _Level[U64Array] | _Level[SerializedBatch] | None = root
         self._closed = False
 
+    def staging(self) -> list[MemorySegment]:
+        """The two staging pages of spill I/O: ``[0]`` for writes, ``[1]`` for reads (final mode only).
+
+        Ownership: the aggregator's; a level uses them only inside one write or while advancing one read.
+        """
+        if not self._stages:
+            msg = f"hash aggregator {self.name!r} in {self.mode} mode has no staging pages (released, or combine mode)"
+            raise AssertionError(msg)
+        return self._stages
+
+    def spill_file(self, level: int) -> PartitionedSpill:
+        """The spill file of depth ``level`` (created on its first write); one level of that depth uses it at a time.
+
+        Ownership: the aggregator's; the level hands it back with :meth:`spill_file_done`.
+        """
+        spill = self._spills.get(level)
+        if spill is None:
+            if self.io is None:
+                msg = f"hash aggregator {self.name!r} in {self.mode} mode has no IOManager to spill to"
+                raise AssertionError(msg)
+            spill = self._spills[level] = PartitionedSpill(self.io, f"{self.name}-L{level}", self.counters)
+        return spill
+
+    def spill_file_done(self, level: int) -> None:
+        """A level of depth ``level`` is done: forget its partitions; delete the file once it is large.
+
+        See ``SPILL_FILE_REUSE_BYTES``; :meth:`release` deletes whatever is left.
+        """
+        spill = self._spills.get(level)
+        if spill is None:
+            return
+        spill.clear()
+        if spill.nbytes >= SPILL_FILE_REUSE_BYTES:
+            del self._spills[level]
+            spill.delete()
+
     # ------------------------------------------------------------------ input
-    def add_batch(self, keys: Sequence[object] | np.ndarray, values: Sequence[object] | np.ndarray | None = None
-                  ) -> list[Result]:
+    def add_batch(self, keys: Keys, values: Keys | None = None) -> list[Result]:
         """Aggregate records. Returns the partials emitted (combine mode, when full); ``[]`` otherwise."""
         root = self._check_open()
         out: list[Result] = []
         step = 1 << 16
         for i in range(0, len(keys), step):
             vals = None if values is None else values[i:i + step]
-            out.extend(root.add(self.form.proto.prepare(keys[i:i + step], vals)))  # type: ignore[arg-type]
+            out.extend(root.add_records(keys[i:i + step], vals))
         return out
 
-    def add_partials(self, partials: Columns | Sequence[tuple[object, object]]) -> list[Result]:
+    def add_partials(self, partials: Partials) -> list[Result]:
         """Merge a combiner's partials (``{"key":..., name:...}`` columns, or ``(key, acc)`` pairs)."""
-        root = self._check_open()
-        return root.add(self.form.proto.prepare_partials(partials))  # type: ignore[arg-type]
+        return self._check_open().add_partials(partials)
 
-    def _check_open(self) -> _Level:
+    def _check_open(self) -> _Level[U64Array] | _Level[SerializedBatch]:
         if self._root is None:
             msg = f"hash aggregator {self.name!r} of {self.share.owner!r} was released or finished"
             raise ValueError(msg)
@@ -381,8 +503,13 @@ class HashAggregator:
             if root is not None:
                 root.release()
         finally:
-            self.stage_out = self.stage_in = None
-            self.share.release_all()
+            spills, self._spills = list(self._spills.values()), {}
+            try:
+                for spill in spills:
+                    spill.delete()
+            finally:
+                self._stages = []
+                self.share.release_all()
 
     def __enter__(self) -> HashAggregator:
         return self

@@ -1,0 +1,379 @@
+"""Batch-mode keyed state in managed memory: what KeyedAggregate and KeyedCombine hold when the runtime lends pages.
+
+Role: :class:`ManagedKeyedState` keeps one operator's ``{key: accumulator}``
+in a :class:`~runtime.managed.HashAggregator` inside the operator's share of
+the worker's managed memory (``ctx.managed``), not in a Python dict. A final
+aggregation spills partitions to ``io.tmp-dirs`` when its share is full and
+aggregates them after the input ends; a combiner emits its partials and
+starts again. Results do not come out in key insertion order (as in Flink).
+A columnar stream's aggregation emits columnar batches: ``{key: keys, value: totals}``
+(``{key: keys, "count": counts}`` for a count), the same rows as the record path's
+dicts, without making a Python object per key.
+
+Two forms, chosen at the first batch; a batch that does not fit the fixed
+form hands the state over (as partials) to the object form for good:
+
+=========  ===================================================  ==================================
+form       when                                                 table
+=========  ===================================================  ==================================
+fixed      count, or sum/min/max of plain numbers (rows), or    int64 keys and int64/float64
+           of the value column of a two-column columnar         accumulators as numpy columns on
+           stream keyed by the other column; int keys, all-int  pages: a columnar batch never
+           or all-float values                                  becomes Python objects
+object     any other combinable aggregation or key              msgpack keys and accumulators
+=========  ===================================================  ==================================
+
+Keys of the object form compare by their msgpack bytes: ``1`` and ``1.0``
+are different keys there, and list keys come back as tuples. A float sum of
+the fixed form adds in hash-table order, not input order, so its last bits
+may differ from a left-to-right sum. Partials between a combiner and its
+final aggregation are ``(key, acc)`` pairs, or columnar ``{"key", "acc"}``
+batches from a fixed-form combiner (``{"key", "column_acc"}`` when its input was
+columnar, so that the final aggregation's results are columnar too).
+
+Imports: runtime.execution.task (ManagedMemory), runtime.managed, operators.aggregations,
+operators.stateless (to_records), numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import numpy as np
+
+from operators.aggregations import Aggregation, Count, Max, Min, Sum
+from operators.stateless import to_records
+from runtime.execution.task import Batch, ManagedMemory
+from runtime.managed import HashAggregator
+
+__all__ = ["ManagedKeyedState", "fits_managed_memory"]
+
+_KINDS = {Count: "count", Sum: "sum", Min: "min", Max: "max"}
+_INT_LIMIT = 1 << 62  # int sums leave the fixed form before any accumulator could pass this
+#: The accumulator column of a fixed-form combiner's partials when its input was columnar (else "acc"):
+#: the final aggregation then emits columnar results too.
+COLUMNAR_ACC = "column_acc"
+#: A combiner whose emit holds more than this share of the records it took in stops combining (see add).
+PASSTHROUGH_RATIO = 0.8
+
+
+def fits_managed_memory(aggregation: Aggregation) -> bool:
+    """Whether ``aggregation`` can keep its state in managed memory: it must merge partials."""
+    return aggregation.combinable
+
+
+class _Unfit(Exception):
+    """This batch does not fit the fixed form: hand the state over to the object form."""
+
+
+class ManagedKeyedState:
+    """One batch-mode keyed operator's state in its share of managed memory.
+
+    ``combine=True``: a combiner; :meth:`add` returns the partials it emitted
+    because its share was full, :meth:`results` the rest. Otherwise a final
+    aggregation: :meth:`add` returns nothing and :meth:`results` yields the
+    result records (``aggregation.result(key, acc)``), or columnar batches
+    ``{key_column: keys, value_column: accs}`` for a columnar stream.
+
+    Ownership: every page belongs to ``managed.owner``, within
+    ``managed.share_bytes``; :meth:`release` (also after a failure) gives them
+    back and deletes every spill file. Results are copies.
+    Process: the worker running the operator. Not thread-safe.
+    """
+
+    def __init__(self, aggregation: Aggregation, managed: ManagedMemory, *, combine: bool,
+                 key_fn: Callable[[Any], Any] | None, key_column: str | None = None) -> None:
+        if not fits_managed_memory(aggregation):
+            msg = f"aggregation {aggregation.name!r} cannot merge partials, so it cannot use managed memory"
+            raise ValueError(msg)
+        self.aggregation = aggregation
+        self.managed = managed
+        self.combine = combine
+        self.key_fn = key_fn
+        self.key_column = key_column
+        self.kind = _KINDS.get(type(aggregation), "")  # "" for aggregations the fixed form cannot take
+        self.field = getattr(aggregation, "field", None)
+        self.form = "fixed" if self.kind and (self.kind == "count" or self.field is None
+                                                          or isinstance(self.field, str)) else "object"
+        self.value_column: str | None = None  # fixed form over columnar batches
+        self.columnar = False  # the input is columnar (results are too)
+        self._agg: HashAggregator | None = None
+        self._dtype: str | None = None  # fixed form: "int64" | "float64", fixed at the first values
+        self._bound = 0  # int sums: an upper bound on every |accumulator|
+        self._counted: dict[int, tuple[int, int, int]] = {}
+        # A combiner that keeps almost every key apart (keys repeat less often than its share holds)
+        # only costs: once an emit shows that, it forwards records as partials without a table.
+        self._records_in = 0
+        self._passthrough = False
+        self.metrics: dict[str, int] = {"spilled_bytes": 0, "spill_files": 0, "spill_passes": 0,
+                                        "managed_peak_bytes": 0}
+
+    # ------------------------------------------------------------------ input
+    def add(self, batch: Batch, *, partials: bool) -> list[Batch]:
+        """Fold a batch of records (or, with ``partials``, a combiner's partials); returns partials emitted."""
+        if self._passthrough:
+            return [self._raw_partials(batch)]
+        if self._agg is None and self._dtype is None and self.form == "fixed":
+            self._first_batch(batch, partials)
+        if self.combine:
+            self._records_in += _rows_in(batch)
+        if self.form == "fixed":
+            try:
+                return self._add_fixed(batch, partials)
+            except _Unfit:
+                emitted = self._to_object_form()
+                return emitted + self._add_object(batch, partials)
+        return self._add_object(batch, partials)
+
+    def _first_batch(self, batch: Batch, partials: bool) -> None:
+        if partials:  # a fixed-form combiner's partials say whether its input was columnar
+            self.columnar = isinstance(batch, dict) and COLUMNAR_ACC in batch
+            if isinstance(batch, dict):
+                self.value_column = self.field if isinstance(self.field, str) else None
+                return
+            self.form = "object"  # pairs come from a combiner in the object form
+            return
+        self.columnar = isinstance(batch, dict)
+        if not self.columnar:
+            if isinstance(self.field, str) and self.kind != "count":
+                self.form = "object"  # a dict record's field: results are whole records
+            return
+        if self.kind != "count":
+            if (self.key_column is None or not isinstance(self.field, str)
+                    or set(batch) != {self.key_column, self.field}):
+                self.form = "object"
+            else:
+                self.value_column = self.field
+        elif self.key_column is None:
+            self.form = "object"
+
+    def _add_fixed(self, batch: Batch, partials: bool) -> list[Batch]:
+        if partials:
+            if not isinstance(batch, dict):
+                raise _Unfit  # pairs from a combiner that left the fixed form
+            keys = _int_column(batch["key"])
+            values = self._values(batch[COLUMNAR_ACC if COLUMNAR_ACC in batch else "acc"])
+            return self._emitted(self._table().add_partials({"key": keys, self.kind: values}))
+        if isinstance(batch, dict):
+            if self.key_column not in batch or (self.kind != "count"
+                                                and set(batch) != {self.key_column, self.value_column}):
+                raise _Unfit
+            keys = _int_column(batch[self.key_column])
+            raw: Any = None if self.kind == "count" else batch[self.value_column]  # type: ignore[index]
+        else:
+            if not isinstance(batch, list):
+                raise _Unfit
+            raw_keys = batch if self.key_fn is None else list(map(self.key_fn, batch))
+            if set(map(type, raw_keys)) - {int}:
+                raise _Unfit
+            try:
+                keys = _int_keys(np.fromiter(raw_keys, np.int64, len(raw_keys)))
+            except OverflowError:
+                raise _Unfit from None
+            raw = None if self.kind == "count" else batch
+        if raw is None:
+            if self._dtype is None:
+                self._dtype = "int64"
+            return self._emitted(self._table().add_batch(keys))
+        values = self._values(raw)  # first: it fixes the value type the table is made for
+        return self._emitted(self._table().add_batch(keys, values))
+
+    def _values(self, raw: Any) -> np.ndarray:
+        """The fixed form's values: all int or all float, the same type in every batch."""
+        if isinstance(raw, np.ndarray):
+            if raw.dtype.kind in "iu" and raw.dtype != np.uint64:
+                kind, values = "int64", raw.astype(np.int64, copy=False)
+            elif raw.dtype == np.float64:
+                kind, values = "float64", raw
+            else:
+                raise _Unfit
+        else:
+            types = set(map(type, raw))
+            if types == {int}:
+                kind = "int64"
+            elif types == {float}:
+                kind = "float64"
+            else:
+                raise _Unfit
+            try:
+                values = np.fromiter(raw, kind, len(raw))
+            except OverflowError:
+                raise _Unfit from None
+        if self._dtype is None and self.kind != "count":
+            self._dtype = kind
+        elif kind != self._dtype:
+            raise _Unfit
+        if len(values) and self.kind in ("min", "max") and kind == "float64" and (
+                np.isnan(values).any() or (np.signbit(values) & (values == 0)).any()):
+            raise _Unfit  # Python's min/max of NaN and -0.0 depend on order: keep its semantics exactly
+        if len(values) and kind == "int64" and self.kind in ("sum", "count"):
+            self._bound += int(np.abs(values).max()) * len(values)
+            if self._bound > _INT_LIMIT:
+                raise _Unfit
+        return values
+
+    def _add_object(self, batch: Batch, partials: bool) -> list[Batch]:
+        agg = self._table()
+        if partials:
+            return self._emitted(agg.add_partials(_pairs(batch)))
+        records = to_records(batch)
+        keys = records if self.key_fn is None else list(map(self.key_fn, records))
+        if self.kind == "count":
+            return self._emitted(agg.add_batch(keys))
+        create = self.aggregation.create
+        return self._emitted(agg.add_batch(keys, [create(r) for r in records]))
+
+    def _table(self) -> HashAggregator:
+        if self._agg is None:
+            m = self.managed
+            mode = "combine" if self.combine else "final"
+            io = None if self.combine else m.io()
+            if self.form == "fixed":
+                aggs: list[Any] = ["count"] if self.kind == "count" else [(self.kind, self._dtype)]
+                self._agg = HashAggregator(m.memory, m.owner, m.share_bytes, io, aggs=aggs, key_type="int64",
+                                           mode=mode, name=m.owner)
+            elif self.kind == "count":
+                self._agg = HashAggregator(m.memory, m.owner, m.share_bytes, io, aggs=["count"],
+                                           key_type="object", mode=mode, name=m.owner)
+            else:
+                self._agg = HashAggregator(m.memory, m.owner, m.share_bytes, io, key_type="object",
+                                           reduce_fn=self.aggregation.merge, mode=mode, name=m.owner)
+        return self._agg
+
+    def _to_object_form(self) -> list[Batch]:
+        """Leave the fixed form for good: its state moves to the object form as partials."""
+        pairs: list[tuple[Any, Any]] = []
+        old, self._agg = self._agg, None
+        if old is not None:
+            try:
+                for part in old.results():
+                    cols = _columns(part)
+                    pairs.extend(zip(cols["key"].tolist(), cols[self.kind].tolist()))
+            finally:
+                self._count(old)
+                old.release()
+        self.form = "object"
+        self.value_column = None
+        return self._emitted(self._table().add_partials(pairs)) if pairs else []
+
+    # ----------------------------------------------------------------- output
+    def _emitted(self, parts: list[Any]) -> list[Batch]:
+        """Partials a combiner emitted because its share was full, as the shuffle carries them."""
+        if not parts:
+            return []
+        out = [self._partials(part) for part in parts]
+        if self.combine and self._records_in:
+            emitted = sum(_rows_in(b) for b in out)
+            if emitted > PASSTHROUGH_RATIO * self._records_in:
+                self._passthrough = True
+                self.metrics["combiner_passthrough"] = 1
+            self._records_in = 0
+        return out
+
+    def _raw_partials(self, batch: Batch) -> Batch:
+        """A combiner that passes through: every record becomes its own partial, in the current form."""
+        if self.form == "fixed":
+            try:
+                if isinstance(batch, dict):
+                    keys = _int_column(batch[self.key_column]) if self.key_column in batch else None
+                    raw: Any = None if self.kind == "count" else batch.get(self.value_column or "")
+                else:
+                    raw_keys = batch if self.key_fn is None else list(map(self.key_fn, batch))
+                    if set(map(type, raw_keys)) - {int}:
+                        raise _Unfit
+                    keys = _int_keys(np.fromiter(raw_keys, np.int64, len(raw_keys)))
+                    raw = None if self.kind == "count" else batch
+                if keys is None or (raw is None and self.kind != "count"):
+                    raise _Unfit
+                values = np.ones(len(keys), np.int64) if raw is None else self._values(raw)
+                return {"key": keys, COLUMNAR_ACC if self.columnar else "acc": values}
+            except (_Unfit, OverflowError):
+                self.form = "object"  # later partials are pairs; the final aggregation takes both
+        records = to_records(batch)
+        keys_list = records if self.key_fn is None else list(map(self.key_fn, records))
+        if self.kind == "count":
+            return [(k, 1) for k in keys_list]
+        create = self.aggregation.create
+        return list(zip(keys_list, map(create, records)))
+
+    def _partials(self, part: Any) -> Batch:
+        if self.form == "object":
+            return part if isinstance(part, list) else list(part)
+        cols = _columns(part)
+        return {"key": cols["key"], COLUMNAR_ACC if self.columnar else "acc": cols[self.kind]}
+
+    def results(self) -> Iterator[Batch]:
+        """The final records (or a combiner's remaining partials), in batches; releases the state."""
+        agg, self._agg = self._agg, None
+        if agg is None:
+            return
+        try:
+            for part in agg.results():
+                if self.combine:
+                    yield self._partials(part)
+                elif self.form == "object":
+                    result = self.aggregation.result
+                    yield [result(k, a) for k, a in cast(list[tuple[Any, Any]], part)]
+                elif self.columnar:
+                    cols = _columns(part)
+                    yield {self.key_column or "key": cols["key"], (self.value_column or "count"): cols[self.kind]}
+                else:
+                    cols = _columns(part)
+                    yield list(zip(cols["key"].tolist(), cols[self.kind].tolist()))
+        finally:
+            self._count(agg)
+            agg.release()
+
+    # ---------------------------------------------------------------- metrics
+    def _count(self, agg: HashAggregator) -> None:
+        """Add what ``agg`` spilled since it was last counted to :attr:`metrics`."""
+        s = agg.statistics()
+        before = self._counted.get(id(agg), (0, 0, 0))
+        self.metrics["spilled_bytes"] += s.spilled_bytes - before[0]
+        self.metrics["spill_files"] += s.spill_files - before[1]
+        self.metrics["spill_passes"] += s.spill_passes - before[2]
+        self._counted[id(agg)] = (s.spilled_bytes, s.spill_files, s.spill_passes)
+        self.metrics["managed_peak_bytes"] = max(self.metrics["managed_peak_bytes"], s.managed_peak_bytes)
+
+    def release(self) -> None:
+        """Give every page back and delete every spill file (idempotent)."""
+        agg, self._agg = self._agg, None
+        if agg is not None:
+            self._count(agg)
+            agg.release()
+
+
+#: Python's hash(k) differs from k for k == -1 and |k| >= 2**61 - 1; a columnar partial is partitioned by
+#: k itself and a row partial by hash(k), so the fixed form keeps only keys for which the two agree.
+_HASH_MODULUS = (1 << 61) - 1
+
+
+def _columns(part: Any) -> dict[str, np.ndarray]:
+    """A fixed-form result batch: ``{"key": ..., <aggregation kind>: ...}`` numpy columns."""
+    return cast(dict[str, np.ndarray], part)
+
+
+def _rows_in(batch: Any) -> int:
+    if isinstance(batch, dict):
+        return len(next(iter(batch.values()))) if batch else 0
+    return len(batch)
+
+
+def _int_keys(keys: np.ndarray) -> np.ndarray:
+    if len(keys) and ((keys == -1).any() or (keys >= _HASH_MODULUS).any() or (keys <= -_HASH_MODULUS).any()):
+        raise _Unfit
+    return keys
+
+
+def _int_column(column: Any) -> np.ndarray:
+    if not isinstance(column, np.ndarray) or column.dtype.kind not in "iu" or column.dtype == np.uint64:
+        raise _Unfit
+    return _int_keys(column.astype(np.int64, copy=False))
+
+
+def _pairs(batch: Batch) -> list[Any]:
+    if isinstance(batch, dict):  # columnar partials of a fixed-form combiner
+        return list(zip(batch["key"].tolist(), batch[COLUMNAR_ACC if COLUMNAR_ACC in batch else "acc"].tolist()))
+    return batch
+

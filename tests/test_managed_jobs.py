@@ -1,0 +1,111 @@
+"""Batch keyed aggregations keep their state in managed memory and spill past it: real jobs, real workers.
+
+Each job whose memory is measured runs in a fresh client process, so that
+``RUSAGE_CHILDREN`` there is the peak RSS of exactly that job's workers,
+measured from outside (the kernel's account, not the workers' own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from runtime import JobFailedError, StreamEnvironment
+
+MiB = 1 << 20
+
+#: A batch count over N records and K distinct string keys, run in a fresh client process. It checks its
+#: answer against collections.Counter itself and prints its figures as JSON.
+COUNT_JOB = textwrap.dedent("""
+    import json, resource, sys
+    from collections import Counter
+    from runtime import StreamEnvironment
+    n, k, managed = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+
+    def key(i):
+        return "key-%012d" % ((i * 7919) % k)
+
+    env = StreamEnvironment(workers=2, config={"memory.managed.size": managed})
+    out = env.from_generator(key, count=n).key_by(lambda w: w).count().collect()
+    result = env.execute("managed-count")
+    got = dict(out.values())
+    expected = Counter(map(key, range(n)))
+    figures = {name: result.metrics[name] for name in
+               ("spilled_bytes", "spill_files", "managed_peak_bytes", "worker_peak_rss_bytes", "gc_pause_seconds")}
+    print(json.dumps({"equal": got == expected, "distinct": len(got), "results": len(out.values()),
+                      "children_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+                      **figures}))
+""")
+
+
+def run_count_job(n: int, k: int, managed: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", COUNT_JOB, str(n), str(k), managed], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONHASHSEED": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_count_over_many_times_its_managed_memory_spills_equals_counter_and_stays_bounded():
+    managed = 8 * MiB
+    small = run_count_job(400_000, 10_000, "8mb")
+    big = run_count_job(400_000, 200_000, "8mb")  # ~100k keys per worker: several times its managed memory
+    assert big["equal"] and small["equal"]
+    assert big["distinct"] == big["results"] == 200_000  # one final record per key
+    assert big["spilled_bytes"] > 0 and big["spill_files"] > 0
+    assert small["spilled_bytes"] == 0
+    # W4's bound: the same job with few keys + managed memory + 96 MiB, measured from outside
+    bound = small["children_peak_rss"] + managed + 96 * MiB
+    assert big["children_peak_rss"] <= bound, (big, small)
+    assert big["worker_peak_rss_bytes"] <= bound
+    assert big["managed_peak_bytes"] <= 2 * managed  # both workers' peaks, each within its budget
+
+
+def test_reduce_with_tuple_values_in_managed_memory_equals_python():
+    n, k = 60_000, 7_000
+    records = [(f"k{(i * 31) % k}", (i % 13, i % 7)) for i in range(n)]
+    env = StreamEnvironment(workers=2, config={"memory.managed.size": "2mb"})
+    out = (env.from_collection(records).key_by(lambda r: r[0])
+           .reduce(lambda a, b: (a[0], (a[1][0] + b[1][0], max(a[1][1], b[1][1])))).collect())
+    result = env.execute("managed-reduce")
+    expected: dict[str, tuple[int, int]] = {}
+    for key, (s, m) in records:
+        old = expected.get(key)
+        expected[key] = (s, m) if old is None else (old[0] + s, max(old[1], m))
+    got = {r[0]: r[1] for r in out.values()}
+    assert got == expected
+    assert all(type(r) is tuple and type(r[1]) is tuple for r in out.values())
+    assert result.metrics["managed_peak_bytes"] > 0
+
+
+def test_a_columnar_sum_by_int_key_stays_columnar_and_equals_numpy():
+    n, k = 400_000, 150_000
+    keys = (np.arange(n, dtype=np.int64) * 7919) % k
+    values = np.arange(n, dtype=np.int64) % 5
+    env = StreamEnvironment(workers=2, config={"memory.managed.size": "2mb"})
+    out = env.from_collection({"k": keys, "v": values}).key_by("k").sum("v").collect()
+    result = env.execute("managed-columnar")
+    batches = out.values()
+    assert batches and all(isinstance(b, dict) and set(b) == {"k", "v"} for b in batches)
+    got_keys = np.concatenate([b["k"] for b in batches])
+    got_sums = np.concatenate([b["v"] for b in batches])
+    assert len(np.unique(got_keys)) == len(got_keys) == k
+    expected = np.bincount(keys, weights=values, minlength=k).astype(np.int64)
+    assert np.array_equal(got_sums[np.argsort(got_keys)], expected)
+    assert result.metrics["spilled_bytes"] > 0
+
+
+def test_an_unwritable_spill_directory_fails_the_job_naming_io_tmp_dirs(tmp_path):
+    blocked = tmp_path / "no-such-dir" / "spill"
+    env = StreamEnvironment(workers=2, config={"memory.managed.size": "2mb", "io.tmp-dirs": str(blocked)})
+    env.from_generator(lambda i: f"key-{i}", count=50_000).key_by(lambda w: w).count().collect()
+    with pytest.raises(JobFailedError, match=r"io\.tmp-dirs") as failure:
+        env.execute("unwritable-spill")
+    assert str(blocked) in str(failure.value)
+    assert not blocked.exists()
