@@ -168,7 +168,8 @@ class JobRun:
             gc.unfreeze()
 
     def _keep_alive(self) -> None:
-        """The callback of every gate and partition of this job: heartbeat, and raise JobCancelled on cancel."""
+        """The callback of every gate, partition and long-running operator (OperatorContext.keep_alive) of
+        this job: heartbeat, and raise JobCancelled on cancel or shutdown."""
         self.host.keep_alive(time.monotonic())
 
     def _deploy(self) -> None:
@@ -209,9 +210,6 @@ class JobRun:
             self.subtasks.append(st)
         self._current = None
         self.host.report_deployed(self.job_id, gates)
-
-    def _keep_alive(self) -> None:
-        self.host.keep_alive(time.monotonic())
 
     def _io(self) -> IOManager:
         """The job's IOManager, created on first use in one of ``io.tmp-dirs`` (closed in ``_close``)."""
