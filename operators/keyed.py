@@ -137,8 +137,10 @@ class KeyedAggregate(Operator):
             self._managed.add(batch, partials=self.partial_input)
             return
         if self.partial_input and isinstance(batch, dict):  # columnar partials of a managed combiner
-            accs = batch["acc"] if "acc" in batch else batch["column_acc"]
-            batch = list(zip(batch["key"].tolist(), accs.tolist()))
+            accs = (batch["acc"] if "acc" in batch else batch["column_acc"]).tolist()
+            keys = batch["key"].tolist()
+            pairs = getattr(self.aggregation, "field", None) == 1  # (key, value) rows: acc is [value, first]
+            batch = [(k, [a, (k, a)]) for k, a in zip(keys, accs)] if pairs else list(zip(keys, accs))
         records = to_records(batch)
         agg = self.aggregation
         streaming = self.mode != "batch"  # None (not opened) behaves as streaming

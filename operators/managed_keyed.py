@@ -37,6 +37,7 @@ operators.stateless (to_records), numpy.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -54,6 +55,9 @@ _INT_LIMIT = 1 << 62  # int sums leave the fixed form before any accumulator cou
 #: The accumulator column of a fixed-form combiner's partials when its input was columnar (else "acc"):
 #: the final aggregation then emits columnar results too.
 COLUMNAR_ACC = "column_acc"
+#: The object form merges repeats in a staging dict of at most this many keys (a few MiB of heap, bounded)
+#: before they reach the managed table: one table insert serves every repeat of a hot key in the window.
+STAGING_KEYS = 1 << 16
 #: A combiner whose emit holds more than this share of the records it took in stops combining (see add).
 PASSTHROUGH_RATIO = 0.8
 
@@ -94,8 +98,10 @@ class ManagedKeyedState:
         self.key_column = key_column
         self.kind = _KINDS.get(type(aggregation), "")  # "" for aggregations the fixed form cannot take
         self.field = getattr(aggregation, "field", None)
-        self.form = "fixed" if self.kind and (self.kind == "count" or self.field is None
-                                                          or isinstance(self.field, str)) else "object"
+        # sum/min/max(1) of (key, value) tuples keyed by their key: the result (key, acc) needs no first record
+        self.pairs = self.kind in ("sum", "min", "max") and self.field == 1
+        self.form = "fixed" if self.kind and (self.kind == "count" or self.field is None or self.pairs
+                                              or isinstance(self.field, str)) else "object"
         self.value_column: str | None = None  # fixed form over columnar batches
         self.columnar = False  # the input is columnar (results are too)
         self._agg: HashAggregator | None = None
@@ -106,6 +112,7 @@ class ManagedKeyedState:
         # only costs: once an emit shows that, it forwards records as partials without a table.
         self._records_in = 0
         self._passthrough = False
+        self._staging: dict[Any, Any] = aggregation.new_state()  # the object form's staging dict (_add_object)
         self.metrics: dict[str, int] = {"spilled_bytes": 0, "spill_files": 0, "spill_passes": 0,
                                         "managed_peak_bytes": 0}
 
@@ -135,6 +142,9 @@ class ManagedKeyedState:
             self.form = "object"  # pairs come from a combiner in the object form
             return
         self.columnar = isinstance(batch, dict)
+        if not self.columnar and batch and self.key_fn is not None and type(self.key_fn(batch[0])) is not int:  # type: ignore[index]
+            self.form = "object"  # the fixed form takes int keys only: do not build this batch's keys twice
+            return
         if not self.columnar:
             if isinstance(self.field, str) and self.kind != "count":
                 self.form = "object"  # a dict record's field: results are whole records
@@ -171,13 +181,27 @@ class ManagedKeyedState:
                 keys = _int_keys(np.fromiter(raw_keys, np.int64, len(raw_keys)))
             except OverflowError:
                 raise _Unfit from None
-            raw = None if self.kind == "count" else batch
+            raw = None if self.kind == "count" else self._row_values(batch, raw_keys)
         if raw is None:
             if self._dtype is None:
                 self._dtype = "int64"
             return self._emitted(self._table().add_batch(keys))
         values = self._values(raw)  # first: it fixes the value type the table is made for
         return self._emitted(self._table().add_batch(keys, values))
+
+    def _row_values(self, records: list[Any], keys: list[Any]) -> list[Any]:
+        """What a fixed-form aggregation of rows adds up: the records themselves (plain numbers), or the
+        values of ``(key, value)`` tuples keyed by their first item (``key_by(lambda r: r[0]).sum(1)``)."""
+        if not self.pairs:
+            return records
+        if (set(map(type, records)) != {tuple} or set(map(len, records)) != {2}
+                or list(map(_first_item, records)) != keys):
+            raise _Unfit
+        return list(map(_second_item, records))
+
+    def _object_acc(self, key: Any, acc: Any) -> Any:
+        """A fixed-form accumulator as the object form's (a field aggregation's ``[value, first record]``)."""
+        return [acc, (key, acc)] if self.pairs else acc
 
     def _values(self, raw: Any) -> np.ndarray:
         """The fixed form's values: all int or all float, the same type in every batch."""
@@ -214,15 +238,20 @@ class ManagedKeyedState:
         return values
 
     def _add_object(self, batch: Batch, partials: bool) -> list[Batch]:
-        agg = self._table()
+        """The object form: a bounded staging dict (the aggregation's own heap loops) in front of the table.
+
+        Repeats of a key within the staging window merge in the dict (``Counter``'s C loop for a count);
+        once it holds STAGING_KEYS keys it moves, whole, into the managed table. A state that never
+        outgrows the staging dict never touches the table (W3's 50,000 words).
+        """
+        staging, agg = self._staging, self.aggregation
         if partials:
-            return self._emitted(agg.add_partials(_pairs(batch)))
-        records = to_records(batch)
-        keys = records if self.key_fn is None else list(map(self.key_fn, records))
-        if self.kind == "count":
-            return self._emitted(agg.add_batch(keys))
-        create = self.aggregation.create
-        return self._emitted(agg.add_batch(keys, [create(r) for r in records]))
+            agg.merge_partials(staging, self._pairs(batch))
+        else:
+            records = to_records(batch)
+            keys = iter(records) if self.key_fn is None else map(self.key_fn, records)  # no list: C loops
+            agg.fold(staging, keys, records)
+        return self._flush_staging() if len(staging) >= STAGING_KEYS else []
 
     def _table(self) -> HashAggregator:
         if self._agg is None:
@@ -249,7 +278,8 @@ class ManagedKeyedState:
             try:
                 for part in old.results():
                     cols = _columns(part)
-                    pairs.extend(zip(cols["key"].tolist(), cols[self.kind].tolist()))
+                    pairs.extend((k, self._object_acc(k, a)) for k, a in zip(cols["key"].tolist(),
+                                                                            cols[self.kind].tolist()))
             finally:
                 self._count(old)
                 old.release()
@@ -283,7 +313,7 @@ class ManagedKeyedState:
                     if set(map(type, raw_keys)) - {int}:
                         raise _Unfit
                     keys = _int_keys(np.fromiter(raw_keys, np.int64, len(raw_keys)))
-                    raw = None if self.kind == "count" else batch
+                    raw = None if self.kind == "count" else self._row_values(batch, raw_keys)
                 if keys is None or (raw is None and self.kind != "count"):
                     raise _Unfit
                 values = np.ones(len(keys), np.int64) if raw is None else self._values(raw)
@@ -297,14 +327,35 @@ class ManagedKeyedState:
         create = self.aggregation.create
         return list(zip(keys_list, map(create, records)))
 
+    def _pairs(self, batch: Batch) -> list[Any]:
+        """Partials as ``(key, acc)`` pairs of the object form (a fixed-form combiner's are columns)."""
+        if isinstance(batch, dict):
+            accs = batch[COLUMNAR_ACC if COLUMNAR_ACC in batch else "acc"].tolist()
+            return [(k, self._object_acc(k, a)) for k, a in zip(batch["key"].tolist(), accs)]
+        return batch
+
     def _partials(self, part: Any) -> Batch:
         if self.form == "object":
             return part if isinstance(part, list) else list(part)
         cols = _columns(part)
         return {"key": cols["key"], COLUMNAR_ACC if self.columnar else "acc": cols[self.kind]}
 
+    def _flush_staging(self) -> list[Batch]:
+        """Move the staging dict into the managed table (a combiner emits what no longer fits there)."""
+        pairs = _as_partials(self._staging)
+        self._staging = self.aggregation.new_state()
+        return self._emitted(self._table().add_partials(pairs)) if pairs else []
+
     def results(self) -> Iterator[Batch]:
         """The final records (or a combiner's remaining partials), in batches; releases the state."""
+        if self._staging:
+            if self._agg is None or self.combine:  # the table holds nothing of these keys: skip the round trip
+                staging, self._staging = self._staging, self.aggregation.new_state()
+                out = _as_partials(staging) if self.combine else self.aggregation.results(staging)
+                for i in range(0, len(out), STAGING_KEYS):
+                    yield out[i:i + STAGING_KEYS]
+            else:
+                self._flush_staging()  # a final aggregation's table may hold the same keys: merge there
         agg, self._agg = self._agg, None
         if agg is None:
             return
@@ -338,6 +389,7 @@ class ManagedKeyedState:
 
     def release(self) -> None:
         """Give every page back and delete every spill file (idempotent)."""
+        self._staging = self.aggregation.new_state()
         agg, self._agg = self._agg, None
         if agg is not None:
             self._count(agg)
@@ -372,8 +424,11 @@ def _int_column(column: Any) -> np.ndarray:
     return _int_keys(column.astype(np.int64, copy=False))
 
 
-def _pairs(batch: Batch) -> list[Any]:
-    if isinstance(batch, dict):  # columnar partials of a fixed-form combiner
-        return list(zip(batch["key"].tolist(), batch[COLUMNAR_ACC if COLUMNAR_ACC in batch else "acc"].tolist()))
-    return batch
+def _as_partials(state: dict[Any, Any]) -> list[tuple[Any, Any]]:
+    """A staging dict as ``(key, acc)`` partials; accumulators as tuples (msgpack keeps them on its C path)."""
+    return [(k, tuple(a)) if type(a) is list else (k, a) for k, a in state.items()]
+
+
+_first_item = operator.itemgetter(0)
+_second_item = operator.itemgetter(1)
 

@@ -68,7 +68,7 @@ def test_a_count_over_many_times_its_managed_memory_spills_equals_counter_and_st
 
 
 def test_reduce_with_tuple_values_in_managed_memory_equals_python():
-    n, k = 60_000, 7_000
+    n, k = 500_000, 250_000  # more keys than the staging dict holds (operators.managed_keyed.STAGING_KEYS)
     records = [(f"k{(i * 31) % k}", (i % 13, i % 7)) for i in range(n)]
     env = StreamEnvironment(workers=2, config={"memory.managed.size": "2mb"})
     out = (env.from_collection(records).key_by(lambda r: r[0])
@@ -81,7 +81,7 @@ def test_reduce_with_tuple_values_in_managed_memory_equals_python():
     got = {r[0]: r[1] for r in out.values()}
     assert got == expected
     assert all(type(r) is tuple and type(r[1]) is tuple for r in out.values())
-    assert result.metrics["managed_peak_bytes"] > 0
+    assert result.metrics["managed_peak_bytes"] > 0 and result.metrics["spilled_bytes"] > 0
 
 
 def test_a_columnar_sum_by_int_key_stays_columnar_and_equals_numpy():
@@ -104,8 +104,22 @@ def test_a_columnar_sum_by_int_key_stays_columnar_and_equals_numpy():
 def test_an_unwritable_spill_directory_fails_the_job_naming_io_tmp_dirs(tmp_path):
     blocked = tmp_path / "no-such-dir" / "spill"
     env = StreamEnvironment(workers=2, config={"memory.managed.size": "2mb", "io.tmp-dirs": str(blocked)})
-    env.from_generator(lambda i: f"key-{i}", count=50_000).key_by(lambda w: w).count().collect()
+    env.from_generator(lambda i: f"key-{i}", count=300_000).key_by(lambda w: w).count().collect()
     with pytest.raises(JobFailedError, match=r"io\.tmp-dirs") as failure:
         env.execute("unwritable-spill")
     assert str(blocked) in str(failure.value)
     assert not blocked.exists()
+
+
+def test_key_value_pairs_sum_in_numpy_columns_and_hand_over_when_a_record_breaks_the_shape():
+    records = [(i % 1000, i % 7) for i in range(30_000)]
+    records[20_000] = (5, 3, "a third field")  # from here on the object form, with the state handed over
+    env = StreamEnvironment(workers=2, config={"memory.managed.size": "2mb"})
+    out = env.from_collection(records).key_by(lambda r: r[0]).sum(1).collect()
+    env.execute("pairs-then-triples")
+    sums: dict[int, int] = {}
+    for r in records:
+        sums[r[0]] = sums.get(r[0], 0) + r[1]
+    got = out.values()
+    assert {r[0]: r[1] for r in got} == sums and len(got) == len(sums)
+    assert all(type(r) is tuple for r in got)
