@@ -38,6 +38,7 @@ from operators.aggregations import (
 from operators.keyed_vectorized import Vectorized, vectorizable
 from operators.managed_keyed import ManagedKeyedState, fits_managed_memory
 from operators.stateless import to_records
+from runtime.errors import InvalidArgumentError
 from runtime.execution.task import Batch, Emit, Operator, TimestampedBatch
 
 __all__ = [
@@ -100,10 +101,10 @@ class KeyedAggregate(Operator):
         _check_aggregation("KeyedAggregate", aggregation)
         if mode not in (None, "streaming", "batch"):
             msg = f"KeyedAggregate: mode must be 'streaming', 'batch' or None; got {mode!r}"
-            raise ValueError(msg)
+            raise InvalidArgumentError(msg)
         if partial_input and not combinable(aggregation):
             msg = f"KeyedAggregate: partial_input needs a combinable aggregation; {aggregation.name!r} cannot merge"
-            raise ValueError(msg)
+            raise InvalidArgumentError(msg)
         self.key_fn = key_fn
         self.aggregation = aggregation
         self.mode = mode
@@ -244,10 +245,10 @@ class KeyedCombine(Operator):
         if not combinable(aggregation):
             msg = (f"KeyedCombine: aggregation {aggregation.name!r} is not combinable (no merge); check combinable() "
                    "first")
-            raise ValueError(msg)
+            raise InvalidArgumentError(msg)
         if not isinstance(max_keys, int) or max_keys < 1:
             msg = f"KeyedCombine: max_keys must be an int >= 1; got {max_keys!r}"
-            raise ValueError(msg)
+            raise InvalidArgumentError(msg)
         self.key_fn = key_fn
         self.aggregation = aggregation
         self.max_keys = max_keys

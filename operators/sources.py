@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from runtime.errors import InvalidArgumentError
 from runtime.execution.task import Batch, OperatorContext, SourceOperator
 
 __all__ = ["CollectionSource", "GeneratorSource", "TextFileSource"]
@@ -28,7 +29,7 @@ __all__ = ["CollectionSource", "GeneratorSource", "TextFileSource"]
 def _check_parallelism(parallelism: Any) -> int:
     if isinstance(parallelism, bool) or not isinstance(parallelism, int) or parallelism < 1:
         msg = f"parallelism must be an int >= 1; got {parallelism!r}"
-        raise ValueError(msg)
+        raise InvalidArgumentError(msg)
     return parallelism
 
 
@@ -47,7 +48,7 @@ class _SplittableSource(SourceOperator):
             index, parallelism = self._split
             msg = (f"{type(self).__name__} split as part {index} of {parallelism} was opened as subtask "
                    f"{ctx.subtask_index} of {ctx.parallelism}; give subtask i the i-th element of split(parallelism)")
-            raise ValueError(msg)
+            raise InvalidArgumentError(msg)
 
     def _select(self, index: int, parallelism: int) -> None:
         """Restrict this (unsplit) source to share ``index`` of ``parallelism``."""
@@ -77,7 +78,7 @@ class CollectionSource(_SplittableSource):
             lengths = {len(col) for col in columns.values()}
             if len(lengths) > 1:
                 msg = f"a columnar collection needs equal-length columns; got lengths {sorted(lengths)}"
-                raise ValueError(msg)
+                raise InvalidArgumentError(msg)
             self.items: list[Any] | dict[Any, np.ndarray] = columns
             self._len = lengths.pop() if lengths else 0
             #: Bytes per row across the columns: the subtask polls columnar sources by bytes, not rows.
@@ -138,10 +139,10 @@ class GeneratorSource(_SplittableSource):
             raise TypeError(msg)
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
             msg = f"GeneratorSource rate must be > 0 records/s or None; got {rate!r}"
-            raise ValueError(msg)
+            raise InvalidArgumentError(msg)
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
             msg = f"GeneratorSource count must be an int >= 0 or None; got {count!r}"
-            raise ValueError(msg)
+            raise InvalidArgumentError(msg)
         self.fn = fn
         self.rate = rate
         self.count = count

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import InvalidArgumentError
 from runtime.execution.task import MAX_WATERMARK, Batch, Emit, Operator, TimestampedBatch, batch_len, to_records
 
 __all__ = ["Map", "Filter", "FlatMap", "MapBatches", "WithTimestamps", "to_records"]
@@ -169,7 +170,7 @@ class MapBatches(Operator):
             if len(out) != len(batch):
                 msg = (f"MapBatches on a timestamped batch: fn must return a TimestampedBatch or a list of the "
                        f"same length; got {len(out)} records for {len(batch)}")
-                raise ValueError(msg)
+                raise InvalidArgumentError(msg)
             out = TimestampedBatch(out, batch.timestamps)
         emit(out)
 
@@ -204,7 +205,7 @@ class WithTimestamps(Operator):
             raise TypeError(msg)
         if not out_of_orderness >= 0:
             msg = f"out_of_orderness must be >= 0 seconds; got {out_of_orderness!r}"
-            raise ValueError(msg)
+            raise InvalidArgumentError(msg)
         self.ts_fn = ts_fn
         self.out_of_orderness = float(out_of_orderness)
         self._max_ts = float("-inf")

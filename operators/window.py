@@ -26,6 +26,7 @@ from typing import Any
 
 from operators.keyed import Aggregation, _check_aggregation
 from operators.stateless import to_records
+from runtime.errors import InvalidArgumentError
 from runtime.execution.task import MAX_WATERMARK, Batch, Emit, Operator, OperatorContext, TimestampedBatch, batch_len
 
 __all__ = [
@@ -44,7 +45,7 @@ def _positive(what: str, value: Any) -> float:
         raise TypeError(msg)
     if not (value > 0 and math.isfinite(value)):
         msg = f"window {what} must be > 0 seconds and finite; got {value!r}"
-        raise ValueError(msg)
+        raise InvalidArgumentError(msg)
     return float(value)
 
 
@@ -201,7 +202,7 @@ class WindowAggregate(Operator):
         lateness_ok = isinstance(allowed_lateness, (int, float)) and not isinstance(allowed_lateness, bool)
         if not lateness_ok or not allowed_lateness >= 0:
             msg = f"allowed_lateness must be >= 0 seconds; got {allowed_lateness!r}"
-            raise ValueError(msg)
+            raise InvalidArgumentError(msg)
         self.key_fn = key_fn
         self.assigner = assigner
         self.aggregation = aggregation

@@ -20,6 +20,7 @@ from typing import Any
 
 from operators import keyed, sinks, sort, sources, stateless, window
 from runtime.cluster.client import JobResult
+from runtime.errors import InvalidArgumentError
 from runtime.execution.graph import JobGraph, StreamNode, build_job_graph
 from runtime.execution.task import Operator
 
@@ -65,14 +66,17 @@ class StreamEnvironment:
         from runtime.config import ShmflowConfig, load_config
         if mode not in MODES:
             msg = f"mode must be one of {MODES}; got {mode!r}"
-            raise ValueError(msg)
+            raise InvalidArgumentError(msg)
         overrides = {} if workers is None else {"workers": workers}
         if isinstance(config, ShmflowConfig):
             cfg = config.with_overrides(overrides, source="StreamEnvironment(workers=...)") if overrides else config
         elif isinstance(config, dict):
-            cfg = load_config(overrides={**config, **overrides})
+            labelled = {key: (value, "StreamEnvironment(config=...)") for key, value in config.items()}
+            labelled.update((key, (value, "StreamEnvironment(workers=...)")) for key, value in overrides.items())
+            cfg = load_config(labelled=labelled)
         else:
-            cfg = load_config(config, overrides=overrides)
+            cfg = load_config(config, labelled={key: (value, "StreamEnvironment(workers=...)")
+                                                for key, value in overrides.items()})
         self.config = cfg
         self.workers: int = cfg.workers
         self.mode = mode
@@ -253,7 +257,7 @@ class DataStream:
         """Run this operator with ``n`` parallel subtasks (at most the number of workers)."""
         if not isinstance(n, int) or not 1 <= n <= self.env.workers:
             msg = f"parallelism of {self.node.name!r} must be in [1, {self.env.workers}] (workers); got {n!r}"
-            raise ValueError(msg)
+            raise InvalidArgumentError(msg)
         self.node.parallelism = n
         return self
 

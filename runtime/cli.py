@@ -125,9 +125,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from runtime.cluster import protocol as control
     from runtime.cluster.worker import worker_main
     secret = control.load_or_create_secret(args.secret_file, create=False)
+    cfg = load_cli_config(args, check_shm=False)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        worker_main(-1, args.coordinator, secret)
+        worker_main(-1, args.coordinator, secret, max_message_size=cfg.max_message_size)
     except KeyboardInterrupt:
         pass
     return 0
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="start a worker that joins a standing coordinator")
     p.add_argument("--coordinator", required=True, help="the coordinator's endpoint, e.g. tcp://127.0.0.1:6123")
     p.add_argument("--secret-file", default=None, help="the cluster secret the coordinator uses")
+    add_config_arguments(p)  # cluster.max-message-size (the rest comes from the coordinator)
     p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("bench", help="measure cross-process throughput against baselines")

@@ -273,6 +273,10 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("network.transport", "transport", _choice, "auto",
             "must be one of 'auto', 'shm', 'tcp'", lambda v: v in ("auto", "shm", "tcp"),
             "data plane: shm (handles), tcp (bytes) or auto (shm on one host)", "choice"),
+    KeySpec("cluster.max-message-size", "max_message_size", _size, "256mb",
+            "must be a size >= 1 MiB", lambda v: v >= 1 << 20,
+            "largest control message a process accepts (ZMQ_MAXMSGSIZE): a job graph with its collections; "
+            "a peer sending more is disconnected", "size"),
     KeySpec("workers", "workers", _integer, 2,
             "must be an integer in [1, 256]", lambda v: 1 <= v <= 256,
             "number of worker processes", "int"),
@@ -395,6 +399,7 @@ class ShmflowConfig:
     buffer_timeout: float
     max_record_size: int
     transport: str
+    max_message_size: int
     workers: int
 
     def __init__(self, values: Mapping[str, object] | None = None, *, source: str = "code",
@@ -691,11 +696,12 @@ def parse_cli_overrides(args: Iterable[str]) -> dict[str, str]:
 
 def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
                 overrides: Mapping[str, object] | None = None, *,
-                check_shm: bool = True) -> ShmflowConfig:
+                check_shm: bool = True, labelled: Mapping[str, tuple[object, str]] | None = None) -> ShmflowConfig:
     """Build the config from defaults < TOML file < SHMFLOW_* env < CLI overrides.
 
     ``path`` defaults to ``$SHMFLOW_CONFIG`` (if set); ``env`` defaults to ``os.environ``;
-    ``overrides`` are ``-D`` values (see ``parse_cli_overrides``).
+    ``overrides`` are ``-D`` values (see ``parse_cli_overrides``), reported as ``cli -D key=value``;
+    ``labelled`` maps keys to ``(value, where it came from)`` (``StreamEnvironment(config=...)``) and wins.
 
     Raises:
         ConfigError: an unreadable file, an unknown key anywhere, or any invalid value or
@@ -712,6 +718,8 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
     for name, value in (overrides or {}).items():
         key = _spec(name, f"cli -D {name}={value}").key
         raw[key] = (value, f"cli -D {name}={value}")
+    for name, (value, source) in (labelled or {}).items():
+        raw[_spec(name, source).key] = (value, _as(name, source))
     return ShmflowConfig._from_raw(raw, check_shm=check_shm)
 
 

@@ -108,6 +108,11 @@ class RecordTooLargeError(ShmflowError, ValueError):
     a batch that is too large; it raises only for a single record (or row) over the limit."""
 
 
+class NestingTooDeepError(ShmflowError, ValueError):
+    """A record (or event payload) nests lists, tuples and dicts deeper than the serializer's limit
+    (``runtime.network.serializer.MAX_NESTING``): names the limit and where the record passes it."""
+
+
 class WorkerLostError(ShmflowError):
     """A worker process died; carries ``worker_id``, ``pid`` and ``exitcode``."""
 
@@ -147,6 +152,7 @@ __all__ = [
     "GraphError",
     "DeserializationError",
     "RecordTooLargeError",
+    "NestingTooDeepError",
     "WorkerLostError",
     "JobFailedError",
 ]

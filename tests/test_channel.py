@@ -160,3 +160,47 @@ def test_a_dead_consumers_buffers_return_to_the_pool():
             reap(cons)
         pool.destroy()
         net.close()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def test_every_wait_of_a_gate_and_a_partition_calls_keep_alive_and_ends_when_it_raises():
+    # A producer that never says hello: the gate's wait_connected keeps calling keep_alive (the worker's
+    # heartbeat and cancel check) and ends as soon as it raises, long before its own timeout.
+    from runtime.network.transport import KEEP_ALIVE_INTERVAL
+
+    calls: list[float] = []
+
+    def keep_alive():
+        calls.append(time.monotonic())
+        if len(calls) == 6:
+            raise _Cancelled
+
+    with InputGate(2, name="lonely", keep_alive=keep_alive) as gate:
+        start = time.monotonic()
+        with pytest.raises(_Cancelled):
+            gate.wait_connected(timeout=60)
+        assert time.monotonic() - start < 5  # six calls, at most KEEP_ALIVE_INTERVAL apart (generous bound)
+        assert max(b - a for a, b in zip([start, *calls], calls)) < 2 * KEEP_ALIVE_INTERVAL + 0.5
+        calls.clear()
+        with pytest.raises(_Cancelled):
+            gate.next_buffer(timeout=60)
+    with SharedRegion.create(4 * MiB) as region:  # a partition whose consumer grants no credit: flush waits
+        alloc = BuddyAllocator(region)
+        net = NetworkBufferPool(alloc, 8, BUF)
+        pool = net.create_buffer_pool(2, 8, name="p")
+        with InputGate(1, name="silent") as gate:
+            calls.clear()
+            part = ResultPartition(pool, [gate.endpoint], channel_ids=0, name="p", keep_alive=keep_alive)
+            try:
+                buf = part.request_buffer(timeout=5)
+                buf.size = 8
+                part.send_buffer(0, buf, block=False)
+                with pytest.raises(_Cancelled):
+                    part.flush(timeout=60)  # the gate never reads its socket: no credit ever arrives
+            finally:
+                part.close()
+        pool.destroy()
+        net.close(check=False)

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import time
 
+import failing_jobs
 import pytest
 import zmq
 from helpers import wait_until
@@ -76,7 +80,7 @@ def test_jobs_run_on_a_standing_cluster(cluster):
     assert _submit(endpoint, secret, ["x", "y", "x"]) == {"x": 2, "y": 1}  # the cluster serves job after job
 
 
-def test_a_peer_without_the_secret_is_refused_logged_and_never_unpickled(cluster, tmp_path):
+def test_a_peer_without_the_secret_cannot_deliver_a_message_and_a_wrong_signature_is_refused(cluster, tmp_path):
     endpoint, secret, coord, _ = cluster
     _wait_for_workers(endpoint, secret)
     marker = tmp_path / "pwned"
@@ -85,22 +89,69 @@ def test_a_peer_without_the_secret_is_refused_logged_and_never_unpickled(cluster
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(endpoint)
+    ctx = zmq.Context.instance()
+    stranger = ctx.socket(zmq.DEALER)  # no CURVE keys: its handshake with the coordinator never completes
+    stranger.linger = 0
+    stranger.connect(endpoint)
+    insider = ctx.socket(zmq.DEALER)  # the cluster's CURVE keys, but messages signed with another secret
+    insider.linger = 0
+    control.secure_client(insider, control.load_or_create_secret(secret, create=False), endpoint,
+                          max_message_size=1 << 20)
+    insider.connect(endpoint)
     try:
-        control.send(sock, control.new_secret(), control.Submit(graph=pickle.dumps(Evil())))
-        sock.send_multipart([b"not", b"signed", b"at all"])
-        assert not sock.poll(1000)  # no answer to an unauthenticated peer
+        control.send(stranger, control.new_secret(), control.Submit(graph=pickle.dumps(Evil())))
+        control.send(insider, control.new_secret(), control.Submit(graph=pickle.dumps(Evil())))
+        insider.send_multipart([b"not", b"signed", b"at all"])
+        assert not stranger.poll(1000) and not insider.poll(0)  # no answer to either
     finally:
-        sock.close()
+        stranger.close()
+        insider.close()
     assert _submit(endpoint, secret, ["ok"]) == {"ok": 1}  # the cluster keeps working
     assert not marker.exists()
     coord.send_signal(signal.SIGTERM)
     coord.wait(15)
     log = coord.stderr.read()
-    assert log.count("refused a control message") == 2
+    assert log.count("refused a control message") == 2  # the insider's two; the stranger's never arrived
     assert "failed its HMAC check" in log and "has 3 frames; expected 2" in log
+
+
+def _peak_rss(pid: int) -> int:
+    """VmHWM of a process (its peak resident set), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) << 10
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+def test_a_256_mib_message_from_a_peer_without_the_keys_costs_the_coordinator_no_memory(cluster):
+    endpoint, secret, coord, _ = cluster
+    _wait_for_workers(endpoint, secret)
+    before = _peak_rss(coord.pid)
+    garbage = bytes(256 << 20)
+    # 1. a ZeroMQ peer without the CURVE keys: the message never leaves it
+    stranger = zmq.Context.instance().socket(zmq.DEALER)
+    stranger.linger = 0
+    stranger.connect(endpoint)
+    try:
+        stranger.send_multipart([b"mac", garbage], copy=False)
+        assert not stranger.poll(1000)
+    finally:
+        stranger.close()
+    # 2. raw bytes: a ZMTP 3.0 greeting (NULL mechanism), then a frame that claims and carries 256 MiB
+    host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+    greeting = b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + b"\0" + bytes(31)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        try:
+            raw.sendall(greeting + b"\x02" + (len(garbage)).to_bytes(8, "big"))
+            raw.sendall(garbage)
+        except OSError:
+            pass  # the coordinator hung up on the greeting: what it should do
+    del garbage
+    assert _submit(endpoint, secret, ["still", "serving"]) == {"still": 1, "serving": 1}
+    grew = _peak_rss(coord.pid) - before
+    assert grew < 8 << 20, f"the coordinator's peak RSS grew by {grew >> 20} MiB"
+    assert coord.poll() is None
 
 
 def test_stopping_the_coordinator_stops_its_workers_and_unlinks_the_region(cluster):
@@ -113,3 +164,44 @@ def test_stopping_the_coordinator_stops_its_workers_and_unlinks_the_region(clust
     for worker in workers:  # told to shut down, the workers exit by themselves
         worker.wait(15)
         assert worker.returncode == 0
+
+
+def test_a_standing_cluster_keeps_every_worker_through_100_jobs_failing_at_random_moments(cluster):
+    # Each job fails in a user function on one worker (a source's first or a later poll, a map before the
+    # shuffle, the count after it); the healthy job after it must run on both workers. A worker left waiting
+    # for a peer that failed keeps heartbeating and ends its part of the job on Cancel.
+    endpoint, secret, coord, workers = cluster
+    _wait_for_workers(endpoint, secret)
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    for i in range(100):
+        env = StreamEnvironment(workers=2, coordinator=endpoint, secret_file=str(secret))
+        where = failing_jobs.failing_job(env, rng)
+        with pytest.raises(JobFailedError, match="injected failure"):
+            env.execute(f"failing-{i}", timeout=60)
+            pytest.fail(f"seed {seed}, job {i}: did not fail ({where})")
+        env = StreamEnvironment(workers=2, coordinator=endpoint, secret_file=str(secret))
+        out = failing_jobs.healthy_job(env)
+        try:
+            env.execute(f"healthy-{i}", timeout=60)
+        except JobFailedError as exc:
+            pytest.fail(f"seed {seed}, job {i}: the healthy job after a failure ({where}) failed: {exc}")
+        assert dict(out.values()) == failing_jobs.HEALTHY, f"seed {seed}, job {i} ({where})"
+    assert coord.poll() is None and all(w.poll() is None for w in workers)
+
+
+def test_workers_of_a_sigkilled_coordinator_exit_within_5s_and_remove_its_region(cluster, shm_prefix):
+    # No Shutdown comes and the heartbeat timeout is 45 s; but on one host the coordinator is the region's
+    # creator, whose pid (and start time) a worker checks every heartbeat.
+    endpoint, secret, coord, workers = cluster
+    _wait_for_workers(endpoint, secret)
+    (region,) = [n for n in os.listdir("/dev/shm") if n.startswith(f"{shm_prefix}{coord.pid}-")]
+    coord.kill()  # and no wait(): a zombie is as dead as a reaped process
+    killed = time.monotonic()
+    for worker in workers:
+        worker.wait(15)
+    took = time.monotonic() - killed
+    assert took < 5, f"the workers exited {took:.1f}s after the coordinator was SIGKILLed"
+    assert all(w.returncode != 0 for w in workers)  # they did not finish: they gave up
+    assert "the coordinator (pid" in workers[0].stderr.read() + workers[1].stderr.read()
+    wait_until(lambda: not os.path.exists(f"/dev/shm/{region}"), timeout=5, msg=f"{region} removed")

@@ -135,7 +135,8 @@ def test_defaults() -> None:
         "memory.managed.fraction": 0.4, "memory.managed.size": 0, "io.tmp-dirs": (tempfile.gettempdir(),),
         "network.buffers-per-channel": 8,
         "network.floating-buffers-per-gate": 16, "network.buffer-timeout": 0.1,
-        "network.max-record-size": 64 * MiB, "network.transport": "auto", "workers": 2,
+        "network.max-record-size": 64 * MiB, "network.transport": "auto",
+        "cluster.max-message-size": 256 * MiB, "workers": 2,
     }
     assert all(cfg.source(spec.key) == "default" for spec in KEYS)
 
@@ -589,3 +590,39 @@ def test_flink_names_set_the_same_keys_and_say_so(tmp_path, alias, key, value, p
     assert from_file[key] == parsed and from_file.source(key) == f"file {toml} as {alias}"
     in_code = ShmflowConfig({alias: value}, source="StreamEnvironment(config=...)", check_shm=False)
     assert in_code.source(key) == f"StreamEnvironment(config=...) as {alias}"
+
+
+def test_a_config_dict_in_code_is_reported_as_coming_from_stream_environment(plenty_of_shm: None) -> None:
+    from runtime.api import StreamEnvironment
+
+    env = StreamEnvironment(workers=2, config={"memory.region.size": "64mb", "network.buffer-timeout": "5ms"})
+    cfg = env.config
+    assert cfg.source("memory.region.size") == "StreamEnvironment(config=...)"
+    assert cfg.source("workers") == "StreamEnvironment(workers=...)"
+    assert cfg.source("memory.segment.size") == "default"
+    table = cfg.describe()
+    assert re.search(r"^memory\.region\.size\s+64 MiB\s+StreamEnvironment\(config=\.\.\.\)$", table, re.M), table
+    assert "cli -D" not in table
+    with pytest.raises(ConfigError, match=r"^workers must be an integer in \[1, 256\]; got 0 "
+                                          r"\(from StreamEnvironment\(config=\.\.\.\)\)$"):
+        StreamEnvironment(config={"workers": 0})
+    with pytest.raises(ConfigError, match=r"got memory\.region\.sise \(from StreamEnvironment\(config=\.\.\.\)\)"):
+        StreamEnvironment(config={"memory.region.sise": "64mb"})
+
+
+def test_user_input_errors_of_the_api_are_shmflow_errors_and_value_errors() -> None:
+    from runtime.api import StreamEnvironment
+    from runtime.errors import InvalidArgumentError, ShmflowError
+
+    assert issubclass(InvalidArgumentError, ShmflowError) and issubclass(InvalidArgumentError, ValueError)
+    with pytest.raises(InvalidArgumentError, match=r"^mode must be one of \('auto', 'streaming', 'batch'\); "
+                                                   r"got 'strem'$"):
+        StreamEnvironment(mode="strem")
+    env = StreamEnvironment(workers=2)
+    with pytest.raises(InvalidArgumentError, match=r"^parallelism of 'map' must be in \[1, 2\] \(workers\); got 3$"):
+        env.from_collection([1]).map(abs).set_parallelism(3)
+    with pytest.raises(InvalidArgumentError, match=r"^GeneratorSource rate must be > 0 records/s or None; got -1$"):
+        env.from_generator(abs, rate=-1)
+    with pytest.raises(InvalidArgumentError, match=r"^window size must be > 0 seconds and finite; got 0$"):
+        from runtime.api import TumblingEventTimeWindows
+        TumblingEventTimeWindows.of(0)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import signal
 import threading
 import time
 
+import failing_jobs
 import pytest
 from helpers import wait_until
 
@@ -339,13 +341,98 @@ def test_print_and_to_file_sinks(tmp_path):
     import sys
     script = tmp_path / "job.py"
     script.write_text(PRINT_AND_FILE_JOB)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's runtime, as its workers'
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH")] if p)}
     out = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert sorted(out.stdout.splitlines()) == ["1> 0", "1> 10", "1> 20", "2> 30", "2> 40", "2> 50"]
     parts = sorted((tmp_path / "out").iterdir())
     assert [p.name for p in parts] == ["part-0", "part-1"]
     assert [line for p in parts for line in p.read_text().splitlines()] == ["0", "10", "20", "30", "40", "50"]
+
+
+def _deep_record(depth: int, i: int) -> tuple:
+    """Record ``i``: ``(i, nested)``, ``nested`` holding ``depth`` lists and tuples in turn (MARKED frames)."""
+    rec: object = i
+    for level in range(depth):
+        rec = [rec] if level % 2 else (rec,)
+    return (i, rec)
+
+
+def _depths(batch: list) -> list:
+    out = []
+    for i, rec in batch:
+        depth = 0
+        while isinstance(rec, (list, tuple)):
+            depth, rec = depth + 1, rec[0]
+        out.append((i, depth, rec == i))
+    return out
+
+
+@pytest.mark.parametrize("depth", [100, 250, 450, 1000, 1023, 2000])
+def test_deeply_nested_records_cross_a_shuffle_or_fail_the_job_typed(depth):
+    # Each record nests depth + 1 levels (the (i, nested) tuple); 1,023 is serializer.MAX_NESTING.
+    import functools
+    env = StreamEnvironment(workers=2)
+    out = (env.from_generator(functools.partial(_deep_record, depth), count=40)
+           .key_by(lambda r: r[0] % 3).map_batches(_depths).collect())
+    if depth + 1 > 1023:
+        with pytest.raises(JobFailedError, match=r"(?s)NestingTooDeepError: cannot serialize: .*deeper than 1023 "
+                                                 r"levels.*serializer\.MAX_NESTING") as info:
+            env.execute("too-deep", timeout=60)
+        assert "exited with" not in str(info.value)
+    else:
+        env.execute("deep", timeout=60)
+        assert sorted(out.values()) == [(i, depth, True) for i in range(40)]
+    env = StreamEnvironment(workers=2)
+    again = env.from_collection(["ok"]).key_by(lambda w: w).count().collect()  # nothing is left broken
+    env.execute("after", timeout=60)
+    assert again.values() == [("ok", 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quarter", range(4))
+def test_100_jobs_failing_at_random_moments_each_return_within_2s_and_the_next_job_runs(quarter, monkeypatch):
+    # The embedded twin of the standing cluster's loop (tests/test_cluster.py): a worker waiting for a peer
+    # that failed acts on the coordinator's Cancel and Shutdown at once, so execute() does not wait for it.
+    # Starting the worker processes is not counted: on a loaded 2-core machine that alone can take 1.5 s.
+    # 4 x 25 jobs, each with its cluster: one test of 100 would pass the suite's 120 s hang watchdog.
+    from runtime.cluster import local
+
+    started = []
+    start_cluster = local.LocalCluster.__init__
+
+    def timed_start(self, config):
+        t = time.monotonic()
+        start_cluster(self, config)
+        started.append(time.monotonic() - t)
+
+    monkeypatch.setattr(local.LocalCluster, "__init__", timed_start)
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    for i in range(25 * quarter, 25 * quarter + 25):
+        env = StreamEnvironment(workers=2)
+        where = failing_jobs.failing_job(env, rng)
+        start = time.monotonic()
+        with pytest.raises(JobFailedError, match="injected failure"):
+            env.execute(f"failing-{i}", timeout=60)
+            pytest.fail(f"seed {seed}, job {i}: did not fail ({where})")
+        took = time.monotonic() - start - started[-1]
+        assert took < 2, f"seed {seed}, job {i}: the failing job ({where}) took {took:.2f}s to return"
+        env = StreamEnvironment(workers=2)
+        out = failing_jobs.healthy_job(env)
+        env.execute(f"healthy-{i}", timeout=60)
+        assert dict(out.values()) == failing_jobs.HEALTHY, f"seed {seed}, job {i} ({where})"
+
+
+def test_a_job_graph_over_cluster_max_message_size_fails_before_it_is_sent_naming_the_key():
+    env = StreamEnvironment(workers=2, config={"cluster.max-message-size": "1mb"})
+    env.from_collection([("record", i) for i in range(600_000)]).key_by(lambda r: r[1] % 2).count().collect()
+    with pytest.raises(JobFailedError, match=(
+            r"^the graph of job 'big' for worker 0 is \d+\.\d MiB; cluster.max-message-size allows 1.0 MiB: "
+            r"raise it .*the embedded cluster ships each worker only its share")):
+        env.execute("big", timeout=60)
 
 
 def test_the_job_reports_each_workers_peak_rss_and_gc_pauses():

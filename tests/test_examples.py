@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,9 @@ import wordcount  # noqa: E402
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    # This checkout's runtime, not another installed one: its workers (started from ROOT) run this checkout's.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH")] if p)}
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr
     return out
 

@@ -483,7 +483,7 @@ def test_buffer_timeout_decides_when_a_partly_filled_buffer_leaves():
 # The deserializer finds the damage; each transport delivers it once (both kinds, both transports).
 @pytest.mark.parametrize("transport, kind, message", [
     ("shm", "garbage", r"^channel 'consumer<-1': frame at offset 0 of buffer 1 has magic 0xbe version 239; "
-                       r"expected 0xf7 version 1 \(corrupt data or a misaligned frame\)$"),
+                       r"expected 0xf7 version 2 \(corrupt data or a misaligned frame\)$"),
     ("tcp", "payload", r"^channel 'consumer<-1': records frame at offset 0 of buffer 1 is corrupt: .+$"),
 ])
 def test_a_corrupt_buffer_fails_the_reader_naming_its_channel(transport, kind, message):

@@ -227,3 +227,28 @@ def test_next_start_up_sweeps_dead_blocks(shm_prefix):
         reap(proc)
     with SharedRegion.create(MiB):  # sweeps on start-up
         wait_until(lambda: not os.path.exists(shm_path(name)), timeout=5, msg=f"{name} swept")
+
+
+def test_sweep_removes_the_block_of_a_sigkilled_creator_that_is_a_zombie(shm_prefix):
+    # `shmflow sweep` (runtime.memory.sweep): a creator that was SIGKILLed but not yet reaped by its parent
+    # still has a pid; its state in /proc/<pid>/stat is Z, and that is dead.
+    code = ("from runtime.memory import SharedRegion; r = SharedRegion.create(1 << 20); "
+            "print(r.name, flush=True); input()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        name = proc.stdout.readline().strip()
+        assert name.startswith(shm_prefix)
+        os.kill(proc.pid, signal.SIGKILL)  # and no wait(): the child stays a zombie
+
+        def state() -> bytes:
+            with open(f"/proc/{proc.pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0]
+        wait_until(lambda: state() == b"Z", timeout=10, msg=f"pid {proc.pid} to become a zombie")
+        assert is_orphaned(name)
+        assert sweep(shm_prefix) == [name]
+        assert not os.path.exists(shm_path(name))
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()

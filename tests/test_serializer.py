@@ -16,11 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.errors import DeserializationError
+from runtime.errors import DeserializationError, NestingTooDeepError
 from runtime.memory import BuddyAllocator, SharedRegion
 from runtime.network.events import EndOfPartition, UserEvent, Watermark
 from runtime.network.serializer import (
     DEFAULT_MAX_RECORD_SIZE,
+    MAX_NESTING,
     BufferDeserializer,
     BufferSerializer,
     SerializationResult,
@@ -58,7 +59,7 @@ def read_all(bufs, *, channel=CH, max_record_size=DEFAULT_MAX_RECORD_SIZE) -> li
     return out
 
 
-def frame(kind: int, flags: int, payload: bytes, *, magic: int = 0xF7, version: int = 1, length=None) -> bytes:
+def frame(kind: int, flags: int, payload: bytes, *, magic: int = 0xF7, version: int = 2, length=None) -> bytes:
     n = len(payload) if length is None else length
     return struct.pack("<BBBBI", kind, flags, magic, version, n) + payload
 
@@ -186,14 +187,93 @@ def test_unsupported_types_raise_type_error_naming_the_record():
 
 
 def test_cyclic_and_oversize_batches_raise_value_error():
-    ser = BufferSerializer(max_record_size=1000)
-    ser.set_buffer(bytearray(64))
     cyc: list = []
     cyc.append(cyc)
-    with pytest.raises(ValueError, match="deeper than 511"):
+    ser = BufferSerializer()
+    ser.set_buffer(bytearray(64))
+    with pytest.raises(NestingTooDeepError, match=r"nests deeper than 1023 levels \(or is cyclic\)"):
         ser.write_records([cyc])
+    ser = BufferSerializer(max_record_size=1000)
+    ser.set_buffer(bytearray(64))
     with pytest.raises(ValueError, match=r"exceeds the record size limit of 1000 bytes \(network.max-record-size\)"):
         ser.write_records(["x" * 2000])
+
+
+# ----------------------------------------------------------------------------- nesting
+def nested(depth: int, kind: str) -> object:
+    """A record nesting ``depth`` containers: tuples only, lists only, or lists and tuples in turn
+    (the MARKED encoding), with a dict at the bottom in the last case."""
+    rec: object = {"leaf": 1} if kind == "mixed" else 1
+    for level in range(depth - (kind == "mixed")):
+        rec = [rec] if kind == "lists" or (kind == "mixed" and level % 2) else (rec,)
+    return rec
+
+
+def depth_of(rec: object) -> int:
+    """Containers along the first-child path (iterative: deeper than Python's recursion limit)."""
+    depth = 0
+    while isinstance(rec, (list, tuple, dict)):
+        depth += 1
+        rec = next(iter(rec.values())) if isinstance(rec, dict) else rec[0]
+    return depth
+
+
+def test_msgpack_limits_are_the_ones_max_nesting_relies_on():
+    # The frame's array of records + MAX_NESTING levels = 1,024: msgpack packs and unpacks exactly that deep.
+    assert MAX_NESTING == 1023
+    deepest = b"\x91" * (MAX_NESTING + 1) + b"\x01"
+    assert msgpack.unpackb(deepest) is not None
+    with pytest.raises(msgpack.StackError):
+        msgpack.unpackb(b"\x91" + deepest)
+    assert msgpack.packb(nested(MAX_NESTING + 1, "lists")) == deepest
+    with pytest.raises(ValueError, match="recursion limit"):
+        msgpack.packb(nested(MAX_NESTING + 2, "lists"))
+
+
+@pytest.mark.parametrize("kind", ["tuples", "lists", "mixed"])
+@pytest.mark.parametrize("depth", [100, 250, 450, 1000, MAX_NESTING, MAX_NESTING + 1, 2000])
+def test_deeply_nested_records_round_trip_up_to_max_nesting_and_raise_beyond(depth, kind):
+    rec = nested(depth, kind)
+    assert depth_of(rec) == depth
+    if depth > MAX_NESTING:
+        with pytest.raises(NestingTooDeepError, match=rf"^cannot serialize: .*nest.* deeper than {MAX_NESTING} levels"):
+            pack_to_buffers([[rec, 1]], buffer_size=64)
+        return
+    out = list(iter_records(pack_to_buffers([[rec, ("x", 2)]], buffer_size=64)))
+    assert len(out) == 2 and out[1] == ("x", 2)
+    assert depth_of(out[0]) == depth
+    a, b = rec, out[0]
+    while isinstance(a, (list, tuple)):  # same container types all the way down
+        assert type(a) is type(b)
+        a, b = a[0], b[0]
+    assert a == b
+
+
+def test_a_user_event_payload_nests_as_deep_as_a_record():
+    ok = nested(MAX_NESTING, "mixed")
+    (event,) = list(iter_records(pack_to_buffers([UserEvent(ok)], buffer_size=64)))
+    assert depth_of(event.payload) == MAX_NESTING
+    with pytest.raises(NestingTooDeepError, match=rf"deeper than {MAX_NESTING} levels"):
+        pack_to_buffers([UserEvent(nested(MAX_NESTING + 1, "mixed"))])
+
+
+def test_tuple_keys_of_dicts_stay_tuples_in_marked_frames():
+    rec = {(1, (2, 3)): [(4,), [5]], "k": ((), [])}
+    assert list(iter_records(pack_to_buffers([[rec]]))) == [rec]
+    (back,) = iter_records(pack_to_buffers([[rec]]))
+    assert type(next(iter(back))) is tuple and type(back["k"][0]) is tuple and type(back["k"][1]) is list
+
+
+@pytest.mark.parametrize("flags", [0, 1, 2])
+def test_the_reader_refuses_frames_nesting_deeper_than_max_nesting(flags):
+    too_deep = b"\x91" * (MAX_NESTING + 2) + b"\x01"  # records array + MAX_NESTING + 1 levels
+    with pytest.raises(DeserializationError, match=(
+            rf"^channel 'map-1\[0\]->sum\[1\]': records frame at offset 0 of buffer 0 nests deeper than msgpack's "
+            rf"1024 levels; records \(and event payloads\) may nest at most {MAX_NESTING} ")):
+        BufferDeserializer(CH).feed(frame(1, flags, too_deep))
+    deepest = b"\x91" * (MAX_NESTING + 1) + b"\x01"
+    (batch,) = BufferDeserializer(CH).feed(frame(1, flags, deepest))
+    assert depth_of(batch) == MAX_NESTING + 1
 
 
 # ----------------------------------------------------------------------------- events
@@ -301,8 +381,9 @@ def test_oversize_frame_names_channel_offset_and_limit():
     (frame(9, 0, b"\x90"), r"frame at offset 0 of buffer 0 is unknown kind 9"),
     (frame(4, 0, b"\x90"), r"frame at offset 0 of buffer 0 is a continuation without a spanning frame before it$"),
     (frame(1, 7, b"\x90"), r"frame at offset 0 of buffer 0 of kind records has invalid flags 7$"),
-    (frame(1, 0, b"\x90", magic=0), r"frame at offset 0 of buffer 0 has magic 0x00 version 1; expected 0xf7 version 1 \(corrupt"),
-    (frame(1, 0, b"\x90", version=2), r"frame at offset 0 of buffer 0 has magic 0xf7 version 2"),
+    (frame(1, 0, b"\x90", magic=0), r"frame at offset 0 of buffer 0 has magic 0x00 version 2; expected 0xf7 version 2 \(corrupt"),
+    (frame(1, 0, b"\x90", version=1),
+     r"frame at offset 0 of buffer 0 has magic 0xf7 version 1; expected 0xf7 version 2"),
     (frame(1, 0, b"\x05"), r"records frame at offset 0 of buffer 0 is corrupt: ValueError: payload is a int"),
     (frame(1, 0, b"\x92\x01"), r"records frame at offset 0 of buffer 0 is corrupt: ValueError: Unpack failed"),
     (frame(1, 0, b"\x91\x01\x01"), r"records frame at offset 0 of buffer 0 is corrupt: ExtraData"),
@@ -355,7 +436,7 @@ def test_spanning_errors_name_where_the_frame_started():
     des = BufferDeserializer(CH)
     des.feed(*bufs[0])
     with pytest.raises(DeserializationError, match=(
-            r"^channel 'map-1\[0\]->sum\[1\]': frame at offset 0 of buffer 1 has kind 1 flags 0 magic 0xf7 version 1; "
+            r"^channel 'map-1\[0\]->sum\[1\]': frame at offset 0 of buffer 1 has kind 1 flags 0 magic 0xf7 version 2; "
             r"expected a continuation \(continuing the records frame at offset 0 of buffer 0, \d+ of \d+ bytes missing\)$")):
         des.feed(bytearray(frame(1, 0, b"\x91\x01")))
     des = BufferDeserializer(CH)

@@ -28,7 +28,7 @@ from runtime.cluster import protocol as control
 from runtime.cluster.local import LocalCluster
 from runtime.cluster.progress import progress_printer, render_summary, summarize
 from runtime.cluster.protocol import JobError, JobSucceeded, Results, Submit
-from runtime.errors import JobFailedError, WorkerLostError
+from runtime.errors import JobFailedError, ProtocolError, WorkerLostError
 from runtime.execution.graph import JobGraph
 from runtime.network.batch import unpack_batch
 from runtime.network.transport import connect, context, make_socket
@@ -168,7 +168,7 @@ def execute_job(graph: JobGraph, config: ShmflowConfig, *, collect: dict[str, An
                     sys.stderr.flush()
     else:
         metrics = submit(coordinator, graph, check_shippable(graph), on_collect=on_collect, secret_file=secret_file,
-                         timeout=timeout)
+                         timeout=timeout, max_message_size=config.max_message_size)
     seconds = time.monotonic() - started
     return JobResult(graph.name, seconds, summarize(metrics, seconds))
 
@@ -177,15 +177,22 @@ SILENCE_LIMIT = 15.0  # seconds without a word from the coordinator before givin
 
 
 def submit(endpoint: str, graph: JobGraph, payload: bytes, *, on_collect: Callable[[str, bytes], None],
-           secret_file: str | None = None, timeout: float | None = None) -> dict[int, dict[str, Any]]:
+           secret_file: str | None = None, timeout: float | None = None,
+           max_message_size: int = control.DEFAULT_MAX_MESSAGE_SIZE) -> dict[int, dict[str, Any]]:
     """Run ``graph`` on the standing cluster at ``endpoint``; returns the per-worker metrics.
 
     Raises:
-        JobFailedError: the job failed, the coordinator refused it, or it went silent.
+        JobFailedError: the job failed, the coordinator refused it, it went silent, or its graph is
+            larger than ``cluster.max-message-size``.
     """
     secret = control.load_or_create_secret(secret_file, create=False)
+    try:
+        control.check_message_size(len(payload), max_message_size, f"the graph of job {graph.name!r}")
+    except ProtocolError as exc:
+        raise JobFailedError(str(exc)) from exc
     sock = make_socket(context(), zmq.DEALER)
     try:
+        control.secure_client(sock, secret, endpoint, max_message_size=max_message_size)
         connect(sock, endpoint)
         control.send(sock, secret, Submit(graph=payload, timeout=timeout))
         last = time.monotonic()

@@ -54,7 +54,7 @@ from runtime.cluster.protocol import (
     Submit,
     Welcome,
 )
-from runtime.errors import InsufficientNetworkBuffersError, JobFailedError, WorkerLostError
+from runtime.errors import InsufficientNetworkBuffersError, JobFailedError, ProtocolError, WorkerLostError
 from runtime.execution.graph import JobGraph
 from runtime.memory import BuddyAllocator, MemorySegment, SharedRegion, format_bytes
 from runtime.network.budget import job_buffers_required
@@ -110,7 +110,10 @@ class Coordinator:
             self.ctx = context()
             self.sock = make_socket(self.ctx, zmq.ROUTER)
             self.sock.router_mandatory = True
-            self.endpoint = bind(self.sock, endpoint or local_endpoint("ipc"))
+            endpoint = endpoint or local_endpoint("ipc")
+            # tcp: CURVE with keys from the secret, so a peer without it cannot deliver a byte; any: a size bound
+            control.secure_server(self.sock, self.secret, endpoint, max_message_size=config.max_message_size)
+            self.endpoint = bind(self.sock, endpoint)
         except BaseException:
             self.region.close()
             raise
@@ -229,6 +232,13 @@ class Coordinator:
         participants = {wid: self.workers[wid] for wid in sorted(self.workers)[:needed]}
         self.check_network_buffers(graph)
         cfg = self.config.as_dict()
+        for wid in participants:  # before anything is sent: the worker would drop a message over its bound
+            graph_bytes = payload[wid] if isinstance(payload, list) else payload
+            try:
+                control.check_message_size(len(graph_bytes), self.config.max_message_size,
+                                           f"the graph of job {graph.name!r} for worker {wid}")
+            except ProtocolError as exc:
+                raise JobFailedError(str(exc)) from exc
         for wid, handle in participants.items():  # worker ids are 0..needed-1: worker i runs subtask i
             graph_bytes = payload[wid] if isinstance(payload, list) else payload
             self.send(handle, Deploy(job=job, graph=graph_bytes, config=cfg))

@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING
 
 from runtime.cluster.coordinator import Coordinator
 
+#: The directory that holds the imported ``runtime`` package (and ``operators``).
+_RUNTIME_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 if TYPE_CHECKING:
     from runtime.config import ShmflowConfig
 
@@ -44,10 +47,14 @@ class LocalCluster:
         coord = self.coordinator
         env = dict(os.environ)
         env["PYTHONHASHSEED"] = env.get("PYTHONHASHSEED") or "0"  # hash partitioning needs one seed
-        env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
+        # The directory holding this process's `runtime` package comes first: the workers must run the same
+        # shmflow as this process (frames and messages are versioned), even where the working directory holds
+        # another checkout's `runtime/`.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [_RUNTIME_ROOT, os.getcwd(), *sys.path] if p)
         for wid in range(self.config.workers):
             proc = subprocess.Popen(
-                [sys.executable, "-m", "runtime.cluster.worker", str(wid), coord.endpoint, str(os.getpid())],
+                [sys.executable, "-m", "runtime.cluster.worker", str(wid), coord.endpoint, str(os.getpid()),
+                 str(self.config.max_message_size)],
                 stdin=subprocess.PIPE, env=env)
             assert proc.stdin is not None
             proc.stdin.write(coord.secret.hex().encode() + b"\n")  # the secret never shows in `ps`

@@ -39,6 +39,15 @@ JobError           coordinator -> client   the job failed or was refused; why
 
 The secret is 32 random bytes, kept in a file readable by its owner only
 (:func:`load_or_create_secret`) or handed to embedded workers on their stdin.
+
+Transport security (:func:`secure_server` / :func:`secure_client`): on ``tcp://``
+endpoints every control socket speaks ZeroMQ's CURVE, with key pairs derived
+from the secret (:func:`curve_keys`), so a peer without the secret cannot even
+complete the handshake: none of its bytes becomes a message, and nothing it
+sends is buffered beyond the handshake. Every control socket also refuses any
+message part larger than ``cluster.max-message-size`` (``ZMQ_MAXMSGSIZE``: the
+peer is disconnected). Local ``ipc://`` endpoints (the embedded cluster's
+abstract sockets) get the size bound only.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ from typing import Any, ClassVar, Union
 
 import msgpack
 import zmq
+from zmq.utils import z85
 
 from runtime.errors import AuthenticationError, ProtocolError
 
@@ -66,6 +76,8 @@ log = logging.getLogger("shmflow.control")
 #: Bumped on any change of a message's fields; a peer speaking another version is refused.
 PROTOCOL_VERSION = 1
 SECRET_BYTES = 32
+#: cluster.max-message-size's default: a job graph with a from_collection of a few million small records.
+DEFAULT_MAX_MESSAGE_SIZE = 256 << 20
 DEFAULT_SECRET_FILE = Path.home() / ".shmflow" / "cluster.secret"
 
 
@@ -352,6 +364,74 @@ def load_or_create_secret(path: str | os.PathLike[str] | None = None, *, create:
     return secret
 
 
+@dataclass(frozen=True)
+class CurveKeys:
+    """The CURVE key pairs of a cluster (z85-encoded, as pyzmq's socket options take them)."""
+
+    server_public: bytes
+    server_secret: bytes
+    client_public: bytes
+    client_secret: bytes
+
+
+def curve_keys(secret: bytes) -> CurveKeys:
+    """The cluster's CURVE key pairs, derived from its secret (HMAC-SHA256 per role), the same in every process.
+
+    The server's public key is derived too and never printed: without the secret a peer cannot compute it,
+    and without it no CURVE handshake with the coordinator completes.
+    Raises:
+        AuthenticationError: this libzmq was built without CURVE (``zmq.has("curve")`` is False).
+    """
+    if not zmq.has("curve"):
+        msg = (f"libzmq {zmq.zmq_version()} has no CURVE security; a standing cluster on tcp:// needs it "
+               f"(install pyzmq's wheel, which bundles libsodium)")
+        raise AuthenticationError(msg)
+    pairs = []
+    for role in (b"server", b"client"):
+        private = z85.encode(hmac.new(secret, b"shmflow curve key v1 " + role, hashlib.sha256).digest())
+        pairs += [zmq.curve_public(private), private]
+    return CurveKeys(*pairs)
+
+
+def _is_tcp(endpoint: str) -> bool:
+    return endpoint.startswith("tcp://")
+
+
+def secure_server(sock: zmq.Socket[Any], secret: bytes, endpoint: str, *, max_message_size: int) -> None:
+    """Before ``bind``: bound every message part to ``max_message_size``; on tcp, be the CURVE server."""
+    sock.maxmsgsize = max_message_size
+    if _is_tcp(endpoint):
+        keys = curve_keys(secret)
+        sock.curve_secretkey = keys.server_secret
+        sock.curve_publickey = keys.server_public
+        sock.curve_server = True
+
+
+def secure_client(sock: zmq.Socket[Any], secret: bytes, endpoint: str, *, max_message_size: int) -> None:
+    """Before ``connect``: as :func:`secure_server`, for the connecting side (a CURVE client on tcp)."""
+    sock.maxmsgsize = max_message_size
+    if _is_tcp(endpoint):
+        keys = curve_keys(secret)
+        sock.curve_serverkey = keys.server_public
+        sock.curve_secretkey = keys.client_secret
+        sock.curve_publickey = keys.client_public
+
+
+def check_message_size(nbytes: int, max_message_size: int, what: str) -> None:
+    """Raise ProtocolError before sending a message part its receiver would refuse (and drop the connection for).
+
+    Raises:
+        ProtocolError: names the sizes, the key and the remedy.
+    """
+    if nbytes > max_message_size:
+        msg = (f"{what} is {nbytes / (1 << 20):.1f} MiB; cluster.max-message-size allows "
+               f"{max_message_size / (1 << 20):.1f} MiB: raise it (-D cluster.max-message-size=...) on the "
+               f"coordinator, its workers and the client alike. Collections travel inside the job graph: the "
+               f"embedded cluster ships each worker only its share, a standing cluster the whole graph once per "
+               f"worker; read large inputs from files (read_text, from_source) instead")
+        raise ProtocolError(msg)
+
+
 def seal(secret: bytes, message: Message) -> list[bytes]:
     """The two frames of a signed message: [mac, payload]."""
     payload = encode(message)
@@ -412,6 +492,7 @@ __all__ = [
     "Attached",
     "Cancel",
     "Collect",
+    "CurveKeys",
     "Deploy",
     "Deployed",
     "Failed",
@@ -427,6 +508,8 @@ __all__ = [
     "Start",
     "Submit",
     "Welcome",
+    "check_message_size",
+    "curve_keys",
     "decode",
     "encode",
     "load_or_create_secret",
@@ -435,5 +518,7 @@ __all__ = [
     "recv",
     "recv_from",
     "seal",
+    "secure_client",
+    "secure_server",
     "send",
 ]

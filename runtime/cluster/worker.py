@@ -50,7 +50,9 @@ from runtime.network.transport import connect, context, make_socket
 log = logging.getLogger("shmflow.worker")
 
 HEARTBEAT_INTERVAL = 0.5
-COORDINATOR_SILENCE = 45.0  # seconds without a word from the coordinator before a worker gives up
+# Seconds without a word from the coordinator before a worker gives up. A coordinator on this host is also
+# watched by its pid (the region's creator), every heartbeat: its death is noticed within HEARTBEAT_INTERVAL.
+COORDINATOR_SILENCE = 45.0
 
 
 class Worker:
@@ -63,11 +65,13 @@ class Worker:
     Process: the worker process, one thread.
     """
 
-    def __init__(self, worker_id: int, endpoint: str, secret: bytes) -> None:
+    def __init__(self, worker_id: int, endpoint: str, secret: bytes, *,
+                 max_message_size: int = control.DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.worker_id = worker_id
         self.secret = secret
         self.ctx = context()
         self.sock = make_socket(self.ctx, zmq.DEALER, identity=f"worker-{worker_id}-{os.getpid()}".encode())
+        control.secure_client(self.sock, secret, endpoint, max_message_size=max_message_size)
         connect(self.sock, endpoint)
         self.region: SharedRegion | None = None
         self.network: NetworkBufferPool | None = None
@@ -75,6 +79,9 @@ class Worker:
         self._last_heartbeat = 0.0
         self._last_heard = time.monotonic()
         self.progress: Callable[[], dict[str, list[int]]] | None = None  # set by the running job
+        self._job: str | None = None  # the job being run (a Cancel for another one is stale)
+        self._watch_creator = False  # the region's creator (the coordinator) runs in our pid namespace
+        self._shutdown = False  # a Shutdown arrived while a job ran: exit once it has been torn down
 
     # ------------------------------------------------------------------ control
     def send(self, message: Message) -> None:
@@ -91,6 +98,7 @@ class Worker:
     def heartbeat(self, now: float) -> None:
         if now - self._last_heartbeat >= HEARTBEAT_INTERVAL:
             self._last_heartbeat = now
+            self._check_creator()
             progress = self.progress() if self.progress is not None else None
             self.send(Heartbeat(worker=self.worker_id, progress=progress))
         if now - self._last_heard > COORDINATOR_SILENCE:
@@ -103,11 +111,21 @@ class Worker:
         return self.sock
 
     def keep_alive(self, now: float) -> None:
+        """Heartbeat when due; raise JobCancelled if the running job was cancelled or the worker told to shut down.
+
+        Called by every wait of a job (see ``JobHost.keep_alive``), so cheap: one poll(0) of the control socket.
+        """
         self.heartbeat(now)
-        if self.sock.poll(0):
-            message = self.recv(0)
-            if isinstance(message, (Cancel, Shutdown)):
-                raise JobCancelled()
+        while self.sock.poll(0):
+            self._on_control(self.recv(0))
+
+    def _on_control(self, message: Message | None) -> None:
+        """A control message that arrived while a job runs: act on Cancel (of this job) and Shutdown."""
+        if isinstance(message, Shutdown):
+            self._shutdown = True
+            raise JobCancelled()
+        if isinstance(message, Cancel) and message.job == self._job:
+            raise JobCancelled()
 
     def wait_start(self, job_id: str) -> dict[str, list[str]]:
         while True:
@@ -115,8 +133,7 @@ class Worker:
             message = self.recv(HEARTBEAT_INTERVAL)
             if message is None:
                 continue
-            if isinstance(message, (Cancel, Shutdown)):
-                raise JobCancelled()
+            self._on_control(message)
             if isinstance(message, Start) and message.job == job_id:
                 return message.gates
 
@@ -153,8 +170,20 @@ class Worker:
         msg = f"worker {self.worker_id}: coordinator did not welcome it within {timeout}s"
         raise SystemExit(msg)
 
+    def _check_creator(self) -> None:
+        """Exit at once if the coordinator that created the region died (SIGKILL: no Shutdown came, and
+        its heartbeat timeout is long); remove the region's name, which it cannot any more."""
+        region = self.region
+        if self._watch_creator and region is not None and not region.creator_alive():
+            region.unlink_if_orphaned()
+            msg = (f"worker {self.worker_id}: the coordinator (pid {region.creator_pid}) is gone; "
+                   f"removed its region {region.name}")
+            raise SystemExit(msg)
+
     def _setup_arena(self, welcome: Welcome) -> None:
         self.region = SharedRegion.attach(welcome.region)
+        # A creator we can see now is in our pid namespace: from now on its death is the coordinator's.
+        self._watch_creator = self.region.creator_alive()
         offset, size = welcome.arena[:2]
         alloc = BuddyAllocator(self.region, welcome.min_block, offset=offset, size=size)
         self.network = NetworkBufferPool(alloc, welcome.network_buffers, welcome.segment_size,
@@ -172,6 +201,7 @@ class Worker:
             if isinstance(message, Shutdown):
                 return
             if isinstance(message, Deploy):
+                self._job = message.job
                 run = JobRun(self, message.job, message.graph, message.config)
                 del message  # the run holds the pickled graph until it has unpickled it
                 profile_dir = os.environ.get("SHMFLOW_INTERNAL_PROFILE")
@@ -181,6 +211,10 @@ class Worker:
                                     os.path.join(profile_dir, f"worker-{self.worker_id}-{run.job_id}.prof"))
                 else:
                     run.run()
+                self._job = None
+                del run
+                if self._shutdown:  # told to shut down while the job ran
+                    return
 
     def close(self) -> None:
         if self.memory is not None:
@@ -204,10 +238,11 @@ def _die_with_parent(parent_pid: int) -> None:
         raise SystemExit(1)
 
 
-def worker_main(worker_id: int, endpoint: str, secret: bytes) -> None:
+def worker_main(worker_id: int, endpoint: str, secret: bytes, *,
+                max_message_size: int = control.DEFAULT_MAX_MESSAGE_SIZE) -> None:
     """Run one worker until the coordinator shuts it down."""
     logging.basicConfig(level=logging.WARNING, format=f"worker {worker_id}: %(message)s")
-    worker = Worker(worker_id, endpoint, secret)
+    worker = Worker(worker_id, endpoint, secret, max_message_size=max_message_size)
     try:
         worker.register()
         worker.serve()
@@ -216,13 +251,14 @@ def worker_main(worker_id: int, endpoint: str, secret: bytes) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m runtime.cluster.worker ID ENDPOINT PARENT_PID``; the secret (hex) comes on stdin."""
+    """``python -m runtime.cluster.worker ID ENDPOINT PARENT_PID [MAX_MESSAGE_SIZE]``; the secret (hex) on stdin."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the coordinator tears down
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     worker_id, endpoint, parent = int(argv[0]), argv[1], int(argv[2])
+    max_message_size = int(argv[3]) if len(argv) > 3 else control.DEFAULT_MAX_MESSAGE_SIZE
     _die_with_parent(parent)
     secret = bytes.fromhex(sys.stdin.readline().strip())
-    worker_main(worker_id, endpoint, secret)
+    worker_main(worker_id, endpoint, secret, max_message_size=max_message_size)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,11 @@ class JobHost(Protocol):
         """The socket control messages arrive on; the job's loop polls it with its data sockets."""
 
     def keep_alive(self, now: float) -> None:
-        """Heartbeat when due and act on control messages. Raises JobCancelled on cancel or shutdown."""
+        """Heartbeat when due and act on control messages. Raises JobCancelled on cancel or shutdown.
+
+        Every wait of a job calls it at least every ``KEEP_ALIVE_INTERVAL`` (0.1 s): the loop once per
+        round, gates and partitions from inside their waits (see ``JobRun._keep_alive``).
+        """
 
     def wait_start(self, job_id: str) -> dict[str, list[str]]:
         """Block (heartbeating) until the job may start; returns every gate's endpoints by vertex id.
@@ -163,6 +167,11 @@ class JobRun:
             self._close()
             gc.unfreeze()
 
+    def _keep_alive(self) -> None:
+        """The callback of every gate, partition and long-running operator (OperatorContext.keep_alive) of
+        this job: heartbeat, and raise JobCancelled on cancel or shutdown."""
+        self.host.keep_alive(time.monotonic())
+
     def _deploy(self) -> None:
         w = self.host
         cfg = self.config
@@ -182,7 +191,8 @@ class JobRun:
                 gate = InputGate(channels, exclusive=cfg["network.buffers-per-channel"],
                                  floating=cfg["network.floating-buffers-per-gate"],
                                  name=f"{vertex.name}[{index}]", region=w.region,
-                                 endpoint="tcp://127.0.0.1:*" if cfg["network.transport"] == "tcp" else None)
+                                 endpoint="tcp://127.0.0.1:*" if cfg["network.transport"] == "tcp" else None,
+                                 keep_alive=self._keep_alive)
                 self.gates[vertex.id] = gate
                 gates[str(vertex.id)] = gate.endpoint
 
@@ -200,9 +210,6 @@ class JobRun:
             self.subtasks.append(st)
         self._current = None
         self.host.report_deployed(self.job_id, gates)
-
-    def _keep_alive(self) -> None:
-        self.host.keep_alive(time.monotonic())
 
     def _io(self) -> IOManager:
         """The job's IOManager, created on first use in one of ``io.tmp-dirs`` (closed in ``_close``)."""
@@ -244,7 +251,7 @@ class JobRun:
                 self.pools.append(pool)
                 part = ResultPartition(pool, [endpoints[t] for t in targets], channel_ids=channel_id,
                                        transport=transport, name=f"{st.vertex.name}[{st.index}]",
-                                       max_backlog=budget.max_backlog_per_channel)
+                                       max_backlog=budget.max_backlog_per_channel, keep_alive=self._keep_alive)
                 self.partitions.append(part)
                 writer = RecordWriter(part, Partitioner(edge.partitioning, n, key_fn=edge.key_fn,
                                                         columnar_key=edge.columnar_key),
@@ -252,7 +259,7 @@ class JobRun:
                                       max_record_size=cfg["network.max-record-size"])
                 st.writers.append(writer)
                 self.writers.append(writer)
-        for gate in self.gates.values():
+        for gate in self.gates.values():  # heartbeating, and ending at once on cancel (gate.keep_alive)
             gate.wait_connected(timeout=60)
 
     # -------------------------------------------------------------------- loop

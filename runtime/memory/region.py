@@ -62,18 +62,38 @@ _USABLE_ALIGN = 4096
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-def _process_start_ticks(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None if no such process."""
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after ``comm`` (field 3, the state, first), or None if no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    except OSError:
+    except OSError:  # FileNotFoundError, ProcessLookupError (a pid that exited while we read)
         return None
     # Field 2 (comm) may hold spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rfind(b")") + 2:].split()
-    return int(fields[19])  # field 22 overall
+    return stat[stat.rfind(b")") + 2:].split()
+
+
+def _process_start_ticks(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if no such process."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None  # field 22 overall
+
+
+def process_alive(pid: int, start_ticks: int | None = None) -> bool:
+    """True if process ``pid`` runs: it exists, is not a zombie (state Z, or X: dead, not yet reaped
+    by its parent: a SIGKILLed creator whose parent has not waited for it) and, when ``start_ticks``
+    is given, is the process that started then (not a later one that reused the pid).
+
+    Where /proc is unreadable, existence (``kill(pid, 0)``) is all it can tell.
+    """
+    fields = _proc_stat(pid)
+    if fields is None:
+        if os.path.isdir("/proc/self"):  # Linux: no /proc entry, no process
+            return False
+        return _pid_alive(pid)
+    if fields[0] in (b"Z", b"X"):
+        return False
+    return start_ticks is None or int(fields[19]) == start_ticks
 
 
 def _pid_alive(pid: int) -> bool:
@@ -250,7 +270,7 @@ class SharedRegion:
         if len(mapping) < HEADER_FIXED:
             msg = f"shared block {name!r} is {len(mapping)} bytes, smaller than a shmflow header"
             raise RegionError(msg)
-        magic, version, header_bytes, usable, granule, pid, _ = _HEADER.unpack_from(mapping, 0)
+        magic, version, header_bytes, usable, granule, pid, ticks = _HEADER.unpack_from(mapping, 0)
         if magic != MAGIC or version != VERSION:
             msg = f"shared block {name!r} is not a shmflow region (magic {magic!r}, version {version})"
             raise RegionError(msg)
@@ -262,6 +282,7 @@ class SharedRegion:
         self.granule: int = granule
         self.header_bytes: int = header_bytes
         self.creator_pid: int = pid
+        self.creator_start_ticks: int | None = ticks or None  # see process_alive(); 0: not recorded
         # The views every segment slices; they pin the mapping until released.
         whole = memoryview(mapping)
         self.buf: memoryview = whole[header_bytes: header_bytes + usable]
@@ -396,6 +417,17 @@ class SharedRegion:
         return MemorySegment(self, offset, size, generation, readonly=readonly, checked=True)
 
     # ----------------------------------------------------------------- lifetime
+    def creator_alive(self) -> bool:
+        """True while the process that created this region runs (pid, not a zombie, same start time)."""
+        return process_alive(self.creator_pid, self.creator_start_ticks)
+
+    def unlink_if_orphaned(self) -> bool:
+        """Remove this region's name if its creator is dead, as :func:`sweep` would; True if this call did.
+
+        Process: any that attached (a worker whose coordinator was SIGKILLed): the creator can no longer.
+        """
+        return not self.creator_alive() and _unlink_name(self.name)
+
     def unlink(self) -> None:
         """Remove the name from /dev/shm (creator only). Mappings stay valid until closed."""
         if not self._creator:
@@ -482,16 +514,11 @@ def creator_of(name: str) -> tuple[int | None, int | None]:
 
 
 def is_orphaned(name: str) -> bool:
-    """True if block ``name``'s creator is dead (by pid and, where recorded, its start time)."""
+    """True if block ``name``'s creator is dead: gone, a zombie, or its pid reused (by start time, where recorded)."""
     pid, ticks = creator_of(name)
     if pid is None:
         return False  # not ours to judge
-    if not _pid_alive(pid):
-        return True
-    if ticks is not None:
-        current = _process_start_ticks(pid)
-        return current is not None and current != ticks  # pid reused by another process
-    return False
+    return not process_alive(pid, ticks)
 
 
 def sweep(prefix: str = DEFAULT_PREFIX) -> list[str]:
@@ -522,5 +549,5 @@ def list_regions(prefix: str = DEFAULT_PREFIX) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["SharedRegion", "sweep", "list_regions", "is_orphaned", "creator_of", "shm_free_bytes",
+__all__ = ["SharedRegion", "sweep", "list_regions", "is_orphaned", "creator_of", "process_alive", "shm_free_bytes",
            "default_prefix"]

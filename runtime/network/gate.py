@@ -13,13 +13,16 @@ credits go back in one message per channel, when a quarter of its credit
 window is pending or before the gate would block.
 
 Threads: none. A gate is used by one thread, which polls its socket when it
-has to wait.
+has to wait. Every wait calls the gate's ``keep_alive`` (the worker's heartbeat
+and cancel check) at least every ``KEEP_ALIVE_INTERVAL`` seconds: a process that
+waits for its peers keeps heartbeating and can be cancelled.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -29,7 +32,7 @@ from runtime.errors import BrokenChannelError, DeserializationError, DoubleFreeE
 from runtime.memory import SharedRegion
 from runtime.memory.snapshot import Snapshot
 from runtime.network import messages as msg
-from runtime.network.transport import bind, context, local_endpoint, make_socket
+from runtime.network.transport import KEEP_ALIVE_INTERVAL, bind, context, local_endpoint, make_socket
 
 
 # --------------------------------------------------------------------- statistics
@@ -106,17 +109,22 @@ class InputGate:
     channel and ``floating`` credits for the whole gate bound the buffers in
     flight (``network.buffers-per-channel`` / ``network.floating-buffers-per-gate``).
     ``region`` is the shared region (shm transport); when None, the gate
-    attaches to the region a producer names in its handshake.
+    attaches to the region a producer names in its handshake. ``keep_alive``
+    is called at least every ``KEEP_ALIVE_INTERVAL`` seconds while the gate
+    waits (the worker's heartbeat and cancel check: it may raise to end the
+    wait).
 
     Process: the consuming worker. Not thread-safe.
     """
 
     def __init__(self, num_channels: int, *, exclusive: int = 2, floating: int = 8, name: str = "gate",
-                 endpoint: str | None = None, region: SharedRegion | None = None) -> None:
+                 endpoint: str | None = None, region: SharedRegion | None = None,
+                 keep_alive: Callable[[], None] | None = None) -> None:
         if exclusive < 1:
             text = f"exclusive credits per channel must be >= 1 (network.buffers-per-channel); got {exclusive}"
             raise ValueError(text)
         self.name = name
+        self.keep_alive = keep_alive
         self.exclusive = exclusive
         self.floating_total = floating
         self.floating_free = floating
@@ -156,10 +164,14 @@ class InputGate:
             self._receive(0)
             return
         deadline = None if timeout is None else time.monotonic() + timeout
+        keep_alive = self.keep_alive
         while not self._ready:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return
+            if keep_alive is not None:
+                keep_alive()
+                remaining = KEEP_ALIVE_INTERVAL if remaining is None else min(remaining, KEEP_ALIVE_INTERVAL)
             self._receive(remaining)
 
     def _receive(self, timeout: float | None) -> None:
@@ -356,10 +368,19 @@ class InputGate:
     def connected(self) -> int:
         return sum(ch.identity is not None for ch in self.channels)
 
-    def wait_connected(self, *, timeout: float) -> None:
-        """Block until every producer's channel has said hello."""
+    def wait_connected(self, *, timeout: float, keep_alive: Callable[[], None] | None = None) -> None:
+        """Block until every producer's channel has said hello.
+
+        ``keep_alive`` (default: the gate's) is called at least every ``KEEP_ALIVE_INTERVAL``
+        seconds meanwhile; whatever it raises (a cancelled job) ends the wait.
+        Raises:
+            TimeoutError: not every channel connected within ``timeout``.
+        """
+        keep_alive = keep_alive or self.keep_alive
         deadline = time.monotonic() + timeout
         while self.connected < len(self.channels):
+            if keep_alive is not None:
+                keep_alive()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 text = (
@@ -367,7 +388,7 @@ class InputGate:
                                    f"connected within {timeout}s"
                 )
                 raise TimeoutError(text)
-            self._receive(min(remaining, 0.1))
+            self._receive(min(remaining, KEEP_ALIVE_INTERVAL))
 
     def stats(self) -> GateStats:
         return GateStats(

@@ -28,13 +28,15 @@ window is queued (and the credits for it are there), every queued buffer its
 credits allow in one message, and ships everything it can before it blocks.
 
 Threads: none. A partition is used by one thread, which polls its sockets
-when it has to wait.
+when it has to wait; every wait calls the partition's ``keep_alive`` at least
+every ``KEEP_ALIVE_INTERVAL`` seconds (as the gate's waits do).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -45,7 +47,7 @@ from runtime.errors import BrokenChannelError, DeserializationError
 from runtime.memory.snapshot import Snapshot
 from runtime.network import messages as msg
 from runtime.network.buffer_pool import LocalBufferPool, NetworkBuffer, release_buffers
-from runtime.network.transport import connect, context, make_socket
+from runtime.network.transport import KEEP_ALIVE_INTERVAL, connect, context, make_socket
 
 TRANSPORTS = ("shm", "tcp")
 #: A batch of descriptors ships at most this many bytes of buffers (unless ``ship_batch`` says otherwise).
@@ -198,7 +200,9 @@ class ResultPartition:
 
     ``pool`` is the producer's LocalBufferPool; ``endpoints[i]`` is the gate of
     consumer ``i`` and ``channel_ids[i]`` this producer's channel number in
-    that gate. ``region`` is required for ``shm``.
+    that gate. ``keep_alive`` is called at least every ``KEEP_ALIVE_INTERVAL``
+    seconds while the partition waits (for buffers, credits or recycles); it may
+    raise to end the wait (a cancelled job).
 
     Ownership: :meth:`request_buffer` gives the caller a buffer (refcount 1);
     :meth:`send_buffer` takes it back (the channel owns it until recycled).
@@ -207,13 +211,14 @@ class ResultPartition:
 
     def __init__(self, pool: LocalBufferPool, endpoints: list[str], *, channel_ids: list[int] | int,
                  transport: str = "shm", name: str = "partition", ship_batch: int = 0,
-                 max_backlog: int = 10) -> None:
+                 max_backlog: int = 10, keep_alive: Callable[[], None] | None = None) -> None:
         if transport not in TRANSPORTS:
             text = f"transport must be one of {TRANSPORTS}; got {transport!r}"
             raise ValueError(text)
         self.pool = pool
         self.transport = transport
         self.name = name
+        self.keep_alive = keep_alive
         self.ctx = context()
         self.hello_fields = {"transport": transport, **pool_hello_fields(pool)}
         if isinstance(channel_ids, int):
@@ -384,6 +389,11 @@ class ResultPartition:
             ch.reap_sent()
 
     def _wait_control(self, timeout: float) -> None:
+        """Wait up to ``timeout`` (at most KEEP_ALIVE_INTERVAL) for control messages; every wait of the
+        partition passes here, so it calls ``keep_alive`` first."""
+        if self.keep_alive is not None:
+            self.keep_alive()
+        timeout = min(timeout, KEEP_ALIVE_INTERVAL)
         tracked = [t for ch in self.channels for t, _ in ch.tracked]
         if tracked and not any(t.done for t in tracked):
             tracked[0].wait(timeout)  # tcp: buffers return when zmq has sent them

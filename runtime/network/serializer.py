@@ -11,7 +11,7 @@ order. A frame that does not fit the space left spans the next buffer(s)
 Buffers are anything with the buffer protocol: ``MemorySegment.view()``
 memoryviews, bytearrays, zmq frames.
 
-Wire format (version 1; all integers little-endian)
+Wire format (version 2; all integers little-endian)
 ---------------------------------------------------
 A buffer holds frames; each frame starts at an 8-byte aligned offset (the
 writer zeroes the up-to-7 padding bytes before it) with an 8-byte header::
@@ -20,7 +20,7 @@ writer zeroes the up-to-7 padding bytes before it) with an 8-byte header::
     1  u8   flags     RECORDS: array encoding 0 TUPLES | 1 LISTS | 2 MARKED;
                       COLUMNAR: 0 dict of columns | 1 structured array; EVENT, CONTINUATION: 0
     2  u8   magic     0xF7
-    3  u8   version   1
+    3  u8   version   2 (1 wrapped MARKED tuples in nested ext payloads)
     4  u32  length    payload bytes of the frame (CONTINUATION: payload bytes still to come)
 
 followed by ``length`` payload bytes. If the payload is longer than the rest
@@ -34,9 +34,20 @@ packs the whole list with one msgpack call). msgpack has one array type, so
 the flags say how arrays decode: TUPLES - no list anywhere below the top
 level, every array is a tuple (``use_list=False``, all in C); LISTS - no tuple
 anywhere, every array is a list; MARKED - both occur: lists are plain arrays,
-tuples are ext type 1 wrapping their packed items (a Python call per tuple).
-So nested lists and tuples round-trip exactly; ints must fit 64 bits (signed
-or unsigned); bytes-likes come back as ``bytes``.
+a tuple is an array whose first item is the empty ext type 1 (the mark),
+followed by its items. The reader decodes a MARKED frame with one ``unpackb``
+call too, whose ``list_hook`` turns marked arrays into tuples bottom-up (a
+Python call per array, never a nested unpack: the C stack does not grow with
+the nesting). So nested lists and tuples round-trip exactly; ints must fit 64
+bits (signed or unsigned); bytes-likes come back as ``bytes``.
+
+Nesting: a record (or a user event's payload) nests at most ``MAX_NESTING``
+(1,023) lists, tuples and dicts, the record itself counting as one: the frame's
+array of records makes 1,024, msgpack's own limit for packing and unpacking
+(pinned by tests/test_serializer.py). The writer refuses a deeper record with
+:class:`~runtime.errors.NestingTooDeepError` before writing anything; the reader
+refuses a deeper frame with :class:`DeserializationError`. Neither recurses on
+the C stack per level, so no depth can crash a process.
 
 COLUMNAR payload (a dict of equal-length numpy arrays, or a structured array)::
 
@@ -82,7 +93,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast, overload
 import msgpack
 import numpy as np
 
-from runtime.errors import DeserializationError, RecordTooLargeError
+from runtime.errors import DeserializationError, NestingTooDeepError, RecordTooLargeError
 from runtime.network.columnar import FORM_DICT, FORM_STRUCT, ColumnarLayout, read_columnar
 from runtime.network.columnar import align8 as _align
 from runtime.network.events import EVENT_TYPES, EndOfPartition, Event, UserEvent, Watermark
@@ -94,6 +105,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "DEFAULT_MAX_RECORD_SIZE",
     "HEADER_SIZE",
+    "MAX_NESTING",
     "BufferDeserializer",
     "BufferSerializer",
     "DeserializerStats",
@@ -111,7 +123,7 @@ _B = TypeVar("_B", bound="Buffer")
 
 # ----------------------------------------------------------------------------- wire constants
 MAGIC = 0xF7
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct("<BBBBI")
 HEADER_SIZE = _HEADER.size  # 8
 #: a frame starts only where its header and at least 8 payload bytes fit; else the buffer is full
@@ -128,7 +140,13 @@ _VALID_FLAGS = {KIND_RECORDS: (MODE_TUPLES, MODE_LISTS, MODE_MARKED), KIND_COLUM
                 KIND_EVENT: (0,)}
 EVENT_END_OF_PARTITION, EVENT_WATERMARK, EVENT_USER = 0, 1, 2
 EXT_TUPLE = 1
-_MAX_NEST = 511  # msgpack's default nesting limit
+#: The deepest a record (or a user event's payload) may nest lists, tuples and dicts, itself counting as one.
+#: The frame's array of records adds one level: 1,024 is msgpack's limit for packing and for unpacking
+#: (its unpacker's stack), so the reader refuses deeper frames for free. Python code cannot walk records
+#: much deeper anyway (its recursion limit is 1,000). tests/test_serializer.py pins msgpack's limits.
+MAX_NESTING = 1023
+_NESTING_RULE = (f"records (and event payloads) may nest at most {MAX_NESTING} lists, tuples and dicts "
+                 f"(serializer.MAX_NESTING)")
 
 
 class SerializationResult(enum.Enum):
@@ -209,22 +227,27 @@ def _array_mode(records: list[Any], max_elements: int) -> int:
     a few calls per nesting level, not per element; a level of scalars is never
     materialised. ``max_elements`` bounds the work on shared or cyclic
     structures (every element packs to at least one byte).
+
+    Raises:
+        NestingTooDeepError: a record nests deeper than ``MAX_NESTING`` (or is cyclic).
+        RecordTooLargeError: more elements than ``max_elements``.
     """
     level: list[Any] = records
     types = set(map(type, level))
     seen_tuple = seen_list = False
     total = 0
-    for _depth in range(_MAX_NEST + 1):
+    for depth in range(MAX_NESTING + 1):  # depth: the nesting of the containers in ``level``
         if types <= _SCALARS:
-            return MODE_LISTS if seen_list else MODE_TUPLES
+            break
+        if depth == MAX_NESTING:
+            msg = f"cannot serialize: a record nests deeper than {MAX_NESTING} levels (or is cyclic); {_NESTING_RULE}"
+            raise NestingTooDeepError(msg)
         children, has_tuple, has_list = _children(level, types)
         seen_tuple |= has_tuple
         seen_list |= has_list
-        if seen_tuple and seen_list:
-            return MODE_MARKED
         child_types = set(map(type, children))
         if child_types <= _SCALARS:
-            return MODE_LISTS if seen_list else MODE_TUPLES
+            break
         level = list(_children(level, types)[0])
         types = child_types
         total += len(level)
@@ -232,18 +255,25 @@ def _array_mode(records: list[Any], max_elements: int) -> int:
             msg = (f"record batch has more than {max_elements} elements, so it exceeds the record size limit "
                    f"of {max_elements} bytes (network.max-record-size); write smaller batches")
             raise RecordTooLargeError(msg)
-    msg = f"records nest deeper than {_MAX_NEST} levels (or are cyclic); msgpack cannot pack them"
-    raise ValueError(msg)
+    if seen_tuple and seen_list:
+        return MODE_MARKED
+    return MODE_LISTS if seen_list else MODE_TUPLES
+
+
+#: The mark that makes an array a tuple in MARKED frames: the empty ext type 1 (3 bytes on the wire).
+_TUPLE_MARK = msgpack.ExtType(EXT_TUPLE, b"")
 
 
 _MARK_BASES: tuple[type, ...] = (list, dict, str, bytes, float)
 
 
 def _mark(obj: Any) -> Any:
-    """``default`` of the MARKED packer (strict types): tuples become ext 1; subclasses their base type."""
+    """``default`` of the MARKED packer (strict types): a tuple becomes ``[mark, *items]``; subclasses their base.
+
+    The packer packs what this returns in place, at the same nesting level: no nested ``packb``.
+    """
     if isinstance(obj, tuple):
-        return msgpack.ExtType(EXT_TUPLE, msgpack.packb(list(obj), use_bin_type=True, strict_types=True,
-                                                        default=_mark))
+        return [_TUPLE_MARK, *obj]
     for base in _MARK_BASES:
         if isinstance(obj, base):
             return base(obj)
@@ -253,16 +283,34 @@ def _mark(obj: Any) -> Any:
     raise TypeError(msg)
 
 
-def _unmark(code: int, data: bytes) -> tuple[Any, ...]:
-    """``ext_hook`` of MARKED frames."""
-    if code != EXT_TUPLE:
-        msg = f"unknown msgpack ext type {code}"
+class _Mark:
+    """What the reader's ``ext_hook`` returns for the tuple mark (one instance: compared by identity)."""
+
+    __slots__ = ()
+
+
+_MARK = _Mark()
+
+
+def _unmark_ext(code: int, data: bytes) -> _Mark:
+    """``ext_hook`` of MARKED frames: the tuple mark is the only ext type they hold."""
+    if code != EXT_TUPLE or data:
+        msg = f"unknown msgpack ext type {code} ({len(data)} bytes); MARKED frames hold only the tuple mark"
         raise ValueError(msg)
-    items = msgpack.unpackb(data, use_list=True, raw=False, strict_map_key=False, ext_hook=_unmark)
-    if type(items) is not list:
-        msg = f"tuple ext type holds a {type(items).__name__}, not an array"
-        raise ValueError(msg)
-    return tuple(items)
+    return _MARK
+
+
+def _unmark_list(items: list[Any]) -> Any:
+    """``list_hook`` of MARKED frames, called bottom-up by msgpack's (iterative) unpacker: a marked
+    array becomes a tuple of its items. See ``_mark``; keep the two in step."""
+    if items and items[0] is _MARK:
+        return tuple(items[1:])
+    return items
+
+
+def _unpack_marked(payload: Any) -> Any:
+    return msgpack.unpackb(payload, use_list=True, raw=False, strict_map_key=False, ext_hook=_unmark_ext,
+                           list_hook=_unmark_list)
 
 
 def _no_ext(code: int, data: bytes) -> NoReturn:
@@ -274,31 +322,33 @@ _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
 _SUPPORTED = "None, bool, int, float, str, bytes, list, tuple or dict"
 
 
-def _find_unpackable(obj: Any, path: str, depth: int = 0) -> tuple[type[Exception], str] | None:
-    """Slow path after a failed pack: the first value msgpack cannot take, with its path."""
-    if depth > _MAX_NEST:
-        return ValueError, f"nesting deeper than {_MAX_NEST} levels at {path}"
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (float, str, bytes, bytearray, memoryview)):
-        return None
-    if isinstance(obj, int):
-        if not _INT_MIN <= obj <= _INT_MAX:
-            return ValueError, (f"int {obj} at {path} is outside the 64-bit range [-2**63, 2**64 - 1]; "
-                                f"send it as a str")
-        return None
-    if isinstance(obj, (list, tuple)):
-        for i, item in enumerate(obj):
-            found = _find_unpackable(item, f"{path}[{i}]", depth + 1)
-            if found:
-                return found
-        return None
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            found = (_find_unpackable(key, f"{path} key {key!r}", depth + 1)
-                     or _find_unpackable(value, f"{path}[{key!r}]", depth + 1))
-            if found:
-                return found
-        return None
-    return TypeError, f"{type(obj).__name__} {obj!r:.60} at {path} is not serializable; records hold {_SUPPORTED}"
+def _find_unpackable(record: Any, path: str) -> tuple[type[Exception], str] | None:
+    """Slow path after a failed pack: the first value msgpack cannot take, with its path.
+
+    Depth first with an explicit stack (a record may nest ``MAX_NESTING`` levels: more than
+    Python's recursion limit)."""
+    stack: list[tuple[Any, str, int]] = [(record, path, 1)]
+    while stack:
+        obj, where, depth = stack.pop()
+        if isinstance(obj, bool) or obj is None or isinstance(obj, (float, str, bytes, bytearray, memoryview)):
+            continue
+        if isinstance(obj, int):
+            if not _INT_MIN <= obj <= _INT_MAX:
+                return ValueError, (f"int {obj} at {where} is outside the 64-bit range [-2**63, 2**64 - 1]; "
+                                    f"send it as a str")
+            continue
+        if isinstance(obj, (list, tuple, dict)) and depth > MAX_NESTING:
+            return NestingTooDeepError, f"nesting deeper than {MAX_NESTING} levels at {where:.200}; {_NESTING_RULE}"
+        if isinstance(obj, (list, tuple)):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in reversed(list(enumerate(obj))))
+            continue
+        if isinstance(obj, dict):
+            for key, value in reversed(list(obj.items())):
+                stack.append((value, f"{where}[{key!r}]", depth + 1))
+                stack.append((key, f"{where} key {key!r}", depth + 1))
+            continue
+        return TypeError, f"{type(obj).__name__} {obj!r:.60} at {where} is not serializable; records hold {_SUPPORTED}"
+    return None
 
 
 def _pack_error(records: Sequence[Any], exc: Exception) -> Exception:
@@ -469,7 +519,7 @@ class BufferSerializer:
             records = list(records)
         if not records:
             return self._status()
-        mode = _array_mode(records, self.max_record_size)
+        mode = _array_mode(records, self.max_record_size)  # raises NestingTooDeepError past MAX_NESTING
         packer = self._marked_packer if mode == MODE_MARKED else self._packer
         try:
             packer.pack(records)
@@ -758,8 +808,11 @@ class BufferDeserializer:
                         raise ValueError(msg)
                     records = list(obj)
                 else:
-                    obj = msgpack.unpackb(payload, use_list=True, raw=False, strict_map_key=False,
-                                          ext_hook=_unmark if flags == MODE_MARKED else _no_ext)
+                    if flags == MODE_MARKED:
+                        obj = _unpack_marked(payload)
+                    else:
+                        obj = msgpack.unpackb(payload, use_list=True, raw=False, strict_map_key=False,
+                                              ext_hook=_no_ext)
                     if type(obj) is not list:
                         msg = f"payload is a {type(obj).__name__}, not an array of records"
                         raise ValueError(msg)
@@ -769,6 +822,11 @@ class BufferDeserializer:
             if kind == KIND_COLUMNAR:
                 return read_columnar(flags, payload)
             return _read_event(payload)
+        except msgpack.StackError:  # msgpack's unpacker stops at 1,024 nested containers
+            where = origin or f"at offset {offset} of buffer {nbuf}"
+            msg = (f"channel {self.channel!r}: {_KIND_NAMES[kind]} frame {where} nests deeper than msgpack's 1024 "
+                   f"levels; {_NESTING_RULE}")
+            raise DeserializationError(msg) from None
         except Exception as exc:  # noqa: BLE001 - msgpack/numpy raise many types on garbage; report them all alike
             where = origin or f"at offset {offset} of buffer {nbuf}"
             msg = f"channel {self.channel!r}: {_KIND_NAMES[kind]} frame {where} is corrupt: {type(exc).__name__}: {exc}"
@@ -776,7 +834,7 @@ class BufferDeserializer:
 
 
 def _read_event(payload: memoryview) -> Event:
-    body = msgpack.unpackb(payload, use_list=True, raw=False, strict_map_key=False, ext_hook=_unmark)
+    body = _unpack_marked(payload)
     if type(body) is list and body and type(body[0]) is int:
         code = body[0]
         if code == EVENT_END_OF_PARTITION and len(body) == 1:

@@ -22,6 +22,10 @@ __all__ = ["Kind", "bind", "connect", "context", "local_endpoint", "make_socket"
 
 Kind = Literal["ipc", "tcp"]
 
+#: The longest any wait of a gate or a partition goes without calling its ``keep_alive`` callback (the
+#: worker's heartbeat and cancel check): a worker waiting for its peers still heartbeats and stops on cancel.
+KEEP_ALIVE_INTERVAL = 0.1
+
 
 def context() -> zmq.Context[zmq.Socket[bytes]]:
     """This process's zmq context. Never fork after creating it (spawn workers instead)."""
