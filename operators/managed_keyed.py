@@ -55,9 +55,12 @@ _INT_LIMIT = 1 << 62  # int sums leave the fixed form before any accumulator cou
 #: The accumulator column of a fixed-form combiner's partials when its input was columnar (else "acc"):
 #: the final aggregation then emits columnar results too.
 COLUMNAR_ACC = "column_acc"
-#: The object form merges repeats in a staging dict of at most this many keys (a few MiB of heap, bounded)
-#: before they reach the managed table: one table insert serves every repeat of a hot key in the window.
+#: The object form merges repeats in a staging dict before they reach the managed table: one table insert
+#: serves every repeat of a hot key in the window. It holds at most STAGING_KEYS keys, and at most one key per
+#: STAGING_BYTES_PER_KEY bytes of the operator's share (a dict entry with its key and accumulator costs about
+#: that much heap), so a small share stages little.
 STAGING_KEYS = 1 << 16
+STAGING_BYTES_PER_KEY = 128
 #: Fixed-form rows are handed to the table this many at a time (two columns of 8 bytes: 4 MiB of heap).
 FIXED_BATCH_ROWS = 1 << 18
 #: A combiner whose emit holds more than this share of the records it took in stops combining (see add).
@@ -115,6 +118,7 @@ class ManagedKeyedState:
         self._records_in = 0
         self._passthrough = False
         self._staging: dict[Any, Any] = aggregation.new_state()  # the object form's staging dict (_add_object)
+        self.staging_keys = max(1024, min(STAGING_KEYS, managed.share_bytes // STAGING_BYTES_PER_KEY))
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # fixed-form rows not yet in the table
         self._pending_rows = 0
         self._pending_partials = False
@@ -271,7 +275,7 @@ class ManagedKeyedState:
         """The object form: a bounded staging dict (the aggregation's own heap loops) in front of the table.
 
         Repeats of a key within the staging window merge in the dict (``Counter``'s C loop for a count);
-        once it holds STAGING_KEYS keys it moves, whole, into the managed table. A state that never
+        once it holds ``staging_keys`` keys it moves, whole, into the managed table. A state that never
         outgrows the staging dict never touches the table (W3's 50,000 words).
         """
         staging, agg = self._staging, self.aggregation
@@ -281,7 +285,7 @@ class ManagedKeyedState:
             records = to_records(batch)
             keys = iter(records) if self.key_fn is None else map(self.key_fn, records)  # no list: C loops
             agg.fold(staging, keys, records)
-        return self._flush_staging() if len(staging) >= STAGING_KEYS else []
+        return self._flush_staging() if len(staging) >= self.staging_keys else []
 
     def _table(self) -> HashAggregator:
         if self._agg is None:
