@@ -45,6 +45,7 @@ import numpy as np
 
 from operators.aggregations import Aggregation, Count, Max, Min, Sum
 from operators.stateless import to_records
+from runtime.errors import OutOfMemoryError
 from runtime.execution.task import Batch, ManagedMemory
 from runtime.managed import HashAggregator
 
@@ -122,6 +123,9 @@ class ManagedKeyedState:
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # fixed-form rows not yet in the table
         self._pending_rows = 0
         self._pending_partials = False
+        self._dense: _Dense | None = None  # the fixed form's array indexed by key (small int keys)
+        self._dense_tried = False
+        self._emitted_later: list[Batch] = []  # partials a hand-over from the dense array made a combiner emit
         self.metrics: dict[str, int] = {"spilled_bytes": 0, "spill_files": 0, "spill_passes": 0,
                                         "managed_peak_bytes": 0}
 
@@ -216,12 +220,45 @@ class ManagedKeyedState:
         if not pending:
             return []
         keys = np.concatenate([k for k, _ in pending]) if len(pending) > 1 else pending[0][0]
-        if pending[0][1] is None:
+        values = None if pending[0][1] is None else (
+            np.concatenate([v for _, v in pending]) if len(pending) > 1 else pending[0][1])
+        dense_first = self._agg is None and not self._dense_tried
+        if (self._dense is not None or dense_first) and self._dense_add(keys, values):
+            return []
+        if values is None:
             return self._emitted(self._table().add_batch(keys))
-        values = np.concatenate([v for _, v in pending]) if len(pending) > 1 else pending[0][1]
         if self._pending_partials:
             return self._emitted(self._table().add_partials({"key": keys, self.kind: values}))
         return self._emitted(self._table().add_batch(keys, values))
+
+    def _dense_add(self, keys: np.ndarray, values: np.ndarray | None) -> bool:
+        """Small non-negative int keys: accumulate in an array indexed by key (no hashing); False if they do not fit.
+
+        Tried at the first gathered batch; a later key outside the array hands its contents to the hash table.
+        """
+        dense = self._dense
+        if dense is None:
+            self._dense_tried = True
+            if not len(keys) or keys.min() < 0:
+                return False
+            capacity = int(keys.max()) + 1
+            limit = self.managed.share_bytes // _Dense.BYTES_PER_SLOT
+            if capacity > limit:
+                return False
+            try:
+                dense = self._dense = _Dense(self.managed, self.kind, self._dtype or "int64", limit)
+            except OutOfMemoryError:
+                return False
+        elif len(keys) and (keys.min() < 0 or keys.max() >= dense.capacity):
+            self._dense = None
+            try:
+                k, a = dense.results()
+                self._emitted_later += self._emitted(self._table().add_partials({"key": k, self.kind: a}))
+            finally:
+                dense.release()
+            return False
+        dense.add(keys, values, partials=self._pending_partials)
+        return True
 
     def _row_values(self, records: list[Any], keys: list[Any]) -> list[Any]:
         """What a fixed-form aggregation of rows adds up: the records themselves (plain numbers), or the
@@ -308,6 +345,15 @@ class ManagedKeyedState:
         """Leave the fixed form for good: its state moves to the object form as partials."""
         pairs: list[tuple[Any, Any]] = []
         emitted = self._flush_pending()  # rows gathered for the fixed table go in first (a combiner may emit)
+        emitted += self._emitted_later
+        self._emitted_later = []
+        dense, self._dense = self._dense, None
+        if dense is not None:
+            try:
+                keys, accs = dense.results()
+                pairs.extend((k, self._object_acc(k, a)) for k, a in zip(keys.tolist(), accs.tolist()))
+            finally:
+                dense.release()
         old, self._agg = self._agg, None
         if old is not None:
             try:
@@ -384,6 +430,17 @@ class ManagedKeyedState:
     def results(self) -> Iterator[Batch]:
         """The final records (or a combiner's remaining partials), in batches; releases the state."""
         yield from self._flush_pending()
+        yield from self._emitted_later
+        self._emitted_later = []
+        dense, self._dense = self._dense, None
+        if dense is not None:
+            try:
+                keys, accs = dense.results()
+                self.metrics["managed_peak_bytes"] = max(self.metrics["managed_peak_bytes"], dense.nbytes)
+                for i in range(0, len(keys), 1 << 16):
+                    yield from self._fixed_out({"key": keys[i:i + (1 << 16)], self.kind: accs[i:i + (1 << 16)]})
+            finally:
+                dense.release()
         if self._staging:
             if self._agg is None or self.combine:  # the table holds nothing of these keys: skip the round trip
                 staging, self._staging = self._staging, self.aggregation.new_state()
@@ -397,20 +454,25 @@ class ManagedKeyedState:
             return
         try:
             for part in agg.results():
-                if self.combine:
-                    yield self._partials(part)
-                elif self.form == "object":
+                if self.form == "object" and not self.combine:
                     result = self.aggregation.result
                     yield [result(k, a) for k, a in cast(list[tuple[Any, Any]], part)]
-                elif self.columnar:
-                    cols = _columns(part)
-                    yield {self.key_column or "key": cols["key"], (self.value_column or "count"): cols[self.kind]}
                 else:
-                    cols = _columns(part)
-                    yield list(zip(cols["key"].tolist(), cols[self.kind].tolist()))
+                    yield from self._fixed_out(part)
         finally:
             self._count(agg)
             agg.release()
+
+    def _fixed_out(self, part: Any) -> Iterator[Batch]:
+        """A fixed-form (or a combiner's) result batch as the operator emits it."""
+        if self.combine:
+            yield self._partials(part)
+        elif self.columnar:
+            cols = _columns(part)
+            yield {self.key_column or "key": cols["key"], (self.value_column or "count"): cols[self.kind]}
+        else:
+            cols = _columns(part)
+            yield list(zip(cols["key"].tolist(), cols[self.kind].tolist()))
 
     # ---------------------------------------------------------------- metrics
     def _count(self, agg: HashAggregator) -> None:
@@ -425,6 +487,9 @@ class ManagedKeyedState:
 
     def release(self) -> None:
         """Give every page back and delete every spill file (idempotent)."""
+        dense, self._dense = self._dense, None
+        if dense is not None:
+            dense.release()
         self._staging = self.aggregation.new_state()
         self._pending, self._pending_rows = [], 0
         agg, self._agg = self._agg, None
@@ -436,6 +501,57 @@ class ManagedKeyedState:
 #: Python's hash(k) differs from k for k == -1 and |k| >= 2**61 - 1; a columnar partial is partitioned by
 #: k itself and a row partial by hash(k), so the fixed form keeps only keys for which the two agree.
 _HASH_MODULUS = (1 << 61) - 1
+
+
+class _Dense:
+    """Accumulators in an array indexed by key, for int keys in [0, capacity): one block of managed memory.
+
+    Ownership: one block taken from the operator's managed memory for its owner, released by
+    :meth:`release`; within the operator's share (capacity is share // BYTES_PER_SLOT).
+    """
+
+    BYTES_PER_SLOT = 9  # an 8-byte accumulator and a seen flag
+
+    def __init__(self, managed: ManagedMemory, kind: str, dtype: str, capacity: int) -> None:
+        self.managed = managed
+        self.kind = kind
+        self.capacity = capacity
+        self.nbytes = capacity * self.BYTES_PER_SLOT
+        self.segment = managed.memory.allocate(managed.owner, self.nbytes)
+        raw = self.segment.as_array(np.uint8)
+        self.acc = raw[:capacity * 8].view(np.dtype(dtype))
+        self.seen = raw[capacity * 8:capacity * 9].view(np.bool_)
+        if kind == "min":
+            self.acc[:] = np.inf if dtype == "float64" else np.iinfo(np.int64).max
+        elif kind == "max":
+            self.acc[:] = -np.inf if dtype == "float64" else np.iinfo(np.int64).min
+        else:
+            self.acc[:] = 0
+        self.seen[:] = False
+
+    def add(self, keys: np.ndarray, values: np.ndarray | None, *, partials: bool) -> None:
+        if values is None:  # a count of records
+            counts = np.bincount(keys)
+            self.acc[:len(counts)] += counts
+        elif self.kind in ("sum", "count"):
+            if self.acc.dtype == np.float64:
+                sums = np.bincount(keys, weights=values)
+                self.acc[:len(sums)] += sums
+            else:
+                np.add.at(self.acc, keys, values)
+        elif self.kind == "min":
+            np.minimum.at(self.acc, keys, values)
+        else:
+            np.maximum.at(self.acc, keys, values)
+        self.seen[keys] = True
+
+    def results(self) -> tuple[np.ndarray, np.ndarray]:
+        keys = np.flatnonzero(self.seen).astype(np.int64)
+        return keys, self.acc[keys].copy()
+
+    def release(self) -> None:
+        if not self.segment.freed:
+            self.managed.memory.release(self.segment)
 
 
 def _columns(part: Any) -> dict[str, np.ndarray]:

@@ -123,3 +123,19 @@ def test_key_value_pairs_sum_in_numpy_columns_and_hand_over_when_a_record_breaks
     got = out.values()
     assert {r[0]: r[1] for r in got} == sums and len(got) == len(sums)
     assert all(type(r) is tuple for r in got)
+
+
+def test_small_int_keys_aggregate_in_an_array_and_hand_over_to_the_hash_table_when_a_key_leaves_it():
+    rng = np.random.default_rng(3)
+    keys = np.concatenate([rng.integers(0, 1_000, 100_000), rng.integers(0, 10**9, 100_000)]).astype(np.int64)
+    values = rng.integers(-5, 6, len(keys)).astype(np.int64)
+    env = StreamEnvironment(workers=2, config={"memory.managed.size": "2mb"})
+    out = env.from_collection({"k": keys, "v": values}).key_by("k").min("v").collect()
+    env.execute("dense-then-hash")
+    got_k = np.concatenate([b["k"] for b in out.values()])
+    got_v = np.concatenate([b["v"] for b in out.values()])
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    expected = np.full(len(uniq), np.iinfo(np.int64).max)
+    np.minimum.at(expected, inverse, values)
+    order = np.argsort(got_k)
+    assert np.array_equal(got_k[order], uniq) and np.array_equal(got_v[order], expected)

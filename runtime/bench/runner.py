@@ -51,7 +51,7 @@ SCALES = ("full", "quick", "tiny")
 #: Tiny volumes (tests): W1 bytes and DRAM-ceiling array, W2 records, W3 lines, latency records, alloc pairs;
 #: W4 records, keys and managed memory per worker (small enough that it still spills).
 TINY = {"w1_bytes": 4 << 20, "w1_dram_bytes": 32 << 20, "w2_n": 20_000, "w3_lines": 2_000, "latency_n": 500,
-        "alloc_pairs": 2_000, "w4_n": 100_000, "w4_k": 50_000, "w4_managed_bytes": 2 << 20}
+        "alloc_pairs": 2_000, "w4_n": 200_000, "w4_k": 100_000, "w4_managed_bytes": 1 << 20}
 ALLOC_PAIRS = {"full": 200_000, "quick": 20_000, "tiny": TINY["alloc_pairs"]}
 PLOT_HINT = "pip install -e '.[bench]'"
 
@@ -247,7 +247,7 @@ def w4_settings(scale: str) -> dict[str, int]:
 
     Full: N 10 M over K 5 M with 64 MiB (WORKLOADS.md). Quick: a tenth of N and K, and of the managed
     memory too (6.4 MiB), so that the state still outgrows it and spills as in a full run. Tiny (tests):
-    100,000 records over 50,000 keys in 2 MiB.
+    200,000 records over 100,000 keys in 1 MiB (more keys than an array indexed by key can hold there).
     """
     from runtime.bench.workloads import W4_BOUND_K, W4_MANAGED_BYTES, W4_N, w4_scale
 
