@@ -33,12 +33,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from runtime.io import sweep_spill_dirs
     from runtime.memory import sweep
     removed = sweep()
+    for directory in load_cli_config(args, check_shm=False).tmp_dirs:
+        removed += sweep_spill_dirs(directory)
     for name in removed:
         print(f"removed {name}")
     if not removed:
-        print("nothing to sweep: every shmflow region has a live creator")
+        print("nothing to sweep: every shmflow region and spill directory has a live creator")
     return 0
 
 
@@ -181,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)
 
-    p = sub.add_parser("sweep", help="remove regions whose creating process is dead")
+    p = sub.add_parser("sweep", help="remove regions and spill directories whose creating process is dead")
+    add_config_arguments(p)
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("layout", help="draw how the region is carved into arenas, buffer pools and free blocks")

@@ -415,3 +415,46 @@ def test_interpreter_exit_removes_the_spill_directory(tmp_path):
     directory = proc.stdout.strip()
     assert directory.startswith(str(tmp_path)) and not os.path.exists(directory)
     assert os.listdir(tmp_path) == []
+
+
+SPILL_AND_DIE = """
+import os, signal, sys
+import numpy as np
+from runtime.io import IOManager
+from runtime.memory import SharedRegion, MemoryManager
+io = IOManager(sys.argv[1])
+with SharedRegion.create(1 << 20) as region:
+    mm = MemoryManager.for_range(region, 0, 1 << 20)
+    (page,) = mm.allocate_pages("op", 1)
+    with io.create_spill_file(hint="doomed") as f:
+        f.write(page)
+        print(io.directory, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_processs_spill_directory_is_removed_by_the_next_io_manager_and_by_shmflow_sweep(tmp_path):
+    import subprocess
+    import sys
+
+    from runtime.io import sweep_spill_dirs
+
+    def spill_and_die() -> str:
+        proc = subprocess.run([sys.executable, "-c", SPILL_AND_DIE, str(tmp_path)], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == -9, proc.stderr
+        left = proc.stdout.strip()
+        assert os.path.isdir(left) and os.listdir(left)  # SIGKILL: nothing could clean up
+        return left
+
+    left = spill_and_die()
+    with IOManager(str(tmp_path)) as io:  # the next job's IOManager in the same directory
+        assert not os.path.exists(left)
+        assert sweep_spill_dirs(str(tmp_path)) == []  # its own directory belongs to a live process
+        assert os.path.isdir(io.directory)
+    left = spill_and_die()
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "sweep", "-D", f"io.tmp-dirs={tmp_path}"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"removed {left}" in out.stdout
+    assert os.listdir(tmp_path) == []

@@ -3,7 +3,7 @@
 Imports: runtime.errors, runtime.memory only (never runtime.network, runtime.config or runtime.cluster).
 """
 
-from runtime.io.manager import IOManager, IOManagerStats
+from runtime.io.manager import IOManager, IOManagerStats, sweep_spill_dirs
 from runtime.io.spill import BlockRef, SegmentBusyError, SpillFile
 
-__all__ = ["BlockRef", "IOManager", "IOManagerStats", "SegmentBusyError", "SpillFile"]
+__all__ = ["BlockRef", "IOManager", "IOManagerStats", "SegmentBusyError", "SpillFile", "sweep_spill_dirs"]

@@ -9,8 +9,9 @@ pool of ``threads`` non-daemon threads; ``os.pwritev``/``os.preadv`` and
 ``zlib.crc32`` release the GIL, so the I/O overlaps with Python work. A
 request moves one segment or, gathered/scattered, a run of them.
 
-The directory is ``tempfile.mkdtemp(prefix="shmflow-spill-")`` under
-``spill_dir`` (default: the system temp directory). It is removed, with every
+The directory is ``shmflow-spill-<pid>-<start ticks>-<random>`` under
+``spill_dir`` (default: the system temp directory); making one first removes
+those of processes that are gone (:func:`sweep_spill_dirs`). It is removed, with every
 spill file in it, on :meth:`IOManager.close`, on leaving a ``with`` block,
 when the manager is garbage-collected, and at interpreter exit (a
 ``weakref.finalize``, which runs from ``atexit``). No thread outlives
@@ -36,11 +37,38 @@ from typing import Any, TypeVar
 
 from runtime.errors import InvalidHandleError
 from runtime.io.spill import BlockRef, SegmentBusyError, SpillFile, _FileState, _spill_error
+from runtime.memory.region import process_alive, process_start_ticks
 from runtime.memory.segment import MemorySegment
 from runtime.memory.snapshot import Snapshot
 from runtime.memory.units import format_bytes
 
 SPILL_PREFIX = "shmflow-spill-"
+#: A spill directory's name carries its creator's pid and start time: ``shmflow-spill-<pid>-<ticks>-<random>``.
+_OWNED = re.compile(rf"^{re.escape(SPILL_PREFIX)}(\d+)-(\d+)-")
+
+
+def sweep_spill_dirs(parent: str) -> list[str]:
+    """Remove the spill directories in ``parent`` whose creating process is gone; returns their paths.
+
+    A worker that is SIGKILLed cannot remove its spill directory; the next IOManager made in the same
+    parent (the next job's, or ``shmflow sweep``) does. A directory of a live process is never touched.
+    """
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = _OWNED.match(name)
+        if match is None:
+            continue
+        pid, ticks = int(match.group(1)), int(match.group(2))
+        if process_alive(pid, ticks or None):
+            continue
+        path = os.path.join(parent, name)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 _HINT_RE = re.compile(r"[^A-Za-z0-9._-]+")
 _IDS = itertools.count(1)
 _T = TypeVar("_T")
@@ -287,8 +315,10 @@ class IOManager:
             msg = f"threads must be an int >= 1; got {threads!r}"
             raise ValueError(msg)
         parent = tempfile.gettempdir() if spill_dir is None else os.fspath(spill_dir)
+        sweep_spill_dirs(parent)  # what killed workers left here
+        pid = os.getpid()
         try:
-            directory = tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=parent)
+            directory = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{pid}-{process_start_ticks(pid) or 0}-", dir=parent)
         except OSError as exc:
             msg = f"cannot create a spill directory in {parent}: {exc.strerror}; pass a writable spill_dir"
             raise _spill_error(msg, exc, parent) from exc
@@ -365,4 +395,4 @@ class IOManager:
         return f"<IOManager {self._core.directory!r} threads={self._core.threads}{state}>"
 
 
-__all__ = ["IOManager", "IOManagerStats"]
+__all__ = ["IOManager", "IOManagerStats", "sweep_spill_dirs"]

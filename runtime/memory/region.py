@@ -79,6 +79,11 @@ def _process_start_ticks(pid: int) -> int | None:
     return int(fields[19]) if fields else None  # field 22 overall
 
 
+def process_start_ticks(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot): with the pid, it names one process."""
+    return _process_start_ticks(pid)
+
+
 def process_alive(pid: int, start_ticks: int | None = None) -> bool:
     """True if process ``pid`` runs: it exists, is not a zombie (state Z, or X: dead, not yet reaped
     by its parent: a SIGKILLed creator whose parent has not waited for it) and, when ``start_ticks``
