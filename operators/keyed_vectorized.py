@@ -29,7 +29,7 @@ import numpy as np
 
 from operators.aggregations import Aggregation, Count, Max, Min, Sum, _with_field
 
-__all__ = ["Vectorized", "vectorizable"]
+__all__ = ["Vectorized", "gc_paused", "vectorizable"]
 
 _VECTOR_KINDS = {Count: "count", Sum: "sum", Min: "min", Max: "max"}
 _INT_TYPES = {int}
@@ -42,7 +42,7 @@ _INF = float("inf")
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Pause the cyclic GC while one call builds ~100k acyclic tuples/lists (partials, results).
 
     Each 700 allocations would start a collection, and the older generations
@@ -281,14 +281,14 @@ class Vectorized:
     def partials(self) -> list[Any]:
         """``(key, acc)`` partials, as ``list(state.items())`` of the generic state."""
         keys, accs = self._columns()
-        with _gc_paused():
+        with gc_paused():
             if self.field is None:
                 return list(zip(keys, accs))
             return list(zip(keys, zip(accs, self._first)))  # (k, (v, first)) built in C: all tuples
 
     def results(self) -> list[Any]:
         """The result records, as ``aggregation.results(state)``."""
-        with _gc_paused():
+        with gc_paused():
             return self._results()
 
     def _results(self) -> list[Any]:
@@ -308,7 +308,7 @@ class Vectorized:
 
     def to_state(self) -> dict[Any, Any]:
         """The same state as the generic ``{key: acc}`` dict (a Counter for count)."""
-        with _gc_paused():
+        with gc_paused():
             return self._to_state()
 
     def _to_state(self) -> dict[Any, Any]:

@@ -44,6 +44,7 @@ from typing import Any, cast
 import numpy as np
 
 from operators.aggregations import Aggregation, Count, Max, Min, Sum
+from operators.keyed_vectorized import gc_paused
 from operators.stateless import to_records
 from runtime.errors import OutOfMemoryError
 from runtime.execution.task import Batch, ManagedMemory
@@ -71,6 +72,15 @@ PASSTHROUGH_RATIO = 0.8
 def fits_managed_memory(aggregation: Aggregation) -> bool:
     """Whether ``aggregation`` can keep its state in managed memory: it must merge partials."""
     return aggregation.combinable
+
+
+def _gc_paused_method(fn: Callable[..., list[Batch]]) -> Callable[..., list[Batch]]:
+    """Run a batch step with the cyclic GC paused: it builds many acyclic tuples and lists (keys,
+    accumulators, partials), and each 700 allocations would otherwise walk every live object."""
+    def paused(*args: Any, **kwargs: Any) -> list[Batch]:
+        with gc_paused():
+            return fn(*args, **kwargs)
+    return paused
 
 
 class _Unfit(Exception):
@@ -308,6 +318,7 @@ class ManagedKeyedState:
                 raise _Unfit
         return values
 
+    @_gc_paused_method
     def _add_object(self, batch: Batch, partials: bool) -> list[Batch]:
         """The object form: a bounded staging dict (the aggregation's own heap loops) in front of the table.
 
