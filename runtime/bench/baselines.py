@@ -860,12 +860,7 @@ def w4_numpy(*, n: int = W4_N, k: int = W4_K) -> dict[str, Any]:
         out = _run_children([("numpy", _w4_numpy_child, (n, k))])["numpy"]
     except _ChildFailed as exc:
         return _failed("W4", peer, variant, params, "records/s", str(exc))
-    expected = w4_expected(n, k)
-    ok = out["checksums"] == expected
-    extra: dict[str, Any] = {"checksums": out["checksums"], "memory": {"peak_rss_bytes": out["peak_rss_bytes"]}}
-    if not ok:
-        extra["error"] = f"checksums {out['checksums']}, expected {expected}"
-    return w4_record(peer, variant, n, out["t_end"] - out["t_start"], ok, params=params, **extra)
+    return _w4_child_record(peer, variant, params, n, k, out)
 
 
 def duckdb_version() -> str | None:
@@ -929,13 +924,19 @@ def w4_duckdb(keys: str = "int", *, n: int = W4_N, k: int = W4_K) -> dict[str, A
             out = _run_children([("duckdb", _w4_duckdb_child, (n, k, keys, tmp_dir))])["duckdb"]
     except _ChildFailed as exc:
         return _failed("W4", peer, variant, params, "records/s", str(exc))
+    return _w4_child_record(peer, variant, params, n, k, out)
+
+
+
+def _w4_child_record(peer: str, variant: str, params: dict[str, Any], n: int, k: int,
+                     out: dict[str, Any]) -> dict[str, Any]:
+    """A W4 baseline's record from what its child process reported: checked against ``w4_expected``."""
     expected = w4_expected(n, k)
     ok = out["checksums"] == expected
     extra: dict[str, Any] = {"checksums": out["checksums"], "memory": {"peak_rss_bytes": out["peak_rss_bytes"]}}
     if not ok:
         extra["error"] = f"checksums {out['checksums']}, expected {expected}"
     return w4_record(peer, variant, n, out["t_end"] - out["t_start"], ok, params=params, **extra)
-
 
 # ============================================================================== registry and CLI
 def baselines() -> list[tuple[str, Callable[..., dict[str, Any]]]]:

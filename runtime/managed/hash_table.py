@@ -395,22 +395,10 @@ class FixedHashTable:
         Returns False, with the table unchanged, when not even double the
         capacity (or the first block) fits in the share.
         """
-        smallest = max(MIN_CAPACITY, 2 * self._cap)
-        cap = smallest
-        while cap * self.max_load < need:
-            cap *= 2
-        if cap * self.row_bytes * 4 <= self.share.share_bytes // 8:
-            cap *= 2  # grow 4x while the table is small against the share: half the rehashing
-        seg = None
-        while cap >= smallest:
-            seg = self.share.try_allocate(cap * self.row_bytes)
-            if seg is not None:
-                break
-            cap //= 2
-        if seg is None:
+        got = self.share.try_allocate_table(max(MIN_CAPACITY, 2 * self._cap), need, self.row_bytes, self.max_load)
+        if got is None:
             return False
-        cap = 1 << ((seg.size // self.row_bytes).bit_length() - 1)  # what the rounded block holds
-        seg.fill(0)
+        seg, cap = got
         old_rows = None if self._seg is None else self._T[self._H != 0]
         old_seg = self._seg
         self._seg = seg

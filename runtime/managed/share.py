@@ -252,6 +252,27 @@ class ManagedShare:
             return None
         return self._hold(seg)
 
+    def try_allocate_table(self, smallest: int, need: int, row_bytes: int, max_load: float
+                           ) -> tuple[MemorySegment, int] | None:
+        """A zeroed block for an open-addressing table, and the power-of-two rows it holds; None if none fits.
+
+        Asks for room for ``need`` rows at ``max_load`` (never fewer than ``smallest`` rows), 4x that while
+        the table is small against the share (half the rehashing), and halves down to ``smallest`` until
+        a block fits. Ownership: as :meth:`try_allocate`.
+        """
+        cap = smallest
+        while cap * max_load < need:
+            cap *= 2
+        if cap * row_bytes * 4 <= self.share_bytes // 8:
+            cap *= 2
+        while cap >= smallest:
+            seg = self.try_allocate(cap * row_bytes)
+            if seg is not None:
+                seg.fill(0)
+                return seg, 1 << ((seg.size // row_bytes).bit_length() - 1)  # what the rounded block holds
+            cap //= 2
+        return None
+
     def try_allocate_page(self) -> MemorySegment | None:
         """One page of ``page_size`` bytes, or None (see :meth:`try_allocate`)."""
         if self._used + self.page_size > self.share_bytes:
