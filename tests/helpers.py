@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -50,3 +52,24 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+@contextlib.contextmanager
+def managed_memory(tmp_path: object, size: int = 16 << 20, page: int = 4096) -> Iterator[tuple]:
+    """A real region, a MemoryManager over it (``page``-byte pages) and an IOManager in ``tmp_path``.
+
+    On the way out it fails the test if any managed memory is still allocated or a spill file is left.
+    """
+    from runtime.io import IOManager
+    from runtime.memory import SharedRegion
+    from runtime.memory.manager import MemoryManager
+
+    with SharedRegion.create(size) as region, IOManager(str(tmp_path), threads=1) as io:
+        mm = MemoryManager.for_range(region, 0, size, page_size=page, min_block=256, name="test managed")
+        try:
+            yield mm, io
+            assert mm.used_bytes == 0, f"managed memory left allocated: {mm.owners()}"
+            assert os.listdir(io.directory) == [], "spill files left behind"
+        finally:
+            assert mm.close() == []
+            assert mm.allocator.allocated_bytes == 0

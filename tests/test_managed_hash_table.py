@@ -6,7 +6,6 @@ allocated and no spill file stays on disk.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import re
@@ -15,14 +14,12 @@ from collections import Counter
 import msgpack
 import numpy as np
 import pytest
+from helpers import managed_memory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.errors import InvalidSizeError, OutOfMemoryError, SpillError
-from runtime.io import IOManager
 from runtime.managed import FixedHashTable, HashAggregator, ManagedShare, SerializedHashTable, mix64, spilling, unmix64
-from runtime.memory import SharedRegion
-from runtime.memory.manager import MemoryManager
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -30,18 +27,9 @@ PAGE = 4 * KiB
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@contextlib.contextmanager
 def managed(tmp_path, size: int = 16 * MiB):
     """A region, a MemoryManager with 4 KiB pages and an IOManager; checks for leaks on the way out."""
-    with SharedRegion.create(size) as region, IOManager(str(tmp_path), threads=1) as io:
-        mm = MemoryManager.for_range(region, 0, size, page_size=PAGE, min_block=256, name="test managed")
-        try:
-            yield mm, io
-            assert mm.used_bytes == 0, f"managed memory left allocated: {mm.owners()}"
-            assert os.listdir(io.directory) == [], "spill files left behind"
-        finally:
-            assert mm.close() == []
-            assert mm.allocator.allocated_bytes == 0
+    return managed_memory(tmp_path, size, PAGE)
 
 
 def reference(keys, values, kinds):

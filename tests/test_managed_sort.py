@@ -5,19 +5,16 @@ Real SharedRegion / MemoryManager / IOManager; no page stays allocated, no spill
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
 import pytest
+from helpers import managed_memory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.errors import OutOfMemoryError, SpillError
-from runtime.io import IOManager
 from runtime.managed import ExternalSorter
-from runtime.memory import SharedRegion
-from runtime.memory.manager import MemoryManager
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -25,16 +22,9 @@ PAGE = 4 * KiB
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@contextlib.contextmanager
 def managed(tmp_path, size: int = 8 * MiB):
-    with SharedRegion.create(size) as region, IOManager(str(tmp_path), threads=1) as io:
-        mm = MemoryManager.for_range(region, 0, size, page_size=PAGE, min_block=256, name="test managed")
-        try:
-            yield mm, io
-            assert mm.used_bytes == 0, f"managed memory left allocated: {mm.owners()}"
-            assert os.listdir(io.directory) == [], "spill files left behind"
-        finally:
-            assert mm.close() == []
+    """A region, a MemoryManager with 4 KiB pages and an IOManager; checks for leaks on the way out."""
+    return managed_memory(tmp_path, size, PAGE)
 
 
 records = st.tuples(st.integers(0, 20), st.text(max_size=30), st.integers(-2 ** 63, 2 ** 63 - 1))  # msgpack: 64-bit ints
