@@ -20,8 +20,17 @@ fixed      count, or sum/min/max of plain numbers (rows), or    int64 keys and i
            of the value column of a two-column columnar         accumulators as numpy columns on
            stream keyed by the other column; int keys, all-int  pages: a columnar batch never
            or all-float values                                  becomes Python objects
+fixed,     sum/min/max(1) of ``(key, number)`` tuples keyed     the keys' ASCII bytes, zero-padded
+str keys   by their first item, when every key is an ASCII      to a multiple of 8 bytes (the
+           ``str`` without NUL and the values are as above      first batch's longest), as key
+                                                                words in the rows of the table
 object     any other combinable aggregation or key              msgpack keys and accumulators
 =========  ===================================================  ==================================
+
+The fixed form's str keys travel between a combiner and its final aggregation
+as a numpy ``S`` column (an ASCII ``str`` hashes as its bytes do, so both
+forms of a key go to the same subtask) and come out as ``str`` again. A key
+longer than the table's width, or not ASCII, hands the state to the object form.
 
 Keys of the object form compare by their msgpack bytes: ``1`` and ``1.0``
 are different keys there, and list keys come back as tuples. A float sum of
@@ -135,6 +144,8 @@ class ManagedKeyedState:
         self._pending_partials = False
         self._dense: _Dense | None = None  # the fixed form's array indexed by key (small int keys)
         self._dense_tried = False
+        self._str_keys = False  # the fixed form's keys are str (the table's are bytes; see _str_key_array)
+        self._key_bytes = 0  # str keys: the table's key width in bytes, fixed at the first batch
         self._emitted_later: list[Batch] = []  # partials a hand-over from the dense array made a combiner emit
         self.metrics: dict[str, int] = {"spilled_bytes": 0, "spill_files": 0, "spill_passes": 0,
                                         "managed_peak_bytes": 0}
@@ -161,13 +172,19 @@ class ManagedKeyedState:
             self.columnar = isinstance(batch, dict) and COLUMNAR_ACC in batch
             if isinstance(batch, dict):
                 self.value_column = self.field if isinstance(self.field, str) else None
+                key = batch.get("key")
+                self._str_keys = not self.columnar and isinstance(key, np.ndarray) and key.dtype.kind == "S"
                 return
             self.form = "object"  # pairs come from a combiner in the object form
             return
         self.columnar = isinstance(batch, dict)
-        if not self.columnar and batch and self.key_fn is not None and type(self.key_fn(batch[0])) is not int:  # type: ignore[index]
-            self.form = "object"  # the fixed form takes int keys only: do not build this batch's keys twice
-            return
+        if not self.columnar and batch and self.key_fn is not None:
+            key_type = type(self.key_fn(batch[0]))  # type: ignore[index]
+            if key_type is str and self.pairs:
+                self._str_keys = True
+            elif key_type is not int:
+                self.form = "object"  # a key the fixed form cannot take: do not build this batch's keys twice
+                return
         if not self.columnar:
             if isinstance(self.field, str) and self.kind != "count":
                 self.form = "object"  # a dict record's field: results are whole records
@@ -185,7 +202,7 @@ class ManagedKeyedState:
         if partials:
             if not isinstance(batch, dict):
                 raise _Unfit  # pairs from a combiner that left the fixed form
-            keys = _int_column(batch["key"])
+            keys = self._partial_keys(batch["key"])
             values = self._values(batch[COLUMNAR_ACC if COLUMNAR_ACC in batch else "acc"])
             return self._pend(keys, values, partials=True)
         if isinstance(batch, dict):
@@ -198,12 +215,7 @@ class ManagedKeyedState:
             if not isinstance(batch, list):
                 raise _Unfit
             raw_keys = batch if self.key_fn is None else list(map(self.key_fn, batch))
-            if set(map(type, raw_keys)) - {int}:
-                raise _Unfit
-            try:
-                keys = _int_keys(np.fromiter(raw_keys, np.int64, len(raw_keys)))
-            except OverflowError:
-                raise _Unfit from None
+            keys = self._row_keys(raw_keys)
             raw = None if self.kind == "count" else self._row_values(batch, raw_keys)
         if raw is None:
             if self._dtype is None:
@@ -211,6 +223,48 @@ class ManagedKeyedState:
             return self._pend(keys, None, partials=False)
         values = self._values(raw)  # first: it fixes the value type the table is made for
         return self._pend(keys, values, partials=False)
+
+    def _row_keys(self, raw_keys: list[Any]) -> np.ndarray:
+        """The fixed form's keys of a batch of rows: int64, or (str keys) a numpy ``S`` array."""
+        types = set(map(type, raw_keys))
+        if self._str_keys:
+            if types - {str}:
+                raise _Unfit
+            return self._str_key_array(raw_keys)
+        if types - {int}:
+            raise _Unfit
+        try:
+            return _int_keys(np.fromiter(raw_keys, np.int64, len(raw_keys)))
+        except OverflowError:
+            raise _Unfit from None
+
+    def _str_key_array(self, keys: list[str]) -> np.ndarray:
+        """str keys as their ASCII bytes (numpy ``S``), within the table's key width (fixed here at first).
+
+        NUL is refused: numpy's ``S`` pads with NUL, so a key ending in one would lose it.
+        """
+        if "\0" in "".join(keys):
+            raise _Unfit
+        try:
+            arr = np.array(keys, dtype="S") if keys else np.empty(0, "S8")
+        except UnicodeEncodeError:
+            raise _Unfit from None
+        return self._fit_key_width(arr)
+
+    def _fit_key_width(self, arr: np.ndarray) -> np.ndarray:
+        if not self._key_bytes:
+            self._key_bytes = max(16, -(-arr.dtype.itemsize // 8) * 8)
+        if arr.dtype.itemsize > self._key_bytes:
+            raise _Unfit
+        return arr
+
+    def _partial_keys(self, column: Any) -> np.ndarray:
+        """A fixed-form combiner's key column: int64, or (str keys) its ``S`` column within the key width."""
+        if self._str_keys:
+            if not isinstance(column, np.ndarray) or column.dtype.kind != "S":
+                raise _Unfit
+            return self._fit_key_width(column)
+        return _int_column(column)
 
     def _pend(self, keys: np.ndarray, values: np.ndarray | None, *, partials: bool) -> list[Batch]:
         """Gather fixed-form rows into batches of FIXED_BATCH_ROWS: the table's cost is mostly per call."""
@@ -232,7 +286,7 @@ class ManagedKeyedState:
         keys = np.concatenate([k for k, _ in pending]) if len(pending) > 1 else pending[0][0]
         values = None if pending[0][1] is None else (
             np.concatenate([v for _, v in pending]) if len(pending) > 1 else pending[0][1])
-        dense_first = self._agg is None and not self._dense_tried
+        dense_first = self._agg is None and not self._dense_tried and not self._str_keys
         if (self._dense is not None or dense_first) and self._dense_add(keys, values):
             return []
         if values is None:
@@ -342,7 +396,8 @@ class ManagedKeyedState:
             io = None if self.combine else m.io()
             if self.form == "fixed":
                 aggs: list[Any] = ["count"] if self.kind == "count" else [(self.kind, self._dtype)]
-                self._agg = HashAggregator(m.memory, m.owner, m.share_bytes, io, aggs=aggs, key_type="int64",
+                key_type = f"S{self._key_bytes}" if self._str_keys else "int64"
+                self._agg = HashAggregator(m.memory, m.owner, m.share_bytes, io, aggs=aggs, key_type=key_type,
                                            mode=mode, name=m.owner)
             elif self.kind == "count":
                 self._agg = HashAggregator(m.memory, m.owner, m.share_bytes, io, aggs=["count"],
@@ -370,7 +425,7 @@ class ManagedKeyedState:
             try:
                 for part in old.results():
                     cols = _columns(part)
-                    pairs.extend((k, self._object_acc(k, a)) for k, a in zip(cols["key"].tolist(),
+                    pairs.extend((k, self._object_acc(k, a)) for k, a in zip(_key_list(cols["key"]),
                                                                             cols[self.kind].tolist()))
             finally:
                 self._count(old)
@@ -402,9 +457,7 @@ class ManagedKeyedState:
                     raw: Any = None if self.kind == "count" else batch.get(self.value_column or "")
                 else:
                     raw_keys = batch if self.key_fn is None else list(map(self.key_fn, batch))
-                    if set(map(type, raw_keys)) - {int}:
-                        raise _Unfit
-                    keys = _int_keys(np.fromiter(raw_keys, np.int64, len(raw_keys)))
+                    keys = self._row_keys(raw_keys)
                     raw = None if self.kind == "count" else self._row_values(batch, raw_keys)
                 if keys is None or (raw is None and self.kind != "count"):
                     raise _Unfit
@@ -422,8 +475,10 @@ class ManagedKeyedState:
     def _pairs(self, batch: Batch) -> list[Any]:
         """Partials as ``(key, acc)`` pairs of the object form (a fixed-form combiner's are columns)."""
         if isinstance(batch, dict):
-            accs = batch[COLUMNAR_ACC if COLUMNAR_ACC in batch else "acc"].tolist()
-            return [(k, self._object_acc(k, a)) for k, a in zip(batch["key"].tolist(), accs)]
+            columnar = COLUMNAR_ACC in batch
+            accs = batch[COLUMNAR_ACC if columnar else "acc"].tolist()
+            keys = batch["key"].tolist() if columnar else _key_list(batch["key"])
+            return [(k, self._object_acc(k, a)) for k, a in zip(keys, accs)]
         return batch
 
     def _partials(self, part: Any) -> Batch:
@@ -483,7 +538,7 @@ class ManagedKeyedState:
             yield {self.key_column or "key": cols["key"], (self.value_column or "count"): cols[self.kind]}
         else:
             cols = _columns(part)
-            yield list(zip(cols["key"].tolist(), cols[self.kind].tolist()))
+            yield list(zip(_key_list(cols["key"]), cols[self.kind].tolist()))
 
     # ---------------------------------------------------------------- metrics
     def _count(self, agg: HashAggregator) -> None:
@@ -574,6 +629,13 @@ def _rows_in(batch: Any) -> int:
     if isinstance(batch, dict):
         return len(next(iter(batch.values()))) if batch else 0
     return len(batch)
+
+
+def _key_list(keys: np.ndarray) -> list[Any]:
+    """A fixed-form key column as Python keys: ``S`` columns (str keys of rows) decode to str."""
+    if keys.dtype.kind == "S":
+        return cast(list[Any], keys.astype(f"U{keys.dtype.itemsize}").tolist())
+    return cast(list[Any], keys.tolist())
 
 
 def _int_keys(keys: np.ndarray) -> np.ndarray:

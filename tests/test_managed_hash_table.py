@@ -220,6 +220,48 @@ def test_fixed_aggregator_at_tiny_budgets_equals_a_dict(tmp_path_factory, keys, 
     assert got == want
 
 
+byte_keys = st.binary(max_size=16).filter(lambda b: not b.endswith(b"\0"))
+
+
+@SETTINGS
+@given(keys=st.lists(st.one_of(byte_keys, st.sampled_from([b"k", b"key-000000000001", b"x" * 16])), max_size=2500),
+       data=st.data(), pages=st.integers(4, 10), width=st.sampled_from(["S16", "S24"]))
+def test_byte_key_aggregator_at_tiny_budgets_equals_a_dict(tmp_path_factory, keys, data, pages, width):
+    values = data.draw(st.lists(st.integers(-100, 100), min_size=len(keys), max_size=len(keys)))
+    aggs = ["count", ("sum", "int64"), ("min", "int64"), ("max", "int64")]
+    with managed(tmp_path_factory.mktemp("io")) as (mm, io):
+        with HashAggregator(mm, "agg", pages * PAGE, io, aggs=aggs, key_type=width) as agg:
+            for i in range(0, len(keys), 300):
+                chunk = np.array(keys[i:i + 300], "S16") if keys[i:i + 300] else np.array([], "S16")
+                assert agg.add_batch(chunk, np.array(values[i:i + 300], np.int64)) == []
+            got = collect_columns(agg.results(), KINDS)
+        assert agg.statistics().managed_peak_bytes <= pages * PAGE
+    assert got == reference(keys, values, KINDS)
+
+
+def test_byte_keys_that_share_a_hash_stay_apart(tmp_path, monkeypatch):
+    """Every key hashes alike: rows match on their key words, claims of one hash are made one at a time."""
+    from runtime.managed import hash_table
+
+    monkeypatch.setattr(hash_table, "hash_words", lambda words: np.full(len(words), 12345, np.uint64))
+    keys = [b"k%d" % (i % 37) for i in range(500)]
+    with managed(tmp_path) as (mm, io):
+        table = FixedHashTable(ManagedShare(mm, "t", 1 * MiB), ["count", ("sum", "int64")], key_dtype="S8")
+        for i in range(0, len(keys), 60):
+            assert table.insert_batch(np.array(keys[i:i + 60], "S8"), np.arange(i, i + len(keys[i:i + 60]))) is None
+        assert len(table) == 37
+        got = collect_columns(table.drain(), ("count", "sum"))
+    assert got == reference(keys, list(range(500)), ("count", "sum"))
+
+
+def test_a_byte_key_wider_than_the_table_is_refused_by_name(tmp_path):
+    with managed(tmp_path) as (mm, io):
+        table = FixedHashTable(ManagedShare(mm, "t", 1 * MiB), ["count"], key_dtype="S8")
+        with pytest.raises(ValueError, match="9 bytes do not fit a table of \\|S8 keys"):
+            table.insert_batch(np.array([b"123456789"]))
+        table.release()
+
+
 @SETTINGS
 @given(words=st.lists(st.text(alphabet="abcdefgh", max_size=5), max_size=2500), pages=st.integers(4, 10))
 def test_serialized_aggregator_at_tiny_budgets_equals_a_counter(tmp_path_factory, words, pages):

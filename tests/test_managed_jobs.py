@@ -139,3 +139,25 @@ def test_small_int_keys_aggregate_in_an_array_and_hand_over_to_the_hash_table_wh
     np.minimum.at(expected, inverse, values)
     order = np.argsort(got_k)
     assert np.array_equal(got_k[order], uniq) and np.array_equal(got_v[order], expected)
+
+
+@pytest.mark.parametrize("breaker", [None, "k" * 40, "clé-é", "nul\0", 7])
+def test_str_key_pairs_sum_as_bytes_in_pages_spill_and_hand_over_on_a_key_that_does_not_fit(breaker):
+    """(str, int) pairs keyed by the str: ASCII bytes in the fixed form's rows, spilled at 2 MiB; a key that
+    the form cannot take (too long, not ASCII, a NUL, not a str) hands the state to the object form."""
+    n, k = 300_000, 120_000
+    records = [(f"key-{(i * 7919) % k}", i % 5) for i in range(n)]
+    if breaker is not None:
+        records[250_000] = (breaker, 3)
+        records.append((breaker, 4))
+    env = StreamEnvironment(workers=2, config={"memory.managed.size": "2mb"})
+    out = env.from_collection(records).key_by(lambda r: r[0]).sum(1).collect()
+    result = env.execute("str-pairs")
+    sums: dict[object, int] = {}
+    for key, value in records:
+        sums[key] = sums.get(key, 0) + value
+    got = out.values()
+    assert {r[0]: r[1] for r in got} == sums and len(got) == len(sums)
+    assert all(type(r) is tuple for r in got)
+    assert {type(r[0]) for r in got} == {type(key) for key in sums}
+    assert result.metrics["spilled_bytes"] > 0

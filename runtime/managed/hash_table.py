@@ -20,6 +20,15 @@ slots by writing their hash and reading it back (keys are unique in a batch,
 so exactly one claimant wins). The table doubles (rehash into a new block)
 while the share allows, at load ``max_load``.
 
+Byte-string keys (``key_dtype="S16"``, any multiple of 8 bytes): numpy ``S``
+arrays, zero-padded to the table's width and stored as ``w`` key words
+after the hash: rows are ``[h, key0..key(w-1), acc...]``. The hash is no longer
+a bijection, so rows match on ``h`` *and* every key word; two distinct keys
+sharing a hash (about one pair in 2**64) are still kept apart, as slow paths
+(a lexicographic sort, one claim per hash and round). ``h`` is never 0 (0
+becomes 1), so no side row is needed. A key's trailing NUL bytes are padding:
+callers keep keys that end in NUL out (see ``operators.managed_keyed``).
+
 Semantics (kept from :mod:`operators.aggregations` where numpy allows):
 count and sum add, min/max keep the extreme. Int sums wrap at 2**63 (int64);
 float sums are added in a different order than a Python loop (equal for
@@ -58,8 +67,10 @@ __all__ = [
     "AggLike",
     "Columns",
     "FixedHashTable",
+    "bytes_key_dtype",
     "check_share",
     "count_rows",
+    "hash_words",
     "parse_aggs",
     "preaggregate_rows",
     "raw_rows",
@@ -136,11 +147,15 @@ def parse_aggs(aggs: Sequence[AggLike]) -> tuple[Agg, ...]:
 
 
 # ------------------------------------------------------------ row batches
-def raw_rows(h: U64Array, values: npt.ArrayLike | None, aggs: tuple[Agg, ...]) -> U64Array:
-    """Rows ``[h, acc...]`` for single records: count 1, sum/min/max the value."""
-    rows = np.empty((len(h), 1 + len(aggs)), np.uint64)
+def raw_rows(h: U64Array, values: npt.ArrayLike | None, aggs: tuple[Agg, ...],
+             key_words: U64Array | None = None) -> U64Array:
+    """Rows ``[h, key words..., acc...]`` for single records: count 1, sum/min/max the value."""
+    w = 0 if key_words is None else key_words.shape[1]
+    rows = np.empty((len(h), 1 + w + len(aggs)), np.uint64)
     rows[:, 0] = h
-    for j, agg in enumerate(aggs, 1):
+    if key_words is not None:
+        rows[:, 1:1 + w] = key_words
+    for j, agg in enumerate(aggs, 1 + w):
         if agg.kind == "count":
             rows[:, j] = 1
         else:
@@ -151,8 +166,12 @@ def raw_rows(h: U64Array, values: npt.ArrayLike | None, aggs: tuple[Agg, ...]) -
     return rows
 
 
-def preaggregate_rows(rows: U64Array, aggs: tuple[Agg, ...]) -> U64Array:
-    """Sort rows by hash and merge equal hashes: unique, ascending ``h``; a new array unless already so."""
+def preaggregate_rows(rows: U64Array, aggs: tuple[Agg, ...], key_words: int = 0) -> U64Array:
+    """Sort rows by hash and merge equal keys: unique keys, ascending ``h``; a new array unless already so.
+
+    ``key_words``: how many key words follow ``h`` (0: ``h`` is the key). Rows of one hash with
+    different keys are ordered by their key words, so that equal keys are adjacent.
+    """
     h = rows[:, 0]
     order = np.argsort(h)
     rows = rows[order]
@@ -160,14 +179,51 @@ def preaggregate_rows(rows: U64Array, aggs: tuple[Agg, ...]) -> U64Array:
     if len(h) < 2:
         return rows
     change = h[1:] != h[:-1]
+    if key_words:
+        same_h = ~change
+        if same_h.any():
+            key_change = np.zeros(len(change), bool)
+            for j in range(1, 1 + key_words):
+                col = rows[:, j]
+                key_change |= col[1:] != col[:-1]
+            if (key_change & same_h).any():  # a hash shared by different keys: order by key within it
+                rows = rows[np.lexsort(tuple(rows[:, j] for j in range(key_words, -1, -1)))]
+                h = rows[:, 0]
+                change = h[1:] != h[:-1]
+                for j in range(1, 1 + key_words):
+                    col = rows[:, j]
+                    change |= col[1:] != col[:-1]
+            else:
+                change |= key_change
     if change.all():
         return rows
     starts = np.flatnonzero(np.concatenate(([True], change)))
     out = np.empty((len(starts), rows.shape[1]), np.uint64)
-    out[:, 0] = h[starts]
-    for j, agg in enumerate(aggs, 1):
+    out[:, :1 + key_words] = rows[starts, :1 + key_words]
+    for j, agg in enumerate(aggs, 1 + key_words):
         out[:, j] = agg.merge.reduceat(rows[:, j].view(agg.dtype), starts).view(np.uint64)
     return out
+
+
+def hash_words(words: U64Array) -> U64Array:
+    """A 64-bit hash of each row of key words (``(n, w)`` uint64), never 0 (0 marks an empty slot)."""
+    h = mix64(np.ascontiguousarray(words[:, 0]))
+    for j in range(1, words.shape[1]):
+        h ^= words[:, j]
+        h = mix64(h)
+    h[h == 0] = 1
+    return h
+
+
+def bytes_key_dtype(dtype: npt.DTypeLike) -> np.dtype | None:
+    """``S<n>`` with n a multiple of 8 -> that dtype; int64/float64 -> None; anything else raises ValueError."""
+    dt = np.dtype(dtype)
+    if dt in (np.dtype(np.int64), np.dtype(np.float64)):
+        return None
+    if dt.kind == "S" and dt.itemsize % 8 == 0 and dt.itemsize > 0:
+        return dt
+    msg = f"key_dtype must be int64, float64 or S<n> with n a multiple of 8; got {dt}"
+    raise ValueError(msg)
 
 
 def count_rows(h: U64Array) -> U64Array:
@@ -186,10 +242,11 @@ def count_rows(h: U64Array) -> U64Array:
 
 # ------------------------------------------------------------------ table
 class FixedHashTable:
-    """Open-addressing hash aggregation of int64/float64 keys, in one block of a managed share.
+    """Open-addressing hash aggregation of int64/float64 or byte-string keys, in one block of a managed share.
 
     ``aggs`` are the accumulators (see :func:`parse_aggs`); ``key_dtype`` is
-    int64 or float64; the table grows at ``max_load``. Use
+    int64, float64 or ``S<n>`` (n a multiple of 8: keys are numpy ``S``
+    arrays of at most n bytes); the table grows at ``max_load``. Use
     :meth:`insert_batch` with raw records or :meth:`merge_batch` with partial
     aggregates; read with :meth:`iterate` (keeps the table) or :meth:`drain`
     (then releases it).
@@ -212,16 +269,17 @@ class FixedHashTable:
         self.share = share
         self.aggs = parse_aggs(aggs)
         self.key_dtype = np.dtype(key_dtype)
-        if self.key_dtype not in (np.dtype(np.int64), np.dtype(np.float64)):
-            msg = f"key_dtype must be int64 or float64; got {self.key_dtype}"
-            raise ValueError(msg)
+        bytes_dtype = bytes_key_dtype(self.key_dtype)
+        # Key words after h in each row: 0 for int64/float64 keys (h is a bijection of the key).
+        self.key_words = 0 if bytes_dtype is None else bytes_dtype.itemsize // 8
         if not 0.1 <= max_load <= 0.9:
             msg = f"max_load must be in [0.1, 0.9]; got {max_load}"
             raise ValueError(msg)
         self.max_load = max_load
-        self.width = 1 + len(self.aggs)
+        self.acc0 = 1 + self.key_words  # the first accumulator's column
+        self.width = self.acc0 + len(self.aggs)
         self.row_bytes = 8 * self.width
-        self._count_only = all(a.kind == "count" for a in self.aggs) and len(self.aggs) == 1
+        self._count_only = all(a.kind == "count" for a in self.aggs) and len(self.aggs) == 1 and not self.key_words
         self._seg: MemorySegment | None = None  # the block; owner: this table
         self._T: U64Array = np.empty((0, self.width), np.uint64)  # (capacity, width) view of the block
         self._H: U64Array = self._T[:, 0]  # column 0 of _T
@@ -246,21 +304,50 @@ class FixedHashTable:
         return self._cap
 
     # ------------------------------------------------------------------ input
+    def key_words_of(self, keys: npt.ArrayLike) -> U64Array:
+        """Byte-string keys as ``(n, key_words)`` uint64 words, zero-padded to the table's width.
+
+        Raises:
+            ValueError: a key longer than the table's width (``key_dtype``).
+        """
+        arr = np.asarray(keys)
+        if arr.dtype.kind != "S":
+            msg = f"keys of a {self.key_dtype} table must be a numpy S array; got dtype {arr.dtype}"
+            raise ValueError(msg)
+        if arr.dtype.itemsize > self.key_dtype.itemsize:
+            msg = (f"keys of {arr.dtype.itemsize} bytes do not fit a table of {self.key_dtype} keys; "
+                   f"make the table with a wider key_dtype")
+            raise ValueError(msg)
+        fixed = np.ascontiguousarray(arr, self.key_dtype)
+        return fixed.view(np.uint64).reshape(len(fixed), self.key_words)
+
+    def _hash(self, keys: npt.ArrayLike) -> tuple[U64Array, U64Array | None]:
+        if self.key_words:
+            words = self.key_words_of(keys)
+            return hash_words(words), words
+        return mix64(key_bits(keys, self.key_dtype)), None
+
+    def preaggregate(self, rows: U64Array) -> U64Array:
+        """Rows of this table's width -> unique keys, sorted by hash (see :func:`preaggregate_rows`)."""
+        return preaggregate_rows(rows, self.aggs, self.key_words)
+
     def prepare(self, keys: npt.ArrayLike, values: npt.ArrayLike | None = None) -> U64Array:
         """Raw records -> pre-aggregated rows, unique and sorted by hash (no table access)."""
-        h = mix64(key_bits(keys, self.key_dtype))
+        h, words = self._hash(keys)
         if self._count_only:
             return count_rows(h)
-        return preaggregate_rows(raw_rows(h, values, self.aggs), self.aggs)
+        return self.preaggregate(raw_rows(h, values, self.aggs, words))
 
     def prepare_partials(self, columns: Columns) -> U64Array:
         """Partial aggregates (``{"key": ..., name: ...}`` as :meth:`iterate` yields) -> rows."""
         keys = columns["key"]
         rows = np.empty((len(keys), self.width), np.uint64)
-        rows[:, 0] = mix64(key_bits(keys, self.key_dtype))
-        for j, agg in enumerate(self.aggs, 1):
+        rows[:, 0], words = self._hash(keys)
+        if words is not None:
+            rows[:, 1:self.acc0] = words
+        for j, agg in enumerate(self.aggs, self.acc0):
             rows[:, j] = np.asarray(columns[agg.name], agg.dtype).view(np.uint64)
-        return preaggregate_rows(rows, self.aggs)
+        return self.preaggregate(rows)
 
     def insert_batch(self, keys: NumArray, values: NumArray | None = None) -> U64Array | None:
         """Aggregate records ``keys`` (with ``values`` for sum/min/max): None, or the rows that did not fit.
@@ -275,7 +362,7 @@ class FixedHashTable:
             rest = self.upsert(self.prepare(keys[i:i + BATCH_ROWS], vals))
             if rest is not None:
                 left.append(rest)
-        return preaggregate_rows(np.concatenate(left), self.aggs) if left else None
+        return self.preaggregate(np.concatenate(left)) if left else None
 
     def merge_batch(self, columns: Columns) -> U64Array | None:
         """Merge partial aggregates; returns the rows that did not fit (see :meth:`insert_batch`)."""
@@ -301,7 +388,7 @@ class FixedHashTable:
             self.full = True
             return rows
         h = np.ascontiguousarray(rows[:, 0])
-        found_slot, found = self._find(h)
+        found_slot, found = self._find(h, rows)
         slot: IndexArray | None = found_slot
         if found.all():
             self._merge_at(found_slot, rows)
@@ -323,12 +410,31 @@ class FixedHashTable:
         return None
 
     # ---------------------------------------------------------------- kernels
-    def _find(self, h: U64Array) -> tuple[IndexArray, BoolArray]:
-        """Slot of each hash (``found``) or the first empty slot on its probe path (not found)."""
+    def _same_keys(self, slots: IndexArray, rows: U64Array, which: IndexArray | None, hit: BoolArray) -> BoolArray:
+        """``hit`` narrowed to the slots whose key words equal those of ``rows[which]`` (byte keys)."""
+        cand = np.flatnonzero(hit)
+        if not cand.size:
+            return hit
+        s = slots[cand]
+        r = cand if which is None else which[cand]
+        same = np.ones(len(cand), bool)
+        T = self._T
+        for j in range(1, self.acc0):
+            same &= T[s, j] == rows[r, j]
+        if same.all():
+            return hit
+        hit = hit.copy()
+        hit[cand[~same]] = False
+        return hit
+
+    def _find(self, h: U64Array, rows: U64Array) -> tuple[IndexArray, BoolArray]:
+        """Slot of each row's key (``found``) or the first empty slot on its probe path (not found)."""
         H, mask = self._H, self._mask
         pos = (h & mask).view(np.intp)
         cur = H[pos]
         found = cur == h
+        if self.key_words:
+            found = self._same_keys(pos, rows, None, found)
         done = found | (cur == 0)
         if done.all():
             return pos, found
@@ -339,6 +445,8 @@ class FixedHashTable:
             p = (p + 1) & imask
             cur = H[p]
             hit = cur == hh
+            if self.key_words:
+                hit = self._same_keys(p, rows, idx, hit)
             stop = hit | (cur == 0)
             if stop.any():
                 pos[idx[stop]] = p[stop]
@@ -354,6 +462,17 @@ class FixedHashTable:
             return
         T, H, imask, width = self._T, self._H, int(self._mask), self.width
         h = np.ascontiguousarray(rows[:, 0])
+        if self.key_words:
+            # Claims are made by hash: distinct keys of one hash would both win a slot. Insert the
+            # first row of each hash now and the others after it, probing from their hash.
+            hs = np.sort(h)
+            if (hs[1:] == hs[:-1]).any():
+                _, first = np.unique(h, return_index=True)
+                rest = np.ones(m, bool)
+                rest[first] = False
+                self._insert(rows[first], None if slot is None else slot[first])
+                self._insert(rows[rest], None)
+                return
         p = (h & self._mask).view(np.intp) if slot is None else slot
         sel = np.arange(m)
         known_empty = slot is not None  # _find saw these slots empty: skip the first check
@@ -376,7 +495,7 @@ class FixedHashTable:
 
     def _merge_at(self, slot: IndexArray, rows: U64Array) -> None:
         T = self._T
-        for j, agg in enumerate(self.aggs, 1):
+        for j, agg in enumerate(self.aggs, self.acc0):
             col = T[:, j].view(agg.dtype)
             col[slot] = agg.merge(col[slot], rows[:, j].view(agg.dtype))
 
@@ -430,9 +549,14 @@ class FixedHashTable:
             yield rows.tobytes()
 
     def rows_to_columns(self, rows: U64Array) -> Columns:
-        """Rows ``[h, acc...]`` -> ``{"key": keys, name: accumulator}`` (new arrays)."""
-        cols: Columns = {"key": bits_key(unmix64(np.ascontiguousarray(rows[:, 0])), self.key_dtype)}
-        for j, agg in enumerate(self.aggs, 1):
+        """Rows ``[h, (key words), acc...]`` -> ``{"key": keys, name: accumulator}`` (new arrays)."""
+        cols: Columns
+        if self.key_words:
+            words = np.ascontiguousarray(rows[:, 1:self.acc0])
+            cols = {"key": words.view(self.key_dtype).reshape(len(words))}
+        else:
+            cols = {"key": bits_key(unmix64(np.ascontiguousarray(rows[:, 0])), self.key_dtype)}
+        for j, agg in enumerate(self.aggs, self.acc0):
             cols[agg.name] = np.ascontiguousarray(rows[:, j]).view(agg.dtype)
         return cols
 

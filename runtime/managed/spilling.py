@@ -47,9 +47,9 @@ from runtime.managed.hash_table import (
     AggLike,
     Columns,
     FixedHashTable,
+    bytes_key_dtype,
     check_share,
     parse_aggs,
-    preaggregate_rows,
 )
 from runtime.managed.serialized_table import SerializedBatch, SerializedHashTable, unpacker
 from runtime.managed.share import ManagedShare, NumArray, PartitionedSpill, SpillCounters, U64Array
@@ -132,6 +132,14 @@ class _Form(Generic[B]):
         raise NotImplementedError
 
 
+def _is_bytes_key(key_type: str) -> bool:
+    """Whether ``key_type`` names byte-string keys (``"S16"``) a fixed-width table can take."""
+    try:
+        return bytes_key_dtype(key_type) is not None
+    except (TypeError, ValueError):
+        return False
+
+
 def _shift(level: int) -> np.uint64:
     return np.uint64(64 - PARTITION_BITS * (level + 1))
 
@@ -175,7 +183,7 @@ class _FixedForm(_Form[U64Array]):
             pending = data[whole:]
             if whole:
                 rows = np.frombuffer(data, np.uint64, whole // 8).reshape(-1, width)
-                yield preaggregate_rows(rows, proto.aggs)
+                yield proto.preaggregate(rows)
         assert not pending, "a spilled partition of rows ends on a row boundary"
 
 
@@ -349,9 +357,10 @@ class _Level(Generic[B]):
 class HashAggregator:
     """Hash aggregation in a share of managed memory that spills (final) or emits (combine) when full.
 
-    Keys are ``key_type`` ``"int64"``/``"float64"`` (numpy columns, the
-    fixed-width table) or ``"object"`` (any msgpack-able key, the serialized
-    table). ``aggs`` are count/sum/min/max accumulators; with ``key_type="object"``
+    Keys are ``key_type`` ``"int64"``/``"float64"`` or ``"S<n>"`` (numpy columns,
+    the fixed-width table; byte strings of at most n bytes, n a multiple of 8) or
+    ``"object"`` (any msgpack-able key, the serialized table). ``aggs`` are
+    count/sum/min/max accumulators; with ``key_type="object"``
     ``reduce_fn`` may replace them. Feed :meth:`add_batch` (records) or
     :meth:`add_partials` (a combiner's output), then read :meth:`results`.
     Result batches are ``{"key": ..., name: ...}`` numpy columns (fixed) or
@@ -384,8 +393,8 @@ class HashAggregator:
         if mode == "final" and io is None:
             msg = "mode='final' spills and needs an IOManager; got io=None"
             raise ValueError(msg)
-        if key_type not in ("int64", "float64", "object"):
-            msg = f"key_type must be 'int64', 'float64' or 'object'; got {key_type!r}"
+        if key_type not in ("int64", "float64", "object") and not _is_bytes_key(key_type):
+            msg = f"key_type must be 'int64', 'float64', 'S<n>' (n a multiple of 8) or 'object'; got {key_type!r}"
             raise ValueError(msg)
         if reduce_fn is not None and key_type != "object":
             msg = f"reduce_fn needs key_type='object' (the serialized table); got {key_type!r}"
@@ -407,7 +416,8 @@ class HashAggregator:
             root = _Level(self, _SerializedForm(lambda: SerializedHashTable(
                 share, aggs_t, reduce_fn=reduce_fn, max_load=max_load)), 0)
         else:
-            width = 1 + len(parse_aggs(aggs))
+            key_dtype = bytes_key_dtype(key_type)
+            width = 1 + (0 if key_dtype is None else key_dtype.itemsize // 8) + len(parse_aggs(aggs))
             least = share.block_size(MIN_CAPACITY * 8 * width)
             root = _Level(self, _FixedForm(lambda: FixedHashTable(
                 share, aggs, key_dtype=key_type, max_load=max_load)), 0)
