@@ -24,7 +24,25 @@ from runtime.managed import FixedHashTable, HashAggregator, ManagedShare, Serial
 KiB = 1024
 MiB = 1024 * KiB
 PAGE = 4 * KiB
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=30, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def probe_loop(request, monkeypatch):
+    """Every test runs with the compiled probe loop of the fixed-width table and with its numpy version."""
+    from runtime.managed import hash_table
+
+    if request.param == "numpy":
+        monkeypatch.setattr(hash_table, "_kernels", None)
+    return request.param
+
+
+def test_the_compiled_probe_loop_is_built():
+    """setup.py builds it where a C compiler is at hand, as in CI: a build that failed would only cost speed."""
+    from runtime.managed import _kernels  # ImportError when it was not built
+
+    assert callable(_kernels.upsert)
 
 
 def managed(tmp_path, size: int = 16 * MiB):

@@ -1,0 +1,4 @@
+import numpy as np
+
+def upsert(table: np.ndarray, capacity: int, width: int, key_words: int, codes: bytes, rows: np.ndarray,
+           start: int, room: int, stop_when_full: bool, left: np.ndarray, /) -> tuple[int, int, int]: ...
