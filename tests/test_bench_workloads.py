@@ -120,6 +120,7 @@ def test_w4_checksums_and_dict_baseline_are_the_references(ref):
     for key, value in rows:
         sums[key] = sums.get(key, 0) + value
     assert wl.w4_checksum(sums.items()) == ref.w4_checksum(sums.items()) == ref.w4_expected(n, k)
+    assert wl.w4_checksum_rows(list(sums.items())) == ref.w4_checksum(sums.items())
     int_pairs = [(int(key[4:]), value) for key, value in sums.items()]
     assert wl.w4_checksum(int_pairs) == ref.w4_checksum(int_pairs)
     mine, theirs = wl.w4_dict_baseline(n, k), ref.w4_dict_baseline(n, k)
@@ -146,6 +147,15 @@ def test_w4_columnar_checksums_and_their_sum_match_the_row_checksums():
     halves = [wl.w4_checksum(pairs[:2]), wl.w4_checksum_columns(keys[2:], sums[2:])]
     assert wl.w4_add_checksums(halves) == wl.w4_checksum(pairs)
     assert wl.w4_checksum([("key-000000000005", 1)]) == {"groups": 1, "total": 1, "weighted": 16}
+
+
+def test_w4_vectorised_row_checksums_equal_the_loop_and_fall_back_on_other_keys():
+    cases = [[("key-000000000005", 1), ("key-999999999999", 2**40)], [], [(3, 1), (4, 2)],
+             [("key-00000000005", 1)], [("key-0000000000x5", 1), ("kex-000000000005", 1)][1:],
+             [("key-000000000005", 2**70)], [("clé-000000000005", 1)],
+             [("key-000000000005", 1), ("key-0000000000051", 1), ("key-000000000006", 1)]]
+    for pairs in cases:
+        assert wl.w4_checksum_rows(pairs) == wl.w4_checksum(pairs), pairs
 
 
 def test_w4_source_shares_cover_the_records_once_in_chunks():

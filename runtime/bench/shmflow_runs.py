@@ -72,8 +72,8 @@ from runtime.bench.workloads import (
     w3_record,
     w3_reference,
     w4_add_checksums,
-    w4_checksum,
     w4_checksum_columns,
+    w4_checksum_rows,
     w4_chunks,
     w4_columns,
     w4_expected,
@@ -556,7 +556,7 @@ def _w4_checksum_batch(batch: Any) -> list[tuple[int, int, int]]:
     if isinstance(batch, dict):
         c = w4_checksum_columns(batch["key"], batch["value"])
     else:
-        c = w4_checksum(batch)
+        c = w4_checksum_rows(batch)
     return [(c["groups"], c["total"], c["weighted"])]
 
 

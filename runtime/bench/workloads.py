@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import math
+import operator
 import os
 import platform
 import sys
@@ -461,12 +462,35 @@ def w4_checksum(pairs: Iterable[tuple[Any, int]]) -> dict[str, int]:
     return {"groups": groups, "total": total, "weighted": weighted}
 
 
+def w4_checksum_rows(pairs: list[tuple[Any, int]]) -> dict[str, int]:
+    """:func:`w4_checksum` of ``("key-%012d", sum)`` results, vectorised; anything else goes to :func:`w4_checksum`."""
+    keys = list(map(_first, pairs))
+    try:
+        raw = np.array(keys, dtype="S") if keys and set(map(type, keys)) == {str} else None
+        values = np.fromiter(map(_second, pairs), np.int64, len(pairs))
+    except (UnicodeEncodeError, OverflowError, TypeError, ValueError):
+        raw = None
+    if raw is None or raw.dtype.itemsize != 16 or any(len(k) != 16 for k in (keys[0], keys[-1])):
+        return w4_checksum(pairs)
+    b = raw.view(np.uint8).reshape(len(raw), 16)
+    digits = b[:, 4:].astype(np.int64) - ord("0")
+    if not ((b[:, :4] == np.frombuffer(b"key-", np.uint8)).all() and ((digits >= 0) & (digits <= 9)).all()
+            and (b[:, 4:] != 0).all()):
+        return w4_checksum(pairs)
+    idx = digits @ (10 ** np.arange(11, -1, -1, dtype=np.int64))
+    return w4_checksum_columns(idx, values)
+
+
 def w4_checksum_columns(keys: np.ndarray, values: np.ndarray) -> dict[str, int]:
     """:func:`w4_checksum` of columnar results (int key indices and sums), vectorised."""
     keys64 = np.asarray(keys).astype(np.uint64, copy=False)
     values64 = np.asarray(values).astype(np.uint64, copy=False)
     weighted = int((keys64 * np.uint64(3) + values64).sum(dtype=np.uint64))
     return {"groups": int(keys64.size), "total": int(np.asarray(values).sum(dtype=np.int64)), "weighted": weighted}
+
+
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
 
 
 def w4_add_checksums(parts: Iterable[Mapping[str, int]]) -> dict[str, int]:
@@ -573,6 +597,7 @@ __all__ = [
     "w3_check", "w3_corpus_path", "w3_corpus_text", "w3_generate", "w3_head_lines", "w3_line_ranges",
     "w3_merge", "w3_owner", "w3_record", "w3_reference", "w3_tokens",
     "W4_BOUND_K", "W4_CHUNK", "W4_K", "W4_MANAGED_BYTES", "W4_N", "W4_QUICK_K", "W4_QUICK_N", "W4_RSS_SLACK",
-    "W4_STRIDE", "w4_add_checksums", "w4_checksum", "w4_checksum_columns", "w4_chunks", "w4_columns",
+    "W4_STRIDE", "w4_add_checksums", "w4_checksum", "w4_checksum_columns", "w4_checksum_rows", "w4_chunks",
+    "w4_columns",
     "w4_dict_baseline", "w4_expected", "w4_key_index", "w4_key_str", "w4_record", "w4_rows", "w4_scale",
 ]

@@ -106,7 +106,9 @@ class Partitioner:
             # (two's complement), several times faster than a division.
             dest = keys & (n - 1) if n & (n - 1) == 0 else np.remainder(keys, n)
         else:
-            dest = np.fromiter((hash(k) % n for k in keys.tolist()), dtype=np.int64, count=len(keys))
+            # hash() as for a record's key (an ASCII str hashes as its bytes do: S columns of str keys
+            # go where the str would); Python's % and numpy's remainder are both floor modulo.
+            dest = np.remainder(np.fromiter(map(hash, keys.tolist()), dtype=np.int64, count=len(keys)), n)
         take: Callable[[np.ndarray], dict[str, np.ndarray] | np.ndarray]
         if isinstance(batch, dict):
             def take(idx: np.ndarray) -> dict[str, np.ndarray]:
