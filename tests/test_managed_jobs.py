@@ -67,6 +67,81 @@ def test_a_count_over_many_times_its_managed_memory_spills_equals_counter_and_st
     assert big["managed_peak_bytes"] <= 2 * managed  # both workers' peaks, each within its budget
 
 
+#: A batch reduce(fn) with tuple values, and a global sort_by, over N records, in a fresh client process.
+#: Each reduces its output to figures inside the job (no millions of records in the client) and checks
+#: them against plain Python itself; it prints its figures as JSON.
+REDUCE_AND_SORT_JOBS = textwrap.dedent("""
+    import json, resource, sys
+    from runtime import StreamEnvironment
+    kind, n, k, managed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    env = StreamEnvironment(workers=2, config={"memory.managed.size": managed})
+
+    def record(i):
+        return ("key-%012d" % ((i * 7919) % k), (i % 13, i % 7))
+
+    def merge(a, b):
+        return (a[0], (a[1][0] + b[1][0], max(a[1][1], b[1][1])))
+
+    def reduce_figures(batch):
+        return [(len(batch), sum(r[1][0] for r in batch), sum(r[1][1] for r in batch),
+                 len({r[0] for r in batch}))]
+
+    def sort_figures(batch):
+        keys = [r[0] for r in batch]
+        return [(len(keys), keys[0], keys[-1], all(a <= b for a, b in zip(keys, keys[1:])), sum(keys))]
+
+    if kind == "reduce":
+        stream = env.from_generator(record, count=n).key_by(lambda r: r[0]).reduce(merge)
+        out = stream.map_batches(reduce_figures).collect()
+    else:  # ~100 bytes of payload per record: the sort's state is the records themselves
+        stream = env.from_generator(lambda i: ((i * 7919) % n, "payload-%090d" % i), count=n)
+        out = stream.sort_by(lambda r: r[0]).set_parallelism(1).map_batches(sort_figures).set_parallelism(1).collect()
+    result = env.execute(f"managed-{kind}")
+    parts = out.values()
+    if kind == "reduce":
+        expected = {}
+        for i in range(n):
+            key, (s, m) = record(i)
+            old = expected.get(key)
+            expected[key] = (s, m) if old is None else (old[0] + s, max(old[1], m))
+        want = (len(expected), sum(v[0] for v in expected.values()), sum(v[1] for v in expected.values()))
+        got = (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts))
+        equal = got == want and sum(p[3] for p in parts) == len(expected)
+    else:
+        in_order = all(p[3] for p in parts) and all(a[2] <= b[1] for a, b in zip(parts, parts[1:]))
+        equal = in_order and sum(p[0] for p in parts) == n and sum(p[4] for p in parts) == n * (n - 1) // 2
+    figures = {name: result.metrics[name] for name in
+               ("spilled_bytes", "spill_files", "managed_peak_bytes", "worker_peak_rss_bytes")}
+    print(json.dumps({"equal": equal, "children_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+                      * 1024, **figures}))
+""")
+
+
+def run_managed_job(kind: str, n: int, k: int, managed: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", REDUCE_AND_SORT_JOBS, kind, str(n), str(k), managed],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONHASHSEED": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "n_big", "k_big"), [("reduce", 2_000_000, 1_000_000), ("sort", 1_500_000, 0)])
+def test_reduce_and_sort_far_past_managed_memory_spill_equal_python_and_stay_bounded(kind, n_big, k_big):
+    """On the heap, this reduce's 1 M keys with tuple values, or this sort's 1.5 M records of ~100
+    bytes, would take several hundred MiB; in 8 MiB of managed memory per worker they spill, and each
+    worker's peak RSS (measured from outside) stays within W4's bound: the same job at 10,000 records
+    (or keys) + its managed memory + 96 MiB."""
+    managed = 8 * MiB
+    small = run_managed_job(kind, 20_000 if kind == "reduce" else 10_000, 10_000, "8mb")
+    big = run_managed_job(kind, n_big, k_big or n_big, "8mb")
+    assert small["equal"] and big["equal"], (small, big)
+    assert big["spilled_bytes"] > 0 and big["spill_files"] > 0
+    assert small["spilled_bytes"] == 0
+    bound = small["children_peak_rss"] + managed + 96 * MiB
+    assert big["children_peak_rss"] <= bound, (big, small)
+    assert big["worker_peak_rss_bytes"] <= bound
+
+
 def test_reduce_with_tuple_values_in_managed_memory_equals_python():
     n, k = 500_000, 250_000  # more keys than the staging dict holds (operators.managed_keyed.STAGING_KEYS)
     records = [(f"k{(i * 31) % k}", (i % 13, i % 7)) for i in range(n)]
