@@ -138,6 +138,18 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_layout(args: argparse.Namespace) -> int:
+    if args.coordinator:  # live: how a standing cluster's region is carved now, operators' pages included
+        from runtime.cluster.layout import inspect_cluster, render_live_layout
+        from runtime.errors import TransportError
+        cfg = load_cli_config(args, check_shm=False)
+        try:
+            layout = inspect_cluster(args.coordinator, secret_file=args.secret_file, timeout=args.timeout,
+                                     max_message_size=cfg.max_message_size)
+        except TransportError as exc:
+            print(f"shmflow layout: {exc}", file=sys.stderr)
+            return 1
+        print(render_live_layout(layout, width=args.width))
+        return 0
     from runtime.cluster.layout import render_cluster_layout
     print(render_cluster_layout(load_cli_config(args), width=args.width))
     return 0
@@ -188,9 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("layout", help="draw how the region is carved into arenas, buffer pools and free blocks")
+    p = sub.add_parser("layout", help="draw how the region is carved into arenas, buffer pools, operators' managed "
+                                      "pages and free blocks (planned from the configuration, or live)")
     add_config_arguments(p)
     p.add_argument("--width", type=int, default=64, help="characters per bar")
+    p.add_argument("--coordinator", default=None, metavar="ENDPOINT",
+                   help="draw a standing cluster's region as it is now, e.g. tcp://127.0.0.1:6123 (each worker's "
+                        "arena as of its last heartbeat: network buffers, each operator's managed pages, free)")
+    p.add_argument("--secret-file", default=None, help="the cluster secret (with --coordinator)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator's answer")
     p.set_defaults(func=_cmd_layout)
 
     p = sub.add_parser("config", help="print the effective configuration and where each value came from")

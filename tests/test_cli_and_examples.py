@@ -98,3 +98,24 @@ def test_progress_line_names_operators_and_counts():
     line = progress_line("wc", 3.21, {"read_text -> flat_map": [1204, 9811], "count": [9811, 0]})
     assert line == "[wc 3.2s] read_text -> flat_map: 1,204 in / 9,811 out | count: 9,811 in / 0 out"
     assert len(progress_line("wc", 1.0, {"x" * 40: [1, 2]} , width=30)) == 30
+
+
+def test_an_allocator_snapshot_travels_as_plain_data_and_a_malformed_one_is_refused(tmp_path):
+    from runtime.errors import ProtocolError
+    from runtime.memory import BuddyAllocator, SharedRegion
+    from runtime.memory.layout import AllocatorSnapshot, render_layout
+
+    with SharedRegion.create(1 << 20) as region:
+        alloc = BuddyAllocator(region, 4096)
+        segs = [alloc.allocate(4096, owner="op[0]") for _ in range(3)] + [alloc.allocate(65536, owner="net")]
+        snap = AllocatorSnapshot.of(alloc)
+        assert snap.by_owner() == {"op[0]": (3 * 4096, 3), "net": (65536, 1)}
+        assert snap.runs[0][2:] == ("op[0]", 3)  # adjacent blocks of one owner are one run
+        assert AllocatorSnapshot.from_wire(snap.to_wire()) == snap
+        assert render_layout([("arena", snap)]) == render_layout([("arena", alloc)])
+        assert snap.free_bytes == alloc.free_bytes
+        for seg in segs:
+            seg.free()
+    for bad in (None, [0, 1, 2], [0, 1, 2, [["x", 1, "o", 1]], []], [0, 1, 2, [], [[0]]], [0, 1, True, [], []]):
+        with pytest.raises(ProtocolError, match="an allocator snapshot must be"):
+            AllocatorSnapshot.from_wire(bad)

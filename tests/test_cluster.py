@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import signal
 import socket
 import stat
@@ -205,3 +206,71 @@ def test_workers_of_a_sigkilled_coordinator_exit_within_5s_and_remove_its_region
     assert all(w.returncode != 0 for w in workers)  # they did not finish: they gave up
     assert "the coordinator (pid" in workers[0].stderr.read() + workers[1].stderr.read()
     wait_until(lambda: not os.path.exists(f"/dev/shm/{region}"), timeout=5, msg=f"{region} removed")
+
+
+def _layout(endpoint, secret, *extra):
+    return subprocess.run([sys.executable, "-m", "runtime.cli", "layout", "--coordinator", endpoint,
+                           "--secret-file", str(secret), *extra], capture_output=True, text=True, timeout=60)
+
+
+#: A legend line of an operator's managed pages, e.g. "  D combine(sum)[0]   16 MiB in 16 blocks".
+OPERATOR_PAGES = re.compile(r"^  \S (combine\()?sum\)?\[\d+\] +[\d.]+ [KM]iB in \d+ blocks?$", re.MULTILINE)
+
+
+def test_layout_of_a_standing_cluster_shows_each_operators_managed_pages_while_a_job_runs(cluster, tmp_path):
+    endpoint, secret, _, _ = cluster
+    _wait_for_workers(endpoint, secret)
+    release = tmp_path / "release"
+    n, hold_at = 1_200_000, 1_150_000  # the fixed form gathers 256 Ki rows before it takes its table's pages
+
+    def record(i, release=str(release)):
+        if i == hold_at:  # hold the job here (on one worker) until the test has looked at the layout
+            deadline = time.monotonic() + 60
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return ((i * 7919) % 1_000_003 + 10_000_000, 1)
+
+    env = StreamEnvironment(workers=2, coordinator=endpoint, secret_file=str(secret))
+    out = env.from_generator(record, count=n).key_by(lambda r: r[0]).sum(1).collect()
+    failure: list[BaseException] = []
+
+    def run():
+        try:
+            env.execute("held-sum", timeout=120)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failure.append(exc)
+
+    import threading
+    job = threading.Thread(target=run)
+    job.start()
+    try:
+        seen = {}
+
+        def pages_shown():
+            proc = _layout(endpoint, secret)
+            assert proc.returncode == 0, proc.stderr
+            seen["text"] = proc.stdout
+            return "running job 'held-sum'" in proc.stdout and OPERATOR_PAGES.search(proc.stdout) is not None
+        wait_until(pages_shown, timeout=60, msg="the layout shows the keyed sum's managed pages")
+        text = seen["text"]
+        assert "worker 0 arena (pid" in text and "worker 1 arena (pid" in text
+        assert "worker-0 network" in text and "worker-1 network" in text
+    finally:
+        release.touch()
+        job.join(120)
+    assert not failure, failure
+    assert len(out.values()) == len({(i * 7919) % 1_000_003 for i in range(n)})
+    idle = _layout(endpoint, secret)
+    assert idle.returncode == 0 and "no job running" in idle.stdout
+
+
+def test_layout_of_a_coordinator_that_does_not_answer_says_so_by_name(tmp_path):
+    secret = tmp_path / "cluster.secret"
+    from runtime.cluster import protocol as control_
+    control_.load_or_create_secret(str(secret), create=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _layout(f"tcp://127.0.0.1:{port}", secret, "--timeout", "1")
+    assert proc.returncode == 1
+    assert f"no answer from the coordinator at tcp://127.0.0.1:{port} within 1s" in proc.stderr

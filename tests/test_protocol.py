@@ -36,6 +36,9 @@ EXAMPLES: list[protocol.Message] = [
     protocol.Results(sink="collect-0", records=b"\x90"),
     protocol.JobSucceeded(metrics={0: {"records": 3}, 1: {}}),
     protocol.JobError(message="boom"),
+    protocol.Heartbeat(worker=1, arena=[0, 1 << 20, 4096, [[0, 65536, "worker-1 network", 1]], [[65536, 65536]]]),
+    protocol.Inspect(),
+    protocol.ClusterLayout(region=[0, 1 << 21, 4096, [], []], workers=[[0, 1234, None]], job="j1"),
 ]
 
 
@@ -61,7 +64,7 @@ def test_a_wrong_mac_is_refused_before_decoding():
 
 def test_another_protocol_version_is_refused_by_name():
     body = {"v": protocol.PROTOCOL_VERSION + 1, "t": "ack"}
-    with pytest.raises(ProtocolError, match=r"speaks protocol version 2; this process speaks 1: run the same shmflow"):
+    with pytest.raises(ProtocolError, match=r"speaks protocol version 3; this process speaks 2: run the same shmflow"):
         protocol.open_message(SECRET, sealed(body))
 
 

@@ -37,12 +37,14 @@ from runtime.cluster.protocol import (
     Ack,
     Attached,
     Cancel,
+    ClusterLayout,
     Collect,
     Deploy,
     Deployed,
     Failed,
     Finished,
     Heartbeat,
+    Inspect,
     JobError,
     JobSucceeded,
     Message,
@@ -57,6 +59,7 @@ from runtime.cluster.protocol import (
 from runtime.errors import InsufficientNetworkBuffersError, JobFailedError, ProtocolError, WorkerLostError
 from runtime.execution.graph import JobGraph
 from runtime.memory import BuddyAllocator, MemorySegment, SharedRegion, format_bytes
+from runtime.memory.layout import AllocatorSnapshot
 from runtime.network.budget import job_buffers_required
 from runtime.network.transport import bind, context, local_endpoint, make_socket
 
@@ -85,6 +88,7 @@ class WorkerHandle:
     arena: MemorySegment | None = None
     attached: bool = False
     progress: dict[str, list[int]] | None = None  # from the last heartbeat: chain -> [records in, out]
+    arena_layout: list[Any] | None = None  # the arena's blocks as the worker last reported them (AllocatorSnapshot)
     process: subprocess.Popen[bytes] | None = None  # the worker's process when this coordinator started it
 
 
@@ -122,6 +126,7 @@ class Coordinator:
         self.refused = 0  # messages that failed authentication
         self._on_tick: Callable[[], None] | None = None
         self._next_tick = 0.0
+        self.current_job: str | None = None  # the name of the job running now
 
     # ---------------------------------------------------------------- messaging
     def send(self, handle: WorkerHandle, message: Message) -> None:
@@ -160,7 +165,14 @@ class Coordinator:
         if isinstance(message, Heartbeat):
             if handle is not None:
                 handle.progress = message.progress
+                if message.arena is not None:
+                    handle.arena_layout = message.arena
                 self.send(handle, Ack())  # lets the worker tell a live coordinator from a dead one
+            return None
+        if isinstance(message, Inspect):  # answered while idle and while a job runs
+            workers = [[wid, h.pid, h.arena_layout] for wid, h in sorted(self.workers.items())]
+            self.send_to(identity, ClusterLayout(region=AllocatorSnapshot.of(self.allocator).to_wire(),
+                                                 workers=workers, job=self.current_job))
             return None
         return identity, message
 
@@ -246,6 +258,7 @@ class Coordinator:
         deployed: dict[int, dict[str, str]] = {}
         finished: dict[int, dict[str, Any]] = {}
         self._on_tick, self._next_tick = on_tick, time.monotonic()
+        self.current_job = graph.name
         try:
             while len(deployed) < len(participants):
                 self._watch(graph, participants, job, deadline, deployed, None, on_collect)
@@ -259,6 +272,8 @@ class Coordinator:
             for handle in participants.values():
                 self.send(handle, Cancel(job=job))
             raise
+        finally:
+            self.current_job = None
         return finished
 
     def check_network_buffers(self, graph: JobGraph) -> None:

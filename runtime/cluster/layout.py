@@ -1,15 +1,22 @@
-"""``shmflow layout``: a picture of how a cluster with a given configuration carves its region.
+"""``shmflow layout``: how a cluster carves its region, planned from a configuration or live from a standing one.
 
-Imports: runtime.memory, runtime.network.
+Imports: runtime.memory, runtime.network, runtime.cluster.protocol, runtime.errors (pyzmq).
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
+import zmq
+
+from runtime.cluster import protocol as control
+from runtime.cluster.protocol import ClusterLayout, Inspect
+from runtime.errors import ProtocolError, TransportError
 from runtime.memory import BuddyAllocator, SharedRegion, format_bytes
-from runtime.memory.layout import render_layout
+from runtime.memory.layout import AllocatorSnapshot, render_layout
 from runtime.network import NetworkBufferPool
+from runtime.network.transport import connect, context, make_socket
 
 if TYPE_CHECKING:
     from runtime.config import ShmflowConfig
@@ -41,4 +48,53 @@ def render_cluster_layout(config: ShmflowConfig, *, width: int = 64) -> str:
     return f"{text}\n{managed}"
 
 
-__all__ = ["render_cluster_layout"]
+def inspect_cluster(endpoint: str, *, secret_file: str | None = None, timeout: float = 10.0,
+                    max_message_size: int = control.DEFAULT_MAX_MESSAGE_SIZE) -> ClusterLayout:
+    """Ask the standing coordinator at ``endpoint`` how its region is carved now (also while a job runs).
+
+    Raises:
+        TransportError: no answer within ``timeout`` (names the endpoint and the secret file to check).
+    """
+    secret = control.load_or_create_secret(secret_file, create=False)
+    sock = make_socket(context(), zmq.DEALER)
+    try:
+        control.secure_client(sock, secret, endpoint, max_message_size=max_message_size)
+        connect(sock, endpoint)
+        control.send(sock, secret, Inspect())
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if sock.poll(int(left * 1000) + 1):
+                message = control.recv(sock, secret)
+                if isinstance(message, ClusterLayout):
+                    return message
+        msg = (f"no answer from the coordinator at {endpoint} within {timeout:g}s: is it running, and does "
+               f"{secret_file or control.DEFAULT_SECRET_FILE} hold the cluster's secret?")
+        raise TransportError(msg)
+    finally:
+        sock.close(linger=0)
+
+
+def render_live_layout(layout: ClusterLayout, *, width: int = 64) -> str:
+    """A text picture of a standing cluster's region: the coordinator's arenas, then each worker's arena
+    as its last heartbeat reported it (network buffers, each operator's managed pages, free blocks).
+
+    Raises:
+        ProtocolError: a snapshot in ``layout`` is malformed.
+    """
+    views: list[tuple[str, AllocatorSnapshot]] = [("region (coordinator's allocator)",
+                                                   AllocatorSnapshot.from_wire(layout.region))]
+    missing = []
+    for entry in layout.workers:
+        if len(entry) != 3:
+            msg = f"a worker entry of a cluster layout must be [worker, pid, arena]; got {entry!r}"
+            raise ProtocolError(msg)
+        wid, pid, arena = entry
+        if arena is None:
+            missing.append(f"worker {wid} (pid {pid}): no report of its arena yet")
+        else:
+            views.append((f"worker {wid} arena (pid {pid})", AllocatorSnapshot.from_wire(arena)))
+    head = f"running job {layout.job!r}" if layout.job else "no job running"
+    return "\n".join([head, render_layout(views, width=width), *missing])
+
+
+__all__ = ["inspect_cluster", "render_cluster_layout", "render_live_layout"]

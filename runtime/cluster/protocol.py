@@ -74,7 +74,7 @@ from runtime.errors import AuthenticationError, ProtocolError
 log = logging.getLogger("shmflow.control")
 
 #: Bumped on any change of a message's fields; a peer speaking another version is refused.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 SECRET_BYTES = 32
 #: cluster.max-message-size's default: a job graph with a from_collection of a few million small records.
 DEFAULT_MAX_MESSAGE_SIZE = 256 << 20
@@ -119,6 +119,8 @@ class Heartbeat(Message):
     TYPE: ClassVar[str] = "heartbeat"
     worker: int
     progress: dict[str, list[int]] | None = None  # operator chain -> [records in, records out]
+    # The worker's arena (runtime.memory.layout.AllocatorSnapshot.to_wire), when it changed since the last one
+    arena: list[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -218,10 +220,27 @@ class JobError(Message):
     message: str
 
 
+@dataclass(frozen=True)
+class Inspect(Message):
+    """A client asks the coordinator how the region is carved now (``shmflow layout --coordinator``)."""
+
+    TYPE: ClassVar[str] = "inspect"
+
+
+@dataclass(frozen=True)
+class ClusterLayout(Message):
+    """The answer to Inspect: the coordinator's allocator, and each worker's arena as of its last report."""
+
+    TYPE: ClassVar[str] = "cluster_layout"
+    region: list[Any]  # AllocatorSnapshot.to_wire() of the coordinator's allocator
+    workers: list[list[Any]]  # [worker id, pid, AllocatorSnapshot.to_wire() of its arena or None]
+    job: str | None = None  # the job running now
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (Register, Welcome, Attached, Heartbeat, Ack, Shutdown, Deploy, Deployed, Start, Cancel,
-                Collect, Finished, Failed, Submit, Running, Results, JobSucceeded, JobError)
+                Collect, Finished, Failed, Submit, Running, Results, JobSucceeded, JobError, Inspect, ClusterLayout)
 }
 
 
@@ -491,6 +510,7 @@ __all__ = [
     "Ack",
     "Attached",
     "Cancel",
+    "ClusterLayout",
     "Collect",
     "CurveKeys",
     "Deploy",
@@ -498,6 +518,7 @@ __all__ = [
     "Failed",
     "Finished",
     "Heartbeat",
+    "Inspect",
     "JobError",
     "JobSucceeded",
     "Message",

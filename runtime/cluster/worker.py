@@ -43,6 +43,7 @@ from runtime.cluster.protocol import (
 )
 from runtime.execution.job_run import JobCancelled, JobRun
 from runtime.memory import BuddyAllocator, SharedRegion
+from runtime.memory.layout import AllocatorSnapshot
 from runtime.memory.manager import MemoryManager
 from runtime.network import NetworkBufferPool
 from runtime.network.transport import connect, context, make_socket
@@ -76,6 +77,8 @@ class Worker:
         self.region: SharedRegion | None = None
         self.network: NetworkBufferPool | None = None
         self.memory: MemoryManager | None = None
+        self.arena_allocator: BuddyAllocator | None = None  # carves the arena; owner: this worker
+        self._last_arena: list[Any] | None = None  # the arena as last reported in a heartbeat
         self._last_heartbeat = 0.0
         self._last_heard = time.monotonic()
         self.progress: Callable[[], dict[str, list[int]]] | None = None  # set by the running job
@@ -100,10 +103,21 @@ class Worker:
             self._last_heartbeat = now
             self._check_creator()
             progress = self.progress() if self.progress is not None else None
-            self.send(Heartbeat(worker=self.worker_id, progress=progress))
+            self.send(Heartbeat(worker=self.worker_id, progress=progress, arena=self._arena_if_changed()))
         if now - self._last_heard > COORDINATOR_SILENCE:
             msg = f"worker {self.worker_id}: no word from the coordinator for {COORDINATOR_SILENCE}s"
             raise SystemExit(msg)
+
+    def _arena_if_changed(self) -> list[Any] | None:
+        """The arena's blocks (network pool, each operator's managed pages, free), if they changed since the
+        last heartbeat: the coordinator keeps the last one for ``shmflow layout --coordinator``."""
+        if self.arena_allocator is None:
+            return None
+        wire = AllocatorSnapshot.of(self.arena_allocator).to_wire()
+        if wire == self._last_arena:
+            return None
+        self._last_arena = wire
+        return wire
 
     # ------------------------------------------------- JobHost (runtime.execution.job_run)
     @property
@@ -185,7 +199,7 @@ class Worker:
         # A creator we can see now is in our pid namespace: from now on its death is the coordinator's.
         self._watch_creator = self.region.creator_alive()
         offset, size = welcome.arena[:2]
-        alloc = BuddyAllocator(self.region, welcome.min_block, offset=offset, size=size)
+        alloc = self.arena_allocator = BuddyAllocator(self.region, welcome.min_block, offset=offset, size=size)
         self.network = NetworkBufferPool(alloc, welcome.network_buffers, welcome.segment_size,
                                          owner=f"worker-{self.worker_id} network")
         self.memory = MemoryManager(alloc, budget=welcome.managed_bytes, page_size=welcome.segment_size,
