@@ -538,7 +538,9 @@ class ManagedKeyedState:
             yield {self.key_column or "key": cols["key"], (self.value_column or "count"): cols[self.kind]}
         else:
             cols = _columns(part)
-            yield list(zip(_key_list(cols["key"]), cols[self.kind].tolist()))
+            with gc_paused():  # a batch of acyclic (key, value) tuples
+                out = list(zip(_key_list(cols["key"]), cols[self.kind].tolist()))
+            yield out
 
     # ---------------------------------------------------------------- metrics
     def _count(self, agg: HashAggregator) -> None:

@@ -340,13 +340,16 @@ class FixedHashTable:
         return mix64(key_bits(keys, self.key_dtype)), None
 
     def preaggregate(self, rows: U64Array) -> U64Array:
-        """Rows of this table's width -> unique keys, sorted by hash (see :func:`preaggregate_rows`)."""
+        """Rows of this table's width, ready for :meth:`upsert`: with the compiled probe loop, as they are
+        (the loop merges repeated keys itself); else unique keys sorted by hash (:func:`preaggregate_rows`)."""
+        if self.compiled:
+            return rows
         return preaggregate_rows(rows, self.aggs, self.key_words)
 
     def prepare(self, keys: npt.ArrayLike, values: npt.ArrayLike | None = None) -> U64Array:
-        """Raw records -> pre-aggregated rows, unique and sorted by hash (no table access)."""
+        """Raw records -> rows for :meth:`upsert` (see :meth:`preaggregate`; no table access)."""
         h, words = self._hash(keys)
-        if self._count_only:
+        if self._count_only and not self.compiled:
             return count_rows(h)
         return self.preaggregate(raw_rows(h, values, self.aggs, words))
 
@@ -381,7 +384,7 @@ class FixedHashTable:
         return self.upsert(self.prepare_partials(columns))
 
     def upsert(self, rows: U64Array) -> U64Array | None:
-        """Merge rows (unique, ascending hash) into the table; returns those that did not fit, or None.
+        """Merge rows (as :meth:`preaggregate` leaves them) into the table; returns those that did not fit, or None.
 
         Rows of keys already present always merge; new keys are inserted while
         the table (grown within the share) has room, in row order.
@@ -390,6 +393,8 @@ class FixedHashTable:
         self.full = False
         if n == 0:
             return None
+        if self.compiled:
+            return self._upsert_compiled(rows)
         if rows[0, 0] == 0:  # sorted: the key hashing to 0 comes first
             self._merge_zero(rows[0])
             rows = rows[1:]
@@ -399,8 +404,6 @@ class FixedHashTable:
         if self._seg is None and not self._grow(n):
             self.full = True
             return rows
-        if self.compiled:
-            return self._upsert_compiled(rows)
         h = np.ascontiguousarray(rows[:, 0])
         found_slot, found = self._find(h, rows)
         slot: IndexArray | None = found_slot
@@ -425,7 +428,22 @@ class FixedHashTable:
 
     # ---------------------------------------------------------------- kernels
     def _upsert_compiled(self, rows: U64Array) -> U64Array | None:
-        """:meth:`upsert` by the compiled loop: grow when a new key finds no room, then go on from it."""
+        """:meth:`upsert` by the compiled loop: grow when a new key finds no room, then go on from it.
+
+        Rows may repeat a key and come in any order; the key whose hash is 0 (int/float keys) goes to
+        its side row first (0 marks an empty slot).
+        """
+        if not self.key_words:
+            zero = rows[:, 0] == 0
+            if zero.any():
+                for row in rows[zero]:
+                    self._merge_zero(row)
+                rows = rows[~zero]
+                if not len(rows):
+                    return None
+        if self._seg is None and not self._grow(len(rows)):
+            self.full = True
+            return rows
         rows = np.require(rows, np.uint64, ["C", "A"])
         n = len(rows)
         left = np.empty(n, np.int64)

@@ -163,9 +163,13 @@ class _FixedForm(_Form[U64Array]):
         return self.proto.prepare_partials(partials)
 
     def partition(self, batch: U64Array, level: int) -> Iterator[tuple[int, U64Array]]:
-        # Rows are sorted by hash and share the bits above this level's: partitions are runs.
-        part = (batch[:, 0] >> _shift(level)) & np.uint64(PARTITIONS - 1)
-        bounds = np.searchsorted(part, np.arange(PARTITIONS + 1, dtype=np.uint64)).tolist()
+        # Rows share the hash bits above this level's. Sorted by hash (the numpy probe loop's), the
+        # partitions are runs already; else a stable radix sort of the 4 bits makes them runs.
+        part = ((batch[:, 0] >> _shift(level)) & np.uint64(PARTITIONS - 1)).astype(np.uint8)
+        if len(part) > 1 and (part[1:] < part[:-1]).any():
+            order = np.argsort(part, kind="stable")
+            batch, part = batch[order], part[order]
+        bounds = np.searchsorted(part, np.arange(PARTITIONS + 1, dtype=np.uint8)).tolist()
         for p in range(PARTITIONS):
             if bounds[p + 1] > bounds[p]:
                 yield p, batch[bounds[p]:bounds[p + 1]]
