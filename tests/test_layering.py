@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("memory", ("runtime.memory",)),
     ("io", ("runtime.io",)),
     ("managed", ("runtime.managed",)),
+    ("state", ("runtime.state",)),
     ("network", ("runtime.network",)),
     ("config", ("runtime.config",)),
     ("execution", ("runtime.execution",)),
@@ -46,6 +47,7 @@ FORBIDDEN_THIRD_PARTY = {
     "memory": ("zmq", "msgpack", "cloudpickle"),
     "io": ("zmq", "cloudpickle"),
     "managed": ("zmq", "cloudpickle"),
+    "state": ("zmq", "cloudpickle"),
 }
 #: Deprecated shims inside a lower package (they re-export from their new home there).
 SHIMS = {"runtime.network.channel"}
