@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from operators import keyed, sinks, sort, sources, stateless, window
+from operators import keyed, process, sinks, sort, sources, stateless, window
 from runtime.cluster.client import JobResult
 from runtime.errors import InvalidArgumentError
 from runtime.execution.graph import JobGraph, StreamNode, build_job_graph
@@ -330,6 +330,12 @@ class KeyedStream(_Aggregations):
 
     def window(self, assigner: Any) -> WindowedStream:
         return WindowedStream(self, assigner)
+
+    def process(self, function: Any, *, name: str = "process") -> DataStream:
+        """Run a :class:`~operators.process.KeyedProcessFunction` per key: keyed state (``state.backend``)
+        and timers, with PyFlink's names (``open``, ``process_element``, ``on_timer``)."""
+        op = process.KeyedProcessOperator(self.key_fn, function, name=name)
+        return self.stream._then(name, op, partitioning="hash", key_fn=self.key_fn, columnar_key=self.columnar_key)
 
 
 class WindowedStream(_Aggregations):

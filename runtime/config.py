@@ -277,6 +277,13 @@ KEYS: tuple[KeySpec, ...] = (
             "must be a size >= 1 MiB", lambda v: v >= 1 << 20,
             "largest control message a process accepts (ZMQ_MAXMSGSIZE): a job graph with its collections; "
             "a peer sending more is disconnected", "size"),
+    KeySpec("state.backend", "state_backend", _choice, "heap",
+            "must be one of 'heap', 'managed'", lambda v: v in ("heap", "managed"),
+            "where keyed state of streaming operators lives: heap (Python objects; fastest, unbounded) or managed "
+            "(serialized in managed memory, spilled to io.tmp-dirs when full)", "choice"),
+    KeySpec("pipeline.max-parallelism", "max_parallelism", _integer, 128,
+            "must be an integer in [1, 32768]", lambda v: 1 <= v <= 32768,
+            "key groups that keyed state is divided into (the most subtasks state can be rescaled to)", "int"),
     KeySpec("workers", "workers", _integer, 2,
             "must be an integer in [1, 256]", lambda v: 1 <= v <= 256,
             "number of worker processes", "int"),

@@ -113,6 +113,15 @@ class NestingTooDeepError(ShmflowError, ValueError):
     (``runtime.network.serializer.MAX_NESTING``): names the limit and where the record passes it."""
 
 
+class StateAccessError(ShmflowError, RuntimeError):
+    """Keyed state was read or written outside a keyed context (in ``open``, say): names the state."""
+
+
+class StateSerializationError(ShmflowError, TypeError):
+    """A state value cannot be stored (it is not msgpack-able): names the state (its descriptor's name) and the
+    value's type."""
+
+
 class WorkerLostError(ShmflowError):
     """A worker process died; carries ``worker_id``, ``pid`` and ``exitcode``."""
 
@@ -153,6 +162,8 @@ __all__ = [
     "DeserializationError",
     "RecordTooLargeError",
     "NestingTooDeepError",
+    "StateAccessError",
+    "StateSerializationError",
     "WorkerLostError",
     "JobFailedError",
 ]

@@ -104,7 +104,16 @@ def render_summary(name: str, seconds: float, metrics: dict[str, Any]) -> str:
                  else "")
         if ops.get("spilled_bytes"):
             spill += f", spilled {format_bytes(ops['spilled_bytes'])}"
-        lines.append(f"  {chain}: {ops.get('records_in', 0):,} in, {ops.get('records_out', 0):,} out{late}{spill}")
+        state = ""
+        if "state_entries" in ops:
+            in_memory, on_disk = ops.get("state_bytes_in_memory", 0), ops.get("state_bytes_on_disk", 0)
+            state = (f", state {int(ops['state_entries']):,} entries ({format_bytes(in_memory)} in memory, "
+                     f"{format_bytes(on_disk)} on disk)")
+            lookups = ops.get("state_cache_hits", 0) + ops.get("state_cache_misses", 0)
+            if lookups:
+                state += f", cache hit rate {ops.get('state_cache_hits', 0) / lookups:.0%}"
+        lines.append(f"  {chain}: {ops.get('records_in', 0):,} in, {ops.get('records_out', 0):,} out{late}{spill}"
+                     f"{state}")
     return "\n".join(lines)
 
 

@@ -46,14 +46,18 @@ from runtime.network.records import Partitioner, RecordReader, RecordWriter
 WORKER_METRICS = "__worker__"
 
 
-def managed_shares(operators: list[Operator], *, budget: int, page_size: int) -> dict[int, int]:
+def managed_shares(operators: list[Operator], *, budget: int, page_size: int,
+                   state_backend: str = "heap") -> dict[int, int]:
     """Each stateful operator's share of a worker's managed ``budget``: ``id(op) -> bytes``.
 
     Shares are proportional to :attr:`Operator.managed_memory_weight` (Flink's
     use-case weights), whole pages, and together never above the budget.
-    Operators of weight 0 get nothing (and are absent).
+    Operators of weight 0 get nothing (and are absent); so do operators whose
+    managed memory would hold keyed state (:attr:`Operator.keyed_state`) unless
+    ``state_backend`` is ``"managed"``.
     """
-    weights = {id(op): op.managed_memory_weight for op in operators if op.managed_memory_weight > 0}
+    weights = {id(op): op.managed_memory_weight for op in operators if op.managed_memory_weight > 0
+               and (state_backend == "managed" or not op.keyed_state)}
     total = sum(weights.values())
     if not total or budget < page_size:
         return {}
@@ -181,6 +185,7 @@ class JobRun:
         mine = [v for v in self.graph.vertices if index < v.parallelism]
         chains = {v.id: [self._instantiate(node, index) for node in v.nodes] for v in mine}
         shares = managed_shares([op for ops in chains.values() for op in ops], budget=self.memory.budget,
+                                state_backend=cfg.get("state.backend", "heap"),
                                 page_size=self.memory.page_size)
         for vertex in mine:
             self._current = vertex.name
@@ -201,7 +206,9 @@ class JobRun:
                 managed = (ManagedMemory(self.memory, f"{name}[{subtask}]", share, self._io) if share else None)
                 return OperatorContext(operator_name=name, subtask_index=subtask, parallelism=parallelism,
                                        worker_id=w.worker_id, mode=mode, memory=self.memory, managed=managed,
-                                       send_to_client=self._send_to_client, keep_alive=self._keep_alive)
+                                       send_to_client=self._send_to_client, keep_alive=self._keep_alive,
+                                       state_backend=cfg.get("state.backend", "heap"),
+                                       max_parallelism=cfg.get("pipeline.max-parallelism", 128))
 
             st = Subtask(self.graph, vertex, index, operators, gate=gate, ctx_factory=ctx_factory)
             if gate is not None:

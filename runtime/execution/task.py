@@ -87,6 +87,10 @@ class OperatorContext:
     clock: Callable[[], float] = time.time
     metrics: dict[str, float] = field(default_factory=dict)
     send_to_client: Callable[[str, Batch], None] | None = None  # collect() sinks ship results this way
+    #: Where keyed state lives (``state.backend``: "heap" or "managed") and how many key groups keys fall
+    #: into (``pipeline.max-parallelism``).
+    state_backend: str = "heap"
+    max_parallelism: int = 128
     #: An operator that works long in one call (a final aggregation reading back what it spilled) calls
     #: this every few seconds: the worker heartbeats and acts on a cancel (raising out of the operator).
     keep_alive: Callable[[], None] = lambda: None
@@ -108,6 +112,9 @@ class Operator:
     #: This operator's claim on the worker's managed memory, relative to the other stateful operators
     #: of the worker (0: it keeps no state in managed memory). See :class:`ManagedMemory`.
     managed_memory_weight: int = 0
+    #: Its managed memory would hold keyed state (the ``managed`` state backend's): it gets a share only
+    #: when ``state.backend`` is ``managed``.
+    keyed_state: bool = False
 
     def open(self, ctx: OperatorContext) -> None:
         self.ctx = ctx

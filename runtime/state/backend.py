@@ -1,0 +1,151 @@
+"""Keyed state backends: where an operator's ``(state, key) -> entry`` lives (``state.backend``).
+
+Imports: runtime.state.codec, runtime.state.descriptors, runtime.errors.
+
+A backend stores one *entry* per (state name, key): the value of a value or
+reducing state, the list of a list state, the dict of a map state (or, with
+a time-to-live, ``[last access time, that]``). The state objects of
+:mod:`runtime.state.states` give entries their meaning; a backend only keeps
+them. Two backends, chosen by the config key ``state.backend`` (Flink's):
+
+- ``heap`` (:class:`HeapKeyedStateBackend`): Python dicts; fastest, unbounded.
+  Values are checked to be storable on write, so that a job behaves alike on
+  both backends.
+- ``managed`` (:mod:`runtime.state.managed_backend`): entries serialized into
+  managed-memory pages, spilled to disk when the operator's share is full.
+
+Keys are grouped into key groups (``pipeline.max-parallelism``, Flink's, default
+128) by a hash of their encoded bytes that does not depend on the process, so
+that state can later be snapshotted and rescaled by group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.state import codec
+from runtime.state.descriptors import StateDescriptor
+
+__all__ = ["MISSING", "BackendStats", "HeapKeyedStateBackend", "KeyedStateBackend", "key_group_of"]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+#: What a backend returns for a (state, key) that has no entry.
+MISSING: Any = _Missing()
+
+
+def key_group_of(key: Any, max_parallelism: int) -> int:
+    """The key group of ``key`` in ``[0, max_parallelism)``: a hash of its encoded bytes, the same in every process."""
+    digest = hashlib.blake2b(codec.encode_key(key), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % max_parallelism
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    """What a backend holds: entries, bytes in memory and on disk, and how reads were served."""
+
+    backend: str
+    entries: int
+    bytes_in_memory: int
+    bytes_on_disk: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        """As job metrics (summed per operator by the runtime)."""
+        return {"state_entries": self.entries, "state_bytes_in_memory": self.bytes_in_memory,
+                "state_bytes_on_disk": self.bytes_on_disk, "state_cache_hits": self.cache_hits,
+                "state_cache_misses": self.cache_misses}
+
+
+class KeyedStateBackend:
+    """The store behind one operator's keyed state. Not thread-safe; the worker's one thread uses it."""
+
+    name = "?"
+
+    def get(self, desc: StateDescriptor, key: Any) -> Any:
+        """The entry of ``(desc.name, key)``, or MISSING. A mutable entry (list, dict) may be the stored one:
+        callers that change it call :meth:`put` afterwards."""
+        raise NotImplementedError
+
+    def put(self, desc: StateDescriptor, key: Any, entry: Any) -> None:
+        """Store ``entry`` for ``(desc.name, key)``.
+
+        Raises:
+            StateSerializationError: the entry cannot be stored (names the state and the type).
+        """
+        raise NotImplementedError
+
+    def append(self, desc: StateDescriptor, key: Any, items: list[Any]) -> None:
+        """Add ``items`` to the list entry of ``(desc.name, key)`` (created if missing); list states without TTL."""
+        entry = self.get(desc, key)
+        self.put(desc, key, (list(items) if entry is MISSING else [*entry, *items]))
+
+    def remove(self, desc: StateDescriptor, key: Any) -> None:
+        raise NotImplementedError
+
+    def keys(self, desc: StateDescriptor) -> Iterator[Any]:
+        """Every key that has an entry of ``desc`` (no particular order)."""
+        raise NotImplementedError
+
+    def stats(self) -> BackendStats:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Give back whatever the backend holds (idempotent)."""
+
+
+class HeapKeyedStateBackend(KeyedStateBackend):
+    """Entries as Python objects in one dict per state: ``{state name: {key: entry}}``.
+
+    Ownership: the operator's; entries die with it. Values are checked on
+    write (:func:`runtime.state.codec.check_value`); lists and dicts are
+    kept as given (a list state's list grows in place).
+    """
+
+    name = "heap"
+
+    def __init__(self) -> None:
+        self._tables: dict[str, dict[Any, Any]] = {}
+
+    def _table(self, desc: StateDescriptor) -> dict[Any, Any]:
+        table = self._tables.get(desc.name)
+        if table is None:
+            table = self._tables[desc.name] = {}
+        return table
+
+    def get(self, desc: StateDescriptor, key: Any) -> Any:
+        return self._table(desc).get(key, MISSING)
+
+    def put(self, desc: StateDescriptor, key: Any, entry: Any) -> None:
+        codec.check_value(entry, desc.name)
+        self._table(desc)[key] = entry
+
+    def append(self, desc: StateDescriptor, key: Any, items: list[Any]) -> None:
+        for item in items:
+            codec.check_value(item, desc.name)
+        table = self._table(desc)
+        entry = table.get(key)
+        if entry is None:
+            table[key] = list(items)
+        else:
+            entry.extend(items)
+
+    def remove(self, desc: StateDescriptor, key: Any) -> None:
+        self._table(desc).pop(key, None)
+
+    def keys(self, desc: StateDescriptor) -> Iterator[Any]:
+        return iter(list(self._table(desc)))
+
+    def stats(self) -> BackendStats:
+        return BackendStats("heap", sum(len(t) for t in self._tables.values()), 0)
+
+    def close(self) -> None:
+        self._tables.clear()
