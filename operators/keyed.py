@@ -40,6 +40,8 @@ from operators.managed_keyed import ManagedKeyedState, fits_managed_memory
 from operators.stateless import to_records
 from runtime.errors import InvalidArgumentError
 from runtime.execution.task import Batch, Emit, Operator, TimestampedBatch
+from runtime.state.backend import HeapKeyedStateBackend, KeyedStateBackend, make_backend
+from runtime.state.mapping import StateMapping
 
 __all__ = [
     "Aggregation", "Count", "Sum", "Min", "Max", "Reduce",
@@ -114,11 +116,20 @@ class KeyedAggregate(Operator):
         self._state = aggregation.new_state()
         self._vec: Vectorized | None = None  # made at the first batch-mode batch (after open and the graph)
         self._managed: ManagedKeyedState | None = None  # batch mode with managed memory (from open)
+        self._backend: KeyedStateBackend | None = None  # streaming mode, state.backend managed (from open)
 
     @property
     def managed_memory_weight(self) -> int:  # type: ignore[override]
-        """Batch mode keeps its table in managed memory (when the aggregation can merge partials)."""
-        return 1 if self.mode != "streaming" and fits_managed_memory(self.aggregation) else 0
+        """Batch mode keeps its table in managed memory (when the aggregation can merge partials); streaming
+        mode its keyed state, with ``state.backend: managed`` (see :attr:`keyed_state`)."""
+        if self.mode == "streaming":
+            return 1
+        return 1 if fits_managed_memory(self.aggregation) else 0
+
+    @property
+    def keyed_state(self) -> bool:  # type: ignore[override]
+        """In streaming mode its managed memory would hold keyed state: a share only with ``state.backend: managed``."""
+        return self.mode == "streaming"
 
     def open(self, ctx: Any) -> None:
         super().open(ctx)
@@ -128,6 +139,10 @@ class KeyedAggregate(Operator):
                 msg = f"KeyedAggregate: ctx.mode must be 'streaming' or 'batch'; got {self.mode!r}"
                 raise ValueError(msg)
         managed = getattr(ctx, "managed", None)
+        if self.mode == "streaming" and getattr(ctx, "state_backend", "heap") == "managed":
+            self._backend = make_backend(ctx)
+            # a dict in effect (get, [key] = acc, items, len): the aggregations' loops fold into managed memory
+            self._state = StateMapping(self._backend, f"{self.aggregation.name}-accumulators")  # type: ignore[assignment]
         if self.mode == "batch" and managed is not None and fits_managed_memory(self.aggregation):
             self._managed = ManagedKeyedState(self.aggregation, managed, combine=False, key_fn=self.key_fn,
                                               key_column=self.key_column)
@@ -172,6 +187,11 @@ class KeyedAggregate(Operator):
         if self._managed is not None:
             _emit_managed(self._managed, self.ctx, emit)
             return
+        if self.mode == "streaming":
+            if self._backend is not None:
+                self.ctx.metrics.update(self._backend.stats().metrics())
+            else:
+                self.ctx.metrics.update(HeapKeyedStateBackend.sized(len(self._state)).metrics())
         if self.mode == "batch":
             if self._vec is not None:
                 results = self._vec.results()
@@ -187,6 +207,9 @@ class KeyedAggregate(Operator):
         self._vec = None
         if self._managed is not None:
             self._managed.release()
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()
 
 
 def _emit_managed(state: ManagedKeyedState, ctx: Any, emit: Emit) -> None:

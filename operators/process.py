@@ -27,7 +27,7 @@ from typing import Any
 
 from runtime.errors import InvalidArgumentError
 from runtime.execution.task import Batch, Emit, Operator, OperatorContext, TimestampedBatch
-from runtime.state.backend import HeapKeyedStateBackend, KeyedStateBackend
+from runtime.state.backend import KeyedStateBackend, make_backend
 from runtime.state.descriptors import (
     ListStateDescriptor,
     MapStateDescriptor,
@@ -310,11 +310,3 @@ def _collect(result: Any, out: list[Any], fn: Any, method: str) -> None:
                f"got {type(result).__name__}")
         raise TypeError(msg) from exc
 
-
-def make_backend(ctx: OperatorContext) -> KeyedStateBackend:
-    """The keyed state backend ``ctx.state_backend`` names (see :mod:`runtime.state.backend`)."""
-    if ctx.state_backend == "managed":
-        from runtime.state.managed_backend import ManagedKeyedStateBackend
-        backend: KeyedStateBackend = ManagedKeyedStateBackend.for_operator(ctx)
-        return backend
-    return HeapKeyedStateBackend()

@@ -72,3 +72,25 @@ def test_fraud_detection_example_runs_with_shmflow_run_on_each_backend(backend):
                           timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"60,000 transactions, 10 alerts (state.backend={backend})" in proc.stdout, proc.stdout
+
+
+def test_a_streaming_count_on_the_managed_backend_spills_and_equals_the_heap_backend():
+    n, k = 120_000, 60_000
+
+    def figures(batch):
+        return [(len(batch), sum(c for _, c in batch), max(c for _, c in batch))]
+
+    results = {}
+    for backend in BACKENDS:
+        env = StreamEnvironment(workers=2, mode="streaming",
+                                config={"state.backend": backend, "memory.managed.size": "1mb"})
+        out = (env.from_generator(lambda i: f"key-{(i * 7919) % k}", count=n).key_by(lambda w: w).count()
+                  .map_batches(figures).collect())
+        result = env.execute(f"streaming-count-{backend}")
+        parts = out.values()
+        chain = next(m for name, m in result.metrics["operators"].items() if name.startswith("count"))
+        results[backend] = (sum(p[0] for p in parts), sum(p[1] for p in parts), max(p[2] for p in parts),
+                            chain["state_entries"])
+        if backend == "managed":
+            assert chain["state_bytes_on_disk"] > 0
+    assert results["heap"] == results["managed"] == (n, n * 3 // 2, 2, k)

@@ -29,7 +29,7 @@ from typing import Any
 from runtime.state import codec
 from runtime.state.descriptors import StateDescriptor
 
-__all__ = ["MISSING", "BackendStats", "HeapKeyedStateBackend", "KeyedStateBackend", "key_group_of"]
+__all__ = ["MISSING", "BackendStats", "HeapKeyedStateBackend", "KeyedStateBackend", "key_group_of", "make_backend"]
 
 
 class _Missing:
@@ -145,7 +145,25 @@ class HeapKeyedStateBackend(KeyedStateBackend):
         return iter(list(self._table(desc)))
 
     def stats(self) -> BackendStats:
-        return BackendStats("heap", sum(len(t) for t in self._tables.values()), 0)
+        return self.sized(sum(len(t) for t in self._tables.values()))
+
+    @staticmethod
+    def sized(entries: int) -> BackendStats:
+        """The stats of heap state holding ``entries`` (its bytes are the Python heap's: not counted)."""
+        return BackendStats("heap", entries, 0)
 
     def close(self) -> None:
         self._tables.clear()
+
+
+def make_backend(ctx: Any) -> KeyedStateBackend:
+    """The backend ``ctx.state_backend`` names for the operator whose context (an OperatorContext) is ``ctx``.
+
+    Raises:
+        ConfigError: ``managed`` for an operator that got no managed memory (names the keys to set).
+    """
+    if ctx.state_backend == "managed":
+        from runtime.state.managed_backend import ManagedKeyedStateBackend
+        backend: KeyedStateBackend = ManagedKeyedStateBackend.for_operator(ctx)
+        return backend
+    return HeapKeyedStateBackend()
