@@ -407,6 +407,8 @@ class ShmflowConfig:
     max_record_size: int
     transport: str
     max_message_size: int
+    state_backend: str
+    max_parallelism: int
     workers: int
 
     def __init__(self, values: Mapping[str, object] | None = None, *, source: str = "code",

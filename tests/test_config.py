@@ -136,7 +136,8 @@ def test_defaults() -> None:
         "network.buffers-per-channel": 8,
         "network.floating-buffers-per-gate": 16, "network.buffer-timeout": 0.1,
         "network.max-record-size": 64 * MiB, "network.transport": "auto",
-        "cluster.max-message-size": 256 * MiB, "workers": 2,
+        "cluster.max-message-size": 256 * MiB, "state.backend": "heap", "pipeline.max-parallelism": 128,
+        "workers": 2,
     }
     assert all(cfg.source(spec.key) == "default" for spec in KEYS)
 
