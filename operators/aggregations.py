@@ -321,6 +321,7 @@ class Sum(_FieldAggregation):
                     state[key] = self.create(record)
                 else:
                     acc[0] += record[field]
+                    state[key] = acc  # a state backend other than a dict keeps copies
 
 
 class Min(_FieldAggregation):
@@ -351,6 +352,7 @@ class Min(_FieldAggregation):
                     state[key] = self.create(record)
                 elif record[field] < acc[0]:
                     acc[0] = record[field]
+                    state[key] = acc  # a state backend other than a dict keeps copies
 
 
 class Max(_FieldAggregation):
@@ -383,6 +385,7 @@ class Max(_FieldAggregation):
                     state[key] = self.create(record)
                 elif record[field] > acc[0]:
                     acc[0] = record[field]
+                    state[key] = acc  # a state backend other than a dict keeps copies
 
 
 class Reduce(Aggregation):

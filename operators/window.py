@@ -28,6 +28,8 @@ from operators.keyed import Aggregation, _check_aggregation
 from operators.stateless import to_records
 from runtime.errors import InvalidArgumentError
 from runtime.execution.task import MAX_WATERMARK, Batch, Emit, Operator, OperatorContext, TimestampedBatch, batch_len
+from runtime.state.backend import KeyedStateBackend, make_backend
+from runtime.state.mapping import StateMapping
 
 __all__ = [
     "WindowAssigner",
@@ -212,12 +214,33 @@ class WindowAggregate(Operator):
         self._watermark = float("-inf")
         self._metrics: dict[str, float] = {}
         self._clock: Callable[[], float] = time.time
+        self._backend: KeyedStateBackend | None = None  # state.backend managed: each window's {key: acc} there
+
+    @property
+    def managed_memory_weight(self) -> int:  # type: ignore[override]
+        """Its windows' state may live in managed memory (``state.backend: managed``)."""
+        return 1
+
+    keyed_state = True
 
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
         self._metrics = ctx.metrics
         self._metrics.setdefault(LATE_METRIC, 0)
         self._clock = ctx.processing_time
+        if ctx.state_backend == "managed":
+            self._backend = make_backend(ctx)
+
+    def _new_window(self, start: float) -> dict[Any, Any]:
+        """A window's ``{key: acc}``: a dict, or (managed backend) a StateMapping of that window's state."""
+        if self._backend is None:
+            return self.aggregation.new_state()
+        return StateMapping(self._backend, f"window@{start!r}")  # type: ignore[return-value]
+
+    def _drop_window(self, start: float) -> None:
+        state = self._windows.pop(start)
+        if isinstance(state, StateMapping):
+            state.clear()
 
     # -- input -----------------------------------------------------------------------
 
@@ -238,7 +261,7 @@ class WindowAggregate(Operator):
     def _fold(self, start: float, keys: Any, records: list[Any]) -> None:
         state = self._windows.get(start)
         if state is None:
-            state = self._windows[start] = self.aggregation.new_state()
+            state = self._windows[start] = self._new_window(start)
         self.aggregation.fold(state, keys, records)
 
     def _add_event_time(self, batch: TimestampedBatch, emit: Emit) -> None:
@@ -304,7 +327,7 @@ class WindowAggregate(Operator):
         size = self.assigner.size
         for start in [s for s in self._fired if s + size <= horizon]:
             self._fired.discard(start)
-            del self._windows[start]
+            self._drop_window(start)
         return watermark
 
     def next_timer(self) -> float | None:
@@ -318,12 +341,17 @@ class WindowAggregate(Operator):
 
     def finish(self, emit: Emit) -> None:
         self._fire(MAX_WATERMARK, emit)
+        if self._backend is not None:
+            self._metrics.update(self._backend.stats().metrics())
         self._windows.clear()
         self._fired.clear()
 
     def close(self) -> None:
         self._windows.clear()
         self._fired.clear()
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()
 
     def _fire(self, bound: float, emit: Emit) -> None:
         """Emit every not-yet-fired window with ``end <= bound``, by window end."""
@@ -343,7 +371,7 @@ class WindowAggregate(Operator):
             if keep and end + self.allowed_lateness > self._watermark:
                 self._fired.add(start)
             else:
-                del self._windows[start]
+                self._drop_window(start)
         self._emit_results(out, counts, emit)
 
     def _emit_results(self, out: list[Any], counts: list[tuple[float, int]], emit: Emit) -> None:

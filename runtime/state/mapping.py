@@ -52,6 +52,12 @@ class StateMapping(MutableMapping[Any, Any]):
     def __iter__(self) -> Iterator[Any]:
         return iter(self.backend.keys(self.desc))
 
+    def clear(self) -> None:
+        """Remove every entry of this state (one pass over its keys)."""
+        for key in list(self.backend.keys(self.desc)):
+            self.backend.remove(self.desc, key)
+        self._len, self._keys_known = 0, True
+
     def __len__(self) -> int:
         if not self._keys_known:
             self._len = sum(1 for _ in self.backend.keys(self.desc))
