@@ -198,7 +198,7 @@ def test_streaming_count_and_sum_on_the_managed_backend_equal_the_heap_backend_w
             return w
     else:
         def records(i):
-            return ((i * 7919) % k, i % 7)
+            return (f"key-{(i * 7919) % k:012d}", i % 7)
 
         key_fn = _first
     heap, _ = _streaming_job("heap", records, n, agg, key_fn)
@@ -228,21 +228,21 @@ def test_a_batch_that_does_not_fit_hands_the_state_over_with_the_same_results():
 def test_the_operator_emits_what_the_heap_path_emits_including_timestamps(tmp_path):
     from types import SimpleNamespace
 
-    from operators.keyed import KeyedAggregate, max, min
+    from operators import keyed
     from runtime.execution.task import ManagedMemory, TimestampedBatch
 
     with managed_memory(tmp_path, 1 << 20, PAGE) as (mm, io):
         for agg_fn, key_fn, batches in [
-            (min, _first, [[("a", 3), ("b", 1), ("a", 2)], [("a", 5), ("b", 0)]]),
-            (max, None, [[1.5, 2.5, 1.5], [0.5, 2.5]]),
-            (max, _first, [[(1, 2.0), (2, 1.0)], [(1, -0.0), (1, 3.0)]]),  # -0.0: hands over
+            (keyed.min, _first, [[("a", 3), ("b", 1), ("a", 2)], [("a", 5), ("b", 0)]]),
+            (keyed.max, None, [[1.5, 2.5, 1.5], [0.5, 2.5]]),
+            (keyed.max, _first, [[(1, 2.0), (2, 1.0)], [(1, -0.0), (1, 3.0)]]),  # -0.0: hands over
         ]:
             outs = []
             for backend in ("heap", "managed"):
                 managed = ManagedMemory(mm, f"op-{backend}", 64 * KiB, lambda: io)
                 ctx = SimpleNamespace(mode="streaming", state_backend=backend, managed=managed, metrics={},
                                       operator_name="max", max_parallelism=16, subtask_index=0, parallelism=1)
-                op = KeyedAggregate(key_fn, agg_fn(1) if key_fn is _first else agg_fn(), mode="streaming")
+                op = keyed.KeyedAggregate(key_fn, agg_fn(1) if key_fn is _first else agg_fn(), mode="streaming")
                 op.open(ctx)
                 out: list = []
                 for i, b in enumerate(batches):

@@ -21,11 +21,13 @@ must be loaded, the partitions this batch no longer needs are the least
 recently used.
 
 When a partition needs a block the share does not have, the least recently
-used other resident partition is evicted: its occupied rows are written to a
-spill file of its own through a staging page, and its block goes back to the
-share. A batch that touches an evicted partition loads it back (its rows are
-re-inserted into a new block) and deletes its file: the dead bytes on disk
-are always zero. Running out of the share is never an error, except for one
+used other resident partition is evicted: its occupied rows are packed at the
+start of its own block and written from there to a spill file of its own in
+one request (no staging copy: a staging page cost one IOManager round trip
+per page, most of an evicting job's time), and the block goes back to the
+share. A batch that touches an evicted partition loads it back: the rows are
+read into the partition's new block, then re-inserted there; its file is
+deleted, so the dead bytes on disk are always zero. Running out of the share is never an error, except for one
 partition that cannot fit even with every other partition evicted
 (``OutOfMemoryError`` naming ``memory.managed.size``).
 
@@ -42,10 +44,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from runtime.errors import OutOfMemoryError
-from runtime.io import IOManager
+from runtime.errors import OutOfMemoryError, SpillError
+from runtime.io import BlockRef, IOManager, SpillFile
 from runtime.managed.hash_table import AGG_KINDS, hash_words
-from runtime.managed.share import ManagedShare, NumArray, SpillCounters, SpillStream, U64Array, mix64, unmix64
+from runtime.managed.share import ManagedShare, NumArray, U64Array, mix64, spill_error, unmix64
 from runtime.memory.segment import MemorySegment
 from runtime.memory.snapshot import Snapshot
 
@@ -83,7 +85,7 @@ class _Partition:
     either. ``rows`` counts the keys wherever they are.
     """
 
-    __slots__ = ("seg", "table", "capacity", "limit", "rows", "spill", "last_used")
+    __slots__ = ("seg", "table", "capacity", "limit", "rows", "spill", "block", "last_used")
 
     def __init__(self) -> None:
         self.seg: MemorySegment | None = None
@@ -91,7 +93,8 @@ class _Partition:
         self.capacity = 0
         self.limit = 0  # keys the table takes before it grows
         self.rows = 0
-        self.spill: SpillStream | None = None
+        self.spill: SpillFile | None = None  # an evicted partition's rows: one block of a file of its own
+        self.block: BlockRef | None = None
         self.last_used = 0
 
 
@@ -105,8 +108,9 @@ class StreamingFixedState:
     or a function returning it (called at the first eviction), or None (then
     a share that runs out raises OutOfMemoryError).
 
-    Ownership: every block and the staging page are taken from ``share`` by
-    this object, which is their only writer and gives them back in
+    Ownership: every block is taken from ``share`` by this object, which is
+    its only writer (the IOManager reads or writes it only during an eviction
+    or a load, which wait for it) and gives it back in
     :meth:`release` (also deleting every spill file). Arrays returned by
     :meth:`update` and :meth:`items` are copies.
     Process: the worker running the operator. Not thread-safe.
@@ -147,12 +151,10 @@ class StreamingFixedState:
         self._shift = np.uint64(64 - (partitions.bit_length() - 1)) if partitions > 1 else None
         self._parts = [_Partition() for _ in range(partitions)]
         self._zero: np.uint64 | None = None  # int keys: the accumulator of the one key whose hash is 0
-        # The staging page of spill I/O, taken now: once the tables fill the share there would be no room for it.
-        self._stage: MemorySegment | None = None if io is None else share.allocate_pages(1)[0]
         self._tick = 0
         self._loads = 0
         self._evictions = 0
-        self._counters = SpillCounters()
+        self._spilled_bytes = 0
         self.compiled = _kernels is not None
 
     # ------------------------------------------------------------------ update
@@ -371,44 +373,51 @@ class StreamingFixedState:
         return True
 
     def _evict(self, p: int) -> None:
+        """Write partition ``p``'s rows to a spill file of its own, from its block, and give the block back."""
         part = self._parts[p]
         assert part.seg is not None and part.table is not None
-        io = self._io_manager()
         table, seg = part.table, part.seg
         if part.rows:
-            assert self._stage is not None
-            live = table[table[:, 0] != 0]
-            stream = SpillStream(io, f"{self.name}-{p}", self._counters)
+            io = self._io_manager()
+            live = table[table[:, 0] != 0]  # a heap copy: packed at the block's start next
+            nbytes = live.nbytes
+            seg.as_array(np.uint64, live.size)[:] = live.reshape(-1)
+            del live
+            f: SpillFile | None = None
             try:
-                stream.write(live, self._stage)
-            except BaseException:
-                stream.delete()
-                raise
-            part.spill = stream
+                f = io.create_spill_file(f"{self.name}-{p}")
+                part.block = f.write(seg, nbytes)
+            except SpillError as exc:
+                if f is not None:
+                    f.delete()
+                err = spill_error("write to", getattr(exc, "path", io.directory), exc)
+                raise err from exc
+            part.spill = f
+            self._spilled_bytes += nbytes
         part.seg = part.table = None
         part.capacity = part.limit = 0
         self.share.release(seg)
         self._evictions += 1
 
     def _load(self, p: int, extra: int) -> None:
-        """Bring evicted partition ``p`` back into a block with room for ``extra`` more keys."""
+        """Bring partition ``p`` back into a block with room for ``extra`` more keys (its rows read into it)."""
         part = self._parts[p]
-        rows = self._spilled_rows(part)
         seg, cap = self._allocate(p, part.rows + extra)
         self._install(part, seg, cap)
+        f, ref = part.spill, part.block
+        if f is None or ref is None:
+            return
+        try:
+            f.read(ref, seg)
+        except SpillError as exc:
+            err = spill_error("read", f.path, exc)
+            raise err from exc
+        rows = seg.as_array(np.uint64, ref.nbytes // 8).reshape(-1, self.width).copy()
+        seg.fill(0)
         self._reinsert(part, rows)
-        if part.spill is not None:
-            part.spill.delete()
-            part.spill = None
-            self._loads += 1
-
-    def _spilled_rows(self, part: _Partition) -> U64Array:
-        """The rows of an evicted partition, read back (an empty array if it has none)."""
-        if part.spill is None:
-            return np.empty((0, self.width), np.uint64)
-        assert self._stage is not None
-        data = b"".join(part.spill.read_blocks(self._stage))
-        return np.frombuffer(data, np.uint64).reshape(-1, self.width)
+        part.spill = part.block = None
+        f.delete()
+        self._loads += 1
 
     def _io_manager(self) -> IOManager:
         if self._io is None:
@@ -429,18 +438,17 @@ class StreamingFixedState:
     def items(self) -> Iterator[tuple[npt.NDArray[Any], NumArray]]:
         """Every key and its accumulator, as ``(keys, accumulators)`` array pairs (copies), partition by partition.
 
-        Evicted partitions are read from their spill files and stay there.
+        Evicted partitions are loaded back one by one (evicting others as :meth:`update` does).
         """
         if self._zero is not None:
             yield (np.array([unmix64(np.zeros(1, np.uint64))[0]], np.uint64).view(np.int64),
                    np.array([self._zero], np.uint64).view(self.value_dtype))
-        for part in self._parts:
-            if part.table is not None:
-                rows = part.table[part.table[:, 0] != 0]
-            elif part.spill is not None:
-                rows = self._spilled_rows(part)
-            else:
+        for p, part in enumerate(self._parts):
+            if part.spill is not None:
+                self._load(p, extra=0)
+            if part.table is None:
                 continue
+            rows = part.table[part.table[:, 0] != 0]
             if len(rows):
                 yield self._rows_to_keys(rows), np.ascontiguousarray(rows[:, -1]).view(self.value_dtype)
 
@@ -448,9 +456,9 @@ class StreamingFixedState:
         return sum(part.rows for part in self._parts) + (self._zero is not None)
 
     def stats(self) -> StreamingStateStats:
-        disk = sum(part.spill.nbytes for part in self._parts if part.spill is not None)
+        disk = sum(part.block.nbytes for part in self._parts if part.block is not None)
         return StreamingStateStats(len(self), self.share.used_bytes, disk, self._loads, self._evictions,
-                                   self._counters.spilled_bytes)
+                                   self._spilled_bytes)
 
     def release(self) -> None:
         """Forget every key: give every block and the staging page back, delete every spill file. Idempotent."""
@@ -458,13 +466,10 @@ class StreamingFixedState:
             seg, part.seg, part.table = part.seg, None, None
             if seg is not None:
                 self.share.release(seg)
-            spill, part.spill = part.spill, None
+            spill, part.spill, part.block = part.spill, None, None
             if spill is not None:
                 spill.delete()
             part.rows = part.capacity = part.limit = 0
-        stage, self._stage = self._stage, None
-        if stage is not None:
-            self.share.release(stage)
         self._zero = None
 
     def __repr__(self) -> str:
