@@ -12,7 +12,7 @@ The aggregations, and the table of their result shapes, are in
 count/sum/min/max is in :mod:`operators.keyed_vectorized`.
 
 Imports: runtime.execution.task, operators.stateless (batch helpers), operators.aggregations,
-operators.keyed_vectorized, stdlib.
+operators.keyed_vectorized, operators.managed_keyed, operators.managed_streaming, runtime.state, stdlib.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from operators.aggregations import (
 )
 from operators.keyed_vectorized import Vectorized, vectorizable
 from operators.managed_keyed import ManagedKeyedState, fits_managed_memory
+from operators.managed_streaming import StreamingManagedAggregate, fits_streaming_state
 from operators.stateless import to_records
 from runtime.errors import InvalidArgumentError
 from runtime.execution.task import Batch, Emit, Operator, TimestampedBatch
@@ -117,6 +118,8 @@ class KeyedAggregate(Operator):
         self._vec: Vectorized | None = None  # made at the first batch-mode batch (after open and the graph)
         self._managed: ManagedKeyedState | None = None  # batch mode with managed memory (from open)
         self._backend: KeyedStateBackend | None = None  # streaming mode, state.backend managed (from open)
+        # streaming count/sum/min/max with state.backend managed: the fixed-width state, until a batch does not fit
+        self._streaming: StreamingManagedAggregate | None = None
 
     @property
     def managed_memory_weight(self) -> int:  # type: ignore[override]
@@ -140,17 +143,42 @@ class KeyedAggregate(Operator):
                 raise ValueError(msg)
         managed = getattr(ctx, "managed", None)
         if self.mode == "streaming" and getattr(ctx, "state_backend", "heap") == "managed":
-            self._backend = make_backend(ctx)
-            # a dict in effect (get, [key] = acc, items, len): the aggregations' loops fold into managed memory
-            self._state = StateMapping(self._backend, f"{self.aggregation.name}-accumulators")  # type: ignore[assignment]
+            if managed is not None and not self.partial_input and fits_streaming_state(self.aggregation):
+                self._streaming = StreamingManagedAggregate(self.aggregation, managed, self.key_fn,
+                                                            name=f"{self.aggregation.name}-{managed.owner}")
+            else:
+                self._open_backend()
         if self.mode == "batch" and managed is not None and fits_managed_memory(self.aggregation):
             self._managed = ManagedKeyedState(self.aggregation, managed, combine=False, key_fn=self.key_fn,
                                               key_column=self.key_column)
+
+    def _open_backend(self) -> None:
+        self._backend = make_backend(self.ctx)
+        # a dict in effect (get, [key] = acc, items, len): the aggregations' loops fold into managed memory
+        self._state = StateMapping(self._backend, f"{self.aggregation.name}-accumulators")  # type: ignore[assignment]
+
+    def _streaming_updates(self, batch: Batch) -> Batch | None:
+        """The batch's updates from the fixed-width state, or None after handing the state over to the backend."""
+        assert self._streaming is not None
+        out = self._streaming.updates(to_records(batch)) if not isinstance(batch, dict) else None
+        if out is not None:
+            return TimestampedBatch(out, batch.timestamps) if isinstance(batch, TimestampedBatch) else out
+        streaming, self._streaming = self._streaming, None
+        entries = streaming.take_entries()  # releases its memory: the backend's store takes the share next
+        self._open_backend()
+        for key, acc in entries:
+            self._state[key] = acc
+        return None
 
     def process_batch(self, batch: Batch, emit: Emit) -> None:
         if self._managed is not None:
             self._managed.add(batch, partials=self.partial_input)
             return
+        if self._streaming is not None:
+            out = self._streaming_updates(batch)
+            if out is not None:
+                emit(out)
+                return
         if self.partial_input and isinstance(batch, dict):  # columnar partials of a managed combiner
             accs = (batch["acc"] if "acc" in batch else batch["column_acc"]).tolist()
             keys = batch["key"].tolist()
@@ -188,7 +216,9 @@ class KeyedAggregate(Operator):
             _emit_managed(self._managed, self.ctx, emit)
             return
         if self.mode == "streaming":
-            if self._backend is not None:
+            if self._streaming is not None:
+                self.ctx.metrics.update(self._streaming.metrics())
+            elif self._backend is not None:
                 self.ctx.metrics.update(self._backend.stats().metrics())
             else:
                 self.ctx.metrics.update(HeapKeyedStateBackend.sized(len(self._state)).metrics())
@@ -207,6 +237,9 @@ class KeyedAggregate(Operator):
         self._vec = None
         if self._managed is not None:
             self._managed.release()
+        streaming, self._streaming = self._streaming, None
+        if streaming is not None:
+            streaming.release()
         backend, self._backend = self._backend, None
         if backend is not None:
             backend.close()

@@ -1,4 +1,4 @@
-/* Compiled probe loop of the fixed-width managed hash table (runtime.managed.hash_table).
+/* Compiled probe loops of the fixed-width managed hash tables (runtime.managed.hash_table, .streaming_table).
  *
  * The numpy version of FixedHashTable.upsert probes every row of a batch in
  * lock step: each probing round is a dozen numpy calls over the rows still
@@ -6,9 +6,14 @@
  * rounds, so its cost is per call, not per row. This loop takes one row at a
  * time to its slot (find, merge or insert) in a few nanoseconds.
  *
+ * upsert_emit is the streaming form (runtime.managed.streaming_table): rows
+ * are single records in input order, a key may repeat, and the accumulators
+ * after each record's merge are written out, one set per row.
+ *
  * Ownership: the caller owns every buffer. The table buffer is a block of
  * managed memory that only the calling table writes; rows are read only;
- * `left` is the caller's scratch. Nothing here allocates or keeps a reference.
+ * `left` and `out` are the caller's scratch. Nothing here allocates or keeps
+ * a reference.
  *
  * Layout (see hash_table.py): the table is `capacity` rows of `width` uint64
  * words, [h, key words..., accumulators...]; h == 0 marks an empty slot; the
@@ -140,14 +145,84 @@ done:
     return result;
 }
 
+/* upsert_emit(table, capacity, width, key_words, codes, rows, start, room, out) -> (next_row, inserted)
+ *
+ * Merges rows[start:] into the table strictly in row order (rows are single records: a key may
+ * repeat) and writes each row's accumulators after its merge to out[i * n_accs ...] (uint64 bits).
+ * A new key is inserted while fewer than `room` were inserted by this call; the first new key past
+ * `room` stops the call with next_row at it (its accumulators not written), so the caller can grow
+ * the table and call again from there. Returns next_row == n when done.
+ */
+static PyObject *upsert_emit(PyObject *self, PyObject *args) {
+    Py_buffer table, codes, rows, out;
+    Py_ssize_t capacity, width, key_words, start, room;
+    if (!PyArg_ParseTuple(args, "w*nnny*y*nnw*", &table, &capacity, &width, &key_words, &codes, &rows, &start,
+                          &room, &out))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n_accs = width - 1 - key_words;
+    if (capacity <= 0 || (capacity & (capacity - 1)) || width < 2 || key_words < 0 || n_accs < 1 ||
+        codes.len != n_accs || rows.len % (8 * width) || start < 0) {
+        PyErr_SetString(PyExc_ValueError, "upsert_emit: inconsistent table shape, accumulator codes or rows");
+        goto done;
+    }
+    Py_ssize_t n = rows.len / (8 * width);
+    if (check_buffer(&table, capacity * width * 8, "table") || check_buffer(&rows, 0, "rows") ||
+        check_buffer(&out, n * n_accs * 8, "out"))
+        goto done;
+    uint64_t *T = (uint64_t *)table.buf;
+    const uint64_t *R = (const uint64_t *)rows.buf;
+    uint64_t *O = (uint64_t *)out.buf;
+    const char *cs = (const char *)codes.buf;
+    const uint64_t mask = (uint64_t)capacity - 1;
+    const size_t key_bytes = (size_t)key_words * 8;
+    const size_t acc_bytes = (size_t)n_accs * 8;
+    Py_ssize_t inserted = 0, i = start;
+    Py_BEGIN_ALLOW_THREADS
+    for (; i < n; i++) {
+        const uint64_t *row = R + i * width;
+        const uint64_t h = row[0];
+        uint64_t pos = h & mask;
+        for (;;) {
+            uint64_t *slot = T + pos * width;
+            const uint64_t cur = slot[0];
+            if (cur == h && (key_bytes == 0 || memcmp(slot + 1, row + 1, key_bytes) == 0)) {
+                merge_row(slot + 1 + key_words, row + 1 + key_words, cs, n_accs);
+                memcpy(O + i * n_accs, slot + 1 + key_words, acc_bytes);
+                break;
+            }
+            if (cur == 0) {
+                if (inserted >= room) goto stopped;
+                memcpy(slot, row, (size_t)width * 8);
+                memcpy(O + i * n_accs, row + 1 + key_words, acc_bytes);
+                inserted++;
+                break;
+            }
+            pos = (pos + 1) & mask;
+        }
+    }
+stopped:
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nn", i, inserted);
+done:
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"upsert", upsert, METH_VARARGS,
      "upsert(table, capacity, width, key_words, codes, rows, start, room, stop_when_full, left)"
      " -> (next_row, inserted, n_left): merge or insert rows into a fixed-width hash table."},
+    {"upsert_emit", upsert_emit, METH_VARARGS,
+     "upsert_emit(table, capacity, width, key_words, codes, rows, start, room, out)"
+     " -> (next_row, inserted): merge single records in order, writing each one's accumulators after it."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
-                                    "Compiled probe loop of runtime.managed.hash_table.", -1, methods};
+                                    "Compiled probe loops of runtime.managed.hash_table and runtime.managed.streaming_table.", -1, methods};
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

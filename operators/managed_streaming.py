@@ -1,0 +1,200 @@
+"""Streaming keyed count/sum/min/max in managed memory: what KeyedAggregate holds with ``state.backend: managed``.
+
+Role: :class:`StreamingManagedAggregate` keeps a streaming keyed aggregation's
+accumulators in a :class:`~runtime.managed.streaming_table.StreamingFixedState`
+inside the operator's share of managed memory, and returns the result after
+every record, in input order, exactly as the heap path's
+``aggregation.updates`` does: ``(key, count)``; ``(key, total)`` / ``(key, min)``
+/ ``(key, max)`` for plain numbers, and the same 2-tuples for sum/min/max(1)
+of ``(key, number)`` tuples keyed by their first item (the field aggregation's
+first record with field 1 replaced).
+
+It takes a batch when every key is an int within int64, or every key an ASCII
+``str`` without NUL within the key width (fixed by the first batch: its longest
+key rounded up to 8 bytes, at least 16), and every value is an int (all of
+them) or a float (all of them; the type fixed by the first batch). An int sum
+leaves before any accumulator could pass 2**62; a float min/max of NaN or
+-0.0 leaves too (Python's result depends on the order). A batch that does not
+fit makes :meth:`StreamingManagedAggregate.updates` return None: the caller
+moves the state with :meth:`take_entries` to its generic path for good.
+
+Imports: runtime.execution.task (ManagedMemory), runtime.managed, operators.aggregations,
+operators.keyed_vectorized (gc_paused), numpy, stdlib.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from operators.aggregations import Aggregation, Count, Max, Min, Sum
+from operators.keyed_vectorized import gc_paused
+from runtime.execution.task import ManagedMemory
+from runtime.managed.share import ManagedShare
+from runtime.managed.streaming_table import StreamingFixedState
+
+__all__ = ["StreamingManagedAggregate", "fits_streaming_state"]
+
+_KINDS = {Count: "count", Sum: "sum", Min: "min", Max: "max"}
+_INT_LIMIT = 1 << 62  # int sums leave before any accumulator could pass this (int64 wraps at 2**63)
+_MIN_KEY_BYTES = 16
+_first_item = operator.itemgetter(0)
+_second_item = operator.itemgetter(1)
+
+
+def fits_streaming_state(aggregation: Aggregation) -> bool:
+    """Whether ``aggregation`` can run on a StreamingFixedState: count, or sum/min/max of numbers or of field 1."""
+    kind = _KINDS.get(type(aggregation))
+    if kind is None:
+        return False
+    return kind == "count" or getattr(aggregation, "field", None) in (None, 1)
+
+
+class StreamingManagedAggregate:
+    """One streaming keyed count/sum/min/max in the operator's share of managed memory.
+
+    Ownership: the share's pages (taken for ``managed.owner``, within
+    ``managed.share_bytes``) and spill files belong to this object until
+    :meth:`release` (also at the end of :meth:`take_entries`). Results are new lists.
+    Process: the worker running the operator. Not thread-safe.
+    """
+
+    def __init__(self, aggregation: Aggregation, managed: ManagedMemory, key_fn: Callable[[Any], Any] | None,
+                 *, name: str = "streaming-state") -> None:
+        if not fits_streaming_state(aggregation):
+            msg = f"aggregation {aggregation!r} is not a count, or a sum/min/max of numbers or of field 1"
+            raise ValueError(msg)
+        self.aggregation = aggregation
+        self.managed = managed
+        self.key_fn = key_fn
+        self.name = name
+        self.kind = _KINDS[type(aggregation)]
+        self.pairs = self.kind != "count" and getattr(aggregation, "field", None) == 1
+        self._state: StreamingFixedState | None = None
+        self._share: ManagedShare | None = None
+        self._str_keys = False
+        self._key_bytes = 0
+        self._dtype: str | None = None  # the values' type, fixed by the first batch with values
+        self._bound = 0  # int sums: an upper bound on every |accumulator|
+
+    # ------------------------------------------------------------------ input
+    def updates(self, records: list[Any]) -> list[Any] | None:
+        """The result after every record, in input order; None (nothing changed) if the batch does not fit."""
+        if not records:
+            return []
+        raw_keys = records if self.key_fn is None else list(map(self.key_fn, records))
+        key_types = set(map(type, raw_keys))
+        if self._state is None:
+            if key_types == {str}:
+                self._str_keys = True
+            elif key_types != {int}:
+                return None
+        keys = self._keys(raw_keys, key_types)
+        if keys is None:
+            return None
+        values = None
+        if self.kind != "count":
+            values = self._values(records, raw_keys)
+            if values is None:
+                return None
+        state = self._state if self._state is not None else self._make_state()
+        accs = state.update(keys, values).tolist()
+        with gc_paused():  # a batch of acyclic 2-tuples
+            return list(zip(raw_keys, accs))
+
+    def _keys(self, raw_keys: list[Any], key_types: set[type]) -> np.ndarray | None:
+        if self._str_keys:
+            if key_types != {str}:
+                return None
+            if "\0" in "".join(raw_keys):
+                return None  # numpy's S pads with NUL: a key ending in one would lose it
+            try:
+                arr = np.array(raw_keys, dtype="S")
+            except UnicodeEncodeError:
+                return None
+            if not self._key_bytes:
+                self._key_bytes = max(_MIN_KEY_BYTES, -(-arr.dtype.itemsize // 8) * 8)
+            return arr if arr.dtype.itemsize <= self._key_bytes else None
+        if key_types != {int}:
+            return None
+        try:
+            return np.fromiter(raw_keys, np.int64, len(raw_keys))
+        except OverflowError:
+            return None
+
+    def _values(self, records: list[Any], raw_keys: list[Any]) -> np.ndarray | None:
+        if self.pairs:
+            if (set(map(type, records)) != {tuple} or set(map(len, records)) != {2}
+                    or list(map(_first_item, records)) != raw_keys):
+                return None
+            raw = list(map(_second_item, records))
+        else:
+            raw = records
+        types = set(map(type, raw))
+        if types == {int}:
+            kind = "int64"
+        elif types == {float}:
+            kind = "float64"
+        else:
+            return None
+        if self._dtype is not None and kind != self._dtype:
+            return None
+        try:
+            values = np.fromiter(raw, kind, len(raw))
+        except OverflowError:
+            return None
+        if kind == "float64" and self.kind in ("min", "max") and (
+                np.isnan(values).any() or (np.signbit(values) & (values == 0)).any()):
+            return None
+        if kind == "int64" and self.kind == "sum":
+            bound = self._bound + int(np.abs(values).max()) * len(values)
+            if bound > _INT_LIMIT:
+                return None
+            self._bound = bound
+        self._dtype = kind
+        return values
+
+    def _make_state(self) -> StreamingFixedState:
+        m = self.managed
+        self._share = ManagedShare(m.memory, m.owner, m.share_bytes)
+        key_dtype = f"S{self._key_bytes}" if self._str_keys else "int64"
+        self._state = StreamingFixedState(self._share, m.io, self.kind, value_dtype=self._dtype or "int64",
+                                          key_dtype=key_dtype, name=self.name)
+        return self._state
+
+    # ----------------------------------------------------------------- output
+    def take_entries(self) -> list[tuple[Any, Any]]:
+        """Every ``(key, accumulator)`` as the heap path keeps them (a field aggregation's ``[value, first
+        record]``), then :meth:`release`: the state moves to the generic path. The entries are read into the
+        heap first, so that the generic path's store may take the share's memory."""
+        entries: list[tuple[Any, Any]] = []
+        if self._state is not None:
+            for keys, accs in self._state.items():
+                key_list = keys.astype(f"U{keys.dtype.itemsize}").tolist() if self._str_keys else keys.tolist()
+                if self.pairs:
+                    entries.extend((k, [a, (k, a)]) for k, a in zip(key_list, accs.tolist()))
+                else:
+                    entries.extend(zip(key_list, accs.tolist()))
+        self.release()
+        return entries
+
+    def metrics(self) -> dict[str, int]:
+        """What the state holds, as the job's state metrics (and how it moved partitions)."""
+        if self._state is None:
+            return {"state_entries": 0, "state_bytes_in_memory": 0, "state_bytes_on_disk": 0}
+        s = self._state.stats()
+        return {"state_entries": s.entries, "state_bytes_in_memory": s.memory_bytes,
+                "state_bytes_on_disk": s.disk_bytes, "state_partition_loads": s.partition_loads,
+                "state_partition_evictions": s.partition_evictions, "spilled_bytes": s.spilled_bytes}
+
+    def release(self) -> None:
+        """Give every page back and delete every spill file (idempotent)."""
+        state, self._state = self._state, None
+        if state is not None:
+            state.release()
+        share, self._share = self._share, None
+        if share is not None:
+            share.release_all()
