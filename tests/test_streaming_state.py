@@ -226,10 +226,8 @@ def test_a_batch_that_does_not_fit_hands_the_state_over_with_the_same_results():
 
 
 def test_the_operator_emits_what_the_heap_path_emits_including_timestamps(tmp_path):
-    from types import SimpleNamespace
-
     from operators import keyed
-    from runtime.execution.task import ManagedMemory, TimestampedBatch
+    from runtime.execution.task import ManagedMemory, OperatorContext, TimestampedBatch
 
     with managed_memory(tmp_path, 1 << 20, PAGE) as (mm, io):
         for agg_fn, key_fn, batches in [
@@ -240,8 +238,8 @@ def test_the_operator_emits_what_the_heap_path_emits_including_timestamps(tmp_pa
             outs = []
             for backend in ("heap", "managed"):
                 managed = ManagedMemory(mm, f"op-{backend}", 64 * KiB, lambda: io)
-                ctx = SimpleNamespace(mode="streaming", state_backend=backend, managed=managed, metrics={},
-                                      operator_name="max", max_parallelism=16, subtask_index=0, parallelism=1)
+                ctx = OperatorContext(mode="streaming", state_backend=backend, managed=managed, operator_name="max",
+                                      max_parallelism=16)
                 op = keyed.KeyedAggregate(key_fn, agg_fn(1) if key_fn is _first else agg_fn(), mode="streaming")
                 op.open(ctx)
                 out: list = []
@@ -249,6 +247,35 @@ def test_the_operator_emits_what_the_heap_path_emits_including_timestamps(tmp_pa
                     op.process_batch(TimestampedBatch(b, [float(i)] * len(b)), out.append)
                 op.finish(out.append)
                 op.close()
-                outs.append([(list(b), b.timestamps) for b in out])
+                # the same records and timestamps, in order (managed folds mini-batches: other batch boundaries)
+                outs.append(([r for b in out for r in b], [t for b in out for t in b.timestamps]))
             assert outs[0] == outs[1]
-            assert [type(v) for b, _ in outs[1] for _, v in b] == [type(v) for b, _ in outs[0] for _, v in b]
+            assert [type(v) for _, v in outs[1][0]] == [type(v) for _, v in outs[0][0]]
+
+
+def test_managed_streaming_updates_wait_for_a_mini_batch_at_most_its_latency_and_never_pass_a_watermark(tmp_path):
+    from operators import keyed
+    from runtime.execution.task import ManagedMemory, OperatorContext, TimestampedBatch
+
+    now = [100.0]
+    with managed_memory(tmp_path, 1 << 20, PAGE) as (mm, io):
+        ctx = OperatorContext(mode="streaming", state_backend="managed", operator_name="count", clock=lambda: now[0],
+                              managed=ManagedMemory(mm, "count[0]", 64 * KiB, lambda: io))
+        op = keyed.KeyedAggregate(None, keyed.count(), mode="streaming")
+        op.open(ctx)
+        out: list = []
+        op.process_batch(["a", "b", "a"], out.extend)
+        assert out == [] and op.next_timer() == 100.0 + keyed.MINI_BATCH_LATENCY
+        op.on_processing_time(100.01, out.extend)
+        assert out == []
+        op.on_processing_time(100.0 + keyed.MINI_BATCH_LATENCY, out.extend)
+        assert out == [("a", 1), ("b", 1), ("a", 2)] and op.next_timer() is None
+        op.process_batch(TimestampedBatch(["b"], [7.0]), out.extend)
+        assert op.process_watermark(8.0, out.extend) == 8.0
+        assert out[-1] == ("b", 2)
+        op.process_batch(["c"] * (keyed.MINI_BATCH_RECORDS - 1), out.extend)
+        assert out[-1] == ("b", 2)
+        op.process_batch(["c"], out.extend)  # a full mini-batch folds at once
+        assert out[-1] == ("c", keyed.MINI_BATCH_RECORDS)
+        op.finish(out.extend)
+        op.close()

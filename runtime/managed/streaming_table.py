@@ -220,8 +220,10 @@ class StreamingFixedState:
         part = self._parts[p]
         self._tick += 1
         part.last_used = self._tick
+        # New keys are at most the distinct hashes of these rows (not the rows: a key may repeat many times)
+        distinct = len(np.unique(rows[:, 0])) if len(rows) > 1 else len(rows)
         if part.seg is None:
-            self._load(p, extra=len(rows))
+            self._load(p, extra=distinct)
         n = len(rows)
         i = 0
         while True:
@@ -230,7 +232,7 @@ class StreamingFixedState:
             part.rows += inserted
             if i == n:
                 return
-            self._grow(p, part.rows + n - i)
+            self._grow(p, part.rows + min(n - i, distinct))
 
     def _emit(self, table: U64Array, capacity: int, rows: U64Array, start: int, room: int,
               out: U64Array) -> tuple[int, int]:
