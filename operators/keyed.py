@@ -35,7 +35,7 @@ from operators.aggregations import (
     reduce,
     sum,  # noqa: A004
 )
-from operators.keyed_vectorized import Vectorized, vectorizable
+from operators.keyed_vectorized import Vectorized, gc_paused, vectorizable
 from operators.managed_keyed import ManagedKeyedState, fits_managed_memory
 from operators.managed_streaming import StreamingManagedAggregate, fits_streaming_state
 from operators.stateless import to_records
@@ -208,10 +208,13 @@ class KeyedAggregate(Operator):
         else:
             batch = [r for b in held for r in b]
         if self._streaming is not None:
-            out = self._streaming_updates(batch)
-            if out is not None:
-                emit(out)
-                return
+            # The GC stays paused until the updates are emitted (serialized) and dropped: a mini-batch of
+            # acyclic tuples alive at once would otherwise be walked by every collection meanwhile.
+            with gc_paused():
+                out = self._streaming_updates(batch)
+                if out is not None:
+                    emit(out)
+                    return
         self._process(batch, emit)
 
     def process_watermark(self, watermark: float, emit: Emit) -> float | None:

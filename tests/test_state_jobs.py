@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,43 @@ def test_event_time_windows_on_the_managed_backend_equal_the_heap_backend():
             assert chains and all(m["state_entries"] == 0 for m in chains)  # every window fired and was dropped
     assert outputs["heap"] == outputs["managed"]
     assert len(outputs["heap"][0]) > 100
+
+
+#: A streaming count over N records and K keys in a fresh client process (so that RUSAGE_CHILDREN is its
+#: workers' peak RSS, measured from outside); the job reduces its updates to figures itself.
+STREAMING_COUNT_JOB = """
+import json, resource, sys
+from runtime import StreamEnvironment
+backend, n, k, managed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+
+def figures(batch):
+    return [(len(batch), sum(c for _, c in batch), sum(hash(w) % 1000 * c for w, c in batch))]
+
+env = StreamEnvironment(workers=2, mode="streaming", config={"state.backend": backend, "memory.managed.size": managed})
+out = (env.from_generator(lambda i: "key-%012d" % ((i * 7919) % k), count=n).key_by(lambda w: w).count()
+          .map_batches(figures).collect())
+result = env.execute("streaming-count")
+parts = out.values()
+print(json.dumps({"figures": [sum(p[i] for p in parts) for i in range(3)],
+                  "spilled": result.metrics["spilled_bytes"],
+                  "children_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+"""
+
+
+def run_streaming_count(backend: str, n: int, k: int, managed: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", STREAMING_COUNT_JOB, backend, str(n), str(k), managed],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONHASHSEED": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_streaming_count_over_2m_keys_in_16_mib_equals_heap_and_stays_within_the_bound():
+    heap = run_streaming_count("heap", 2_000_000, 2_000_000, "16mb")
+    managed = run_streaming_count("managed", 2_000_000, 2_000_000, "16mb")
+    small = run_streaming_count("managed", 20_000, 10_000, "16mb")
+    assert managed["figures"] == heap["figures"]
+    assert managed["figures"][:2] == [2_000_000, 2_000_000]
+    assert managed["spilled"] > 0 and small["spilled"] == 0
+    bound = small["children_peak_rss"] + 16 * (1 << 20) + 96 * (1 << 20)  # W4's bound
+    assert managed["children_peak_rss"] <= bound, (managed, small)
