@@ -214,6 +214,7 @@ class KeyedAggregate(Operator):
                 out = self._streaming_updates(batch)
                 if out is not None:
                     emit(out)
+                    del out  # before the GC resumes, or its next collection walks every tuple
                     return
         self._process(batch, emit)
 
