@@ -109,7 +109,9 @@ def test_event_time_windows_on_the_managed_backend_equal_the_heap_backend():
         env = StreamEnvironment(workers=2, config={"state.backend": backend, "memory.managed.size": "2mb"})
         tumbling, sliding = example.build(env, readings)
         result = env.execute(f"windows-{backend}")
-        outputs[backend] = (sorted(tumbling.values()), sorted(sliding.values()))
+        # float sums depend on the order two input channels interleave in: compare them rounded
+        outputs[backend] = tuple(sorted(tuple(round(v, 9) if isinstance(v, float) else v for v in r) for r in rows)
+                                 for rows in (tumbling.values(), sliding.values()))
         if backend == "managed":
             chains = [m for name, m in result.metrics["operators"].items() if "state_entries" in m]
             assert chains and all(m["state_entries"] == 0 for m in chains)  # every window fired and was dropped
