@@ -115,7 +115,24 @@ def test_w4_tiny_spills_and_checks_its_checksums(tmp_path):
     assert ("w4_shmflow_rows", "w4_shmflow_rows_k10000") in targets
     assert ("w4_shmflow_columns", "w4_shmflow_columns_k10000") in targets
     assert (("w4_shmflow_columns", "w4_duckdb_int") in targets) == (not results["w4_duckdb_int"].get("skipped"))
-    assert "W4 memory" in out.stdout and "FAIL" not in out.stdout
+    assert "W4/W5 memory" in out.stdout and "FAIL" not in out.stdout
+
+
+def test_w5_tiny_counts_in_managed_state_spills_and_checks_the_last_updates(tmp_path):
+    report = tmp_path / "w5.json"
+    out = bench("w5", "--tiny", "--json", str(report), timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    data = json.loads(report.read_text())
+    results = {r["name"]: r for r in data["results"]}
+    settings = runner.w4_settings("tiny")
+    for name, backend in (("w5_shmflow_managed", "managed"), ("w5_shmflow_heap", "heap")):
+        (run,) = results[name]["runs"]
+        assert run["ok"] and run["checksums"] == run["expected"] and run["expected"]["groups"] == settings["k"]
+        assert run["params"]["backend"] == backend and run["params"]["mode"] == "streaming"
+        assert (run["memory"]["spilled_bytes"] > 0) == (backend == "managed")
+    targets = {(t["name"], t.get("against")) for t in data["targets"]}
+    assert ("w5_shmflow_managed", "w5_shmflow_heap") in targets
+    assert ("w5_shmflow_managed", f"w5_shmflow_managed_k{settings['bound_k']}") in targets
 
 
 def test_a_wrong_answer_fails_loudly(tmp_path):

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-WORKLOADS = ("w1", "w2", "w3", "w4", "latency", "alloc")
+WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "latency", "alloc")
 CHOICES = (*WORKLOADS, "all")
 #: Repetitions of a full run (median of 3); ``--quick`` runs one.
 REPS = 3
@@ -105,7 +105,7 @@ class Contender:
     """One thing that is measured: ``run()`` does one repetition and returns a result record."""
 
     name: str
-    workload: str          # w1 | w2 | w3 | w4 | latency | alloc
+    workload: str          # w1 | w2 | w3 | w4 | w5 | latency | alloc
     section: str           # table group, e.g. "W1 32 KiB"
     kind: str              # shmflow | baseline | ceiling
     label: str             # short name for ratio cells and the plot
@@ -226,6 +226,9 @@ def build_contenders(workloads: list[str], *, scale: str = "full", workers: int 
     if "w4" in workloads:
         out += _w4_contenders(scale, workers, bad)
 
+    if "w5" in workloads:
+        out += _w5_contenders(scale, workers, bad)
+
     if "latency" in workloads:
         name = "latency_shmflow"
         out.append(Contender(name, "latency", "latency", "shmflow", "shmflow keyed job",
@@ -299,6 +302,35 @@ def _w4_contenders(scale: str, workers: int, bad: Callable[[str], bool]) -> list
               Contender("w4_duckdb_str", "w4", section, "baseline", "DuckDB str keys",
                         P(bl.w4_duckdb, "str", n=n, k=k)),
               Contender("w4_numpy", "w4", section, "baseline", "numpy unique+bincount", P(bl.w4_numpy, n=n, k=k))]
+    return _alternate(shmflow, others)
+
+
+def _w5_contenders(scale: str, workers: int, bad: Callable[[str], bool]) -> list[Contender]:
+    """W5: the streaming count with ``state.backend=managed``, the same job on the ``heap`` backend (its
+    baseline: unbounded memory), and the managed job with K = 10,000 (the memory bound's reference).
+    Records, keys and managed memory per worker are W4's at the same scale."""
+    from runtime.bench import shmflow_runs as sf
+    from runtime.bench.workloads import W4_RSS_SLACK, MiB
+
+    P = functools.partial
+    w5 = w4_settings(scale)
+    n, k, managed, bound_k = w5["n"], w5["k"], w5["managed_bytes"], w5["bound_k"]
+    allowance = managed + W4_RSS_SLACK
+    section = f"W5 {n / 1e6:g} M records, {k:,} keys, streaming, managed {managed / MiB:g} MiB"
+    tiny: dict[str, Any] = {"n": TINY["w4_n"], "k": TINY["w4_k"], "managed_bytes": TINY["w4_managed_bytes"],
+                            "workers": workers}
+    name, heap, small = "w5_shmflow_managed", "w5_shmflow_heap", f"w5_shmflow_managed_k{bound_k}"
+    bound = MemoryBound(small, allowance, f"RSS ≤ K {bound_k:,} peak + {allowance / MiB:g} MiB, spilled")
+    shmflow = [Contender(name, "w5", section, "shmflow", "shmflow, managed state",
+                         P(sf.w5_job, "managed", n=n, k=k, managed_bytes=managed, workers=workers, corrupt=bad(name)),
+                         compare=(heap,), ratio_targets=(RatioTarget(heap, 0.5, "≥ 0.5× heap backend"),),
+                         memory_bound=bound, warmup=P(sf.w5_job, "managed", **tiny)),
+               Contender(small, "w5", f"W5 memory bound: the same job with {bound_k:,} keys", "shmflow",
+                         f"shmflow managed, K {bound_k:,}",
+                         P(sf.w5_job, "managed", n=n, k=bound_k, managed_bytes=managed, workers=workers,
+                           corrupt=bad(small)))]
+    others = [Contender(heap, "w5", section, "baseline", "shmflow, heap state (unbounded)",
+                        P(sf.w5_job, "heap", n=n, k=k, managed_bytes=managed, workers=workers, corrupt=bad(heap)))]
     return _alternate(shmflow, others)
 
 
@@ -607,8 +639,8 @@ def render_memory_table(rows: list[dict[str, Any]], console: Any) -> None:
     mem_rows = sorted((r for r in rows if r.get("memory")), key=lambda r: sections.index(r["section"]))
     if not mem_rows:
         return
-    table = Table(title="W4 memory (MiB; medians over repetitions; a worker's peak RSS includes the pages of the "
-                        "shared region it touched)", header_style="bold", title_justify="left")
+    table = Table(title="W4/W5 memory (MiB; medians over repetitions; a worker's peak RSS includes the pages of "
+                        "the shared region it touched)", header_style="bold", title_justify="left")
     for col in ("contender", "worker peak RSS", "from outside", "spilled", "GC pause s", "managed peak (sum)",
                 "bound", "ok"):
         table.add_column(col, justify="left" if col == "contender" else "right")
@@ -743,8 +775,8 @@ def run(args: argparse.Namespace, *, console: Any = None) -> int:
             console.print(f"[bold red]FAILED[/] {r['name']}: " + " | ".join(why[-3:]), markup=True, highlight=False)
         elif r.get("skipped"):
             console.print(f"[yellow]skipped[/] {r['name']}: {r['skipped']}", markup=True, highlight=False)
-    if "w4" in workloads and scale == "quick":
-        console.print("W4 quick: N and K are a tenth of a full run's, and so is the managed memory per worker "
+    if ("w4" in workloads or "w5" in workloads) and scale == "quick":
+        console.print("W4/W5 quick: N and K are a tenth of a full run's, and so is the managed memory per worker "
                       "(6.4 MiB instead of 64 MiB), so that the state still spills")
     targets = [{"name": r["name"], "label": r["label"], "section": r["section"], "target": r["target"]["text"],
                 "unit": r["unit"],

@@ -79,6 +79,7 @@ from runtime.bench.workloads import (
     w4_expected,
     w4_record,
     w4_rows,
+    w5_checksum_updates,
 )
 from runtime.execution.task import Emit, Operator, SourceOperator
 
@@ -629,6 +630,73 @@ def w4_job(form: str, *, n: int = W4_N, k: int = W4_K, managed_bytes: int = W4_M
     return w4_record(peer, variant, n, out["timed_seconds"], ok, params=params, **extra)
 
 
+# ============================================================================== W5 large keyed state, streaming
+def _w5_checksum_batch(batch: Any) -> list[tuple[int, int, int]]:
+    """``map_batches`` after the streaming count: one ``(groups, total, weighted)`` record per batch of updates,
+    the checksums of the last update per key (they telescope: see :func:`w5_checksum_updates`)."""
+    c = w5_checksum_updates(batch)
+    return [(c["groups"], c["total"], c["weighted"])]
+
+
+def _w5_job_child(backend: str, n: int, k: int, managed_bytes: int, workers: int) -> dict[str, Any]:
+    """One W5 job, run in a fresh process (so ``RUSAGE_CHILDREN`` afterwards is its workers' peak RSS)."""
+    import resource
+
+    config = {"memory.managed.size": managed_bytes, "memory.region.size": w4_region_bytes(managed_bytes, workers),
+              "state.backend": backend}
+    env = _job_env(workers, config=config, mode="streaming")
+    src = env.from_source(W4Source(n, k, "rows"), name="w5_rows")
+    out = src.key_by(_first).count().map_batches(_w5_checksum_batch).collect()
+    result = env.execute(f"bench-w5-{backend}", timeout=RUN_TIMEOUT)
+    parts = [{"groups": g, "total": t, "weighted": w} for g, t, w in out.values()]
+    m = result.metrics
+    workers_m = m.get("workers", {})
+    chain: dict[str, Any] = next((c for name, c in m.get("operators", {}).items() if name.startswith("count")), {})
+    return {
+        "checksums": w4_add_checksums(parts), "partial_records": len(parts), "records": m.get("records"),
+        "timed_seconds": m["timed_seconds"], "wall_seconds": result.seconds,
+        "worker_peak_rss_bytes": [int(workers_m[w].get("peak_rss_bytes", 0)) for w in sorted(workers_m)],
+        "worker_gc_pause_seconds": [round(workers_m[w].get("gc_pause_seconds", 0.0), 4) for w in sorted(workers_m)],
+        "children_maxrss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "driver_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "spilled_bytes": int(chain.get("state_bytes_on_disk", 0)) or int(m.get("spilled_bytes", 0)),
+        "spill_files": int(m.get("spill_files", 0)),
+        "managed_peak_bytes": int(chain.get("state_bytes_in_memory", 0)),
+        "gc_pause_seconds": float(m.get("gc_pause_seconds", 0.0)),
+        "backpressure_seconds": float(m.get("backpressure_seconds", 0.0)),
+    }
+
+
+def w5_job(backend: str, *, n: int = W4_N, k: int = W4_K, managed_bytes: int = W4_MANAGED_BYTES,
+           workers: int = JOB_WORKERS, corrupt: bool = False) -> dict[str, Any]:
+    """W5 as a job, in a fresh process: W4's rows generated in the workers, ``key_by(r[0]).count()`` in
+    streaming mode (every update emitted) with ``state.backend`` = ``backend`` and ``managed_bytes`` of
+    managed memory per worker; the updates are reduced in the job to the checksums of the last update per
+    key, which must equal :func:`w4_expected`. Records/s is N over the job's timed region."""
+    peer = "shmflow"
+    variant = (f"job, {workers} workers, streaming: W4Source(rows).key_by(r[0]).count(), every update emitted, "
+               f"state.backend={backend}, managed {managed_bytes / MiB:g} MiB per worker")
+    params = {"n": n, "k": k, "backend": backend, "workers": workers, "mode": "streaming",
+              "managed_bytes": managed_bytes}
+    try:
+        out = _run_children([("job", _w5_job_child, (backend, n, k, managed_bytes, workers))])["job"]
+    except _ChildFailed as exc:
+        return _failed("W5", peer, variant, params, "records/s", str(exc))
+    except Exception:  # noqa: BLE001
+        return _failed("W5", peer, variant, params, "records/s", traceback.format_exc())
+    got = dict(out["checksums"])
+    if corrupt:
+        got["weighted"] = (got["weighted"] + 1) & MASK64
+    expected = w4_expected(n, k)
+    ok = got == expected and out["records"] == n
+    extra: dict[str, Any] = {"checksums": got, "expected": expected, "memory": _w4_memory(out)}
+    if not ok:
+        extra["error"] = f"checksums {got} over {out['records']} records; expected {expected} over {n}"
+    result = w4_record(peer, variant, n, out["timed_seconds"], ok, params=params, **extra)
+    result["workload"] = "W5"
+    return result
+
+
 def _w4_memory(out: dict[str, Any]) -> dict[str, Any]:
     keys = ("worker_peak_rss_bytes", "worker_gc_pause_seconds", "children_maxrss_bytes", "driver_maxrss_bytes",
             "spilled_bytes", "spill_files", "managed_peak_bytes", "gc_pause_seconds", "backpressure_seconds",
@@ -686,4 +754,4 @@ def latency_job(*, quick: bool = False, count: int | None = None, rate: float = 
 
 
 __all__ = ["W4Source", "latency_job", "w1_pool_buffers", "w1_shmflow", "w2_columnar_job", "w2_rows_job", "w3_input",
-           "w3_job", "w4_job", "w4_region_bytes"]
+           "w3_job", "w4_job", "w4_region_bytes", "w5_job"]

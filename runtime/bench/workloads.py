@@ -481,6 +481,20 @@ def w4_checksum_rows(pairs: list[tuple[Any, int]]) -> dict[str, int]:
     return w4_checksum_columns(idx, values)
 
 
+def w5_checksum_updates(updates: list[tuple[Any, int]]) -> dict[str, int]:
+    """W5's checksums of the *last* update per key, from every update of a streaming count.
+
+    A count's updates of one key are 1, 2, ..., n_k, so the last updates' checksums telescope: groups is
+    the number of updates equal to 1, total the number of updates, and weighted the sum of
+    ``key_index * 3`` over the first updates plus the number of updates (each adds 1 to its key's count).
+    Several batches' checksums add up with :func:`w4_add_checksums`.
+    """
+    counts = np.fromiter(map(_second, updates), np.int64, len(updates))
+    firsts = [updates[i] for i in np.flatnonzero(counts == 1).tolist()]
+    c = w4_checksum_rows([(key, 0) for key, _ in firsts])
+    return {"groups": c["groups"], "total": len(updates), "weighted": (c["weighted"] + len(updates)) & MASK64}
+
+
 def w4_checksum_columns(keys: np.ndarray, values: np.ndarray) -> dict[str, int]:
     """:func:`w4_checksum` of columnar results (int key indices and sums), vectorised."""
     keys64 = np.asarray(keys).astype(np.uint64, copy=False)
@@ -598,6 +612,6 @@ __all__ = [
     "w3_merge", "w3_owner", "w3_record", "w3_reference", "w3_tokens",
     "W4_BOUND_K", "W4_CHUNK", "W4_K", "W4_MANAGED_BYTES", "W4_N", "W4_QUICK_K", "W4_QUICK_N", "W4_RSS_SLACK",
     "W4_STRIDE", "w4_add_checksums", "w4_checksum", "w4_checksum_columns", "w4_checksum_rows", "w4_chunks",
-    "w4_columns",
+    "w4_columns", "w5_checksum_updates",
     "w4_dict_baseline", "w4_expected", "w4_key_index", "w4_key_str", "w4_record", "w4_rows", "w4_scale",
 ]
