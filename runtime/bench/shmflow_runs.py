@@ -572,7 +572,6 @@ def w4_region_bytes(managed_bytes: int, workers: int) -> int:
 
 def _w4_job_child(form: str, n: int, k: int, managed_bytes: int, workers: int) -> dict[str, Any]:
     """One W4 job, run in a fresh process (so ``RUSAGE_CHILDREN`` afterwards is its workers' peak RSS)."""
-    import resource
 
     config = {"memory.managed.size": managed_bytes, "memory.region.size": w4_region_bytes(managed_bytes, workers)}
     env = _job_env(workers, config=config, mode="batch")
@@ -582,16 +581,25 @@ def _w4_job_child(form: str, n: int, k: int, managed_bytes: int, workers: int) -
     result = env.execute(f"bench-w4-{form}", timeout=RUN_TIMEOUT)
     parts = [{"groups": g, "total": t, "weighted": w} for g, t, w in out.values()]
     m = result.metrics
+    return {"checksums": w4_add_checksums(parts), "partial_records": len(parts),
+            **_job_figures(result, spilled=int(m.get("spilled_bytes", 0)),
+                           managed_peak=int(m.get("managed_peak_bytes", 0)))}
+
+
+def _job_figures(result: Any, *, spilled: int, managed_peak: int) -> dict[str, Any]:
+    """A W4/W5 job's figures, read in the process that ran it: its workers' peaks from inside and (``RUSAGE_CHILDREN``)
+    from outside, GC pauses, spilled bytes and managed memory at peak."""
+    import resource
+
+    m = result.metrics
     workers_m = m.get("workers", {})
     return {
-        "checksums": w4_add_checksums(parts), "partial_records": len(parts), "records": m.get("records"),
-        "timed_seconds": m["timed_seconds"], "wall_seconds": result.seconds,
+        "records": m.get("records"), "timed_seconds": m["timed_seconds"], "wall_seconds": result.seconds,
         "worker_peak_rss_bytes": [int(workers_m[w].get("peak_rss_bytes", 0)) for w in sorted(workers_m)],
         "worker_gc_pause_seconds": [round(workers_m[w].get("gc_pause_seconds", 0.0), 4) for w in sorted(workers_m)],
         "children_maxrss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "driver_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "spilled_bytes": int(m.get("spilled_bytes", 0)), "spill_files": int(m.get("spill_files", 0)),
-        "managed_peak_bytes": int(m.get("managed_peak_bytes", 0)),
+        "spilled_bytes": spilled, "spill_files": int(m.get("spill_files", 0)), "managed_peak_bytes": managed_peak,
         "gc_pause_seconds": float(m.get("gc_pause_seconds", 0.0)),
         "backpressure_seconds": float(m.get("backpressure_seconds", 0.0)),
     }
@@ -607,18 +615,25 @@ def w4_job(form: str, *, n: int = W4_N, k: int = W4_K, managed_bytes: int = W4_M
     into one ``(groups, total, weighted)`` record; the driver adds those up (``weighted`` mod 2**64) and the
     run is ok only if they equal :func:`w4_expected`. Records/s is N over the job's timed region.
     """
-    peer = "shmflow"
     key = "r[0]).sum(1)" if form == "rows" else "'key').sum('value')"
     variant = (f"job, {workers} workers, batch: W4Source({form}, generated in the workers).key_by({key}"
                f", managed {managed_bytes / MiB:g} MiB per worker; checksums reduced in the job")
     params = {"n": n, "k": k, "form": form, "workers": workers, "mode": "batch", "managed_bytes": managed_bytes,
               "region_bytes": w4_region_bytes(managed_bytes, workers), "combiner": True}
+    return _large_state_run("W4", (_w4_job_child, (form, n, k, managed_bytes, workers)), variant, params, n, k,
+                            corrupt)
+
+
+def _large_state_run(workload: str, child: tuple[Any, tuple[Any, ...]], variant: str, params: dict[str, Any],
+                     n: int, k: int, corrupt: bool) -> dict[str, Any]:
+    """Run a W4/W5 job child in a fresh process and check its checksums against :func:`w4_expected`."""
+    peer = "shmflow"
     try:
-        out = _run_children([("job", _w4_job_child, (form, n, k, managed_bytes, workers))])["job"]
+        out = _run_children([("job", *child)])["job"]
     except _ChildFailed as exc:
-        return _failed("W4", peer, variant, params, "records/s", str(exc))
+        return _failed(workload, peer, variant, params, "records/s", str(exc))
     except Exception:  # noqa: BLE001
-        return _failed("W4", peer, variant, params, "records/s", traceback.format_exc())
+        return _failed(workload, peer, variant, params, "records/s", traceback.format_exc())
     got = dict(out["checksums"])
     if corrupt:
         got["weighted"] = (got["weighted"] + 1) & MASK64
@@ -627,7 +642,9 @@ def w4_job(form: str, *, n: int = W4_N, k: int = W4_K, managed_bytes: int = W4_M
     extra: dict[str, Any] = {"checksums": got, "expected": expected, "memory": _w4_memory(out)}
     if not ok:
         extra["error"] = f"checksums {got} over {out['records']} records; expected {expected} over {n}"
-    return w4_record(peer, variant, n, out["timed_seconds"], ok, params=params, **extra)
+    result = w4_record(peer, variant, n, out["timed_seconds"], ok, params=params, **extra)
+    result["workload"] = workload
+    return result
 
 
 # ============================================================================== W5 large keyed state, streaming
@@ -640,7 +657,6 @@ def _w5_checksum_batch(batch: Any) -> list[tuple[int, int, int]]:
 
 def _w5_job_child(backend: str, n: int, k: int, managed_bytes: int, workers: int) -> dict[str, Any]:
     """One W5 job, run in a fresh process (so ``RUSAGE_CHILDREN`` afterwards is its workers' peak RSS)."""
-    import resource
 
     config = {"memory.managed.size": managed_bytes, "memory.region.size": w4_region_bytes(managed_bytes, workers),
               "state.backend": backend}
@@ -650,21 +666,10 @@ def _w5_job_child(backend: str, n: int, k: int, managed_bytes: int, workers: int
     result = env.execute(f"bench-w5-{backend}", timeout=RUN_TIMEOUT)
     parts = [{"groups": g, "total": t, "weighted": w} for g, t, w in out.values()]
     m = result.metrics
-    workers_m = m.get("workers", {})
     chain: dict[str, Any] = next((c for name, c in m.get("operators", {}).items() if name.startswith("count")), {})
-    return {
-        "checksums": w4_add_checksums(parts), "partial_records": len(parts), "records": m.get("records"),
-        "timed_seconds": m["timed_seconds"], "wall_seconds": result.seconds,
-        "worker_peak_rss_bytes": [int(workers_m[w].get("peak_rss_bytes", 0)) for w in sorted(workers_m)],
-        "worker_gc_pause_seconds": [round(workers_m[w].get("gc_pause_seconds", 0.0), 4) for w in sorted(workers_m)],
-        "children_maxrss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-        "driver_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "spilled_bytes": int(chain.get("state_bytes_on_disk", 0)) or int(m.get("spilled_bytes", 0)),
-        "spill_files": int(m.get("spill_files", 0)),
-        "managed_peak_bytes": int(chain.get("state_bytes_in_memory", 0)),
-        "gc_pause_seconds": float(m.get("gc_pause_seconds", 0.0)),
-        "backpressure_seconds": float(m.get("backpressure_seconds", 0.0)),
-    }
+    spilled = int(chain.get("state_bytes_on_disk", 0)) or int(m.get("spilled_bytes", 0))
+    return {"checksums": w4_add_checksums(parts), "partial_records": len(parts),
+            **_job_figures(result, spilled=spilled, managed_peak=int(chain.get("state_bytes_in_memory", 0)))}
 
 
 def w5_job(backend: str, *, n: int = W4_N, k: int = W4_K, managed_bytes: int = W4_MANAGED_BYTES,
@@ -673,28 +678,12 @@ def w5_job(backend: str, *, n: int = W4_N, k: int = W4_K, managed_bytes: int = W
     streaming mode (every update emitted) with ``state.backend`` = ``backend`` and ``managed_bytes`` of
     managed memory per worker; the updates are reduced in the job to the checksums of the last update per
     key, which must equal :func:`w4_expected`. Records/s is N over the job's timed region."""
-    peer = "shmflow"
     variant = (f"job, {workers} workers, streaming: W4Source(rows).key_by(r[0]).count(), every update emitted, "
                f"state.backend={backend}, managed {managed_bytes / MiB:g} MiB per worker")
     params = {"n": n, "k": k, "backend": backend, "workers": workers, "mode": "streaming",
               "managed_bytes": managed_bytes}
-    try:
-        out = _run_children([("job", _w5_job_child, (backend, n, k, managed_bytes, workers))])["job"]
-    except _ChildFailed as exc:
-        return _failed("W5", peer, variant, params, "records/s", str(exc))
-    except Exception:  # noqa: BLE001
-        return _failed("W5", peer, variant, params, "records/s", traceback.format_exc())
-    got = dict(out["checksums"])
-    if corrupt:
-        got["weighted"] = (got["weighted"] + 1) & MASK64
-    expected = w4_expected(n, k)
-    ok = got == expected and out["records"] == n
-    extra: dict[str, Any] = {"checksums": got, "expected": expected, "memory": _w4_memory(out)}
-    if not ok:
-        extra["error"] = f"checksums {got} over {out['records']} records; expected {expected} over {n}"
-    result = w4_record(peer, variant, n, out["timed_seconds"], ok, params=params, **extra)
-    result["workload"] = "W5"
-    return result
+    return _large_state_run("W5", (_w5_job_child, (backend, n, k, managed_bytes, workers)), variant, params, n, k,
+                            corrupt)
 
 
 def _w4_memory(out: dict[str, Any]) -> dict[str, Any]:
