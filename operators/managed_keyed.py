@@ -46,13 +46,13 @@ operators.stateless (to_records), numpy.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import numpy as np
 
 from operators.aggregations import Aggregation, Count, Max, Min, Sum
+from operators.fixed_rows import ascii_keys, min_max_unordered, numeric_values, pair_values
 from operators.keyed_vectorized import gc_paused
 from operators.stateless import to_records
 from runtime.errors import OutOfMemoryError
@@ -243,12 +243,9 @@ class ManagedKeyedState:
 
         NUL is refused: numpy's ``S`` pads with NUL, so a key ending in one would lose it.
         """
-        if "\0" in "".join(keys):
+        arr = ascii_keys(keys)
+        if arr is None:
             raise _Unfit
-        try:
-            arr = np.array(keys, dtype="S") if keys else np.empty(0, "S8")
-        except UnicodeEncodeError:
-            raise _Unfit from None
         return self._fit_key_width(arr)
 
     def _fit_key_width(self, arr: np.ndarray) -> np.ndarray:
@@ -329,10 +326,10 @@ class ManagedKeyedState:
         values of ``(key, value)`` tuples keyed by their first item (``key_by(lambda r: r[0]).sum(1)``)."""
         if not self.pairs:
             return records
-        if (set(map(type, records)) != {tuple} or set(map(len, records)) != {2}
-                or list(map(_first_item, records)) != keys):
+        values = pair_values(records, keys)
+        if values is None:
             raise _Unfit
-        return list(map(_second_item, records))
+        return values
 
     def _object_acc(self, key: Any, acc: Any) -> Any:
         """A fixed-form accumulator as the object form's (a field aggregation's ``[value, first record]``)."""
@@ -348,23 +345,15 @@ class ManagedKeyedState:
             else:
                 raise _Unfit
         else:
-            types = set(map(type, raw))
-            if types == {int}:
-                kind = "int64"
-            elif types == {float}:
-                kind = "float64"
-            else:
+            column = numeric_values(raw)
+            if column is None:
                 raise _Unfit
-            try:
-                values = np.fromiter(raw, kind, len(raw))
-            except OverflowError:
-                raise _Unfit from None
+            kind, values = column
         if self._dtype is None and self.kind != "count":
             self._dtype = kind
         elif kind != self._dtype:
             raise _Unfit
-        if len(values) and self.kind in ("min", "max") and kind == "float64" and (
-                np.isnan(values).any() or (np.signbit(values) & (values == 0)).any()):
+        if self.kind in ("min", "max") and min_max_unordered(values):
             raise _Unfit  # Python's min/max of NaN and -0.0 depend on order: keep its semantics exactly
         if len(values) and kind == "int64" and self.kind in ("sum", "count"):
             self._bound += int(np.abs(values).max()) * len(values)
@@ -655,8 +644,3 @@ def _int_column(column: Any) -> np.ndarray:
 def _as_partials(state: dict[Any, Any]) -> list[tuple[Any, Any]]:
     """A staging dict as ``(key, acc)`` partials; accumulators as tuples (msgpack keeps them on its C path)."""
     return [(k, tuple(a)) if type(a) is list else (k, a) for k, a in state.items()]
-
-
-_first_item = operator.itemgetter(0)
-_second_item = operator.itemgetter(1)
-

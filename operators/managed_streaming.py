@@ -24,13 +24,13 @@ operators.keyed_vectorized (gc_paused), numpy, stdlib.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from operators.aggregations import Aggregation, Count, Max, Min, Sum
+from operators.fixed_rows import ascii_keys, min_max_unordered, numeric_values, pair_values
 from operators.keyed_vectorized import gc_paused
 from runtime.execution.task import ManagedMemory
 from runtime.managed.share import ManagedShare
@@ -41,8 +41,6 @@ __all__ = ["StreamingManagedAggregate", "fits_streaming_state"]
 _KINDS = {Count: "count", Sum: "sum", Min: "min", Max: "max"}
 _INT_LIMIT = 1 << 62  # int sums leave before any accumulator could pass this (int64 wraps at 2**63)
 _MIN_KEY_BYTES = 16
-_first_item = operator.itemgetter(0)
-_second_item = operator.itemgetter(1)
 
 
 def fits_streaming_state(aggregation: Aggregation) -> bool:
@@ -109,11 +107,8 @@ class StreamingManagedAggregate:
         if self._str_keys:
             if key_types != {str}:
                 return None
-            if "\0" in "".join(raw_keys):
-                return None  # numpy's S pads with NUL: a key ending in one would lose it
-            try:
-                arr = np.array(raw_keys, dtype="S")
-            except UnicodeEncodeError:
+            arr = ascii_keys(raw_keys)
+            if arr is None:
                 return None
             if not self._key_bytes:
                 self._key_bytes = max(_MIN_KEY_BYTES, -(-arr.dtype.itemsize // 8) * 8)
@@ -126,28 +121,14 @@ class StreamingManagedAggregate:
             return None
 
     def _values(self, records: list[Any], raw_keys: list[Any]) -> np.ndarray | None:
-        if self.pairs:
-            if (set(map(type, records)) != {tuple} or set(map(len, records)) != {2}
-                    or list(map(_first_item, records)) != raw_keys):
-                return None
-            raw = list(map(_second_item, records))
-        else:
-            raw = records
-        types = set(map(type, raw))
-        if types == {int}:
-            kind = "int64"
-        elif types == {float}:
-            kind = "float64"
-        else:
+        raw = pair_values(records, raw_keys) if self.pairs else records
+        column = None if raw is None else numeric_values(raw)
+        if column is None:
             return None
+        kind, values = column
         if self._dtype is not None and kind != self._dtype:
             return None
-        try:
-            values = np.fromiter(raw, kind, len(raw))
-        except OverflowError:
-            return None
-        if kind == "float64" and self.kind in ("min", "max") and (
-                np.isnan(values).any() or (np.signbit(values) & (values == 0)).any()):
+        if self.kind in ("min", "max") and min_max_unordered(values):
             return None
         if kind == "int64" and self.kind == "sum":
             bound = self._bound + int(np.abs(values).max()) * len(values)
