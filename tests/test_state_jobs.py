@@ -48,6 +48,10 @@ def test_count_with_timeout_equals_a_model_on_a_real_job(backend):
     assert sorted(out.values(), key=repr) == sorted(want, key=repr)
     chain = next(m for name, m in result.metrics["operators"].items() if name.startswith("process"))
     assert chain["state_entries"] == len(counts) and chain["timers_pending"] == 0
+    if backend == "managed":  # every entry is one object of the small-object allocator's bins
+        objects = sum(v for k, v in chain.items() if k.startswith("state_bin_") and k.endswith("_objects"))
+        assert objects == len(counts)
+        assert "; bins " in result.summary()
 
 
 class RemembersSets(KeyedProcessFunction):

@@ -112,6 +112,12 @@ def render_summary(name: str, seconds: float, metrics: dict[str, Any]) -> str:
             lookups = ops.get("state_cache_hits", 0) + ops.get("state_cache_misses", 0)
             if lookups:
                 state += f", cache hit rate {ops.get('state_cache_hits', 0) / lookups:.0%}"
+            bins = sorted(int(k.split("_")[2]) for k in ops if k.startswith("state_bin_") and k.endswith("_objects"))
+            if bins:
+                state += "; bins " + ", ".join(
+                    f"{size or 'large'}: {int(ops[f'state_bin_{size}_objects']):,} "
+                    f"({ops[f'state_bin_{size}_objects'] / max(1, ops[f'state_bin_{size}_slots']):.0%} full)"
+                    for size in bins)
         lines.append(f"  {chain}: {ops.get('records_in', 0):,} in, {ops.get('records_out', 0):,} out{late}{spill}"
                      f"{state}")
     return "\n".join(lines)

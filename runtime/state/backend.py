@@ -57,12 +57,21 @@ class BackendStats:
     bytes_on_disk: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    #: The small-object allocator's bins that hold objects: ``(size class, objects, bytes, slots)``
+    #: (size class 0: objects larger than every class, a block each).
+    bins: tuple[tuple[int, int, int, int], ...] = ()
 
     def metrics(self) -> dict[str, float]:
-        """As job metrics (summed per operator by the runtime)."""
-        return {"state_entries": self.entries, "state_bytes_in_memory": self.bytes_in_memory,
-                "state_bytes_on_disk": self.bytes_on_disk, "state_cache_hits": self.cache_hits,
-                "state_cache_misses": self.cache_misses}
+        """As job metrics (summed per operator by the runtime): a bin's fill is its objects over its slots."""
+        out: dict[str, float] = {
+            "state_entries": self.entries, "state_bytes_in_memory": self.bytes_in_memory,
+            "state_bytes_on_disk": self.bytes_on_disk, "state_cache_hits": self.cache_hits,
+            "state_cache_misses": self.cache_misses}
+        for size, objects, nbytes, slots in self.bins:
+            out[f"state_bin_{size}_objects"] = objects
+            out[f"state_bin_{size}_bytes"] = nbytes
+            out[f"state_bin_{size}_slots"] = slots
+        return out
 
 
 class KeyedStateBackend:

@@ -108,8 +108,9 @@ class ManagedKeyedStateBackend(KeyedStateBackend):
 
     def stats(self) -> BackendStats:
         s = self.store.stats()
+        bins = tuple((b.size_class, b.objects, b.bytes_used, b.slots) for b in s.bins if b.objects)
         return BackendStats("managed", s.entries, s.memory_bytes, s.disk_bytes, cache_hits=s.memory_hits,
-                            cache_misses=s.gets - s.memory_hits)
+                            cache_misses=s.gets - s.memory_hits, bins=bins)
 
     def close(self) -> None:
         self.store.release()
