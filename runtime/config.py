@@ -53,7 +53,7 @@ class _RuleBroken(Exception):
 
 _SIZE_UNITS = {unit: 1 << shift for shift, units in (
     (0, ("", "b", "byte", "bytes")), (10, ("k", "kb", "kib")), (20, ("m", "mb", "mib")),
-    (30, ("g", "gb", "gib")), (40, ("t", "tb", "tib"))) for unit in units}
+    (30, ("g", "gb", "gib")), (40, ("t", "tb", "tib")), (50, ("p", "pb", "pib"))) for unit in units}
 _DURATION_UNITS = {unit: Decimal(factor) for factor, units in (
     ("1", ("", "s", "sec", "secs", "second", "seconds")), ("0.001", ("ms", "milli", "millis")),
     ("0.000001", ("us", "µs")), ("60", ("m", "min", "mins", "minute", "minutes")),
