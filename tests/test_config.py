@@ -627,3 +627,7 @@ def test_user_input_errors_of_the_api_are_shmflow_errors_and_value_errors() -> N
     with pytest.raises(InvalidArgumentError, match=r"^window size must be > 0 seconds and finite; got 0$"):
         from runtime.api import TumblingEventTimeWindows
         TumblingEventTimeWindows.of(0)
+
+
+def test_a_formatted_size_in_pib_parses_back() -> None:
+    assert parse_size(format_size(1024 << 40)) == parse_size("1 PiB") == 1 << 50
