@@ -74,6 +74,32 @@ static int check_buffer(Py_buffer *buf, Py_ssize_t need, const char *what) {
     return 0;
 }
 
+/* The arguments both calls share, checked: the table's shape, one code per accumulator, whole rows. */
+static int check_shape(const char *fn, Py_ssize_t capacity, Py_ssize_t width, Py_ssize_t key_words,
+                       const Py_buffer *codes, const Py_buffer *rows, Py_ssize_t start) {
+    Py_ssize_t n_accs = width - 1 - key_words;
+    if (capacity <= 0 || (capacity & (capacity - 1)) || width < 2 || key_words < 0 || n_accs < 1 ||
+        codes->len != n_accs || rows->len % (8 * width) || start < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: inconsistent table shape, accumulator codes or rows", fn);
+        return -1;
+    }
+    return 0;
+}
+
+/* The slot of `row`'s key: the slot holding it, or the first empty slot on its probe path (slot[0] == 0).
+ * Rows never have h == 0, so an empty slot never matches. */
+static inline uint64_t *probe(uint64_t *T, uint64_t mask, Py_ssize_t width, size_t key_bytes, const uint64_t *row) {
+    const uint64_t h = row[0];
+    uint64_t pos = h & mask;
+    for (;;) {
+        uint64_t *slot = T + pos * width;
+        const uint64_t cur = slot[0];
+        if (cur == 0 || (cur == h && (key_bytes == 0 || memcmp(slot + 1, row + 1, key_bytes) == 0)))
+            return slot;
+        pos = (pos + 1) & mask;
+    }
+}
+
 /* upsert(table, capacity, width, key_words, codes, rows, start, room, stop_when_full, left)
  *     -> (next_row, inserted, n_left)
  *
@@ -92,11 +118,8 @@ static PyObject *upsert(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t n_accs = width - 1 - key_words;
-    if (capacity <= 0 || (capacity & (capacity - 1)) || width < 2 || key_words < 0 || n_accs < 1 ||
-        codes.len != n_accs || rows.len % (8 * width)) {
-        PyErr_SetString(PyExc_ValueError, "upsert: inconsistent table shape, accumulator codes or rows");
+    if (check_shape("upsert", capacity, width, key_words, &codes, &rows, start))
         goto done;
-    }
     Py_ssize_t n = rows.len / (8 * width);
     if (check_buffer(&table, capacity * width * 8, "table") || check_buffer(&rows, 0, "rows") ||
         check_buffer(&left, n * 8, "left"))
@@ -111,30 +134,18 @@ static PyObject *upsert(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (; i < n; i++) {
         const uint64_t *row = R + i * width;
-        const uint64_t h = row[0];
-        uint64_t pos = h & mask;
-        for (;;) {
-            uint64_t *slot = T + pos * width;
-            const uint64_t cur = slot[0];
-            if (cur == h && (key_bytes == 0 || memcmp(slot + 1, row + 1, key_bytes) == 0)) {
-                merge_row(slot + 1 + key_words, row + 1 + key_words, cs, n_accs);
-                break;
-            }
-            if (cur == 0) {
-                if (inserted < room) {
-                    memcpy(slot, row, (size_t)width * 8);
-                    inserted++;
-                } else if (stop_when_full) {
-                    goto stopped;
-                } else {
-                    L[n_left++] = i;
-                }
-                break;
-            }
-            pos = (pos + 1) & mask;
+        uint64_t *slot = probe(T, mask, width, key_bytes, row);
+        if (slot[0] != 0) {
+            merge_row(slot + 1 + key_words, row + 1 + key_words, cs, n_accs);
+        } else if (inserted < room) {
+            memcpy(slot, row, (size_t)width * 8);
+            inserted++;
+        } else if (stop_when_full) {
+            break;
+        } else {
+            L[n_left++] = i;
         }
     }
-stopped:
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("nnn", i, inserted, n_left);
 done:
@@ -161,11 +172,8 @@ static PyObject *upsert_emit(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t n_accs = width - 1 - key_words;
-    if (capacity <= 0 || (capacity & (capacity - 1)) || width < 2 || key_words < 0 || n_accs < 1 ||
-        codes.len != n_accs || rows.len % (8 * width) || start < 0) {
-        PyErr_SetString(PyExc_ValueError, "upsert_emit: inconsistent table shape, accumulator codes or rows");
+    if (check_shape("upsert_emit", capacity, width, key_words, &codes, &rows, start))
         goto done;
-    }
     Py_ssize_t n = rows.len / (8 * width);
     if (check_buffer(&table, capacity * width * 8, "table") || check_buffer(&rows, 0, "rows") ||
         check_buffer(&out, n * n_accs * 8, "out"))
@@ -181,27 +189,17 @@ static PyObject *upsert_emit(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (; i < n; i++) {
         const uint64_t *row = R + i * width;
-        const uint64_t h = row[0];
-        uint64_t pos = h & mask;
-        for (;;) {
-            uint64_t *slot = T + pos * width;
-            const uint64_t cur = slot[0];
-            if (cur == h && (key_bytes == 0 || memcmp(slot + 1, row + 1, key_bytes) == 0)) {
-                merge_row(slot + 1 + key_words, row + 1 + key_words, cs, n_accs);
-                memcpy(O + i * n_accs, slot + 1 + key_words, acc_bytes);
-                break;
-            }
-            if (cur == 0) {
-                if (inserted >= room) goto stopped;
-                memcpy(slot, row, (size_t)width * 8);
-                memcpy(O + i * n_accs, row + 1 + key_words, acc_bytes);
-                inserted++;
-                break;
-            }
-            pos = (pos + 1) & mask;
+        uint64_t *slot = probe(T, mask, width, key_bytes, row);
+        if (slot[0] != 0) {
+            merge_row(slot + 1 + key_words, row + 1 + key_words, cs, n_accs);
+        } else if (inserted < room) {
+            memcpy(slot, row, (size_t)width * 8);
+            inserted++;
+        } else {
+            break;  /* the first new key past room: the caller grows the table and goes on from here */
         }
+        memcpy(O + i * n_accs, slot + 1 + key_words, acc_bytes);
     }
-stopped:
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("nn", i, inserted);
 done:
