@@ -15,7 +15,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ascii_keys", "min_max_unordered", "numeric_values", "pair_values"]
+__all__ = ["ascii_keys", "key_width", "min_max_unordered", "numeric_values", "pair_values"]
+
+#: The narrowest key width of a fixed-form table of str keys, in bytes.
+MIN_KEY_BYTES = 16
 
 _first_item = operator.itemgetter(0)
 _second_item = operator.itemgetter(1)
@@ -30,6 +33,12 @@ def ascii_keys(keys: list[str]) -> np.ndarray | None:
         return np.array(keys, dtype="S") if keys else np.empty(0, "S8")
     except UnicodeEncodeError:
         return None
+
+
+def key_width(keys: np.ndarray) -> int:
+    """The key width (bytes, a multiple of 8, at least MIN_KEY_BYTES) a table made for the ``S`` array
+    ``keys`` gets: its first batch's longest key; a later, longer key does not fit it."""
+    return max(MIN_KEY_BYTES, -(-keys.dtype.itemsize // 8) * 8)
 
 
 def pair_values(records: list[Any], keys: list[Any]) -> list[Any] | None:

@@ -52,7 +52,7 @@ from typing import Any, cast
 import numpy as np
 
 from operators.aggregations import Aggregation, Count, Max, Min, Sum
-from operators.fixed_rows import ascii_keys, min_max_unordered, numeric_values, pair_values
+from operators.fixed_rows import ascii_keys, key_width, min_max_unordered, numeric_values, pair_values
 from operators.keyed_vectorized import gc_paused
 from operators.stateless import to_records
 from runtime.errors import OutOfMemoryError
@@ -250,7 +250,7 @@ class ManagedKeyedState:
 
     def _fit_key_width(self, arr: np.ndarray) -> np.ndarray:
         if not self._key_bytes:
-            self._key_bytes = max(16, -(-arr.dtype.itemsize // 8) * 8)
+            self._key_bytes = key_width(arr)
         if arr.dtype.itemsize > self._key_bytes:
             raise _Unfit
         return arr

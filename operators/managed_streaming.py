@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from operators.aggregations import Aggregation, Count, Max, Min, Sum
-from operators.fixed_rows import ascii_keys, min_max_unordered, numeric_values, pair_values
+from operators.fixed_rows import ascii_keys, key_width, min_max_unordered, numeric_values, pair_values
 from operators.keyed_vectorized import gc_paused
 from runtime.execution.task import ManagedMemory
 from runtime.managed.share import ManagedShare
@@ -40,7 +40,6 @@ __all__ = ["StreamingManagedAggregate", "fits_streaming_state"]
 
 _KINDS = {Count: "count", Sum: "sum", Min: "min", Max: "max"}
 _INT_LIMIT = 1 << 62  # int sums leave before any accumulator could pass this (int64 wraps at 2**63)
-_MIN_KEY_BYTES = 16
 
 
 def fits_streaming_state(aggregation: Aggregation) -> bool:
@@ -111,7 +110,7 @@ class StreamingManagedAggregate:
             if arr is None:
                 return None
             if not self._key_bytes:
-                self._key_bytes = max(_MIN_KEY_BYTES, -(-arr.dtype.itemsize // 8) * 8)
+                self._key_bytes = key_width(arr)
             return arr if arr.dtype.itemsize <= self._key_bytes else None
         if key_types != {int}:
             return None

@@ -26,8 +26,6 @@ class StateMapping(MutableMapping[Any, Any]):
     def __init__(self, backend: KeyedStateBackend, name: str) -> None:
         self.backend = backend
         self.desc = ValueStateDescriptor(name)
-        self._len = 0  # entries written through this mapping (the backend may hold other states)
-        self._keys_known = True  # _len is exact while every key was written through here
 
     def get(self, key: Any, default: Any = None) -> Any:
         value = self.backend.get(self.desc, key)
@@ -41,13 +39,11 @@ class StateMapping(MutableMapping[Any, Any]):
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self.backend.put(self.desc, key, value)
-        self._keys_known = False  # new or not: counted on demand
 
     def __delitem__(self, key: Any) -> None:
         if self.backend.get(self.desc, key) is MISSING:
             raise KeyError(key)
         self.backend.remove(self.desc, key)
-        self._keys_known = False
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.backend.keys(self.desc))
@@ -56,10 +52,7 @@ class StateMapping(MutableMapping[Any, Any]):
         """Remove every entry of this state (one pass over its keys)."""
         for key in list(self.backend.keys(self.desc)):
             self.backend.remove(self.desc, key)
-        self._len, self._keys_known = 0, True
 
     def __len__(self) -> int:
-        if not self._keys_known:
-            self._len = sum(1 for _ in self.backend.keys(self.desc))
-            self._keys_known = True
-        return self._len
+        """Counted over the backend's keys of this state (one pass): read at a window's firing and at the end."""
+        return sum(1 for _ in self.backend.keys(self.desc))
