@@ -41,7 +41,7 @@ batches from a fixed-form combiner (``{"key", "column_acc"}`` when its input was
 columnar, so that the final aggregation's results are columnar too).
 
 Imports: runtime.execution.task (ManagedMemory), runtime.managed, operators.aggregations,
-operators.stateless (to_records), numpy.
+operators.stateless (to_records), operators.fixed_rows, operators.keyed_vectorized (gc_paused), numpy.
 """
 
 from __future__ import annotations

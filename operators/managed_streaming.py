@@ -19,7 +19,7 @@ fit makes :meth:`StreamingManagedAggregate.updates` return None: the caller
 moves the state with :meth:`take_entries` to its generic path for good.
 
 Imports: runtime.execution.task (ManagedMemory), runtime.managed, operators.aggregations,
-operators.keyed_vectorized (gc_paused), numpy, stdlib.
+operators.keyed_vectorized (gc_paused), operators.fixed_rows, numpy, stdlib.
 """
 
 from __future__ import annotations
