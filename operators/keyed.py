@@ -37,7 +37,7 @@ from operators.aggregations import (
 )
 from operators.keyed_vectorized import Vectorized, gc_paused, vectorizable
 from operators.managed_keyed import ManagedKeyedState, fits_managed_memory
-from operators.managed_streaming import StreamingManagedAggregate, fits_streaming_state
+from operators.managed_streaming import PreparedBatch, StreamingManagedAggregate, fits_streaming_state
 from operators.stateless import to_records
 from runtime.errors import InvalidArgumentError
 from runtime.execution.task import Batch, Emit, Operator, TimestampedBatch
@@ -126,7 +126,8 @@ class KeyedAggregate(Operator):
         self._backend: KeyedStateBackend | None = None  # streaming mode, state.backend managed (from open)
         # streaming count/sum/min/max with state.backend managed: the fixed-width state, until a batch does not fit
         self._streaming: StreamingManagedAggregate | None = None
-        self._mini: list[Batch] = []  # input held for the next mini-batch (see MINI_BATCH_RECORDS)
+        # input held for the next mini-batch (see MINI_BATCH_RECORDS): prepared batches, their timestamps or None
+        self._mini: list[tuple[PreparedBatch, list[float] | None]] = []
         self._mini_records = 0
         self._mini_since = 0.0  # processing time of the oldest held batch
 
@@ -184,39 +185,44 @@ class KeyedAggregate(Operator):
             self._managed.add(batch, partials=self.partial_input)
             return
         if self._streaming is not None and not isinstance(batch, dict):
-            if self._mini and isinstance(batch, TimestampedBatch) != isinstance(self._mini[0], TimestampedBatch):
-                self._flush_mini(emit)
-            if not self._mini:
-                self._mini_since = self.ctx.processing_time()
-            self._mini.append(batch)
-            self._mini_records += len(batch)
-            if self._mini_records >= MINI_BATCH_RECORDS:
-                self._flush_mini(emit)
+            self._hold(batch, emit)
             return
         self._process(batch, emit)
+
+    def _hold(self, batch: Batch, emit: Emit) -> None:
+        """Keep a streaming batch for the next mini-batch, as its keys and values (the records go now: a
+        mini-batch of tuples alive at once would make the garbage collector walk every one of them); a batch
+        that does not fit the fixed-width state flushes what is held and hands the state over."""
+        assert self._streaming is not None
+        stamped = isinstance(batch, TimestampedBatch)
+        if self._mini and stamped != (self._mini[0][1] is not None):
+            self._flush_mini(emit)
+        prepared = self._streaming.prepare(to_records(batch))
+        if prepared is None:
+            self._flush_mini(emit)
+            self._process(batch, emit)  # the state moves to the backend there, for good
+            return
+        if not self._mini:
+            self._mini_since = self.ctx.processing_time()
+        self._mini.append((prepared, cast(TimestampedBatch, batch).timestamps if stamped else None))
+        self._mini_records += len(batch)
+        if self._mini_records >= MINI_BATCH_RECORDS:
+            self._flush_mini(emit)
 
     def _flush_mini(self, emit: Emit) -> None:
         """Fold the held input as one batch and emit its updates (in input order)."""
         held, self._mini, self._mini_records = self._mini, [], 0
-        if not held:
+        if not held or self._streaming is None:
             return
-        if len(held) == 1:
-            batch: Batch = held[0]
-        elif isinstance(held[0], TimestampedBatch):
-            stamped = cast(list[TimestampedBatch], held)
-            batch = TimestampedBatch([r for b in stamped for r in b], [t for b in stamped for t in b.timestamps])
-        else:
-            batch = [r for b in held for r in b]
-        if self._streaming is not None:
-            # The GC stays paused until the updates are emitted (serialized) and dropped: a mini-batch of
-            # acyclic tuples alive at once would otherwise be walked by every collection meanwhile.
-            with gc_paused():
-                out = self._streaming_updates(batch)
-                if out is not None:
-                    emit(out)
-                    del out  # before the GC resumes, or its next collection walks every tuple
-                    return
-        self._process(batch, emit)
+        # The GC stays paused until the updates are emitted (serialized) and dropped: a mini-batch of
+        # acyclic tuples alive at once would otherwise be walked by every collection meanwhile.
+        with gc_paused():
+            out: Batch = self._streaming.apply([prepared for prepared, _ in held])
+            if held[0][1] is not None:
+                out = TimestampedBatch(out, [t for _, stamps in held for t in cast(list[float], stamps)])
+            del held
+            emit(out)
+            del out  # before the GC resumes, or its next collection walks every tuple
 
     def process_watermark(self, watermark: float, emit: Emit) -> float | None:
         self._flush_mini(emit)  # the updates of records before a watermark go before it

@@ -25,7 +25,7 @@ operators.keyed_vectorized (gc_paused), operators.fixed_rows, numpy, stdlib.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -36,10 +36,22 @@ from runtime.execution.task import ManagedMemory
 from runtime.managed.share import ManagedShare
 from runtime.managed.streaming_table import StreamingFixedState
 
-__all__ = ["StreamingManagedAggregate", "fits_streaming_state"]
+__all__ = ["PreparedBatch", "StreamingManagedAggregate", "fits_streaming_state"]
 
 _KINDS = {Count: "count", Sum: "sum", Min: "min", Max: "max"}
 _INT_LIMIT = 1 << 62  # int sums leave before any accumulator could pass this (int64 wraps at 2**63)
+
+
+class PreparedBatch(NamedTuple):
+    """One input batch as :meth:`StreamingManagedAggregate.apply` takes it (made by ``prepare``).
+
+    ``raw_keys`` are the records' keys as the job gave them (they go out in the updates), ``keys`` the
+    same as the state's key column (int64 or ``S<n>``), ``values`` the value column (None for count).
+    """
+
+    raw_keys: list[Any]
+    keys: np.ndarray
+    values: np.ndarray | None
 
 
 def fits_streaming_state(aggregation: Aggregation) -> bool:
@@ -73,6 +85,7 @@ class StreamingManagedAggregate:
         self._state: StreamingFixedState | None = None
         self._share: ManagedShare | None = None
         self._str_keys = False
+        self._keys_fixed = False  # whether _str_keys (and, for str keys, _key_bytes) are fixed
         self._key_bytes = 0
         self._dtype: str | None = None  # the values' type, fixed by the first batch with values
         self._bound = 0  # int sums: an upper bound on every |accumulator|
@@ -80,11 +93,21 @@ class StreamingManagedAggregate:
     # ------------------------------------------------------------------ input
     def updates(self, records: list[Any]) -> list[Any] | None:
         """The result after every record, in input order; None (nothing changed) if the batch does not fit."""
-        if not records:
-            return []
+        prepared = self.prepare(records)
+        return None if prepared is None else self.apply([prepared])
+
+    def prepare(self, records: list[Any]) -> PreparedBatch | None:
+        """A batch's keys and values as the state takes them, or None (nothing changed) if it does not fit.
+
+        A caller that holds input for a mini-batch holds these instead of the records: the raw keys (str or
+        int, which the garbage collector does not track) and two arrays, not one tracked tuple per record.
+        Every prepared batch must be applied, in order, before the state is handed over.
+        """
         raw_keys = records if self.key_fn is None else list(map(self.key_fn, records))
+        if not raw_keys:
+            return PreparedBatch([], np.empty(0, np.int64), None)
         key_types = set(map(type, raw_keys))
-        if self._state is None:
+        if not self._keys_fixed:  # the first batch fixes the key type (str or int) for good
             if key_types == {str}:
                 self._str_keys = True
             elif key_types != {int}:
@@ -92,11 +115,25 @@ class StreamingManagedAggregate:
         keys = self._keys(raw_keys, key_types)
         if keys is None:
             return None
+        self._keys_fixed = True
         values = None
         if self.kind != "count":
             values = self._values(records, raw_keys)
             if values is None:
                 return None
+        return PreparedBatch(raw_keys, keys, values)
+
+    def apply(self, batches: list[PreparedBatch]) -> list[Any]:
+        """Fold prepared batches (in input order) into the state: the result after every record, in order."""
+        batches = [b for b in batches if b.raw_keys]
+        if not batches:
+            return []
+        if len(batches) == 1:
+            raw_keys, keys, values = batches[0].raw_keys, batches[0].keys, batches[0].values
+        else:
+            raw_keys = [k for b in batches for k in b.raw_keys]
+            keys = np.concatenate([b.keys for b in batches])
+            values = None if self.kind == "count" else np.concatenate([cast(np.ndarray, b.values) for b in batches])
         state = self._state if self._state is not None else self._make_state()
         accs = state.update(keys, values).tolist()
         with gc_paused():  # a batch of acyclic 2-tuples
