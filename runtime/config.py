@@ -284,6 +284,11 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("pipeline.max-parallelism", "max_parallelism", _integer, 128,
             "must be an integer in [1, 32768]", lambda v: 1 <= v <= 32768,
             "key groups that keyed state is divided into (the most subtasks state can be rescaled to)", "int"),
+    KeySpec("python.gc.young-threshold", "gc_young_threshold", _integer, 100_000,
+            "must be an integer in [700, 10000000]", lambda v: 700 <= v <= 10_000_000,
+            "net allocations of GC-tracked objects that start a collection of the youngest generation in a "
+            "worker running a job (gc.set_threshold's first value; Python's default, 700, makes a worker that "
+            "holds batches of thousands of records walk them again and again)", "int"),
     KeySpec("workers", "workers", _integer, 2,
             "must be an integer in [1, 256]", lambda v: 1 <= v <= 256,
             "number of worker processes", "int"),
@@ -409,6 +414,7 @@ class ShmflowConfig:
     max_message_size: int
     state_backend: str
     max_parallelism: int
+    gc_young_threshold: int
     workers: int
 
     def __init__(self, values: Mapping[str, object] | None = None, *, source: str = "code",

@@ -137,6 +137,7 @@ def test_defaults() -> None:
         "network.floating-buffers-per-gate": 16, "network.buffer-timeout": 0.1,
         "network.max-record-size": 64 * MiB, "network.transport": "auto",
         "cluster.max-message-size": 256 * MiB, "state.backend": "heap", "pipeline.max-parallelism": 128,
+        "python.gc.young-threshold": 100_000,
         "workers": 2,
     }
     assert all(cfg.source(spec.key) == "default" for spec in KEYS)
@@ -631,3 +632,9 @@ def test_user_input_errors_of_the_api_are_shmflow_errors_and_value_errors() -> N
 
 def test_a_formatted_size_in_pib_parses_back() -> None:
     assert parse_size(format_size(1024 << 40)) == parse_size("1 PiB") == 1 << 50
+
+
+def test_the_young_generation_threshold_is_bounded_and_names_its_key() -> None:
+    assert cfg_of({"python.gc.young-threshold": "5000"}).gc_young_threshold == 5000
+    with pytest.raises(ConfigError, match=r"python\.gc\.young-threshold.*\[700, 10000000\].*got 10"):
+        cfg_of({"python.gc.young-threshold": 10})

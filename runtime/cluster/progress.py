@@ -79,6 +79,7 @@ def summarize(per_worker: dict[int, dict[str, Any]], seconds: float) -> dict[str
         "workers": workers,
         "worker_peak_rss_bytes": max((w.get("peak_rss_bytes", 0) for w in workers.values()), default=0),
         "gc_pause_seconds": sum(w.get("gc_pause_seconds", 0.0) for w in workers.values()),
+        "gc_collections": sum(w.get("gc_collections", 0) for w in workers.values()),
         "network_peak_bytes": sum(w.get("network_peak_bytes", 0) for w in workers.values()),
         "managed_peak_bytes": sum(w.get("managed_peak_bytes", 0) for w in workers.values()),
         "spilled_bytes": sum(m.get("spilled_bytes", 0) for m in operators.values()),

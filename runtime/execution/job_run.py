@@ -138,12 +138,15 @@ class JobRun:
         self.pools: list[LocalBufferPool] = []
         self.writers: list[RecordWriter] = []
         self._gc_before = 0.0
+        self._gc_collections_before = 0
         self._io_manager: IOManager | None = None
 
     # ------------------------------------------------------------------ phases
     def run(self) -> None:
         reset_peak_rss()  # this job's peak, not the largest of every job this worker ran
         self._gc_before = gc_timer().seconds
+        self._gc_collections_before = gc_timer().collections
+        thresholds: tuple[int, ...] | None = None  # the process's GC thresholds, restored after the job
         self.host.set_progress(lambda: {st.vertex.name: [st.records_in, st.records_out] for st in self.subtasks})
         try:
             import cloudpickle  # the job graph arrives pickled (its HMAC was verified on receipt)
@@ -154,6 +157,8 @@ class JobRun:
                 gc.enable()
             self._payload = None
             gc.freeze()  # the graph lives as long as the job: keep it out of every collection until then
+            thresholds = gc.get_threshold()
+            gc.set_threshold(int(self.config.get("python.gc.young-threshold", thresholds[0])), *thresholds[1:])
             self._deploy()
             self._connect(self.host.wait_start(self.job_id))
             self._loop()
@@ -170,6 +175,8 @@ class JobRun:
             self.host.set_progress(None)
             self._close()
             gc.unfreeze()
+            if thresholds is not None:
+                gc.set_threshold(*thresholds)
 
     def _keep_alive(self) -> None:
         """The callback of every gate, partition and long-running operator (OperatorContext.keep_alive) of
@@ -334,6 +341,7 @@ class JobRun:
         out[WORKER_METRICS] = {
             "peak_rss_bytes": peak_rss_bytes(),
             "gc_pause_seconds": gc_timer().seconds - self._gc_before,
+            "gc_collections": gc_timer().collections - self._gc_collections_before,
             "network_peak_bytes": sum(p.stats().peak_in_use for p in self.pools) * self.network.buffer_size,
             "managed_peak_bytes": self.memory.stats().high_water_mark,
         }
