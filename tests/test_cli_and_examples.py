@@ -119,3 +119,31 @@ def test_an_allocator_snapshot_travels_as_plain_data_and_a_malformed_one_is_refu
     for bad in (None, [0, 1, 2], [0, 1, 2, [["x", 1, "o", 1]], []], [0, 1, 2, [], [[0]]], [0, 1, True, [], []]):
         with pytest.raises(ProtocolError, match="an allocator snapshot must be"):
             AllocatorSnapshot.from_wire(bad)
+
+
+def test_state_stats_travel_as_plain_data_and_are_drawn_under_their_operators_pages():
+    from runtime.cluster.layout import render_state
+    from runtime.errors import ProtocolError
+    from runtime.memory.layout import AllocatorSnapshot, render_layout
+    from runtime.state.backend import BackendStats
+
+    stats = BackendStats("managed", 1500, 65536, 8192, cache_hits=900, cache_misses=100,
+                         bins=((32, 1000, 27_000, 2048), (0, 2, 10_000, 2)))
+    assert BackendStats.from_wire(stats.to_wire()) == stats
+    assert render_state(stats) == [
+        "managed state: 1,500 entries, 64 KiB in memory, 8 KiB on disk, cache hit rate 90% of 1,000 reads",
+        "     bin    objects  bytes used      slots  fill",
+        "    32 B      1,000    26.4 KiB      2,048   49%",
+        "   large          2     9.8 KiB          2  100%",
+    ]
+    assert render_state(BackendStats("managed", 0, 0))[0].endswith("0 B on disk, no reads yet")
+    snap = AllocatorSnapshot(0, 1 << 20, 4096, ((0, 65536, "net", 1), (65536, 8192, "process[0]", 2)),
+                             ((1 << 19, 1 << 19),))
+    text = render_layout([("arena", snap)], details={"process[0]": ["line one", "line two"], "gone[1]": ["x"]})
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if "process[0]" in line)
+    assert lines[at + 1:at + 3] == ["      line one", "      line two"] and "x" not in lines
+    for bad in (None, ["managed", 1, 2, 3, 4, 5], ["managed", 1, 2, 3, 4, True, []], [1, 1, 2, 3, 4, 5, []],
+                ["managed", 1, 2, 3, 4, 5, [[32, 1, 2]]]):
+        with pytest.raises(ProtocolError, match=r"^state stats must be \[backend, entries"):
+            BackendStats.from_wire(bad)
