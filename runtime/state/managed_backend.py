@@ -116,8 +116,12 @@ class ManagedKeyedStateBackend(KeyedStateBackend):
     def stats(self) -> BackendStats:
         s = self.store.stats()
         bins = tuple((b.size_class, b.objects, b.bytes_used, b.slots) for b in s.bins if b.objects)
-        return BackendStats("managed", s.entries, s.memory_bytes, s.disk_bytes, cache_hits=s.memory_hits,
-                            cache_misses=s.gets - s.memory_hits, bins=bins)
+        # A read is a miss when it went to disk: a key absent from memory and from every run's range and bloom
+        # filter (or with nothing spilled) was answered from memory. The store counts blocks read, not reads
+        # that read: a read of blocks in two runs counts twice, never more than the reads not found in memory.
+        misses = min(s.gets - s.memory_hits, s.disk_reads)
+        return BackendStats("managed", s.entries, s.memory_bytes, s.disk_bytes, cache_hits=s.gets - misses,
+                            cache_misses=misses, bins=bins)
 
     def close(self) -> None:
         detach, self._detach = self._detach, None
