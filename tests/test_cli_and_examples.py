@@ -119,3 +119,66 @@ def test_an_allocator_snapshot_travels_as_plain_data_and_a_malformed_one_is_refu
     for bad in (None, [0, 1, 2], [0, 1, 2, [["x", 1, "o", 1]], []], [0, 1, 2, [], [[0]]], [0, 1, True, [], []]):
         with pytest.raises(ProtocolError, match="an allocator snapshot must be"):
             AllocatorSnapshot.from_wire(bad)
+
+
+def test_state_stats_travel_as_plain_data_and_are_drawn_under_their_operators_pages():
+    from runtime.cluster.layout import render_state
+    from runtime.errors import ProtocolError
+    from runtime.memory.layout import AllocatorSnapshot, render_layout
+    from runtime.state.backend import BackendStats
+
+    stats = BackendStats("managed", 1500, 65536, 8192, cache_hits=900, cache_misses=100,
+                         bins=((32, 1000, 27_000, 2048), (0, 2, 10_000, 2)))
+    assert BackendStats.from_wire(stats.to_wire()) == stats
+    assert render_state(stats) == [
+        "managed state: 1,500 entries, 64 KiB in memory, 8 KiB on disk, cache hit rate 90% of 1,000 reads",
+        "     bin    objects  bytes used      slots  fill",
+        "    32 B      1,000    26.4 KiB      2,048   49%",
+        "   large          2     9.8 KiB          2  100%",
+    ]
+    assert render_state(BackendStats("managed", 0, 0))[0].endswith("0 B on disk, no reads yet")
+    snap = AllocatorSnapshot(0, 1 << 20, 4096, ((0, 65536, "net", 1), (65536, 8192, "process[0]", 2)),
+                             ((1 << 19, 1 << 19),))
+    text = render_layout([("arena", snap)], details={"process[0]": ["line one", "line two"], "gone[1]": ["x"]})
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if "process[0]" in line)
+    assert lines[at + 1:at + 3] == ["      line one", "      line two"] and "x" not in lines
+    for bad in (None, ["managed", 1, 2, 3, 4, 5], ["managed", 1, 2, 3, 4, True, []], [1, 1, 2, 3, 4, 5, []],
+                ["managed", 1, 2, 3, 4, 5, [[32, 1, 2]]]):
+        with pytest.raises(ProtocolError, match=r"^state stats must be \[backend, entries"):
+            BackendStats.from_wire(bad)
+
+
+def test_the_summary_shows_each_operators_state_with_its_cache_hit_rate_and_each_workers_gc_pauses():
+    from runtime.cluster.progress import render_summary, summarize
+
+    def subtask(hits, misses, objects):
+        return {"records_in": 10, "records_out": 10, "state_entries": 3, "state_bytes_in_memory": 32768,
+                "state_bytes_on_disk": 4096, "state_cache_hits": hits, "state_cache_misses": misses,
+                "state_bin_32_objects": objects, "state_bin_32_bytes": 30 * objects, "state_bin_32_slots": 1024}
+
+    def worker(gc):
+        return {"peak_rss_bytes": 64 << 20, "gc_pause_seconds": gc, "network_peak_bytes": 1 << 20,
+                "managed_peak_bytes": 32768}
+
+    metrics = summarize({0: {"process[0]": subtask(290, 10, 2), "map[0]": {"records_in": 5, "records_out": 5},
+                             "__worker__": worker(0.25)},
+                         1: {"process[1]": subtask(0, 0, 1), "map[1]": {"records_in": 5, "records_out": 5},
+                             "__worker__": worker(0.5)}}, 1.0)
+    assert metrics["operators"]["process"]["state_cache_hit_rate"] == 290 / 300
+    assert "state_cache_hit_rate" not in metrics["operators"]["map"]  # no keyed state
+    lines = render_summary("j", 1.0, metrics).splitlines()
+    assert lines[2:] == [
+        "  worker 0: GC pauses 0.25s, peak RSS 64 MiB, managed peak 32 KiB, network peak 1 MiB",
+        "  worker 1: GC pauses 0.50s, peak RSS 64 MiB, managed peak 32 KiB, network peak 1 MiB",
+        "  process: 20 in, 20 out",
+        "    state: 6 entries, 64 KiB in memory, 8 KiB on disk; cache hit rate 96.7% of 300 reads",
+        "    state bins: 32 B 3 (0% full)",
+        "  map: 10 in, 10 out",
+    ]
+    heap = summarize({0: {"process[0]": {"state_entries": 3, "state_cache_hits": 0, "state_cache_misses": 0}}}, 1.0)
+    assert heap["operators"]["process"]["state_cache_hit_rate"] == 1.0  # no read counted: none went to disk
+    assert "no reads counted" in render_summary("j", 1.0, heap)
+    fixed = summarize({0: {"count[0]": {"state_entries": 3, "state_partition_loads": 2}}}, 1.0)
+    assert "state_cache_hit_rate" not in fixed["operators"]["count"]  # it loads whole partitions: no read count
+    assert render_summary("j", 1.0, fixed).endswith("; 2 partitions read back from disk")

@@ -19,7 +19,7 @@ import pytest
 import zmq
 from helpers import wait_until
 
-from runtime import StreamEnvironment
+from runtime import KeyedProcessFunction, StreamEnvironment, ValueStateDescriptor
 from runtime.cluster import protocol as control
 from runtime.errors import JobFailedError
 
@@ -31,8 +31,19 @@ def _start(*args: str) -> subprocess.Popen:
 
 @pytest.fixture
 def cluster(tmp_path):
+    yield from _standing_cluster(tmp_path)
+
+
+@pytest.fixture
+def managed_state_cluster(tmp_path):
+    """A standing cluster whose jobs keep keyed state in managed memory (the coordinator's configuration)."""
+    yield from _standing_cluster(tmp_path, "-D", "state.backend=managed")
+
+
+def _standing_cluster(tmp_path, *coordinator_args):
     secret = tmp_path / "cluster.secret"
-    coord = _start("coordinator", "--bind", "tcp://127.0.0.1:*", "--secret-file", str(secret), "--workers", "2")
+    coord = _start("coordinator", "--bind", "tcp://127.0.0.1:*", "--secret-file", str(secret), "--workers", "2",
+                   *coordinator_args)
     procs = [coord]
     try:
         first = coord.stdout.readline()
@@ -262,6 +273,83 @@ def test_layout_of_a_standing_cluster_shows_each_operators_managed_pages_while_a
     assert len(out.values()) == len({(i * 7919) % 1_000_003 for i in range(n)})
     idle = _layout(endpoint, secret)
     assert idle.returncode == 0 and "no job running" in idle.stdout
+
+
+class RemembersLast(KeyedProcessFunction):
+    """Keeps each key's last value (its length depends on the key: several size classes); emits nothing."""
+
+    def open(self, runtime_context):
+        self.last = runtime_context.get_state(ValueStateDescriptor("last"))
+
+    def process_element(self, value, ctx):
+        if self.last.value() != value[1]:  # a read of the state, then a write
+            self.last.update(value[1])
+
+
+#: The head and one row of a state backend's bins under its operator's pages, e.g.
+#: "      managed state: 1,000 entries, 384 KiB in memory, 0 B on disk, cache hit rate 100% of 74,000 reads"
+#: "            96 B        182    15.1 KiB      1,023   18%"
+STATE_HEAD = re.compile(r"^      managed state: ([\d,]+) entries, [\d.]+ [KM]iB in memory, [\d.]+ [KMG]?i?B on disk, "
+                        r"cache hit rate \d+% of [\d,]+ reads$", re.MULTILINE)
+BIN_ROW = re.compile(r"^ +(\d+) B +([\d,]+) +[\d.]+ [KM]?i?B +([\d,]+) +\d+%$", re.MULTILINE)
+
+
+def test_layout_of_a_standing_cluster_shows_a_managed_state_backends_bins_under_its_pages(managed_state_cluster,
+                                                                                         tmp_path):
+    endpoint, secret, _, _ = managed_state_cluster
+    _wait_for_workers(endpoint, secret)
+    release = tmp_path / "release"
+    keys, n, hold_at = 2_000, 200_000, 150_000  # an even index: worker 0's source holds, worker 1's runs on
+
+    def record(i, release=str(release)):
+        if i == hold_at:  # hold the job here until the test has looked at the layout
+            deadline = time.monotonic() + 60
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.05)  # sleep-ok: a job held for the test, released by a file
+        return f"k{i % keys}", "x" * (i % keys % 300)
+
+    env = StreamEnvironment(workers=2, coordinator=endpoint, secret_file=str(secret))
+    env.from_generator(record, count=n).key_by(lambda r: r[0]).process(RemembersLast()).collect()
+    failure: list[BaseException] = []
+
+    def run():
+        try:
+            env.execute("held-state", timeout=120)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failure.append(exc)
+
+    import threading
+    job = threading.Thread(target=run)
+    job.start()
+    try:
+        seen = {}
+
+        def bins_shown():
+            proc = _layout(endpoint, secret)
+            assert proc.returncode == 0, proc.stderr
+            seen["text"] = proc.stdout
+            return "running job 'held-state'" in proc.stdout and BIN_ROW.search(proc.stdout) is not None
+        wait_until(bins_shown, timeout=60, msg="the layout shows the process function's state bins")
+        text = seen["text"]
+        lines = text.splitlines()
+        head = next(i for i, line in enumerate(lines) if STATE_HEAD.match(line))
+        assert re.match(r"^  \S process\[\d\] +[\d.]+ [KM]iB in \d+ blocks?$", lines[head - 1]), text
+        assert lines[head + 1].split() == ["bin", "objects", "bytes", "used", "slots", "fill"], text
+        rows = BIN_ROW.findall(text)
+        assert len(rows) >= 3, text  # values of 0 to 299 characters: several size classes
+        for size, objects, slots in rows:
+            assert int(size) >= 16 and 0 < int(objects.replace(",", "")) <= int(slots.replace(",", "")), text
+        entries = sum(int(m.replace(",", "")) for m in STATE_HEAD.findall(text))
+        assert 0 < entries <= keys, text
+    finally:
+        release.touch()
+        job.join(120)
+    assert not failure, failure
+
+    def state_gone():  # with the next heartbeat of each worker after the job's end
+        idle = _layout(endpoint, secret)
+        return idle.returncode == 0 and "no job running" in idle.stdout and "managed state:" not in idle.stdout
+    wait_until(state_gone, timeout=10, msg="the layout shows no state once the job ended")
 
 
 def test_layout_of_a_coordinator_that_does_not_answer_says_so_by_name(tmp_path):

@@ -39,6 +39,10 @@ EXAMPLES: list[protocol.Message] = [
     protocol.Heartbeat(worker=1, arena=[0, 1 << 20, 4096, [[0, 65536, "worker-1 network", 1]], [[65536, 65536]]]),
     protocol.Inspect(),
     protocol.ClusterLayout(region=[0, 1 << 21, 4096, [], []], workers=[[0, 1234, None]], job="j1"),
+    protocol.Heartbeat(worker=1, state={"process[1]": ["managed", 3, 65536, 0, 5, 1, [[32, 3, 70, 1024]]]}),
+    protocol.Heartbeat(worker=1, state={}),
+    protocol.ClusterLayout(region=[0, 1 << 21, 4096, [], []], workers=[[0, 1234, None]], job="j1",
+                           state={0: {"process[0]": ["managed", 3, 65536, 0, 5, 1, [[32, 3, 70, 1024]]]}}),
 ]
 
 
@@ -64,7 +68,8 @@ def test_a_wrong_mac_is_refused_before_decoding():
 
 def test_another_protocol_version_is_refused_by_name():
     body = {"v": protocol.PROTOCOL_VERSION + 1, "t": "ack"}
-    with pytest.raises(ProtocolError, match=r"speaks protocol version 3; this process speaks 2: run the same shmflow"):
+    v = protocol.PROTOCOL_VERSION
+    with pytest.raises(ProtocolError, match=rf"speaks protocol version {v + 1}; this process speaks {v}: run the same "):
         protocol.open_message(SECRET, sealed(body))
 
 

@@ -367,3 +367,29 @@ def test_process_element_returning_a_non_iterable_is_refused_by_name(make_op):
 
     with pytest.raises(TypeError, match=r"Returns.process_element must yield records, return an iterable"):
         run(make_op(Returns()), [("a", 1)])
+
+
+def test_a_managed_backend_reports_to_its_share_until_closed_and_counts_only_reads_of_disk_as_misses(tmp_path):
+    from runtime.state.backend import MISSING, make_backend
+
+    desc = ValueStateDescriptor("v")
+    with managed_memory(tmp_path, 8 << 20, 4096) as (mm, io):
+        managed = ManagedMemory(mm, "process[0]", 64 << 10, lambda: io)
+        backend = make_backend(OperatorContext(operator_name="process", state_backend="managed", managed=managed))
+        try:
+            for i in range(100):
+                assert backend.get(desc, f"absent-{i}") is MISSING  # absent, nothing spilled: answered from memory
+                backend.put(desc, f"k{i}", i)
+            stats = managed.state_stats()
+            assert stats is not None and stats.entries == 100 and stats.bytes_on_disk == 0
+            assert (stats.cache_hits, stats.cache_misses) == (100, 0)
+            for i in range(5_000):  # more than the 64 KiB share holds: it spills
+                backend.put(desc, f"k{i}", "x" * 40)
+            for i in range(5_000):
+                assert backend.get(desc, f"k{i}") == "x" * 40
+            stats = managed.state_stats()
+            assert stats is not None and stats.bytes_on_disk > 0 and 0 < stats.cache_misses < 5_000
+            assert stats.cache_hits + stats.cache_misses == 5_100
+        finally:
+            backend.close()
+        assert managed.state_stats() is None  # detached

@@ -48,10 +48,17 @@ def test_count_with_timeout_equals_a_model_on_a_real_job(backend):
     assert sorted(out.values(), key=repr) == sorted(want, key=repr)
     chain = next(m for name, m in result.metrics["operators"].items() if name.startswith("process"))
     assert chain["state_entries"] == len(counts) and chain["timers_pending"] == 0
+    assert 0.0 <= chain["state_cache_hit_rate"] <= 1.0
+    summary = result.summary().splitlines()
+    at = next(i for i, line in enumerate(summary) if line.startswith("  process"))
+    assert summary[at + 1].startswith(f"    state: {len(counts)} entries, "), summary
+    assert [line.split(":")[0] for line in summary if line.startswith("  worker ")] == ["  worker 0", "  worker 1"]
+    assert all("GC pauses " in line for line in summary if line.startswith("  worker "))
     if backend == "managed":  # every entry is one object of the small-object allocator's bins
         objects = sum(v for k, v in chain.items() if k.startswith("state_bin_") and k.endswith("_objects"))
         assert objects == len(counts)
-        assert "; bins " in result.summary()
+        assert chain["state_cache_hits"] + chain["state_cache_misses"] >= len(records)  # a read per record
+        assert summary[at + 1].endswith(" reads") and summary[at + 2].startswith("    state bins: 16 B "), summary
 
 
 class RemembersSets(KeyedProcessFunction):

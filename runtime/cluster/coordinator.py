@@ -26,7 +26,7 @@ import secrets
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -89,6 +89,7 @@ class WorkerHandle:
     attached: bool = False
     progress: dict[str, list[int]] | None = None  # from the last heartbeat: chain -> [records in, out]
     arena_layout: list[Any] | None = None  # the arena's blocks as the worker last reported them (AllocatorSnapshot)
+    state_layout: dict[str, list[Any]] = field(default_factory=dict)  # owner -> its state backend's last stats
     process: subprocess.Popen[bytes] | None = None  # the worker's process when this coordinator started it
 
 
@@ -167,12 +168,15 @@ class Coordinator:
                 handle.progress = message.progress
                 if message.arena is not None:
                     handle.arena_layout = message.arena
+                if message.state is not None:
+                    handle.state_layout = message.state
                 self.send(handle, Ack())  # lets the worker tell a live coordinator from a dead one
             return None
         if isinstance(message, Inspect):  # answered while idle and while a job runs
             workers = [[wid, h.pid, h.arena_layout] for wid, h in sorted(self.workers.items())]
+            state = {wid: h.state_layout for wid, h in sorted(self.workers.items()) if h.state_layout}
             self.send_to(identity, ClusterLayout(region=AllocatorSnapshot.of(self.allocator).to_wire(),
-                                                 workers=workers, job=self.current_job))
+                                                 workers=workers, job=self.current_job, state=state))
             return None
         return identity, message
 

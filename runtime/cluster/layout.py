@@ -1,6 +1,11 @@
 """``shmflow layout``: how a cluster carves its region, planned from a configuration or live from a standing one.
 
-Imports: runtime.memory, runtime.network, runtime.cluster.protocol, runtime.errors (pyzmq).
+Imports: runtime.memory, runtime.network, runtime.state.backend, runtime.cluster.protocol, runtime.errors (pyzmq).
+
+Live, under each operator's managed pages, the state backend kept in them
+(``state.backend: managed``): its entries, bytes in memory and on disk, how
+reads were served, and one row per size class of its small-object allocator
+(:mod:`runtime.state.bins`): objects, bytes used, slots and fill.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from runtime.memory import BuddyAllocator, SharedRegion, format_bytes
 from runtime.memory.layout import AllocatorSnapshot, render_layout
 from runtime.network import NetworkBufferPool
 from runtime.network.transport import connect, context, make_socket
+from runtime.state.backend import BackendStats
 
 if TYPE_CHECKING:
     from runtime.config import ShmflowConfig
@@ -74,12 +80,29 @@ def inspect_cluster(endpoint: str, *, secret_file: str | None = None, timeout: f
         sock.close(linger=0)
 
 
+def render_state(stats: BackendStats) -> list[str]:
+    """The lines of a state backend: entries, bytes in memory and on disk, cache hit rate; a row per bin."""
+    lookups = stats.cache_hits + stats.cache_misses
+    reads = (f", cache hit rate {stats.cache_hits / lookups:.0%} of {lookups:,} reads" if lookups
+             else ", no reads yet")
+    lines = [f"{stats.backend} state: {stats.entries:,} entries, {format_bytes(stats.bytes_in_memory)} in memory, "
+             f"{format_bytes(stats.bytes_on_disk)} on disk{reads}"]
+    if stats.bins:
+        lines.append(f"{'bin':>8} {'objects':>10} {'bytes used':>11} {'slots':>10} {'fill':>5}")
+        for size, objects, nbytes, slots in stats.bins:
+            name = f"{size} B" if size else "large"  # size class 0: objects with a block of their own
+            lines.append(f"{name:>8} {objects:>10,} {format_bytes(nbytes):>11} {slots:>10,} "
+                         f"{objects / slots if slots else 0.0:>5.0%}")
+    return lines
+
+
 def render_live_layout(layout: ClusterLayout, *, width: int = 64) -> str:
     """A text picture of a standing cluster's region: the coordinator's arenas, then each worker's arena
-    as its last heartbeat reported it (network buffers, each operator's managed pages, free blocks).
+    as its last heartbeat reported it (network buffers, each operator's managed pages, free blocks), with
+    the state backend kept in an operator's pages under them (:func:`render_state`).
 
     Raises:
-        ProtocolError: a snapshot in ``layout`` is malformed.
+        ProtocolError: a snapshot or state stats in ``layout`` are malformed.
     """
     views: list[tuple[str, AllocatorSnapshot]] = [("region (coordinator's allocator)",
                                                    AllocatorSnapshot.from_wire(layout.region))]
@@ -93,8 +116,10 @@ def render_live_layout(layout: ClusterLayout, *, width: int = 64) -> str:
             missing.append(f"worker {wid} (pid {pid}): no report of its arena yet")
         else:
             views.append((f"worker {wid} arena (pid {pid})", AllocatorSnapshot.from_wire(arena)))
+    details = {owner: render_state(BackendStats.from_wire(stats))
+               for by_owner in layout.state.values() for owner, stats in by_owner.items()}
     head = f"running job {layout.job!r}" if layout.job else "no job running"
-    return "\n".join([head, render_layout(views, width=width), *missing])
+    return "\n".join([head, render_layout(views, width=width, details=details), *missing])
 
 
 __all__ = ["inspect_cluster", "render_cluster_layout", "render_live_layout"]

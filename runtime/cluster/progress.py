@@ -44,6 +44,13 @@ def progress_printer(name: str, coordinator: Coordinator, started: float) -> Cal
 def summarize(per_worker: dict[int, dict[str, Any]], seconds: float) -> dict[str, Any]:
     """Merge the workers' metrics: per operator chain, records in/out and backpressure; totals.
 
+    Per operator chain, its subtasks' counters summed; with a keyed state
+    backend (heap or managed) also ``state_cache_hit_rate``: the share of state
+    reads served from memory (``state_cache_hits`` over hits and
+    ``state_cache_misses``, the reads that went to disk), in [0, 1]; 1.0 when
+    no read was counted (none happened, or the heap backend, which keeps every
+    entry in memory and counts none). The fixed-width streaming state counts
+    whole partitions loaded instead (``state_partition_loads``): no rate.
     Per worker (``workers``): peak RSS, GC pause time, network and managed memory
     peaks. Totals: ``managed_peak_bytes`` and ``spilled_bytes`` summed over
     workers, ``worker_peak_rss_bytes`` the largest worker's.
@@ -64,6 +71,10 @@ def summarize(per_worker: dict[int, dict[str, Any]], seconds: float) -> dict[str
                     agg[k] = max(agg.get(k, v), v)
                 else:
                     agg[k] = agg.get(k, 0) + v
+    for agg in operators.values():
+        if "state_cache_hits" in agg:  # derived from the sums: a rate over every subtask's reads
+            reads = agg.get("state_cache_hits", 0) + agg.get("state_cache_misses", 0)
+            agg["state_cache_hit_rate"] = agg.get("state_cache_hits", 0) / reads if reads else 1.0
     records = sum(m.get("source_records", 0) for m in operators.values())
     starts = [m["first_record_at"] for m in operators.values() if "first_record_at" in m]
     ends = [m["finished_at"] for m in operators.values() if "finished_at" in m]
@@ -88,7 +99,8 @@ def summarize(per_worker: dict[int, dict[str, Any]], seconds: float) -> dict[str
 
 
 def render_summary(name: str, seconds: float, metrics: dict[str, Any]) -> str:
-    """One paragraph: records and throughput; memory (managed, spilled, worker RSS, GC); per operator chain."""
+    """One paragraph: records and throughput; memory (managed, spilled, worker RSS, GC); per worker; per operator
+    chain, and under a chain with keyed state its entries, bytes, cache hit rate and bins."""
     m = metrics
     spilled = (f", spilled {format_bytes(m['spilled_bytes'])} in {m.get('spill_files', 0)} files"
                if m.get("spilled_bytes") else "")
@@ -99,29 +111,41 @@ def render_summary(name: str, seconds: float, metrics: dict[str, Any]) -> str:
              f"{format_bytes(m.get('network_peak_bytes', 0))}; worker peak RSS "
              f"{format_bytes(m.get('worker_peak_rss_bytes', 0))} (largest); GC pauses "
              f"{m.get('gc_pause_seconds', 0.0):.2f}s"]
+    for wid, w in sorted(m.get("workers", {}).items()):
+        lines.append(f"  worker {wid}: GC pauses {w.get('gc_pause_seconds', 0.0):.2f}s, peak RSS "
+                     f"{format_bytes(w.get('peak_rss_bytes', 0))}, managed peak "
+                     f"{format_bytes(w.get('managed_peak_bytes', 0))}, network peak "
+                     f"{format_bytes(w.get('network_peak_bytes', 0))}")
     for chain, ops in m.get("operators", {}).items():
         late = f", {ops['late_records_dropped']:,} late records dropped" if ops.get("late_records_dropped") else ""
         spill = (f", managed peak {format_bytes(ops['managed_peak_bytes'])}" if ops.get("managed_peak_bytes")
                  else "")
         if ops.get("spilled_bytes"):
             spill += f", spilled {format_bytes(ops['spilled_bytes'])}"
-        state = ""
+        lines.append(f"  {chain}: {ops.get('records_in', 0):,} in, {ops.get('records_out', 0):,} out{late}{spill}")
         if "state_entries" in ops:
-            in_memory, on_disk = ops.get("state_bytes_in_memory", 0), ops.get("state_bytes_on_disk", 0)
-            state = (f", state {int(ops['state_entries']):,} entries ({format_bytes(in_memory)} in memory, "
-                     f"{format_bytes(on_disk)} on disk)")
-            lookups = ops.get("state_cache_hits", 0) + ops.get("state_cache_misses", 0)
-            if lookups:
-                state += f", cache hit rate {ops.get('state_cache_hits', 0) / lookups:.0%}"
-            bins = sorted(int(k.split("_")[2]) for k in ops if k.startswith("state_bin_") and k.endswith("_objects"))
-            if bins:
-                state += "; bins " + ", ".join(
-                    f"{size or 'large'}: {int(ops[f'state_bin_{size}_objects']):,} "
-                    f"({ops[f'state_bin_{size}_objects'] / max(1, ops[f'state_bin_{size}_slots']):.0%} full)"
-                    for size in bins)
-        lines.append(f"  {chain}: {ops.get('records_in', 0):,} in, {ops.get('records_out', 0):,} out{late}{spill}"
-                     f"{state}")
+            lines.extend(_state_lines(ops))
     return "\n".join(lines)
+
+
+def _state_lines(ops: dict[str, float]) -> list[str]:
+    """Under an operator chain with keyed state: entries, bytes in memory and on disk, cache hit rate; its bins."""
+    reads = int(ops.get("state_cache_hits", 0) + ops.get("state_cache_misses", 0))
+    if reads:
+        rate = f"cache hit rate {ops.get('state_cache_hit_rate', 1.0):.1%} of {reads:,} reads"
+    elif "state_partition_loads" in ops:  # the fixed-width streaming state reads whole partitions back
+        rate = f"{int(ops['state_partition_loads']):,} partitions read back from disk"
+    else:
+        rate = "no reads counted"
+    lines = [f"    state: {int(ops['state_entries']):,} entries, {format_bytes(ops.get('state_bytes_in_memory', 0))} "
+             f"in memory, {format_bytes(ops.get('state_bytes_on_disk', 0))} on disk; {rate}"]
+    bins = sorted(int(k.split("_")[2]) for k in ops if k.startswith("state_bin_") and k.endswith("_objects"))
+    if bins:  # size class 0: objects larger than every class, a block each
+        lines.append("    state bins: " + ", ".join(
+            f"{f'{size} B' if size else 'large'} {int(ops[f'state_bin_{size}_objects']):,} "
+            f"({ops[f'state_bin_{size}_objects'] / max(1, ops[f'state_bin_{size}_slots']):.0%} full)"
+            for size in bins))
+    return lines
 
 
 __all__ = ["progress_line", "progress_printer", "render_summary", "summarize"]

@@ -20,7 +20,7 @@ message            direction               meaning
 Register           worker -> coordinator   a worker process is up (``worker=-1``: number me)
 Welcome            coordinator -> worker   its id, the region's name and the arena granted to it
 Attached           worker -> coordinator   the region is mapped and the arena carved
-Heartbeat          worker -> coordinator   alive; progress of the running job
+Heartbeat          worker -> coordinator   alive; progress of the running job; arena and state when changed
 Ack                coordinator -> worker   the coordinator is alive (answer to a heartbeat)
 Shutdown           coordinator -> worker   exit (cluster closing, or no arena left)
 Deploy             coordinator -> worker   build the subtasks of a job (pickled graph, config)
@@ -74,7 +74,7 @@ from runtime.errors import AuthenticationError, ProtocolError
 log = logging.getLogger("shmflow.control")
 
 #: Bumped on any change of a message's fields; a peer speaking another version is refused.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 SECRET_BYTES = 32
 #: cluster.max-message-size's default: a job graph with a from_collection of a few million small records.
 DEFAULT_MAX_MESSAGE_SIZE = 256 << 20
@@ -121,6 +121,9 @@ class Heartbeat(Message):
     progress: dict[str, list[int]] | None = None  # operator chain -> [records in, records out]
     # The worker's arena (runtime.memory.layout.AllocatorSnapshot.to_wire), when it changed since the last one
     arena: list[Any] | None = None
+    # Each managed state backend's stats by the owner of its managed pages (runtime.state.backend.BackendStats
+    # .to_wire), when they changed since the last ones; {}: none any more
+    state: dict[str, list[Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,8 @@ class ClusterLayout(Message):
     region: list[Any]  # AllocatorSnapshot.to_wire() of the coordinator's allocator
     workers: list[list[Any]]  # [worker id, pid, AllocatorSnapshot.to_wire() of its arena or None]
     job: str | None = None  # the job running now
+    # worker id -> owner of managed pages -> BackendStats.to_wire() of the state backend in them (last reported)
+    state: dict[int, dict[str, list[Any]]] = field(default_factory=dict)
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

@@ -1,6 +1,7 @@
 """One job inside a worker: build its subtasks, connect its channels, run the cooperative loop.
 
-Imports: runtime.execution (graph, task, subtask), runtime.network, runtime.memory.
+Imports: runtime.execution (graph, task, subtask), runtime.network, runtime.memory, runtime.io,
+runtime.state.backend (its stats type).
 Never imports runtime.cluster or ``operators``: the worker process that hosts
 a job is reached through the :class:`JobHost` protocol, and the operators
 arrive pickled inside the job graph and run through runtime.execution.task.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import gc
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import zmq
@@ -41,6 +43,7 @@ from runtime.network.buffer_pool import LocalBufferPool, NetworkBufferPool
 from runtime.network.gate import InputGate
 from runtime.network.partition import ResultPartition
 from runtime.network.records import Partitioner, RecordReader, RecordWriter
+from runtime.state.backend import BackendStats
 
 #: The key of a job's per-worker figures in its metrics (the other keys are subtasks, ``name[index]``).
 WORKER_METRICS = "__worker__"
@@ -109,6 +112,10 @@ class JobHost(Protocol):
     def set_progress(self, progress: Any) -> None:
         """Install (or clear, with None) a callable: operator chain -> [records in, records out]."""
 
+    def set_state_report(self, report: Callable[[], dict[str, BackendStats]] | None) -> None:
+        """Install (or clear, with None) a callable: owner of managed pages -> the stats of the state backend
+        kept in them (the host reports them while the job runs)."""
+
 
 class JobRun:
     """One job on one worker: its subtasks, gates, writers and the loop that drives them.
@@ -140,6 +147,7 @@ class JobRun:
         self._gc_before = 0.0
         self._gc_collections_before = 0
         self._io_manager: IOManager | None = None
+        self._managed: list[ManagedMemory] = []  # every operator's managed share, for the state report
 
     # ------------------------------------------------------------------ phases
     def run(self) -> None:
@@ -148,6 +156,7 @@ class JobRun:
         self._gc_collections_before = gc_timer().collections
         thresholds: tuple[int, ...] | None = None  # the process's GC thresholds, restored after the job
         self.host.set_progress(lambda: {st.vertex.name: [st.records_in, st.records_out] for st in self.subtasks})
+        self.host.set_state_report(self._state_report)
         try:
             import cloudpickle  # the job graph arrives pickled (its HMAC was verified on receipt)
             gc.disable()  # a graph may hold millions of records (from_collection): no collections while they load
@@ -173,6 +182,7 @@ class JobRun:
                                       "".join(traceback.format_exception(exc)))
         finally:
             self.host.set_progress(None)
+            self.host.set_state_report(None)
             self._close()
             gc.unfreeze()
             if thresholds is not None:
@@ -211,6 +221,8 @@ class JobRun:
             def ctx_factory(name: str, subtask: int, parallelism: int, op: Operator) -> OperatorContext:
                 share = shares.get(id(op), 0)
                 managed = (ManagedMemory(self.memory, f"{name}[{subtask}]", share, self._io) if share else None)
+                if managed is not None:
+                    self._managed.append(managed)
                 return OperatorContext(operator_name=name, subtask_index=subtask, parallelism=parallelism,
                                        worker_id=w.worker_id, mode=mode, memory=self.memory, managed=managed,
                                        send_to_client=self._send_to_client, keep_alive=self._keep_alive,
@@ -224,6 +236,11 @@ class JobRun:
             self.subtasks.append(st)
         self._current = None
         self.host.report_deployed(self.job_id, gates)
+
+    def _state_report(self) -> dict[str, BackendStats]:
+        """The stats of each managed state backend now, by the owner of its managed pages (``name[subtask]``,
+        as the arena's blocks name them). Not always cheap: see ``ManagedMemory.state_stats``."""
+        return {m.owner: stats for m in self._managed if (stats := m.state_stats()) is not None}
 
     def _io(self) -> IOManager:
         """The job's IOManager, created on first use in one of ``io.tmp-dirs`` (closed in ``_close``)."""

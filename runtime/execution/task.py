@@ -1,7 +1,7 @@
 """The Operator protocol and OperatorContext: the only contract between the worker and operators.
 
-Imports: runtime.errors, runtime.network.records (the batch types; stdlib otherwise). The worker runs operators through
-this protocol and never imports ``operators/``.
+Imports: runtime.errors, runtime.network.records (the batch types), runtime.state.backend (types only; stdlib
+otherwise). The worker runs operators through this protocol and never imports ``operators/``.
 
 Execution is batch-at-a-time inside, record-at-a-time outside (DESIGN.md):
 operators receive and emit **batches**, so the per-record cost is a C-level
@@ -31,6 +31,7 @@ from runtime.network.batch import Batch, TimestampedBatch, batch_len, to_records
 if TYPE_CHECKING:
     from runtime.io import IOManager
     from runtime.memory.manager import MemoryManager
+    from runtime.state.backend import BackendStats, KeyedStateBackend
 
 Emit = Callable[[Batch], None]
 
@@ -55,6 +56,10 @@ class ManagedMemory:
     job's IOManager, created on first use in one of ``io.tmp-dirs``; the
     runtime closes it (removing every spill file) when the job ends, fails or
     is cancelled.
+    The keyed state backend kept in the share (``state.backend: managed``)
+    attaches itself (:meth:`attach_state`) so that the worker can report its
+    stats while the job runs (``shmflow layout --coordinator``); it detaches
+    when it closes.
     Process: the worker running the operator; its one thread.
     """
 
@@ -62,6 +67,25 @@ class ManagedMemory:
     owner: str
     share_bytes: int
     io: Callable[[], IOManager]
+    _state: KeyedStateBackend | None = field(default=None, init=False, repr=False, compare=False)  # in this share
+
+    def attach_state(self, backend: KeyedStateBackend) -> None:
+        """``backend`` keeps its entries in this share from now on (a later one replaces it)."""
+        self._state = backend
+
+    def detach_state(self, backend: KeyedStateBackend) -> None:
+        """``backend`` closed: its stats are no longer reported (another attached since is kept)."""
+        if self._state is backend:
+            self._state = None
+
+    def state_stats(self) -> BackendStats | None:
+        """The attached backend's stats now (entries, bytes in memory and on disk, reads, bins), or None.
+
+        Exact, so not always cheap: counting the entries of a store that spilled merges its runs on disk
+        (the store caches the count until its next write). How often the worker asks:
+        ``runtime.cluster.worker.Worker._state_if_changed``.
+        """
+        return self._state.stats() if self._state is not None else None
 
 
 @dataclass

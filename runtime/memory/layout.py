@@ -10,7 +10,7 @@ a worker can report its arena (in its heartbeats) and another process draw it.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,12 +113,15 @@ def _bar(alloc: AllocatorSnapshot, width: int, symbols: dict[Hashable, str]) -> 
     return "".join(sym for _, sym in cells)
 
 
-def render_layout(allocators: Iterable[tuple[str, BuddyAllocator | AllocatorSnapshot]], *, width: int = 64) -> str:
+def render_layout(allocators: Iterable[tuple[str, BuddyAllocator | AllocatorSnapshot]], *, width: int = 64,
+                  details: Mapping[str, Sequence[str]] | None = None) -> str:
     """Draw each ``(title, allocator or snapshot)`` as a bar and list its blocks by owner.
 
     Each character of a bar stands for ``size / width`` bytes and shows the
     owner that holds most of them (``.`` is free). The legend gives each
-    owner's bytes and block count, then the free blocks by size.
+    owner's bytes and block count, then the free blocks by size. ``details``:
+    lines to print under an owner's legend line (indented), by owner (what
+    the owner keeps in its blocks, such as a state backend's bins).
     """
     symbols: dict[Hashable, str] = {}
     lines: list[str] = []
@@ -131,6 +134,7 @@ def render_layout(allocators: Iterable[tuple[str, BuddyAllocator | AllocatorSnap
         for owner, (nbytes, count) in alloc.by_owner().items():
             blocks = "block" if count == 1 else "blocks"
             lines.append(f"  {symbols[owner]} {owner:<28} {format_bytes(nbytes):>10} in {count} {blocks}")
+            lines.extend(f"      {line}" for line in (details or {}).get(owner, ()))
         free_sizes: dict[int, int] = {}
         for _, nbytes in alloc.free:
             free_sizes[nbytes] = free_sizes.get(nbytes, 0) + 1

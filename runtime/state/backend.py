@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from runtime.errors import ProtocolError
 from runtime.state import codec
 from runtime.state.descriptors import StateDescriptor
 
@@ -72,6 +73,32 @@ class BackendStats:
             out[f"state_bin_{size}_bytes"] = nbytes
             out[f"state_bin_{size}_slots"] = slots
         return out
+
+    def to_wire(self) -> list[Any]:
+        """msgpack-able (a worker's heartbeat carries it): ``[backend, entries, bytes_in_memory, bytes_on_disk,
+        cache_hits, cache_misses, [[size class, objects, bytes, slots]...]]``."""
+        return [self.backend, self.entries, self.bytes_in_memory, self.bytes_on_disk, self.cache_hits,
+                self.cache_misses, [list(b) for b in self.bins]]
+
+    @classmethod
+    def from_wire(cls, data: Any) -> BackendStats:
+        """Inverse of :meth:`to_wire`.
+
+        Raises:
+            ProtocolError: ``data`` is not of that shape (it came from another process).
+        """
+        def ints(items: Any, n: int) -> bool:
+            return isinstance(items, list) and len(items) == n and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in items)
+
+        ok = (isinstance(data, list) and len(data) == 7 and isinstance(data[0], str) and ints(data[1:6], 5)
+              and isinstance(data[6], list) and all(ints(b, 4) for b in data[6]))
+        if not ok:
+            msg = (f"state stats must be [backend, entries, bytes_in_memory, bytes_on_disk, cache_hits, "
+                   f"cache_misses, bins]; got {str(data)[:200]}")
+            raise ProtocolError(msg)
+        backend, entries, in_memory, on_disk, hits, misses, bins = data
+        return cls(backend, entries, in_memory, on_disk, hits, misses, tuple((s, o, n, c) for s, o, n, c in bins))
 
 
 class KeyedStateBackend:

@@ -16,7 +16,7 @@ backend); nothing here is an error for being large.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import msgpack
@@ -37,7 +37,10 @@ class ManagedKeyedStateBackend(KeyedStateBackend):
 
     Ownership: the backend owns its store (pages of the operator's share,
     spill files in the IOManager's directory) and releases both in
-    :meth:`close`. Values returned by :meth:`get` are decoded copies.
+    :meth:`close`. Values returned by :meth:`get` are decoded copies. One
+    made by :meth:`for_operator` is attached to the operator's
+    ``ManagedMemory`` (``attach_state``: the worker reports its stats while
+    the job runs) until :meth:`close`.
     Process: the worker running the operator. Not thread-safe.
     """
 
@@ -48,6 +51,7 @@ class ManagedKeyedStateBackend(KeyedStateBackend):
         self.store = ManagedKeyValueStore(memory, owner, share_bytes, io, name=f"state-{owner}",
                                           key_groups=key_groups)
         self._prefixes: dict[str, bytes] = {}
+        self._detach: Callable[[], None] | None = None  # set by for_operator: leave the operator's share's report
 
     @classmethod
     def for_operator(cls, ctx: Any) -> ManagedKeyedStateBackend:
@@ -61,7 +65,10 @@ class ManagedKeyedStateBackend(KeyedStateBackend):
             msg = (f"operator {ctx.operator_name!r}: state.backend is 'managed' but the operator got no managed "
                    f"memory; raise memory.managed.size (or memory.managed.fraction)")
             raise ConfigError(msg)
-        return cls(managed.memory, managed.owner, managed.share_bytes, managed.io(), key_groups=ctx.max_parallelism)
+        backend = cls(managed.memory, managed.owner, managed.share_bytes, managed.io(), key_groups=ctx.max_parallelism)
+        managed.attach_state(backend)  # the worker reports its stats while the job runs; close() detaches
+        backend._detach = lambda: managed.detach_state(backend)
+        return backend
 
     # ------------------------------------------------------------------ keys
     def _key(self, desc: StateDescriptor, key: Any) -> bytes:
@@ -109,10 +116,17 @@ class ManagedKeyedStateBackend(KeyedStateBackend):
     def stats(self) -> BackendStats:
         s = self.store.stats()
         bins = tuple((b.size_class, b.objects, b.bytes_used, b.slots) for b in s.bins if b.objects)
-        return BackendStats("managed", s.entries, s.memory_bytes, s.disk_bytes, cache_hits=s.memory_hits,
-                            cache_misses=s.gets - s.memory_hits, bins=bins)
+        # A read is a miss when it went to disk: a key absent from memory and from every run's range and bloom
+        # filter (or with nothing spilled) was answered from memory. The store counts blocks read, not reads
+        # that read: a read of blocks in two runs counts twice, never more than the reads not found in memory.
+        misses = min(s.gets - s.memory_hits, s.disk_reads)
+        return BackendStats("managed", s.entries, s.memory_bytes, s.disk_bytes, cache_hits=s.gets - misses,
+                            cache_misses=misses, bins=bins)
 
     def close(self) -> None:
+        detach, self._detach = self._detach, None
+        if detach is not None:
+            detach()
         self.store.release()
 
 
