@@ -66,14 +66,15 @@ from runtime.memory.segment import MemorySegment
 from runtime.memory.snapshot import Snapshot
 from runtime.memory.units import format_bytes
 from runtime.state.bins import BinStats, SmallObjectAllocator
+from runtime.state.page_index import ENTRY_HEADER, KEY_LENGTH_MASK, PageHashIndex
 
 __all__ = ["MANAGED_SIZE_KEY", "ManagedKeyValueStore", "StoreStats", "key_group_of", "key_hash"]
 
 MANAGED_SIZE_KEY = "memory.managed.size"
 DEFAULT_MAX_RUNS = 4
-_HEADER = struct.Struct("<I")  # of an in-memory entry: key length | _TOMBSTONE
-_TOMBSTONE = 1 << 31
-_KEY_MASK = _TOMBSTONE - 1
+_HEADER = ENTRY_HEADER  # of an in-memory entry: key length | _TOMBSTONE (the layout the page index reads)
+_KEY_MASK = KEY_LENGTH_MASK
+_TOMBSTONE = _KEY_MASK + 1
 _COUNT = struct.Struct("<I")  # of a run block: its record count
 _META_BYTES = 12  # per record of a run block: int32 key group, key length, value length
 _PROBES = 4  # bloom filter probes a key
@@ -299,7 +300,8 @@ class ManagedKeyValueStore:
 
     Makes its own ``ManagedShare(memory, owner, share_bytes)``. With ``io``
     one page of it is the staging page of every spill-file read and write
-    (so the share must hold two pages at least); without ``io`` a full share
+    (so the share must hold three pages at least: with one for the entries and
+    one for their index; two without ``io``); without ``io`` a full share
     raises :class:`OutOfMemoryError` naming ``memory.managed.size``.
 
     Ownership: the store allocates every page of its share and frees them in
@@ -321,9 +323,11 @@ class ManagedKeyValueStore:
         if max_runs < 1:
             msg = f"max_runs must be >= 1; got {max_runs}"
             raise InvalidSizeError(msg)
-        if io is not None and share_bytes < 2 * memory.page_size:
-            msg = (f"share of state {name!r} of {owner!r} must hold at least two pages ({2 * memory.page_size} "
-                   f"bytes: one for entries, one to stage spill I/O); got {share_bytes}; raise {MANAGED_SIZE_KEY}")
+        pages = 2 if io is None else 3
+        if share_bytes < pages * memory.page_size:
+            what = "one for entries, one for their index" + ("" if io is None else ", one to stage spill I/O")
+            msg = (f"share of state {name!r} of {owner!r} must hold at least {pages} pages "
+                   f"({pages * memory.page_size} bytes: {what}); got {share_bytes}; raise {MANAGED_SIZE_KEY}")
             raise InvalidSizeError(msg)
         self.name = name
         self.key_groups = key_groups
@@ -332,7 +336,7 @@ class ManagedKeyValueStore:
         self.share = ManagedShare(memory, owner, share_bytes)
         self._stage: MemorySegment | None = self.share.allocate_pages(1)[0] if io is not None else None
         self._bins = SmallObjectAllocator(self.share)
-        self._index: dict[bytes, int] = {}  # owner of this store only: key -> handle of its entry
+        self._index = PageHashIndex(self.share, self._bins)  # owner of this store only: key -> handle of its entry
         self._runs: list[_Run] = []  # oldest first
         self._counters = SpillCounters()
         self._len: int | None = 0  # live entries; None: unknown until the next merge
@@ -440,7 +444,7 @@ class ManagedKeyValueStore:
         old = index.get(key)
         if value is None and not self._runs:  # nothing on disk to shadow
             if old is not None:
-                del index[key]
+                index.remove(key)
                 bins.free(old)
             return
         klen = len(key)
@@ -448,17 +452,27 @@ class ManagedKeyValueStore:
         if old is not None and bins.resize_in_place(old, nbytes):
             h = old
         else:
+            # The new entry is written below, before the index next reads it. An index that cannot grow
+            # is as full as bins that cannot allocate.
             new = bins.alloc(nbytes)
+            if new is not None and old is not None:
+                index.replace(key, old, new)
+            elif new is not None and not index.add(key, new):
+                bins.free(new)
+                new = None
             if new is None:
                 self._spill_memory(nbytes)
                 old = None  # it went to disk with the rest; the new version shadows it
                 new = bins.alloc(nbytes)
+                if new is not None and not index.add(key, new):
+                    bins.free(new)
+                    new = None
                 if new is None:  # larger than the share can hold: a run of its own
                     self._add_run([(self.key_group(key), key, None if value is None else bytes(value))])
                     return
             if old is not None:
                 bins.free(old)
-            h = index[key] = new
+            h = new
         obj = bins.view(h)
         _HEADER.pack_into(obj, 0, klen | (_TOMBSTONE if value is None else 0))
         obj[_HEADER.size:_HEADER.size + klen] = key
@@ -482,6 +496,7 @@ class ManagedKeyValueStore:
                    f"IOManager to spill to; raise {MANAGED_SIZE_KEY}")
             raise OutOfMemoryError(msg)
         if not self._index:
+            self._index.clear()  # an empty index may still hold the table it grew to
             return
         bins = self._bins
         records: list[Record] = []
