@@ -254,3 +254,14 @@ def test_the_index_alone_holds_heap_per_page_not_per_key(tmp_path):
         assert pages >= 64 and held < 1024 * pages, f"{held} bytes of Python heap for {pages} pages"
         index.clear()
         share.release_all()
+
+
+def test_a_store_share_needs_pages_for_entries_index_and_staging(tmp_path):
+    with managed_memory(tmp_path, 4 << 20, PAGE) as (mm, io):
+        with pytest.raises(InvalidSizeError, match=r"^share of state 'state' of 'op' must hold at least 3 pages "
+                           r"\(12288 bytes: one for entries, one for their index, one to stage spill I/O\); "
+                           r"got 8192; raise memory\.managed\.size$"):
+            ManagedKeyValueStore(mm, "op", 2 * PAGE, io)
+        with pytest.raises(InvalidSizeError, match=r"at least 2 pages \(8192 bytes: one for entries, one for their "
+                           r"index\); got 4096"):
+            ManagedKeyValueStore(mm, "op", PAGE, None)

@@ -40,8 +40,10 @@ then the key, then whatever the caller keeps there). The index keeps no key:
   The store then spills, which :meth:`~PageHashIndex.clear` s the index and
   gives its pages back.
 
-At ``max_load`` 0.7 a table holds 23-46 bytes a key; measured with 100 k
-keys: a probe from Python costs 0.5-1 us.
+At ``max_load`` 0.7 a table holds 23-46 bytes a key. Measured with 100 k
+keys (a table of 256 k slots): a hit costs 1.2 us from Python, 0.7 us of it
+reading and comparing the key through the bins; a miss 0.35 us; 2 us a hit
+in random key order (the slot and the entry are cache misses).
 """
 
 from __future__ import annotations
@@ -160,8 +162,10 @@ class PageHashIndex:
 
     def handles(self) -> list[int]:
         """The handle of every key held, in slot order (one numpy pass over the table)."""
-        t = self._table()
-        handles: list[int] = t[t[:, 0] != 0, 1].tolist()
+        handles: list[int] = []
+        for w in self._words:  # a page at a time: no copy of the whole table
+            t = np.frombuffer(w, np.uint64).reshape(-1, 2)
+            handles += t[t[:, 0] != 0, 1].tolist()
         return handles
 
     def items(self) -> Iterator[tuple[bytes, int]]:

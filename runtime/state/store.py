@@ -1,27 +1,37 @@
 """ManagedKeyValueStore: bytes -> bytes keyed state in managed memory, cold entries in sorted runs on disk.
 
-Imports: runtime.errors, runtime.managed (share, spill streams), runtime.memory, runtime.io, runtime.state.bins
-(numpy and stdlib otherwise).
+Imports: runtime.errors, runtime.managed (share, spill streams), runtime.memory, runtime.io, runtime.state.bins,
+runtime.state.page_index (numpy and stdlib otherwise).
 
 An LSM tree in miniature, RocksDB's shape in a streaming worker's managed memory:
 
 - **Memory.** Every entry is one object of a
   :class:`~runtime.state.bins.SmallObjectAllocator` in the store's own
   :class:`~runtime.managed.share.ManagedShare`: a 4-byte header (the key's
-  length, and a tombstone bit), the key, the value. The index is a Python dict
-  ``key -> handle``: a probe costs 0.25 us, while fingerprinting one key with
-  the numpy passes of the serialized table costs 60 us (measured), and keyed
-  state is accessed one key at a time. The dict's keys live on the Python
-  heap (counted nowhere), the entries' bytes in managed memory.
-- **Spilling.** When an allocation fails, *every* in-memory entry is written,
-  sorted by ``(key_group, key)``, as one new sorted run, and the pages go
-  back to the share. Spilling everything rather than the largest key groups
+  length, and a tombstone bit), the key, the value. The index from key to
+  entry is a :class:`~runtime.state.page_index.PageHashIndex` in pages of the
+  same share: 16-byte slots (the key's fingerprint, the entry's handle) at
+  most 0.7 full, keys compared in the entries themselves. So the store holds
+  no Python object per key, and its index counts against the share as its
+  entries do. Measured, 500 k entries of 20-60-byte values: the dict index it
+  replaced held 60 MiB of Python heap (126 bytes a key) that nothing counted;
+  now the heap grows by 4.7 MiB (the bins' slot lengths, 8 bytes a slot) and
+  the share holds 16 MiB more. The probe runs in Python and reads the key
+  through the bins: 100 k keys in memory, random order, a get takes 3.5 us
+  (2.5 us with the dict), a put of a new key 5.5 us (4.3), an overwrite
+  5.5 us (5.1) (best of runs on a shared 2-core machine).
+- **Spilling.** When an allocation fails (an entry's, or the index's when it
+  must grow), *every* in-memory entry is written, sorted by
+  ``(key_group, key)``, as one new sorted run, and the pages go back to the
+  share. Spilling everything rather than the largest key groups
   leaves the memory empty at once (no fragmentation across bins) and makes
   the fewest and largest runs; the cost is that hot keys go to disk too.
-  Measured (100 k puts of 20-60-byte values into a 256 KiB share): 28 spills,
-  6 compactions, 28 MB written for 6.6 MB live on disk (full compactions
-  rewrite everything: the price of keeping at most ``max_runs`` runs), 31-53 us
-  a put amortized. A single entry larger than the share holds is a run of its own.
+  Measured (100 k puts of 20-60-byte values in random order into a 256 KiB
+  share of 4 KiB pages): 35 spills, 8 compactions, 32 MB written for 6 MB
+  live on disk (full compactions rewrite everything: the price of keeping at
+  most ``max_runs`` runs), 55 us a put amortized. (With the dict index, whose
+  bytes were not in the share: 25 spills, 6 compactions, 27 MB.) A single
+  entry larger than the share holds is a run of its own.
 - **Runs.** A run is one spill file (:class:`~runtime.managed.share.PartitionedSpill`,
   one stream) of blocks of at most a page, each written through the store's
   staging page. A block is ``n`` (u32), then the int32 columns key group,
@@ -34,7 +44,7 @@ An LSM tree in miniature, RocksDB's shape in a streaming worker's managed memory
   newest run first, and none for a key outside a run's range or filter.
   Measured (100 k keys, 40-byte values, 256 KiB share, 4 runs): random gets
   read 3.65 blocks and took 704 us each without the filters, 1.25 blocks and
-  181 us with them; a get from memory takes 2-3 us, a put 3-4 us.
+  181 us with them; a get from memory takes 3-4 us, a put 4-6 us.
 - **Deletes** of a key that may be on disk leave a tombstone in memory; it
   spills like any entry. **Compaction**: when more than ``max_runs`` runs
   exist, all of them are merged (newest version wins) into one; the result is
