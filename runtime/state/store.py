@@ -1,27 +1,37 @@
 """ManagedKeyValueStore: bytes -> bytes keyed state in managed memory, cold entries in sorted runs on disk.
 
-Imports: runtime.errors, runtime.managed (share, spill streams), runtime.memory, runtime.io, runtime.state.bins
-(numpy and stdlib otherwise).
+Imports: runtime.errors, runtime.managed (share, spill streams), runtime.memory, runtime.io, runtime.state.bins,
+runtime.state.page_index (numpy and stdlib otherwise).
 
 An LSM tree in miniature, RocksDB's shape in a streaming worker's managed memory:
 
 - **Memory.** Every entry is one object of a
   :class:`~runtime.state.bins.SmallObjectAllocator` in the store's own
   :class:`~runtime.managed.share.ManagedShare`: a 4-byte header (the key's
-  length, and a tombstone bit), the key, the value. The index is a Python dict
-  ``key -> handle``: a probe costs 0.25 us, while fingerprinting one key with
-  the numpy passes of the serialized table costs 60 us (measured), and keyed
-  state is accessed one key at a time. The dict's keys live on the Python
-  heap (counted nowhere), the entries' bytes in managed memory.
-- **Spilling.** When an allocation fails, *every* in-memory entry is written,
-  sorted by ``(key_group, key)``, as one new sorted run, and the pages go
-  back to the share. Spilling everything rather than the largest key groups
+  length, and a tombstone bit), the key, the value. The index from key to
+  entry is a :class:`~runtime.state.page_index.PageHashIndex` in pages of the
+  same share: 16-byte slots (the key's fingerprint, the entry's handle) at
+  most 0.7 full, keys compared in the entries themselves. So the store holds
+  no Python object per key, and its index counts against the share as its
+  entries do. Measured, 500 k entries of 20-60-byte values: the dict index it
+  replaced held 60 MiB of Python heap (126 bytes a key) that nothing counted;
+  now the heap grows by 4.7 MiB (the bins' slot lengths, 8 bytes a slot) and
+  the share holds 16 MiB more. The probe runs in Python and reads the key
+  through the bins: 100 k keys in memory, random order, a get takes 3.5 us
+  (2.5 us with the dict), a put of a new key 5.5 us (4.3), an overwrite
+  5.5 us (5.1) (best of runs on a shared 2-core machine).
+- **Spilling.** When an allocation fails (an entry's, or the index's when it
+  must grow), *every* in-memory entry is written, sorted by
+  ``(key_group, key)``, as one new sorted run, and the pages go back to the
+  share. Spilling everything rather than the largest key groups
   leaves the memory empty at once (no fragmentation across bins) and makes
   the fewest and largest runs; the cost is that hot keys go to disk too.
-  Measured (100 k puts of 20-60-byte values into a 256 KiB share): 28 spills,
-  6 compactions, 28 MB written for 6.6 MB live on disk (full compactions
-  rewrite everything: the price of keeping at most ``max_runs`` runs), 31-53 us
-  a put amortized. A single entry larger than the share holds is a run of its own.
+  Measured (100 k puts of 20-60-byte values in random order into a 256 KiB
+  share of 4 KiB pages): 35 spills, 8 compactions, 32 MB written for 6 MB
+  live on disk (full compactions rewrite everything: the price of keeping at
+  most ``max_runs`` runs), 55 us a put amortized. (With the dict index, whose
+  bytes were not in the share: 25 spills, 6 compactions, 27 MB.) A single
+  entry larger than the share holds is a run of its own.
 - **Runs.** A run is one spill file (:class:`~runtime.managed.share.PartitionedSpill`,
   one stream) of blocks of at most a page, each written through the store's
   staging page. A block is ``n`` (u32), then the int32 columns key group,
@@ -34,7 +44,7 @@ An LSM tree in miniature, RocksDB's shape in a streaming worker's managed memory
   newest run first, and none for a key outside a run's range or filter.
   Measured (100 k keys, 40-byte values, 256 KiB share, 4 runs): random gets
   read 3.65 blocks and took 704 us each without the filters, 1.25 blocks and
-  181 us with them; a get from memory takes 2-3 us, a put 3-4 us.
+  181 us with them; a get from memory takes 3-4 us, a put 4-6 us.
 - **Deletes** of a key that may be on disk leave a tombstone in memory; it
   spills like any entry. **Compaction**: when more than ``max_runs`` runs
   exist, all of them are merged (newest version wins) into one; the result is
@@ -66,14 +76,15 @@ from runtime.memory.segment import MemorySegment
 from runtime.memory.snapshot import Snapshot
 from runtime.memory.units import format_bytes
 from runtime.state.bins import BinStats, SmallObjectAllocator
+from runtime.state.page_index import ENTRY_HEADER, KEY_LENGTH_MASK, PageHashIndex
 
 __all__ = ["MANAGED_SIZE_KEY", "ManagedKeyValueStore", "StoreStats", "key_group_of", "key_hash"]
 
 MANAGED_SIZE_KEY = "memory.managed.size"
 DEFAULT_MAX_RUNS = 4
-_HEADER = struct.Struct("<I")  # of an in-memory entry: key length | _TOMBSTONE
-_TOMBSTONE = 1 << 31
-_KEY_MASK = _TOMBSTONE - 1
+_HEADER = ENTRY_HEADER  # of an in-memory entry: key length | _TOMBSTONE (the layout the page index reads)
+_KEY_MASK = KEY_LENGTH_MASK
+_TOMBSTONE = _KEY_MASK + 1
 _COUNT = struct.Struct("<I")  # of a run block: its record count
 _META_BYTES = 12  # per record of a run block: int32 key group, key length, value length
 _PROBES = 4  # bloom filter probes a key
@@ -299,7 +310,8 @@ class ManagedKeyValueStore:
 
     Makes its own ``ManagedShare(memory, owner, share_bytes)``. With ``io``
     one page of it is the staging page of every spill-file read and write
-    (so the share must hold two pages at least); without ``io`` a full share
+    (so the share must hold three pages at least: with one for the entries and
+    one for their index; two without ``io``); without ``io`` a full share
     raises :class:`OutOfMemoryError` naming ``memory.managed.size``.
 
     Ownership: the store allocates every page of its share and frees them in
@@ -321,9 +333,11 @@ class ManagedKeyValueStore:
         if max_runs < 1:
             msg = f"max_runs must be >= 1; got {max_runs}"
             raise InvalidSizeError(msg)
-        if io is not None and share_bytes < 2 * memory.page_size:
-            msg = (f"share of state {name!r} of {owner!r} must hold at least two pages ({2 * memory.page_size} "
-                   f"bytes: one for entries, one to stage spill I/O); got {share_bytes}; raise {MANAGED_SIZE_KEY}")
+        pages = 2 if io is None else 3
+        if share_bytes < pages * memory.page_size:
+            what = "one for entries, one for their index" + ("" if io is None else ", one to stage spill I/O")
+            msg = (f"share of state {name!r} of {owner!r} must hold at least {pages} pages "
+                   f"({pages * memory.page_size} bytes: {what}); got {share_bytes}; raise {MANAGED_SIZE_KEY}")
             raise InvalidSizeError(msg)
         self.name = name
         self.key_groups = key_groups
@@ -332,7 +346,7 @@ class ManagedKeyValueStore:
         self.share = ManagedShare(memory, owner, share_bytes)
         self._stage: MemorySegment | None = self.share.allocate_pages(1)[0] if io is not None else None
         self._bins = SmallObjectAllocator(self.share)
-        self._index: dict[bytes, int] = {}  # owner of this store only: key -> handle of its entry
+        self._index = PageHashIndex(self.share, self._bins)  # owner of this store only: key -> handle of its entry
         self._runs: list[_Run] = []  # oldest first
         self._counters = SpillCounters()
         self._len: int | None = 0  # live entries; None: unknown until the next merge
@@ -440,7 +454,7 @@ class ManagedKeyValueStore:
         old = index.get(key)
         if value is None and not self._runs:  # nothing on disk to shadow
             if old is not None:
-                del index[key]
+                index.remove(key)
                 bins.free(old)
             return
         klen = len(key)
@@ -448,17 +462,27 @@ class ManagedKeyValueStore:
         if old is not None and bins.resize_in_place(old, nbytes):
             h = old
         else:
+            # The new entry is written below, before the index next reads it. An index that cannot grow
+            # is as full as bins that cannot allocate.
             new = bins.alloc(nbytes)
+            if new is not None and old is not None:
+                index.replace(key, old, new)
+            elif new is not None and not index.add(key, new):
+                bins.free(new)
+                new = None
             if new is None:
                 self._spill_memory(nbytes)
                 old = None  # it went to disk with the rest; the new version shadows it
                 new = bins.alloc(nbytes)
+                if new is not None and not index.add(key, new):
+                    bins.free(new)
+                    new = None
                 if new is None:  # larger than the share can hold: a run of its own
                     self._add_run([(self.key_group(key), key, None if value is None else bytes(value))])
                     return
             if old is not None:
                 bins.free(old)
-            h = index[key] = new
+            h = new
         obj = bins.view(h)
         _HEADER.pack_into(obj, 0, klen | (_TOMBSTONE if value is None else 0))
         obj[_HEADER.size:_HEADER.size + klen] = key
@@ -482,6 +506,7 @@ class ManagedKeyValueStore:
                    f"IOManager to spill to; raise {MANAGED_SIZE_KEY}")
             raise OutOfMemoryError(msg)
         if not self._index:
+            self._index.clear()  # an empty index may still hold the table it grew to
             return
         bins = self._bins
         records: list[Record] = []
