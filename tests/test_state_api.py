@@ -172,7 +172,7 @@ def model_step(model: dict, key: int, op: str, arg):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @SETTINGS
-@given(ops=st.lists(OPS, max_size=120), batch=st.integers(1, 30), share_pages=st.integers(3, 12))
+@given(ops=st.lists(OPS, max_size=120), batch=st.integers(1, 30), share_pages=st.integers(4, 12))
 def test_every_state_type_equals_a_plain_python_model(tmp_path, backend, ops, batch, share_pages):
     model: dict = {}
     want = [model_step(model, key, name, arg) for name, key, arg in ops]

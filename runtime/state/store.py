@@ -250,6 +250,13 @@ class _Run:
         for i in range(len(self.slices)):
             yield from self.read_block(i, stage).records()
 
+    def records_from(self, at: tuple[int, bytes], stage: MemorySegment) -> Iterator[Record]:
+        """The records from ``at`` (a ``(key group, key)``) on, in order: from the block that may hold it."""
+        for i in range(max(bisect_right(self.first, at) - 1, 0), len(self.slices)):
+            for record in self.read_block(i, stage).records():
+                if (record[0], record[1]) >= at:
+                    yield record
+
     def delete(self) -> None:
         self.spill.delete()
 
@@ -398,6 +405,56 @@ class ManagedKeyValueStore:
             if v is not None:
                 yield k, v
 
+    def scan_keys(self, start: bytes, stop: bytes, limit: int) -> tuple[list[bytes], bytes | None]:
+        """The first live keys in ``[start, stop)``, in order, and where to resume: ``(keys, resume)``. Only for
+        a store of one key group (``key_groups=1``), whose order is the keys' order.
+
+        ``keys`` holds at most ``limit`` keys: every live key in ``[start, resume)``, or in ``[start, stop)``
+        when ``resume`` is None. Unlike :meth:`items` it hashes nothing, reads no value and sorts at most
+        ``limit + 1`` keys: one pass over the memory index (keep it in step with :meth:`items`), the
+        ``limit + 1`` least keys in range, and the runs merged from the block that may hold ``start``.
+
+        Raises:
+            InvalidSizeError: ``limit`` < 1, or the store has more than one key group.
+        """
+        if limit < 1:
+            msg = f"scan_keys: limit must be >= 1; got {limit}"
+            raise InvalidSizeError(msg)
+        if self.key_groups != 1:
+            msg = (f"scan_keys needs a store ordered by key (key_groups=1); state {self.name!r} has "
+                   f"{self.key_groups} key groups")
+            raise InvalidSizeError(msg)
+        index = self._index
+        memory = [k for k in index if start <= k < stop]
+        cut: bytes | None = None  # memory holds keys at and past it that were not taken: merge below it only
+        if len(memory) > limit:
+            memory = heapq.nsmallest(limit + 1, memory)
+            cut = memory.pop()
+        else:
+            memory.sort()
+        if not self._runs:  # no tombstone is kept while nothing is on disk
+            return memory, cut
+        live = b""  # any non-None value: the merge below needs only whether a version is a tombstone
+        view = self._bins.view
+        sources = [_aged(((0, k, None if _HEADER.unpack_from(view(index[k]))[0] & _TOMBSTONE else live)
+                          for k in memory), 0)]
+        stage = self._staging()
+        sources += [_aged(run.records_from((0, start), stage), age) for age, run in enumerate(reversed(self._runs), 1)]
+        end = stop if cut is None else cut
+        out: list[bytes] = []
+        previous: bytes | None = None
+        for _, k, _, v in heapq.merge(*sources):
+            if k >= end:
+                break
+            if k == previous:
+                continue  # an older version
+            previous = k
+            if v is not None:
+                out.append(k)
+                if len(out) == limit:
+                    return out, k + b"\x00"  # the least key above k
+        return out, cut
+
     # ----------------------------------------------------------------- writes
     def put(self, key: bytes, value: bytes) -> None:
         """Set ``key`` to ``value`` (both bytes-like; stored as copies)."""
@@ -429,6 +486,13 @@ class ManagedKeyValueStore:
         if live:
             self._write(key, None)
         return live
+
+    def discard(self, key: bytes) -> None:
+        """Remove ``key`` without reading whether it was there (:meth:`delete` reads the runs to answer that).
+
+        While runs exist it always leaves a tombstone in memory, for a key that was never written too.
+        """
+        self._write(bytes(key), None)
 
     def _write(self, key: bytes, value: bytes | bytearray | memoryview | None) -> None:
         """Make ``value`` (None: a tombstone) the newest version of ``key``. The one place entries are stored."""
@@ -540,6 +604,14 @@ class ManagedKeyValueStore:
         self._compactions += 1
 
     # ------------------------------------------------------------- statistics
+    def memory_entries(self) -> int:
+        """Entries in memory, tombstones included (as :meth:`stats`, without counting every entry)."""
+        return len(self._index)
+
+    def disk_bytes(self) -> int:
+        """Bytes of the live run files (as :meth:`stats`, without counting the entries, which may read every run)."""
+        return sum(run.nbytes for run in self._runs)
+
     def stats(self) -> StoreStats:
         c = self._counters
         return StoreStats(
