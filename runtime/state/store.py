@@ -432,10 +432,12 @@ class ManagedKeyValueStore:
             cut = memory.pop()
         else:
             memory.sort()
-        if not self._runs:  # no tombstone is kept while nothing is on disk
-            return memory, cut
-        live = b""  # any non-None value: the merge below needs only whether a version is a tombstone
+        # A tombstone may stay in memory with no run below it (written just after a spill whose compaction
+        # left no run), so memory entries are checked here even then.
         view = self._bins.view
+        if not self._runs:
+            return [k for k in memory if not _HEADER.unpack_from(view(index[k]))[0] & _TOMBSTONE], cut
+        live = b""  # any non-None value: the merge below needs only whether a version is a tombstone
         sources = [_aged(((0, k, None if _HEADER.unpack_from(view(index[k]))[0] & _TOMBSTONE else live)
                           for k in memory), 0)]
         stage = self._staging()
