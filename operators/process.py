@@ -14,7 +14,9 @@ records, return an iterable of records, or return None. Records emitted by
 them (a timer already passed fires at the next watermark) and, at the end of a
 bounded input, all at once (the final watermark, as in Flink); processing-time
 timers fire when the worker's clock reaches them, and those still pending
-when the input ends are dropped (Flink's default).
+when the input ends are dropped (Flink's default). Timers live in the same
+backend as the state (:meth:`~runtime.state.backend.KeyedStateBackend.register_timer`):
+with ``managed``, in managed memory, spilled to disk like state.
 
 Imports: runtime.execution.task, runtime.state, runtime.errors.
 """
@@ -25,7 +27,7 @@ import enum
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from runtime.errors import InvalidArgumentError
+from runtime.errors import InvalidArgumentError, StateAccessError
 from runtime.execution.task import Batch, Emit, Operator, OperatorContext, TimestampedBatch
 from runtime.state.backend import KeyedStateBackend, make_backend
 from runtime.state.descriptors import (
@@ -36,7 +38,7 @@ from runtime.state.descriptors import (
     ValueStateDescriptor,
 )
 from runtime.state.states import KeyContext, ListState, MapState, ReducingState, State, ValueState, make_state
-from runtime.state.timers import TimerQueue
+from runtime.state.timers import EVENT_TIME, PROCESSING_TIME
 
 __all__ = ["KeyedProcessFunction", "KeyedProcessOperator", "RuntimeContext", "TimeDomain", "TimerService"]
 
@@ -45,8 +47,8 @@ _POS_INF = float("inf")
 
 
 class TimeDomain(enum.Enum):
-    EVENT_TIME = 0
-    PROCESSING_TIME = 1
+    EVENT_TIME = EVENT_TIME  # the values are the backends' domains
+    PROCESSING_TIME = PROCESSING_TIME
 
 
 class RuntimeContext:
@@ -101,23 +103,24 @@ class TimerService:
         return self._op.keys.clock()
 
     def register_event_time_timer(self, timestamp: float) -> None:
-        self._op.event_timers.register(_time(timestamp), self._op.keys.key("<timer>"))
+        self._op.timer_backend().register_timer(EVENT_TIME, _time(timestamp), self._op.keys.key("<timer>"))
 
     def register_processing_time_timer(self, timestamp: float) -> None:
-        self._op.processing_timers.register(_time(timestamp), self._op.keys.key("<timer>"))
+        self._op.timer_backend().register_timer(PROCESSING_TIME, _time(timestamp), self._op.keys.key("<timer>"))
 
     def delete_event_time_timer(self, timestamp: float) -> None:
-        self._op.event_timers.delete(_time(timestamp), self._op.keys.key("<timer>"))
+        self._op.timer_backend().delete_timer(EVENT_TIME, _time(timestamp), self._op.keys.key("<timer>"))
 
     def delete_processing_time_timer(self, timestamp: float) -> None:
-        self._op.processing_timers.delete(_time(timestamp), self._op.keys.key("<timer>"))
+        self._op.timer_backend().delete_timer(PROCESSING_TIME, _time(timestamp), self._op.keys.key("<timer>"))
 
 
 def _time(timestamp: Any) -> float:
-    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
-        msg = f"a timer's timestamp must be a number (seconds); got {timestamp!r}"
+    """A timer's timestamp as a float (-0.0 as 0.0, the same timer on every backend)."""
+    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)) or timestamp != timestamp:
+        msg = f"a timer's timestamp must be a number (seconds), not NaN; got {timestamp!r}"
         raise InvalidArgumentError(msg)
-    return float(timestamp)
+    return float(timestamp) + 0.0
 
 
 class Context:
@@ -170,8 +173,9 @@ class KeyedProcessFunction:
 class KeyedProcessOperator(Operator):
     """Runs a :class:`KeyedProcessFunction` on records partitioned by ``key_fn``.
 
-    Ownership: the operator owns its state backend (made in ``open`` for
-    ``ctx.state_backend``, closed in ``close``) and its timer queues.
+    Ownership: the operator owns its state backend, which keeps its state
+    and its timers (made in ``open`` for ``ctx.state_backend``, closed in
+    ``close``).
     Process: the worker running the subtask. Not thread-safe.
     """
 
@@ -189,8 +193,6 @@ class KeyedProcessOperator(Operator):
         self.function = function
         self.name = name
         self.backend: KeyedStateBackend | None = None
-        self.event_timers = TimerQueue()
-        self.processing_timers = TimerQueue()
         self.watermark = _NEG_INF
         self._states: dict[str, State] = {}
         self._opened = False
@@ -204,7 +206,7 @@ class KeyedProcessOperator(Operator):
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
         self.keys = KeyContext(ctx.processing_time)
-        self.backend = make_backend(ctx)
+        self.backend = make_backend(ctx, timers=True)
         self._context = Context(self)
         self._timer_context = OnTimerContext(self)
         self.function.open(RuntimeContext(self, ctx))
@@ -224,6 +226,18 @@ class KeyedProcessOperator(Operator):
             raise InvalidArgumentError(msg)
         state = self._states[desc.name] = make_state(desc, self.backend, self.keys)
         return state
+
+    def timer_backend(self) -> KeyedStateBackend:
+        """The backend that keeps the timers (the state's).
+
+        Raises:
+            StateAccessError: the operator is not open.
+        """
+        backend = self.backend
+        if backend is None:
+            msg = "timers are registered in process_element and on_timer, while the operator is open"
+            raise StateAccessError(msg)
+        return backend
 
     def process_batch(self, batch: Batch, emit: Emit) -> None:
         timestamps = getattr(batch, "timestamps", None)
@@ -248,19 +262,20 @@ class KeyedProcessOperator(Operator):
     def process_watermark(self, watermark: float, emit: Emit) -> float | None:
         if watermark > self.watermark:
             self.watermark = watermark
-        self._fire(self.event_timers, self.watermark, TimeDomain.EVENT_TIME, emit)
+        self._fire(self.watermark, TimeDomain.EVENT_TIME, emit)
         return watermark
 
     def next_timer(self) -> float | None:
-        return self.processing_timers.next_time()
+        backend = self.backend
+        return None if backend is None else backend.next_timer_time(PROCESSING_TIME)
 
     def on_processing_time(self, now: float, emit: Emit) -> None:
-        self._fire(self.processing_timers, now, TimeDomain.PROCESSING_TIME, emit)
+        self._fire(now, TimeDomain.PROCESSING_TIME, emit)
 
     def finish(self, emit: Emit) -> None:
         """End of a bounded input: the final watermark fires every pending event-time timer."""
         self.watermark = _POS_INF
-        self._fire(self.event_timers, _POS_INF, TimeDomain.EVENT_TIME, emit)
+        self._fire(_POS_INF, TimeDomain.EVENT_TIME, emit)
         self._report()
 
     def close(self) -> None:
@@ -274,13 +289,13 @@ class KeyedProcessOperator(Operator):
                 backend.close()
 
     # ------------------------------------------------------------------ internals
-    def _fire(self, queue: TimerQueue, until: float, domain: TimeDomain, emit: Emit) -> None:
+    def _fire(self, until: float, domain: TimeDomain, emit: Emit) -> None:
         out: list[Any] = []
         out_ts: list[float] = []
         keys, ctx, fn = self.keys, self._timer_context, self.function
         ctx._domain = domain
         try:
-            for timestamp, key in queue.pop_due(until):
+            for timestamp, key in self.timer_backend().pop_due_timers(domain.value, until):
                 keys.set(key)
                 ctx._timestamp = timestamp
                 n = len(out)
@@ -295,7 +310,7 @@ class KeyedProcessOperator(Operator):
     def _report(self) -> None:
         if self.backend is not None:
             self.ctx.metrics.update(self.backend.stats().metrics())
-            self.ctx.metrics["timers_pending"] = len(self.event_timers) + len(self.processing_timers)
+            self.ctx.metrics["timers_pending"] = self.backend.timer_count()
 
 
 def _collect(result: Any, out: list[Any], fn: Any, method: str) -> None:

@@ -172,7 +172,8 @@ def model_step(model: dict, key: int, op: str, arg):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @SETTINGS
-@given(ops=st.lists(OPS, max_size=120), batch=st.integers(1, 30), share_pages=st.integers(3, 12))
+# 4 pages: the least share of an operator with state and timers (two for each store)
+@given(ops=st.lists(OPS, max_size=120), batch=st.integers(1, 30), share_pages=st.integers(6, 14))
 def test_every_state_type_equals_a_plain_python_model(tmp_path, backend, ops, batch, share_pages):
     model: dict = {}
     want = [model_step(model, key, name, arg) for name, key, arg in ops]
@@ -274,6 +275,52 @@ def test_outputs_keep_the_input_timestamp_and_timer_outputs_the_timers(make_op):
     out.clear()
     op.process_watermark(10.0, out.append)
     assert out[0] == [("timer", "k", 6.0), ("timer", "j", 7.0)] and out[0].timestamps == [6.0, 7.0]
+
+
+def test_many_timers_on_a_tiny_share_fire_as_on_the_heap_and_the_end_of_input_fires_the_rest(make_op):
+    """3000 keys, a timer each (the managed backend's timer records spill); a fired timer of a key below 1000
+    registers one already passed (it fires in the same pass, at once) and one past the last watermark (it
+    fires at the end of the input)."""
+
+    class Chain(KeyedProcessFunction):
+        def process_element(self, r, ctx):
+            ctx.timer_service().register_event_time_timer(r[1])
+
+        def on_timer(self, ts, ctx):
+            key = ctx.get_current_key()
+            if key < 1000 and ts < 1e6 and ts == int(ts):
+                ctx.timer_service().register_event_time_timer(ts - 0.5)
+                ctx.timer_service().register_event_time_timer(2e6 + key)
+                yield key, ts, "chained"
+            yield key, ts
+
+    op = make_op(Chain(), share=24 << 10)
+    n = 3000
+    run(op, [(k, float((k * 7919) % 500)) for k in range(n)])
+    passes = []
+    for watermark in (-1.0, 100.0, 100.0, 250.0, 499.0):
+        out: list = []
+        op.process_watermark(watermark, out.extend)
+        passes.append(out)
+    out = []
+    op.finish(out.extend)
+    passes.append(out)
+    want: list = [[] for _ in passes]
+    for k in range(n):
+        ts = float((k * 7919) % 500)
+        i = next(i for i, w in enumerate((-1.0, 100.0, 100.0, 250.0, 499.0)) if ts <= w)
+        if k < 1000:
+            want[i] += [(k, ts, "chained"), (k, ts), (k, ts - 0.5)]
+            want[-1] += [(k, 2e6 + k)]
+        else:
+            want[i] += [(k, ts)]
+    assert [sorted(p) for p in passes] == [sorted(w) for w in want]
+    for p in passes:  # in time order, but for a chained timer, which fires at once
+        times = [r[1] for r in p if len(r) == 2]
+        assert all(a <= b or a - b == 0.5 for a, b in zip(times, times[1:]))
+    assert op.backend.timer_count() == 0
+    if make_op.backend == "managed":
+        assert op.backend.timer_store.stats().spills > 0
 
 
 # ---------------------------------------------------------------------------------------------- TTL

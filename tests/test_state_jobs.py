@@ -61,6 +61,38 @@ def test_count_with_timeout_equals_a_model_on_a_real_job(backend):
         assert summary[at + 1].endswith(" reads") and summary[at + 2].startswith("    state bins: 16 B "), summary
 
 
+class LastSeen(KeyedProcessFunction):
+    """A timer per key and element, five seconds on; on_timer reports it, and that the key has a count."""
+
+    def open(self, runtime_context: RuntimeContext):
+        self.count = runtime_context.get_state(ValueStateDescriptor("count"))
+
+    def process_element(self, value, ctx):
+        self.count.update((self.count.value() or 0) + 1)
+        ctx.timer_service().register_event_time_timer(ctx.timestamp() + 5)
+
+    def on_timer(self, timestamp, ctx):
+        yield ctx.get_current_key(), timestamp, self.count.value() > 0
+
+
+def test_many_timers_on_the_managed_backend_spill_and_fire_as_on_the_heap_backend():
+    # 60 k timers of 30 k keys, each once (how the watermarks interleave with the records then changes
+    # nothing); at 1 MiB of managed memory a worker's timer store (a quarter) spills.
+    records = [(f"key-{(i * 7919) % 30_000:06d}", i / 100) for i in range(60_000)]
+    outputs, metrics = {}, {}
+    for backend in BACKENDS:
+        env = StreamEnvironment(workers=2, config={"state.backend": backend, "memory.managed.size": "1mb"})
+        out = (env.from_collection(records).with_timestamps(lambda r: r[1])
+                  .key_by(lambda r: r[0]).process(LastSeen()).collect())
+        result = env.execute(f"many-timers-{backend}")
+        outputs[backend] = sorted(out.values())
+        metrics[backend] = next(m for name, m in result.metrics["operators"].items() if name.startswith("process"))
+    assert outputs["managed"] == outputs["heap"]
+    assert outputs["heap"] == sorted((key, ts + 5, True) for key, ts in records)
+    assert metrics["managed"]["timers_pending"] == metrics["heap"]["timers_pending"] == 0
+    assert metrics["managed"]["state_bytes_on_disk"] > 0
+
+
 class RemembersSets(KeyedProcessFunction):
     def open(self, runtime_context):
         self.words = runtime_context.get_state(ValueStateDescriptor("words-seen"))

@@ -1,6 +1,6 @@
 """Keyed state backends: where an operator's ``(state, key) -> entry`` lives (``state.backend``).
 
-Imports: runtime.state.codec, runtime.state.descriptors, runtime.errors.
+Imports: runtime.state (codec, descriptors, timers), runtime.errors.
 
 A backend stores one *entry* per (state name, key): the value of a value or
 reducing state, the list of a list state, the dict of a map state (or, with
@@ -14,6 +14,10 @@ them. Two backends, chosen by the config key ``state.backend`` (Flink's):
 - ``managed`` (:mod:`runtime.state.managed_backend`): entries serialized into
   managed-memory pages, spilled to disk when the operator's share is full.
 
+A backend also keeps the operator's timers (:mod:`runtime.state.timers`),
+one queue per time domain: the heap backend in :class:`~runtime.state.timers.TimerQueue` s,
+the managed one as records in managed memory, spilled like state.
+
 Keys are grouped into key groups (``pipeline.max-parallelism``, Flink's, default
 128) by a hash of their encoded bytes that does not depend on the process, so
 that state can later be snapshotted and rescaled by group.
@@ -26,9 +30,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.errors import ProtocolError
+from runtime.errors import InvalidArgumentError, ProtocolError, StateAccessError
 from runtime.state import codec
 from runtime.state.descriptors import StateDescriptor
+from runtime.state.timers import DOMAINS, TimerQueue, Timers
 
 __all__ = ["MISSING", "BackendStats", "HeapKeyedStateBackend", "KeyedStateBackend", "key_group_of", "make_backend"]
 
@@ -102,9 +107,18 @@ class BackendStats:
 
 
 class KeyedStateBackend:
-    """The store behind one operator's keyed state. Not thread-safe; the worker's one thread uses it."""
+    """The store behind one operator's keyed state and timers. Not thread-safe; the worker's one thread uses it.
+
+    Timers: ``domain`` is :data:`~runtime.state.timers.EVENT_TIME` or
+    :data:`~runtime.state.timers.PROCESSING_TIME`; a ``(timestamp, key)``
+    timer registered twice is kept once, deleting one that is not there does
+    nothing, and ties in time fire in an order fixed by the backend (the heap
+    backend's: registration; the managed backend's: the keys' encodings).
+    """
 
     name = "?"
+    #: One queue per time domain, indexed by domain; empty for a backend made without timers.
+    _timer_queues: tuple[Timers, ...] = ()
 
     def get(self, desc: StateDescriptor, key: Any) -> Any:
         """The entry of ``(desc.name, key)``, or MISSING. A mutable entry (list, dict) may be the stored one:
@@ -137,19 +151,66 @@ class KeyedStateBackend:
     def close(self) -> None:
         """Give back whatever the backend holds (idempotent)."""
 
+    # ------------------------------------------------------------------ timers
+    def _queue(self, domain: int) -> Timers:
+        if domain not in DOMAINS:
+            msg = f"a timer's time domain must be one of {DOMAINS} (event time, processing time); got {domain!r}"
+            raise InvalidArgumentError(msg)
+        if not self._timer_queues:
+            msg = (f"this {self.name} state backend keeps no timers: make it with make_backend(ctx, timers=True) "
+                   f"(the operators that register timers do)")
+            raise StateAccessError(msg)
+        return self._timer_queues[domain]
+
+    def register_timer(self, domain: int, timestamp: float, key: Any) -> None:
+        """Add the timer ``(timestamp, key)`` of ``domain`` (kept once if it is there already).
+
+        Raises:
+            StateSerializationError: (managed) the key cannot be encoded.
+            InvalidArgumentError: (managed) ``timestamp`` is NaN; ``domain`` is not a time domain.
+        """
+        self._queue(domain).register(timestamp, key)
+
+    def delete_timer(self, domain: int, timestamp: float, key: Any) -> None:
+        """Remove the timer ``(timestamp, key)`` of ``domain``, if there is one."""
+        self._queue(domain).delete(timestamp, key)
+
+    def next_timer_time(self, domain: int) -> float | None:
+        """The earliest timer's timestamp in ``domain``, or None."""
+        return self._queue(domain).next_time()
+
+    def pop_due_timers(self, domain: int, until: float) -> Iterator[tuple[float, Any]]:
+        """Remove and yield ``(timestamp, key)`` for every timer of ``domain`` due at ``until`` (timestamp <=
+        until), in timestamp order. Timers registered while iterating that are due fire in the same pass."""
+        return self._queue(domain).pop_due(until)
+
+    def timer_count(self) -> int:
+        """Pending timers of both domains (the managed backend may read its timer records to count them)."""
+        return sum(len(queue) for queue in self._timer_queues)
+
+    def timers(self) -> Iterator[tuple[int, float, Any]]:
+        """``(domain, timestamp, key)`` of every pending timer, for snapshots; domain by domain, each in no
+        particular order. Do not register or delete timers while iterating."""
+        for domain, queue in enumerate(self._timer_queues):
+            for timestamp, key in queue.items():
+                yield domain, timestamp, key
+
 
 class HeapKeyedStateBackend(KeyedStateBackend):
     """Entries as Python objects in one dict per state: ``{state name: {key: entry}}``.
 
-    Ownership: the operator's; entries die with it. Values are checked on
-    write (:func:`runtime.state.codec.check_value`); lists and dicts are
-    kept as given (a list state's list grows in place).
+    Timers are in two :class:`~runtime.state.timers.TimerQueue` s.
+
+    Ownership: the operator's; entries and timers die with it. Values are
+    checked on write (:func:`runtime.state.codec.check_value`); lists and
+    dicts are kept as given (a list state's list grows in place).
     """
 
     name = "heap"
 
     def __init__(self) -> None:
         self._tables: dict[str, dict[Any, Any]] = {}
+        self._timer_queues = (TimerQueue(), TimerQueue())
 
     def _table(self, desc: StateDescriptor) -> dict[Any, Any]:
         table = self._tables.get(desc.name)
@@ -190,16 +251,23 @@ class HeapKeyedStateBackend(KeyedStateBackend):
 
     def close(self) -> None:
         self._tables.clear()
+        self._timer_queues = (TimerQueue(), TimerQueue())
 
 
-def make_backend(ctx: Any) -> KeyedStateBackend:
+def make_backend(ctx: Any, *, timers: bool = False) -> KeyedStateBackend:
     """The backend ``ctx.state_backend`` names for the operator whose context (an OperatorContext) is ``ctx``.
+
+    ``timers``: the operator registers timers. A managed backend then keeps
+    them in a part of the operator's share (see
+    :meth:`~runtime.state.managed_backend.ManagedKeyedStateBackend.split_share`);
+    the heap backend always has them.
 
     Raises:
         ConfigError: ``managed`` for an operator that got no managed memory (names the keys to set).
+        InvalidSizeError: ``managed`` with timers, and a share too small for both stores.
     """
     if ctx.state_backend == "managed":
         from runtime.state.managed_backend import ManagedKeyedStateBackend
-        backend: KeyedStateBackend = ManagedKeyedStateBackend.for_operator(ctx)
+        backend: KeyedStateBackend = ManagedKeyedStateBackend.for_operator(ctx, timers=timers)
         return backend
     return HeapKeyedStateBackend()

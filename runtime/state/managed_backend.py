@@ -12,6 +12,16 @@ items, so ``add`` appends bytes instead of rewriting the list. When the share
 is full, the store spills to sorted runs in ``io.tmp-dirs`` and reads them
 back on access (RocksDB's shape in managed memory, as Flink's ``rocksdb``
 backend); nothing here is an error for being large.
+
+Timers (for an operator that registers them, ``timers=True``) are records of
+a second store of one key group, so that its order is the records' keys'
+(:class:`~runtime.state.timers.ManagedTimerQueue`): bytes in managed memory,
+spilled like state, whatever their number. The two stores split the
+operator's share (:meth:`ManagedKeyedStateBackend.split_share`): a quarter,
+whole pages, for timers (a timer is a 20-40-byte record, a state entry is
+usually larger and read far more often), the rest for state. A store takes
+its pages lazily, so a share a store does not fill is memory nobody holds,
+not memory the other store could use.
 """
 
 from __future__ import annotations
@@ -21,13 +31,14 @@ from typing import Any
 
 import msgpack
 
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, InvalidSizeError
 from runtime.io import IOManager
 from runtime.memory.manager import MemoryManager
 from runtime.state import codec
 from runtime.state.backend import MISSING, BackendStats, KeyedStateBackend
 from runtime.state.descriptors import StateDescriptor
-from runtime.state.store import ManagedKeyValueStore
+from runtime.state.store import MANAGED_SIZE_KEY, ManagedKeyValueStore, min_share_pages
+from runtime.state.timers import EVENT_TIME, HEAD_TIMERS, PROCESSING_TIME, ManagedTimerQueue
 
 __all__ = ["ManagedKeyedStateBackend"]
 
@@ -35,8 +46,13 @@ __all__ = ["ManagedKeyedStateBackend"]
 class ManagedKeyedStateBackend(KeyedStateBackend):
     """Keyed state in managed memory (see the module docstring).
 
-    Ownership: the backend owns its store (pages of the operator's share,
-    spill files in the IOManager's directory) and releases both in
+    With ``timers`` the share is split between the state store and the
+    timer store (:meth:`split_share`); without, timer calls raise
+    :class:`~runtime.errors.StateAccessError`. ``head_timers``: the earliest
+    timers of each domain kept on the Python heap (tests make it small).
+
+    Ownership: the backend owns its stores (pages of the operator's share,
+    spill files in the IOManager's directory) and releases them in
     :meth:`close`. Values returned by :meth:`get` are decoded copies. One
     made by :meth:`for_operator` is attached to the operator's
     ``ManagedMemory`` (``attach_state``: the worker reports its stats while
@@ -47,25 +63,61 @@ class ManagedKeyedStateBackend(KeyedStateBackend):
     name = "managed"
 
     def __init__(self, memory: MemoryManager, owner: Hashable, share_bytes: int, io: IOManager | None, *,
-                 key_groups: int = 128) -> None:
-        self.store = ManagedKeyValueStore(memory, owner, share_bytes, io, name=f"state-{owner}",
+                 key_groups: int = 128, timers: bool = False, head_timers: int = HEAD_TIMERS) -> None:
+        state_bytes, timer_bytes = self.split_share(share_bytes, memory.page_size, io is not None, owner=owner,
+                                                    timers=timers)
+        self.store = ManagedKeyValueStore(memory, owner, state_bytes, io, name=f"state-{owner}",
                                           key_groups=key_groups)
+        self.timer_store: ManagedKeyValueStore | None = None
+        if timers:
+            try:
+                self.timer_store = ManagedKeyValueStore(memory, owner, timer_bytes, io, name=f"timers-{owner}",
+                                                        key_groups=1)
+            except BaseException:
+                self.store.release()
+                raise
+            self._timer_queues = (ManagedTimerQueue(self.timer_store, EVENT_TIME, head_timers=head_timers),
+                                  ManagedTimerQueue(self.timer_store, PROCESSING_TIME, head_timers=head_timers))
         self._prefixes: dict[str, bytes] = {}
         self._detach: Callable[[], None] | None = None  # set by for_operator: leave the operator's share's report
 
+    @staticmethod
+    def split_share(share_bytes: int, page_size: int, spills: bool, *, owner: Hashable = "operator",
+                    timers: bool = True) -> tuple[int, int]:
+        """``(state bytes, timer bytes)`` of an operator's share: with ``timers``, a quarter of its pages for
+        timers (at least the pages a store needs: :func:`~runtime.state.store.min_share_pages`), the rest for
+        state.
+
+        Raises:
+            InvalidSizeError: the share holds fewer pages than the two stores need (names ``memory.managed.size``).
+        """
+        if not timers:
+            return share_bytes, 0
+        least = min_share_pages(spills=spills)
+        pages = share_bytes // page_size
+        timer_pages = max(least, pages // 4)
+        if pages - timer_pages < least:
+            msg = (f"the managed share of {owner!r} must hold at least {2 * least} pages ({2 * least * page_size} "
+                   f"bytes: {least} for its state and {least} for its timers); got {share_bytes}; "
+                   f"raise {MANAGED_SIZE_KEY}")
+            raise InvalidSizeError(msg)
+        return share_bytes - timer_pages * page_size, timer_pages * page_size
+
     @classmethod
-    def for_operator(cls, ctx: Any) -> ManagedKeyedStateBackend:
+    def for_operator(cls, ctx: Any, *, timers: bool = False) -> ManagedKeyedStateBackend:
         """The backend of the operator whose context is ``ctx`` (an OperatorContext with its managed share).
 
         Raises:
             ConfigError: the worker has no managed memory for this operator (names the keys to set).
+            InvalidSizeError: with ``timers``, a share too small for two stores (:meth:`split_share`).
         """
         managed = ctx.managed
         if managed is None:
             msg = (f"operator {ctx.operator_name!r}: state.backend is 'managed' but the operator got no managed "
                    f"memory; raise memory.managed.size (or memory.managed.fraction)")
             raise ConfigError(msg)
-        backend = cls(managed.memory, managed.owner, managed.share_bytes, managed.io(), key_groups=ctx.max_parallelism)
+        backend = cls(managed.memory, managed.owner, managed.share_bytes, managed.io(),
+                      key_groups=ctx.max_parallelism, timers=timers)
         managed.attach_state(backend)  # the worker reports its stats while the job runs; close() detaches
         backend._detach = lambda: managed.detach_state(backend)
         return backend
@@ -114,20 +166,29 @@ class ManagedKeyedStateBackend(KeyedStateBackend):
                 yield codec.decode(k[len(prefix):])
 
     def stats(self) -> BackendStats:
+        """The state store's figures; bytes in memory and on disk count the timer store's too."""
         s = self.store.stats()
         bins = tuple((b.size_class, b.objects, b.bytes_used, b.slots) for b in s.bins if b.objects)
         # A read is a miss when it went to disk: a key absent from memory and from every run's range and bloom
         # filter (or with nothing spilled) was answered from memory. The store counts blocks read, not reads
         # that read: a read of blocks in two runs counts twice, never more than the reads not found in memory.
         misses = min(s.gets - s.memory_hits, s.disk_reads)
-        return BackendStats("managed", s.entries, s.memory_bytes, s.disk_bytes, cache_hits=s.gets - misses,
+        memory_bytes, disk_bytes = s.memory_bytes, s.disk_bytes
+        if self.timer_store is not None:  # not its stats(): they count entries, which may read every run
+            memory_bytes += self.timer_store.share.used_bytes
+            disk_bytes += self.timer_store.disk_bytes()
+        return BackendStats("managed", s.entries, memory_bytes, disk_bytes, cache_hits=s.gets - misses,
                             cache_misses=misses, bins=bins)
 
     def close(self) -> None:
         detach, self._detach = self._detach, None
         if detach is not None:
             detach()
-        self.store.release()
+        try:
+            self.store.release()
+        finally:
+            if self.timer_store is not None:
+                self.timer_store.release()
 
 
 def _decode_stream(data: bytes) -> list[Any]:

@@ -78,7 +78,7 @@ from runtime.memory.units import format_bytes
 from runtime.state.bins import BinStats, SmallObjectAllocator
 from runtime.state.page_index import ENTRY_HEADER, KEY_LENGTH_MASK, PageHashIndex
 
-__all__ = ["MANAGED_SIZE_KEY", "ManagedKeyValueStore", "StoreStats", "key_group_of", "key_hash"]
+__all__ = ["MANAGED_SIZE_KEY", "ManagedKeyValueStore", "StoreStats", "key_group_of", "key_hash", "min_share_pages"]
 
 MANAGED_SIZE_KEY = "memory.managed.size"
 DEFAULT_MAX_RUNS = 4
@@ -88,6 +88,11 @@ _TOMBSTONE = _KEY_MASK + 1
 _COUNT = struct.Struct("<I")  # of a run block: its record count
 _META_BYTES = 12  # per record of a run block: int32 key group, key length, value length
 _PROBES = 4  # bloom filter probes a key
+
+
+def min_share_pages(*, spills: bool) -> int:
+    """The fewest pages a store's share may hold: entries, their index, and (when it ``spills``) spill staging."""
+    return 3 if spills else 2
 
 
 def key_hash(key: bytes) -> tuple[int, int]:
@@ -261,6 +266,13 @@ class _Run:
         for i in range(len(self.slices)):
             yield from self.read_block(i, stage).records()
 
+    def records_from(self, at: tuple[int, bytes], stage: MemorySegment) -> Iterator[Record]:
+        """The records from ``at`` (a ``(key group, key)``) on, in order: from the block that may hold it."""
+        for i in range(max(bisect_right(self.first, at) - 1, 0), len(self.slices)):
+            for record in self.read_block(i, stage).records():
+                if (record[0], record[1]) >= at:
+                    yield record
+
     def delete(self) -> None:
         self.spill.delete()
 
@@ -333,7 +345,7 @@ class ManagedKeyValueStore:
         if max_runs < 1:
             msg = f"max_runs must be >= 1; got {max_runs}"
             raise InvalidSizeError(msg)
-        pages = 2 if io is None else 3
+        pages = min_share_pages(spills=io is not None)
         if share_bytes < pages * memory.page_size:
             what = "one for entries, one for their index" + ("" if io is None else ", one to stage spill I/O")
             msg = (f"share of state {name!r} of {owner!r} must hold at least {pages} pages "
@@ -412,6 +424,58 @@ class ManagedKeyValueStore:
             if v is not None:
                 yield k, v
 
+    def scan_keys(self, start: bytes, stop: bytes, limit: int) -> tuple[list[bytes], bytes | None]:
+        """The first live keys in ``[start, stop)``, in order, and where to resume: ``(keys, resume)``. Only for
+        a store of one key group (``key_groups=1``), whose order is the keys' order.
+
+        ``keys`` holds at most ``limit`` keys: every live key in ``[start, resume)``, or in ``[start, stop)``
+        when ``resume`` is None. Unlike :meth:`items` it hashes nothing, reads no value and sorts at most
+        ``limit + 1`` keys: one pass over the memory index (keep it in step with :meth:`items`), the
+        ``limit + 1`` least keys in range, and the runs merged from the block that may hold ``start``.
+
+        Raises:
+            InvalidSizeError: ``limit`` < 1, or the store has more than one key group.
+        """
+        if limit < 1:
+            msg = f"scan_keys: limit must be >= 1; got {limit}"
+            raise InvalidSizeError(msg)
+        if self.key_groups != 1:
+            msg = (f"scan_keys needs a store ordered by key (key_groups=1); state {self.name!r} has "
+                   f"{self.key_groups} key groups")
+            raise InvalidSizeError(msg)
+        handles = {k: h for k, h in self._index.items() if start <= k < stop}
+        memory = list(handles)
+        cut: bytes | None = None  # memory holds keys at and past it that were not taken: merge below it only
+        if len(memory) > limit:
+            memory = heapq.nsmallest(limit + 1, memory)
+            cut = memory.pop()
+        else:
+            memory.sort()
+        # A tombstone may stay in memory with no run below it (written just after a spill whose compaction
+        # left no run), so memory entries are checked here even then.
+        view = self._bins.view
+        if not self._runs:
+            return [k for k in memory if not _HEADER.unpack_from(view(handles[k]))[0] & _TOMBSTONE], cut
+        live = b""  # any non-None value: the merge below needs only whether a version is a tombstone
+        sources = [_aged(((0, k, None if _HEADER.unpack_from(view(handles[k]))[0] & _TOMBSTONE else live)
+                          for k in memory), 0)]
+        stage = self._staging()
+        sources += [_aged(run.records_from((0, start), stage), age) for age, run in enumerate(reversed(self._runs), 1)]
+        end = stop if cut is None else cut
+        out: list[bytes] = []
+        previous: bytes | None = None
+        for _, k, _, v in heapq.merge(*sources):
+            if k >= end:
+                break
+            if k == previous:
+                continue  # an older version
+            previous = k
+            if v is not None:
+                out.append(k)
+                if len(out) == limit:
+                    return out, k + b"\x00"  # the least key above k
+        return out, cut
+
     # ----------------------------------------------------------------- writes
     def put(self, key: bytes, value: bytes) -> None:
         """Set ``key`` to ``value`` (both bytes-like; stored as copies)."""
@@ -443,6 +507,13 @@ class ManagedKeyValueStore:
         if live:
             self._write(key, None)
         return live
+
+    def discard(self, key: bytes) -> None:
+        """Remove ``key`` without reading whether it was there (:meth:`delete` reads the runs to answer that).
+
+        While runs exist it always leaves a tombstone in memory, for a key that was never written too.
+        """
+        self._write(bytes(key), None)
 
     def _write(self, key: bytes, value: bytes | bytearray | memoryview | None) -> None:
         """Make ``value`` (None: a tombstone) the newest version of ``key``. The one place entries are stored."""
@@ -565,6 +636,14 @@ class ManagedKeyValueStore:
         self._compactions += 1
 
     # ------------------------------------------------------------- statistics
+    def memory_entries(self) -> int:
+        """Entries in memory, tombstones included (as :meth:`stats`, without counting every entry)."""
+        return len(self._index)
+
+    def disk_bytes(self) -> int:
+        """Bytes of the live run files (as :meth:`stats`, without counting the entries, which may read every run)."""
+        return sum(run.nbytes for run in self._runs)
+
     def stats(self) -> StoreStats:
         c = self._counters
         return StoreStats(
