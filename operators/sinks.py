@@ -15,7 +15,7 @@ from typing import Any
 
 from operators.stateless import to_records
 from runtime.errors import ShmflowError
-from runtime.execution.task import Batch, Emit, OperatorContext, SinkOperator
+from runtime.execution.task import Batch, Emit, OperatorContext, SinkOperator, Stateless
 
 __all__ = ["CollectSink", "PrintSink", "FileSink"]
 
@@ -104,7 +104,7 @@ class CollectSink(SinkOperator):
             self._send(self.sink_id, batch)
 
 
-class PrintSink(SinkOperator):
+class PrintSink(Stateless, SinkOperator):
     """Print every record on its own line to stdout (``.print()``).
 
     ``PrintSink(prefix=None)``. Like Flink: with parallelism > 1 each line
