@@ -500,6 +500,9 @@ class CheckpointStorage:
 
     def __init__(self, root: PathLike, job_id: str, *, retained: int = 1) -> None:
         _check_name(job_id, "job id")
+        if _CHK_RE.match(job_id):
+            msg = f"job id must not have the form of a checkpoint directory (chk-<n>); got {job_id!r}"
+            raise InvalidArgumentError(msg)
         if not isinstance(retained, int) or isinstance(retained, bool) or retained < 1:
             msg = f"CheckpointStorage(retained=...) must be an int >= 1; got {retained!r}"
             raise InvalidArgumentError(msg)
@@ -597,10 +600,15 @@ class CheckpointStorage:
         blob = encode_metadata(metadata)
         try:
             _fsync_dir(directory)
-            _write_durably(directory, METADATA_NAME, blob)
+        except OSError as exc:
+            msg = f"cannot make checkpoint {directory} durable: {exc}"
+            raise CheckpointError(msg) from exc
+        _write_durably(directory, METADATA_NAME, blob)
+        try:
             _fsync_dir(directory)
             _fsync_dir(self.job_dir)
         except OSError as exc:
+            _unlink_quietly(directory / METADATA_NAME)  # not known durable: not complete
             msg = f"cannot make checkpoint {directory} durable: {exc}"
             raise CheckpointError(msg) from exc
         self._apply_retention(older_incomplete_than=checkpoint_id)
