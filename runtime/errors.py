@@ -122,6 +122,11 @@ class StateSerializationError(ShmflowError, TypeError):
     value's type."""
 
 
+class CheckpointError(ShmflowError):
+    """A checkpoint cannot be written, or read back intact: names the file and what is wrong (truncated:
+    expected and found bytes; checksum mismatch; not a shmflow checkpoint; unsupported format version)."""
+
+
 class WorkerLostError(ShmflowError):
     """A worker process died; carries ``worker_id``, ``pid`` and ``exitcode``."""
 
@@ -164,6 +169,7 @@ __all__ = [
     "NestingTooDeepError",
     "StateAccessError",
     "StateSerializationError",
+    "CheckpointError",
     "WorkerLostError",
     "JobFailedError",
 ]
