@@ -139,7 +139,15 @@ class WorkerLostError(ShmflowError):
 
 
 class JobFailedError(ShmflowError):
-    """A job failed: names the operator, the worker and the cause (a user function's traceback)."""
+    """A job failed: names the operator, the worker and the cause (a user function's traceback).
+
+    ``final``: restarting cannot help (a configuration the job cannot run with, its timeout, or the restart
+    strategy gave up); the restart strategy is not asked.
+    """
+
+    def __init__(self, msg: str, *, final: bool = False) -> None:
+        super().__init__(msg)
+        self.final = final
 
 
 __all__ = [

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from runtime.cluster.coordinator import Coordinator
+from runtime.cluster.coordinator import JOB_METRICS, Coordinator
 from runtime.execution.job_run import WORKER_METRICS
 from runtime.memory.units import format_bytes
 
@@ -50,8 +50,12 @@ def summarize(per_worker: dict[int, dict[str, Any]], seconds: float) -> dict[str
     """
     operators: dict[str, dict[str, float]] = {}
     workers: dict[int, dict[str, float]] = {}
+    job: dict[str, Any] = {"restarts": 0}
     for wid, metrics in per_worker.items():
         for name, values in metrics.items():
+            if name == JOB_METRICS:  # the coordinator's figures of the job itself: checkpoints, restarts
+                job.update(values)
+                continue
             if name == WORKER_METRICS:
                 workers[int(wid)] = dict(values)
                 continue
@@ -84,7 +88,21 @@ def summarize(per_worker: dict[int, dict[str, Any]], seconds: float) -> dict[str
         "managed_peak_bytes": sum(w.get("managed_peak_bytes", 0) for w in workers.values()),
         "spilled_bytes": sum(m.get("spilled_bytes", 0) for m in operators.values()),
         "spill_files": sum(m.get("spill_files", 0) for m in operators.values()),
+        **job,
     }
+
+
+def checkpoint_line(m: dict[str, Any]) -> str:
+    """The summary's line on checkpoints and restarts."""
+    parts = []
+    if "checkpoints" in m:
+        last = (f" (last: #{int(m['checkpoint_last_id'])}, {format_bytes(m.get('checkpoint_size_bytes', 0))}, "
+                f"{m.get('checkpoint_duration_seconds', 0.0) * 1000:.0f} ms; longest alignment "
+                f"{m.get('checkpoint_alignment_seconds', 0.0) * 1000:.0f} ms)" if m.get("checkpoints") else "")
+        parts.append(f"checkpoints: {int(m['checkpoints'])} completed{last}, {int(m.get('checkpoints_failed', 0))} "
+                     f"aborted")
+    parts.append(f"restarts: {int(m.get('restarts', 0))}")
+    return "  " + "; ".join(parts)
 
 
 def render_summary(name: str, seconds: float, metrics: dict[str, Any]) -> str:
@@ -99,6 +117,8 @@ def render_summary(name: str, seconds: float, metrics: dict[str, Any]) -> str:
              f"{format_bytes(m.get('network_peak_bytes', 0))}; worker peak RSS "
              f"{format_bytes(m.get('worker_peak_rss_bytes', 0))} (largest); GC pauses "
              f"{m.get('gc_pause_seconds', 0.0):.2f}s"]
+    if "checkpoints" in m or m.get("restarts"):
+        lines.append(checkpoint_line(m))
     for chain, ops in m.get("operators", {}).items():
         late = f", {ops['late_records_dropped']:,} late records dropped" if ops.get("late_records_dropped") else ""
         spill = (f", managed peak {format_bytes(ops['managed_peak_bytes'])}" if ops.get("managed_peak_bytes")
