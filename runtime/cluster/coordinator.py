@@ -385,9 +385,10 @@ class Coordinator:
 
     def _checkpoint_coordinator(self, graph: JobGraph, token: str) -> CheckpointCoordinator:
         cfg = self.config
-        storage = CheckpointStorage(cfg.checkpoints_dir or default_checkpoints_dir(),
-                                    job_directory_name(graph.name, token), retained=cfg.checkpoints_retained)
-        return CheckpointCoordinator(storage, graph, job_id=token, job_name=graph.name,
+        job_id = job_directory_name(graph.name, token)
+        storage = CheckpointStorage(cfg.checkpoints_dir or default_checkpoints_dir(), job_id,
+                                    retained=cfg.checkpoints_retained)
+        return CheckpointCoordinator(storage, graph, job_id=job_id, job_name=graph.name,
                                      interval=cfg.checkpoint_interval, timeout=cfg.checkpoint_timeout,
                                      clock=time.monotonic)
 
