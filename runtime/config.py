@@ -328,6 +328,9 @@ KEYS: tuple[KeySpec, ...] = (
             "must be a directory path (empty: the user's data directory)", lambda v: True,
             "where checkpoints are written, one directory per job (empty: $XDG_DATA_HOME/shmflow/checkpoints, "
             "or ~/.local/share/shmflow/checkpoints)", "path"),
+    KeySpec("execution.savepoint.path", "savepoint_path", _path, "",
+            "must be a checkpoint directory or its _metadata file (empty: start afresh)", lambda v: True,
+            "start the job from this checkpoint (Flink's key; `shmflow run --from-checkpoint PATH`)", "path"),
     KeySpec("state.checkpoints.num-retained", "checkpoints_retained", _integer, 1,
             "must be an integer >= 1", lambda v: v >= 1,
             "completed checkpoints kept per job", "int"),
@@ -504,6 +507,7 @@ class ShmflowConfig:
     checkpoint_mode: str
     checkpoint_timeout: float
     checkpoints_dir: str
+    savepoint_path: str
     checkpoints_retained: int
     restart_strategy: str
     fixed_delay_attempts: int

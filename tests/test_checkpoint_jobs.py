@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from runtime import StreamEnvironment
-from runtime.errors import JobFailedError
+from runtime.errors import CheckpointError, JobFailedError
 from runtime.execution.task import SourceOperator
 
 KEYS = 50
@@ -202,3 +202,70 @@ def test_a_worker_killed_during_a_checkpoint_recovers_from_the_previous_complete
     assert [p.parent.name for p in complete_before] == ["chk-2"]
     _assert_exactly_once(out.values(), n)
     assert box["result"].metrics["restarts"] == 1
+
+
+def _failing_run(tmp_path: Path, n: int, marker: Path):
+    """A job that fails for good (no restarts) once past half its input, unless ``marker`` exists."""
+
+    def fail_without_marker(record):
+        if record[1] >= n // 2 and not marker.exists():
+            raise RuntimeError("stopped half way")
+        return record
+
+    env = _env(tmp_path, **{"restart-strategy.type": "none", "execution.checkpointing.interval": "100ms"})
+    out = env.from_generator(_key, rate=10_000, count=n).map(fail_without_marker).key_by(_first).count().collect()
+    return env, out
+
+
+def test_a_failed_job_resumes_from_its_retained_checkpoint_and_the_two_runs_give_each_record_once(tmp_path):
+    n = 20_000
+    marker = tmp_path / "go-on"
+    env, first = _failing_run(tmp_path, n, marker)
+    with pytest.raises(JobFailedError, match="stopped half way"):
+        env.execute("resumable", timeout=120)
+    (checkpoint,) = _completed(tmp_path / "checkpoints")
+    marker.touch()
+    env, second = _failing_run(tmp_path, n, marker)
+    env.config = env.config.with_overrides({"execution.savepoint.path": str(checkpoint.parent)})
+    env.execute("resumable", timeout=120)
+    assert 0 < len(first.values()) < n  # the first run delivered what its last checkpoint covered, no more
+    _assert_exactly_once([*first.values(), *second.values()], n)
+
+
+def test_a_checkpoint_of_another_graph_or_a_corrupt_one_is_refused_naming_why(tmp_path):
+    n = 20_000
+    marker = tmp_path / "go-on"
+    env, _ = _failing_run(tmp_path, n, marker)
+    with pytest.raises(JobFailedError):
+        env.execute("resumable", timeout=120)
+    (checkpoint,) = _completed(tmp_path / "checkpoints")
+    other = _env(tmp_path, **{"execution.savepoint.path": str(checkpoint.parent)})
+    other.from_generator(_key, count=10).key_by(_first).sum(1).collect()  # sum where the checkpoint has count
+    with pytest.raises(CheckpointError, match=r"does not fit job 'other'.*count"):
+        other.execute("other", timeout=60)
+    state_file = next(p for p in checkpoint.parent.iterdir() if p.name != "_metadata")
+    state_file.write_bytes(state_file.read_bytes()[:-1])
+    env, _ = _failing_run(tmp_path, n, marker)
+    env.config = env.config.with_overrides({"execution.savepoint.path": str(checkpoint.parent)})
+    with pytest.raises(CheckpointError, match=rf"{state_file.name}.*expected \d+ bytes, found \d+"):
+        env.execute("resumable", timeout=60)
+
+
+def test_shmflow_checkpoints_lists_them_with_the_sources_positions(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    n = 20_000
+    env, _ = _failing_run(tmp_path, n, tmp_path / "go-on")
+    with pytest.raises(JobFailedError):
+        env.execute("listed", timeout=120)
+    done = subprocess.run([sys.executable, "-m", "runtime.cli", "checkpoints", str(tmp_path / "checkpoints"),
+                           "--json"], capture_output=True, text=True, timeout=60, check=True)
+    (row,) = json.loads(done.stdout)
+    assert row["job"].startswith("listed-") and row["complete"] and row["bytes"] > 0
+    positions = row["sources"]
+    assert sorted(positions) == ["0-0", "0-1"] and all(positions.values())
+    text = subprocess.run([sys.executable, "-m", "runtime.cli", "checkpoints", str(tmp_path / "checkpoints")],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert f"chk-{row['checkpoint']}" in text and "source 0-0: position" in text

@@ -27,7 +27,10 @@ from runtime.cluster.protocol import AckCheckpoint, TriggerCheckpoint
 from runtime.execution.checkpointing import FINISHED_KEY, subtask_key
 from runtime.execution.graph import JobGraph
 
-__all__ = ["CheckpointCoordinator", "CheckpointStats", "graph_fingerprint", "job_directory_name"]
+__all__ = ["SOURCES_KEY", "CheckpointCoordinator", "CheckpointStats", "graph_fingerprint", "job_directory_name"]
+
+#: The key of a checkpoint's metadata ``extra`` with each source subtask's position.
+SOURCES_KEY = "sources"
 
 
 def graph_fingerprint(graph: JobGraph) -> dict[str, str]:
@@ -49,6 +52,7 @@ class _Pending:
     started: float  # monotonic
     handles: dict[str, StateHandle] = field(default_factory=dict)
     finished: list[str] = field(default_factory=list)
+    sources: dict[str, Any] = field(default_factory=dict)  # subtask key -> its source's position
     alignment_seconds: float = 0.0
 
 
@@ -126,6 +130,8 @@ class CheckpointCoordinator:
                                                                      source=f"worker {message.worker}")
         else:
             pending.finished.append(message.subtask)
+        if message.source_position is not None:
+            pending.sources[message.subtask] = message.source_position
         pending.alignment_seconds = max(pending.alignment_seconds, message.alignment_seconds)
         if len(pending.handles) + len(pending.finished) < len(self.expected):
             return None
@@ -133,7 +139,8 @@ class CheckpointCoordinator:
         metadata = CheckpointMetadata(
             checkpoint_id=pending.checkpoint_id, job_id=self.job_id, job_name=self.job_name,
             timestamp=pending.timestamp, duration=duration, subtasks=dict(pending.handles),
-            graph_fingerprint=self.fingerprint, extra={FINISHED_KEY: sorted(pending.finished)})
+            graph_fingerprint=self.fingerprint,
+            extra={FINISHED_KEY: sorted(pending.finished), SOURCES_KEY: pending.sources})
         completed = self.storage.complete(metadata)
         self.latest, self.pending = completed, None
         self._next_trigger = max(self._next_trigger + self.interval, self.clock())

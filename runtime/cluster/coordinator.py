@@ -573,7 +573,7 @@ class Coordinator:
             try:
                 graph = check_graph_payload(message.graph)
                 metrics = self.run_job(graph, message.graph, timeout=message.timeout, on_collect=relay,
-                                       on_tick=still_running)
+                                       on_tick=still_running, restore_from=message.restore_from)
                 self.send_to(identity, JobSucceeded(metrics=metrics))
             except Exception as exc:  # noqa: BLE001 - the client gets the failure; the coordinator keeps serving
                 self.send_to(identity, JobError(message=str(exc)))

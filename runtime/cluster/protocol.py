@@ -196,6 +196,7 @@ class AckCheckpoint(Message):
     state: list[Any]  # [file name, size, sha256 hex] in the checkpoint's directory; []: the subtask had finished
     alignment_seconds: float = 0.0
     snapshot_seconds: float = 0.0
+    source_position: Any = None  # a source subtask's snapshot_state() (listed by `shmflow checkpoints`)
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ class Submit(Message):
     TYPE: ClassVar[str] = "submit"
     graph: bytes
     timeout: float | None = None
+    restore_from: str = ""  # a checkpoint to start from (execution.savepoint.path)
 
 
 @dataclass(frozen=True)

@@ -174,10 +174,10 @@ class Worker:
         self.send(Collect(job=job_id, worker=self.worker_id, sink=sink_id, records=records, checkpoint=checkpoint))
 
     def ack_checkpoint(self, job_id: str, checkpoint: int, subtask: str, state: list[Any],
-                       alignment_seconds: float, snapshot_seconds: float) -> None:
+                       alignment_seconds: float, snapshot_seconds: float, source_position: Any = None) -> None:
         self.send(AckCheckpoint(job=job_id, checkpoint=checkpoint, worker=self.worker_id, subtask=subtask,
                                 state=state, alignment_seconds=alignment_seconds,
-                                snapshot_seconds=snapshot_seconds))
+                                snapshot_seconds=snapshot_seconds, source_position=source_position))
 
     def set_job_control(self, handler: Callable[[Message], None] | None) -> None:
         self._job_control = handler

@@ -112,8 +112,9 @@ class JobHost(Protocol):
         """Ship a ``collect()`` batch; ``checkpoint``: the checkpoint that covers it (0: no checkpoints)."""
 
     def ack_checkpoint(self, job_id: str, checkpoint: int, subtask: str, state: list[Any],
-                       alignment_seconds: float, snapshot_seconds: float) -> None:
-        """Tell the coordinator that ``subtask`` snapshotted ``checkpoint``: its state file's handle ([]: finished)."""
+                       alignment_seconds: float, snapshot_seconds: float, source_position: Any = None) -> None:
+        """Tell the coordinator that ``subtask`` snapshotted ``checkpoint``: its state file's handle ([]: finished)
+        and, for a source, its position."""
 
     def set_job_control(self, handler: Any) -> None:
         """Install (or clear, with None) the callable the host hands the job's checkpoint messages to
@@ -420,8 +421,9 @@ class JobRun:
             handle = write_state_file(directory, key, data).to_wire()
         self._epochs[key] = barrier.checkpoint_id + 1
         self._checkpoints_acked += 1
+        position = states[0] if st.vertex.is_source and states is not FINISHED else None
         self.host.ack_checkpoint(self.job_id, barrier.checkpoint_id, key, handle, st.alignment_seconds,
-                                 time.monotonic() - started)
+                                 time.monotonic() - started, position)
 
     def _metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
