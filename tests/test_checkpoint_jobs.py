@@ -269,3 +269,32 @@ def test_shmflow_checkpoints_lists_them_with_the_sources_positions(tmp_path):
     text = subprocess.run([sys.executable, "-m", "runtime.cli", "checkpoints", str(tmp_path / "checkpoints")],
                           capture_output=True, text=True, timeout=60, check=True).stdout
     assert f"chk-{row['checkpoint']}" in text and "source 0-0: position" in text
+
+
+def _committed_lines(directory: Path) -> list:
+    import ast
+    lines = []
+    for part in sorted(directory.glob("part-*"), key=lambda p: tuple(int(x) for x in p.name.split("-")[1:])):
+        lines += [ast.literal_eval(line) for line in part.read_text().splitlines()]
+    return lines
+
+
+def test_to_file_commits_each_record_once_across_a_killed_worker_and_shows_no_uncommitted_part(tmp_path):
+    n = 40_000
+    out = tmp_path / "out"
+    env = _env(tmp_path)
+    env.from_generator(_key, rate=10_000, count=n).key_by(_first).count().to_file(str(out))
+    thread, box = _run_in_thread(env, "to-file")
+    deadline = time.monotonic() + 60
+    while len(_completed(tmp_path / "checkpoints")) < 1 or not list(out.glob("part-*")):
+        assert time.monotonic() < deadline and thread.is_alive(), box
+        time.sleep(0.02)  # sleep-ok: waiting for files other processes write
+    committed_so_far = _committed_lines(out)
+    os.kill(_workers_of_this_process()[0], signal.SIGKILL)
+    thread.join(120)
+    assert "error" not in box, box.get("error")
+    assert box["result"].metrics["restarts"] == 1
+    final = _committed_lines(out)
+    assert all(line in final for line in committed_so_far)  # committed files are never taken back
+    _assert_exactly_once(final, n)
+    assert not list(out.glob(".*inprogress"))

@@ -238,6 +238,7 @@ class JobRun:
                                        worker_id=w.worker_id, mode=mode, memory=self.memory, managed=managed,
                                        send_to_client=self._client_sender(subtask_key(vertex_id, subtask)),
                                        keep_alive=self._keep_alive,
+                                       checkpointing=self.checkpointing.enabled,
                                        state_backend=cfg.get("state.backend", "heap"),
                                        max_parallelism=cfg.get("pipeline.max-parallelism", 128))
 

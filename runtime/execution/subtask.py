@@ -276,6 +276,9 @@ class Subtask:
             self.last_checkpoint = barrier.checkpoint_id
             return
         for i, op in enumerate(self.operators):
+            ctx = getattr(op, "ctx", None)
+            if ctx is not None:
+                ctx.checkpoint_id = barrier.checkpoint_id
             try:
                 op.prepare_snapshot(self._emits[i + 1])
             except Exception:  # noqa: BLE001 - a user function may raise anything; it fails the job by name

@@ -91,6 +91,10 @@ class OperatorContext:
     #: into (``pipeline.max-parallelism``).
     state_backend: str = "heap"
     max_parallelism: int = 128
+    #: Whether the job takes checkpoints (a sink commits its output per checkpoint then), and the id of the
+    #: checkpoint being taken while ``prepare_snapshot`` / ``snapshot_state`` run.
+    checkpointing: bool = False
+    checkpoint_id: int = 0
     #: An operator that works long in one call (a final aggregation reading back what it spilled) calls
     #: this every few seconds: the worker heartbeats and acts on a cancel (raising out of the operator).
     keep_alive: Callable[[], None] = lambda: None
