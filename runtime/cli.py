@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from runtime._version import __version__
 
@@ -120,9 +120,9 @@ def _cmd_checkpoints(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         print(f"shmflow checkpoints: {exc}", file=sys.stderr)
         return 2
-    rows = []
+    rows: list[dict[str, Any]] = []
     for info in infos:
-        sources: dict[str, object] = {}
+        sources: dict[str, Any] = {}
         if info.complete:
             try:
                 sources = load_checkpoint(info.path, verify_state=False).metadata.extra.get(SOURCES_KEY, {})

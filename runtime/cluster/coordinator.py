@@ -71,6 +71,7 @@ from runtime.errors import (
 from runtime.execution.graph import JobGraph
 from runtime.memory import BuddyAllocator, MemorySegment, SharedRegion, format_bytes
 from runtime.memory.layout import AllocatorSnapshot
+from runtime.memory.region import process_alive, process_start_ticks
 from runtime.network.budget import job_buffers_required
 from runtime.network.transport import bind, context, local_endpoint, make_socket
 
@@ -103,6 +104,15 @@ class WorkerHandle:
     progress: dict[str, list[int]] | None = None  # from the last heartbeat: chain -> [records in, out]
     arena_layout: list[Any] | None = None  # the arena's blocks as the worker last reported them (AllocatorSnapshot)
     process: subprocess.Popen[bytes] | None = None  # the worker's process when this coordinator started it
+    #: The worker's process start time when it runs on this host in this pid namespace (its Register said so
+    #: and /proc agrees): its death is then seen at once, not after HEARTBEAT_TIMEOUT.
+    local_start_ticks: int | None = None
+
+    def exited(self) -> bool:
+        """Whether the worker's process is known to be gone (started by us, or local and not alive)."""
+        if self.process is not None:
+            return self.process.poll() is not None
+        return self.local_start_ticks is not None and not process_alive(self.pid, self.local_start_ticks)
 
 
 @dataclass
@@ -273,6 +283,8 @@ class Coordinator:
             log.warning("worker %d registered twice; refusing pid %s", wid, message.pid)
             return
         handle = WorkerHandle(wid, identity, message.pid, last_heard=self.clock())
+        if message.start_ticks and process_start_ticks(message.pid) == message.start_ticks:
+            handle.local_start_ticks = message.start_ticks
         handle.arena = self.allocator.allocate(self.plan.arena_bytes, owner=f"worker-{wid} arena")
         self.workers[wid] = handle
         self._by_identity[identity] = handle
@@ -540,12 +552,14 @@ class Coordinator:
         now = self.clock()
         for wid, handle in participants.items():
             code = _exitcode(handle.process)
-            silent = now - handle.last_heard > HEARTBEAT_TIMEOUT
-            if code is not None or silent:
-                if code is None and handle.process is not None:
+            gone = code is not None or handle.exited()
+            silent = not gone and now - handle.last_heard > HEARTBEAT_TIMEOUT
+            if gone or silent:
+                if silent and handle.process is not None:
                     handle.process.kill()  # hung: a replacement takes its place
                 ops = ", ".join(repr(v.name) for v in graph.vertices if v.parallelism > wid)
-                cause = f"exited with {code}" if code is not None else f"sent no heartbeat for {HEARTBEAT_TIMEOUT:.0f}s"
+                cause = (f"exited with {code}" if code is not None else "exited" if gone
+                         else f"sent no heartbeat for {HEARTBEAT_TIMEOUT:.0f}s")
                 arena = handle.arena.size if handle.arena is not None else 0
                 self.reclaim(wid)
                 msg = (f"job {graph.name!r} failed: worker {wid} (pid {handle.pid}) {cause} while running "
@@ -581,7 +595,7 @@ class Coordinator:
     def _reap_silent(self) -> None:
         now = self.clock()
         for wid, handle in list(self.workers.items()):
-            if _exitcode(handle.process) is not None or now - handle.last_heard > HEARTBEAT_TIMEOUT:
+            if handle.exited() or now - handle.last_heard > HEARTBEAT_TIMEOUT:
                 log.warning("worker %d (pid %d) is gone; reclaiming its arena", wid, handle.pid)
                 self.reclaim(wid)
 

@@ -97,6 +97,7 @@ class Register(Message):
     TYPE: ClassVar[str] = "register"
     worker: int  # -1: a standing worker, numbered by the coordinator
     pid: int
+    start_ticks: int = 0  # when its process started (/proc/<pid>/stat); 0: unknown. Tells a local worker.
 
 
 @dataclass(frozen=True)

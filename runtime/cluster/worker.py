@@ -49,6 +49,7 @@ from runtime.execution.job_run import JobCancelled, JobRun
 from runtime.memory import BuddyAllocator, SharedRegion
 from runtime.memory.layout import AllocatorSnapshot
 from runtime.memory.manager import MemoryManager
+from runtime.memory.region import process_start_ticks
 from runtime.network import NetworkBufferPool
 from runtime.network.transport import connect, context, make_socket
 
@@ -187,7 +188,7 @@ class Worker:
 
     # ----------------------------------------------------------------- lifetime
     def register(self, *, timeout: float = 60.0) -> None:
-        self.send(Register(worker=self.worker_id, pid=os.getpid()))
+        self.send(Register(worker=self.worker_id, pid=os.getpid(), start_ticks=process_start_ticks(os.getpid()) or 0))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             message = self.recv(0.5)
