@@ -81,6 +81,7 @@ from runtime.bench.workloads import (
     w4_rows,
     w5_checksum_updates,
 )
+from runtime.errors import InvalidArgumentError
 from runtime.execution.task import Emit, Operator, SourceOperator
 
 #: The W1 producer requests buffers in batches of up to this many bytes (16 x 32 KiB, 1 x 1 MiB).
@@ -560,8 +561,8 @@ class W4Source(SourceOperator):
         if index < len(self.chunks):
             start, stop = self.chunks[index]
             if not start <= record <= stop:
-                msg = f"W4Source: record {record} is outside chunk {index} [{start}, {stop}) of this share"
-                raise ValueError(msg)
+                msg = f"W4Source: a restored record must be in chunk {index} [{start}, {stop}]; got {record}"
+                raise InvalidArgumentError(msg)
             self.chunks[index] = (record, stop)
         self._next, self._started = index, True
         self._pending, self._pos, self._len = None, 0, 0
