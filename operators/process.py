@@ -25,7 +25,7 @@ import enum
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from runtime.errors import InvalidArgumentError
+from runtime.errors import InvalidArgumentError, StateAccessError
 from runtime.execution.task import Batch, Emit, Operator, OperatorContext, TimestampedBatch
 from runtime.state.backend import KeyedStateBackend, make_backend
 from runtime.state.descriptors import (
@@ -272,6 +272,26 @@ class KeyedProcessOperator(Operator):
             backend, self.backend = self.backend, None
             if backend is not None:
                 backend.close()
+
+    # ------------------------------------------------------------------ checkpoints
+    def snapshot_state(self) -> tuple[float, Any, list[tuple[float, Any]], list[tuple[float, Any]]]:
+        """``(watermark, backend snapshot, event-time timers, processing-time timers)``, timers in firing order."""
+        if self.backend is None:
+            msg = f"process operator {self.name!r} must be opened (open(ctx)) before snapshot_state()"
+            raise StateAccessError(msg)
+        return (self.watermark, self.backend.snapshot(), self.event_timers.snapshot(),
+                self.processing_timers.snapshot())
+
+    def restore_state(self, state: Any) -> None:
+        """Take back the function's state and the pending timers (after ``open``, so the function's states exist)."""
+        watermark, backend, event_timers, processing_timers = state
+        if self.backend is None:
+            msg = f"process operator {self.name!r} must be opened (open(ctx)) before restore_state()"
+            raise StateAccessError(msg)
+        self.watermark = watermark
+        self.backend.restore(backend)
+        self.event_timers.restore(event_timers)
+        self.processing_timers.restore(processing_timers)
 
     # ------------------------------------------------------------------ internals
     def _fire(self, queue: TimerQueue, until: float, domain: TimeDomain, emit: Emit) -> None:

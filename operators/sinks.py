@@ -98,6 +98,18 @@ class CollectSink(SinkOperator):
     def finish(self, emit: Emit) -> None:
         self._flush()
 
+    def prepare_snapshot(self, emit: Emit) -> None:
+        """Send what is pending: the records before a barrier go out before it."""
+        self._flush()
+
+    def snapshot_state(self) -> None:
+        """None: after :meth:`prepare_snapshot` nothing is pending (the runtime tags what was sent with the
+        checkpoint, so the client keeps exactly what a restored job does not send again)."""
+        return None
+
+    def restore_state(self, state: Any) -> None:
+        pass
+
     def _flush(self) -> None:
         if self._pending:
             batch, self._pending, self._since = self._pending, [], None

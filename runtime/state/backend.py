@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from runtime.errors import StateAccessError
 from runtime.state import codec
 from runtime.state.descriptors import StateDescriptor
 
@@ -110,6 +111,28 @@ class KeyedStateBackend:
     def close(self) -> None:
         """Give back whatever the backend holds (idempotent)."""
 
+    def snapshot(self) -> Any:
+        """Every entry, for a checkpoint: a value :mod:`runtime.state.codec` encodes, tagged with the backend's
+        name. The runtime encodes it at once, so it may hold the live entries."""
+        raise NotImplementedError
+
+    def restore(self, snapshot: Any) -> None:
+        """Put back what :meth:`snapshot` returned (decoded) into this new, empty backend.
+
+        Raises:
+            StateAccessError: the snapshot was taken by another kind of backend (``state.backend`` changed).
+        """
+        raise NotImplementedError
+
+    def _check_snapshot(self, snapshot: Any) -> Any:
+        """The payload of a ``(backend name, payload)`` snapshot of this kind of backend."""
+        if not (isinstance(snapshot, (tuple, list)) and len(snapshot) == 2 and snapshot[0] == self.name):
+            kind = snapshot[0] if isinstance(snapshot, (tuple, list)) and snapshot else type(snapshot).__name__
+            msg = (f"keyed state snapshotted by the {kind!r} backend cannot be restored into the {self.name!r} "
+                   f"backend; restart with the state.backend the checkpoint was taken with")
+            raise StateAccessError(msg)
+        return snapshot[1]
+
 
 class HeapKeyedStateBackend(KeyedStateBackend):
     """Entries as Python objects in one dict per state: ``{state name: {key: entry}}``.
@@ -163,6 +186,14 @@ class HeapKeyedStateBackend(KeyedStateBackend):
 
     def close(self) -> None:
         self._tables.clear()
+
+    def snapshot(self) -> tuple[str, dict[str, dict[Any, Any]]]:
+        """``("heap", {state name: {key: entry}})``: the live dicts (encoded by the runtime at once)."""
+        return (self.name, self._tables)
+
+    def restore(self, snapshot: Any) -> None:
+        tables = self._check_snapshot(snapshot)
+        self._tables = {name: dict(table) for name, table in tables.items()}
 
 
 def make_backend(ctx: Any) -> KeyedStateBackend:

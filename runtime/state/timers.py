@@ -65,3 +65,20 @@ class TimerQueue:
     def items(self) -> list[tuple[float, Any]]:
         """Every live timer (for snapshots and tests), in no particular order."""
         return list(self._live)
+
+    def snapshot(self) -> list[tuple[float, Any]]:
+        """Every live timer in the order they would fire (timestamp, then registration), for a checkpoint."""
+        live = self._live
+        out: list[tuple[float, Any]] = []
+        seen: set[tuple[float, Any]] = set()
+        for timestamp, _, key in sorted(self._heap, key=lambda entry: entry[:2]):
+            timer = (timestamp, key)
+            if timer in live and timer not in seen:  # a timer deleted and registered again: its first entry fires
+                seen.add(timer)
+                out.append(timer)
+        return out
+
+    def restore(self, timers: list[Any]) -> None:
+        """Register :meth:`snapshot`'s timers (decoded) again, in their order (so ties fire as they would have)."""
+        for timestamp, key in timers:
+            self.register(timestamp, key)
