@@ -560,10 +560,8 @@ def test_collect_sink_sends_what_is_pending_before_the_barrier():
 
 
 # ------------------------------------------------------------------ every operator
-#: Operators that never run in streaming mode (Sort refuses it at open), and FileSink, whose checkpoints need
-#: a two-phase commit (files written after the last checkpoint are rolled back): it cannot run with
-#: checkpoints yet.
-NOT_CHECKPOINTED = {"Sort", "FileSink"}
+#: Operators that never run in streaming mode (Sort refuses it at open).
+NOT_CHECKPOINTED = {"Sort"}
 
 
 def operator_classes() -> list[type]:
