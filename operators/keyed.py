@@ -37,9 +37,14 @@ from operators.aggregations import (
 )
 from operators.keyed_vectorized import Vectorized, gc_paused, vectorizable
 from operators.managed_keyed import ManagedKeyedState, fits_managed_memory
-from operators.managed_streaming import PreparedBatch, StreamingManagedAggregate, fits_streaming_state
+from operators.managed_streaming import (
+    PreparedBatch,
+    StreamingManagedAggregate,
+    fits_streaming_state,
+    fixed_entries,
+)
 from operators.stateless import to_records
-from runtime.errors import InvalidArgumentError
+from runtime.errors import InvalidArgumentError, StateAccessError
 from runtime.execution.task import Batch, Emit, Operator, TimestampedBatch
 from runtime.state.backend import HeapKeyedStateBackend, KeyedStateBackend, make_backend
 from runtime.state.mapping import StateMapping
@@ -308,6 +313,74 @@ class KeyedAggregate(Operator):
             backend.close()
 
 
+    # ------------------------------------------------------------ checkpoints
+    def prepare_snapshot(self, emit: Emit) -> None:
+        """Fold and emit the held mini-batch: its updates go out before the barrier."""
+        self._flush_mini(emit)
+
+    def snapshot_state(self) -> tuple[str, Any]:
+        """The accumulators, tagged with the path that holds them: ``("heap", {key: acc})``, ``("fixed",
+        StreamingManagedAggregate.snapshot())`` or ``("backend", KeyedStateBackend.snapshot())``.
+
+        Raises:
+            StateAccessError: a mini-batch is still held (call :meth:`prepare_snapshot` first), or batch mode
+                (checkpoints apply to streaming mode only).
+        """
+        if self._mini:
+            msg = (f"KeyedAggregate {self.aggregation.name!r} holds a mini-batch of {self._mini_records} records; "
+                   f"prepare_snapshot(emit) emits it before snapshot_state()")
+            raise StateAccessError(msg)
+        if self.mode == "batch":
+            msg = (f"KeyedAggregate {self.aggregation.name!r} runs in batch mode; checkpoints "
+                   f"(execution.checkpointing.interval) apply to streaming mode only")
+            raise StateAccessError(msg)
+        if self._streaming is not None:
+            return ("fixed", self._streaming.snapshot())
+        if self._backend is not None:
+            return ("backend", self._backend.snapshot())
+        state = self._state
+        return ("heap", state if type(state) is dict else dict(state))  # a Counter encodes as its dict
+
+    def restore_state(self, state: Any) -> None:
+        """Take back :meth:`snapshot_state`'s accumulators into whichever path this (opened) operator runs:
+        the same path takes them as they are; another one (``state.backend`` changed) takes them key by key.
+
+        Raises:
+            StateAccessError: a snapshot of the generic managed path restored without it, or not a snapshot
+                of this operator.
+        """
+        kind, payload = state
+        if kind == "fixed" and self._streaming is not None:
+            self._streaming.restore(payload)
+            return
+        if kind == "backend":
+            if self._streaming is not None:
+                self._streaming.release()
+                self._streaming = None
+                self._open_backend()
+            if self._backend is None:
+                msg = (f"KeyedAggregate {self.aggregation.name!r}: state snapshotted with state.backend 'managed' "
+                       f"cannot be restored with state.backend 'heap'; restart with the checkpoint's state.backend")
+                raise StateAccessError(msg)
+            self._backend.restore(payload)
+            return
+        if kind == "fixed":
+            entries: Iterable[tuple[Any, Any]] = fixed_entries(payload, pairs=getattr(self.aggregation, "field",
+                                                                                      None) == 1)
+        elif kind == "heap":
+            entries = payload.items()
+        else:
+            msg = f"KeyedAggregate {self.aggregation.name!r}: not a snapshot of a KeyedAggregate; got kind {kind!r}"
+            raise StateAccessError(msg)
+        if self._streaming is not None:  # the fixed-width path takes no generic entries: the backend does
+            self._streaming.release()
+            self._streaming = None
+            self._open_backend()
+        target = self._state
+        for key, acc in entries:
+            target[key] = acc
+
+
 def _emit_managed(state: ManagedKeyedState, ctx: Any, emit: Emit) -> None:
     """Emit a managed state's results (or partials) in chunks, then report its memory and spilling."""
     keep_alive = getattr(ctx, "keep_alive", None)
@@ -422,6 +495,22 @@ class KeyedCombine(Operator):
         self._vec = None
         if self._managed is not None:
             self._managed.release()
+
+    def snapshot_state(self) -> None:
+        """None. Combiners run in batch mode (``runtime.api._insert_combiners``), which takes no checkpoints;
+        in streaming mode a combiner flushes after every batch, so it holds nothing between two batches.
+
+        Raises:
+            StateAccessError: a batch-mode combiner holding partials (batch mode has no checkpoints).
+        """
+        if self._managed is not None or (self._vec is not None and len(self._vec)) or self._state:
+            msg = (f"KeyedCombine {self.aggregation.name!r} holds partials between batches (batch mode); "
+                   f"checkpoints (execution.checkpointing.interval) apply to streaming mode only")
+            raise StateAccessError(msg)
+        return None
+
+    def restore_state(self, state: Any) -> None:
+        pass
 
     def _flush(self, emit: Emit) -> None:
         partials = None

@@ -24,7 +24,7 @@ operators.keyed_vectorized (gc_paused), operators.fixed_rows, numpy, stdlib.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, cast
 
 import numpy as np
@@ -36,7 +36,7 @@ from runtime.execution.task import ManagedMemory
 from runtime.managed.share import ManagedShare
 from runtime.managed.streaming_table import StreamingFixedState
 
-__all__ = ["PreparedBatch", "StreamingManagedAggregate", "fits_streaming_state"]
+__all__ = ["PreparedBatch", "StreamingManagedAggregate", "fits_streaming_state", "fixed_entries"]
 
 _KINDS = {Count: "count", Sum: "sum", Min: "min", Max: "max"}
 _INT_LIMIT = 1 << 62  # int sums leave before any accumulator could pass this (int64 wraps at 2**63)
@@ -60,6 +60,22 @@ def fits_streaming_state(aggregation: Aggregation) -> bool:
     if kind is None:
         return False
     return kind == "count" or getattr(aggregation, "field", None) in (None, 1)
+
+
+def fixed_entries(snapshot: Any, *, pairs: bool) -> Iterator[tuple[Any, Any]]:
+    """The ``(key, accumulator)`` entries of a :meth:`StreamingManagedAggregate.snapshot` (decoded) as the heap
+    path keeps them (a field aggregation's, ``pairs``, as ``[value, first record]``), chunk by chunk."""
+    str_keys, _, key_bytes, dtype, _, chunks = snapshot
+    key_dtype = np.dtype(f"S{key_bytes}" if str_keys else "int64")
+    value_dtype = np.dtype(dtype or "int64")
+    for key_data, acc_data in chunks:
+        keys = np.frombuffer(key_data, key_dtype)
+        key_list = keys.astype(f"U{key_dtype.itemsize}").tolist() if str_keys else keys.tolist()
+        accs = np.frombuffer(acc_data, value_dtype).tolist()
+        if pairs:
+            yield from ((k, [a, (k, a)]) for k, a in zip(key_list, accs))
+        else:
+            yield from zip(key_list, accs)
 
 
 class StreamingManagedAggregate:
@@ -197,6 +213,32 @@ class StreamingManagedAggregate:
                     entries.extend(zip(key_list, accs.tolist()))
         self.release()
         return entries
+
+    # ------------------------------------------------------------- checkpoints
+    def snapshot(self) -> tuple[Any, ...]:
+        """The state for a checkpoint: ``(str keys, keys fixed, key bytes, value dtype, int-sum bound, chunks)``
+        where each chunk is one partition's ``(keys, accumulators)`` as the bytes of their arrays (no Python
+        object per key). Evicted partitions are loaded back one by one to be read (as :meth:`take_entries`)."""
+        chunks: list[tuple[bytes, bytes]] = []
+        if self._state is not None:
+            for keys, accs in self._state.items():
+                chunks.append((keys.tobytes(), accs.tobytes()))
+        return (self._str_keys, self._keys_fixed, self._key_bytes, self._dtype, self._bound, chunks)
+
+    def restore(self, snapshot: Any) -> None:
+        """Take back what :meth:`snapshot` returned (decoded) into this new, empty state: its key and value
+        types, and every key's accumulator, merged back partition by partition."""
+        str_keys, keys_fixed, key_bytes, dtype, bound, chunks = snapshot
+        if self._state is not None or self._keys_fixed:
+            msg = f"{self.name}: restore() needs a new, empty state; this one holds {len(self._state or ())} keys"
+            raise RuntimeError(msg)
+        self._str_keys, self._keys_fixed, self._key_bytes = bool(str_keys), bool(keys_fixed), int(key_bytes)
+        self._dtype, self._bound = dtype, int(bound)
+        if not chunks:
+            return
+        state = self._make_state()
+        for keys, accs in chunks:
+            state.merge_entries(np.frombuffer(keys, state.key_dtype), np.frombuffer(accs, state.value_dtype))
 
     def metrics(self) -> dict[str, int]:
         """What the state holds, as the job's state metrics (and how it moved partitions)."""

@@ -288,6 +288,26 @@ class KeyedProcessOperator(Operator):
             if backend is not None:
                 backend.close()
 
+    # ------------------------------------------------------------------ checkpoints
+    def snapshot_state(self) -> tuple[float, Any, list[tuple[int, float, Any]]]:
+        """``(watermark, backend snapshot, pending timers)``, the timers as ``(domain, timestamp, key)`` in firing
+        order per domain."""
+        if self.backend is None:
+            msg = f"process operator {self.name!r} must be opened (open(ctx)) before snapshot_state()"
+            raise StateAccessError(msg)
+        return (self.watermark, self.backend.snapshot(), self.backend.timers_in_order())
+
+    def restore_state(self, state: Any) -> None:
+        """Take back the function's state and the pending timers (after ``open``, so the function's states exist)."""
+        watermark, backend, timers = state
+        if self.backend is None:
+            msg = f"process operator {self.name!r} must be opened (open(ctx)) before restore_state()"
+            raise StateAccessError(msg)
+        self.watermark = watermark
+        self.backend.restore(backend)
+        for domain, timestamp, key in timers:
+            self.backend.register_timer(domain, timestamp, key)
+
     # ------------------------------------------------------------------ internals
     def _fire(self, until: float, domain: TimeDomain, emit: Emit) -> None:
         out: list[Any] = []

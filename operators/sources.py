@@ -115,6 +115,18 @@ class CollectionSource(_SplittableSource):
         self._pos = min(self._len, start + max(1, max_records))
         return self._slice(start, self._pos)
 
+    def snapshot_state(self) -> int:
+        """The position: how many records of this subtask's slice were emitted."""
+        return self._pos
+
+    def restore_state(self, state: Any) -> None:
+        """Resume after the first ``state`` records of the slice (the slice is this subtask's, as at open)."""
+        if isinstance(state, bool) or not isinstance(state, int) or not 0 <= state <= self._len:
+            msg = (f"CollectionSource: a restored position must be an int in [0, {self._len}] (the records of "
+                   f"this subtask's slice); got {state!r}")
+            raise InvalidArgumentError(msg)
+        self._pos = state
+
 
 class GeneratorSource(_SplittableSource):
     """Records ``fn(0), fn(1), ...`` (Flink's DataGeneratorSource); unbounded unless ``count`` is given.
@@ -210,6 +222,24 @@ class GeneratorSource(_SplittableSource):
             return None
         return self._t0 + (self._emitted + 1) * self._parallelism / self.rate
 
+    def snapshot_state(self) -> tuple[int, int]:
+        """The position: ``(next index, records emitted)``."""
+        return (self._next, self._emitted)
+
+    def restore_state(self, state: Any) -> None:
+        """Resume at the snapshotted index. A rate-limited source keeps its rate from the restored count: its
+        start time moves back so that exactly ``emitted`` records are due now (no burst to catch up)."""
+        ok = (isinstance(state, (tuple, list)) and len(state) == 2
+              and all(type(v) is int and v >= 0 for v in state)
+              and (state[0] - self._next) % self._step == 0 and state[0] >= self._next)
+        if not ok:
+            msg = (f"GeneratorSource: a restored position must be (next index, emitted) with the index in this "
+                   f"subtask's sequence {self._next}, {self._next + self._step}, ...; got {state!r}")
+            raise InvalidArgumentError(msg)
+        self._next, self._emitted = int(state[0]), int(state[1])
+        if self.rate is not None and hasattr(self, "ctx"):
+            self._t0 = self.ctx.processing_time() - self._emitted * self._parallelism / self.rate
+
 
 class TextFileSource(_SplittableSource):
     """Lines of a text file, without the trailing newline (``env.read_text``).
@@ -249,6 +279,11 @@ class TextFileSource(_SplittableSource):
         self._pending: list[str] = []
         self._offset = 0  # first unread line in _pending
         self._eof = False
+        # Where the lines of _pending come from, for a checkpoint's position: one [index in _pending of its
+        # first line held, byte offset of the block's first line, lines of the block before that one] per
+        # block _fill parsed. A block starts at a line start, so (offset, lines to skip) finds any line again.
+        self._blocks: list[list[int]] = []
+        self._skip = 0  # lines to drop from the next blocks parsed (after restore_state)
 
     def _missing(self) -> FileNotFoundError:
         msg = f"text file source: no such file {self.path!r}"
@@ -300,9 +335,12 @@ class TextFileSource(_SplittableSource):
         self._pending = []
         self._offset = 0
         self._eof = self._pos >= self._end
+        self._blocks = []
+        self._skip = 0
 
     def _fill(self) -> None:
         """Read the next chunk of the range into ``_pending`` lines."""
+        block_start = self._pos - len(self._tail)  # a line start: the tail is the start of an unfinished line
         data = self._file.read(min(self.CHUNK_BYTES, self._end - self._pos))
         self._pos += len(data)
         if not data or self._pos >= self._end:
@@ -325,10 +363,31 @@ class TextFileSource(_SplittableSource):
         lines = text.split("\n")
         if "\r" in text:  # CRLF files: drop the \r of each line ending
             lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+        skipped = 0
+        if self._skip:
+            skipped = min(self._skip, len(lines))
+            del lines[:skipped]
+            self._skip -= skipped
         if self._offset:
-            del self._pending[:self._offset]
-            self._offset = 0
+            self._drop_read()
+        self._blocks.append([len(self._pending), block_start, skipped])
         self._pending.extend(lines)
+
+    def _drop_read(self) -> None:
+        """Forget the lines already returned (and the blocks that hold none of the others)."""
+        offset = self._offset
+        del self._pending[:offset]
+        self._offset = 0
+        blocks = self._blocks
+        for block in blocks:
+            block[0] -= offset
+            if block[0] < 0:  # the block's read lines are gone: they count as skipped
+                block[2] -= block[0]
+                block[0] = 0
+        first = 0
+        while first + 1 < len(blocks) and blocks[first + 1][0] == 0:
+            first += 1
+        del blocks[:first]
 
     def poll_batch(self, max_records: int) -> Batch | None:
         if self._file is None:
@@ -342,6 +401,37 @@ class TextFileSource(_SplittableSource):
         start = self._offset
         self._offset = min(len(self._pending), start + n)
         return self._pending[start:self._offset]
+
+    def snapshot_state(self) -> tuple[int, int]:
+        """The position of the next unread line: ``(byte offset of a line start, lines to skip from there)``,
+        the start of the block that holds it and how many of the block's lines come before it."""
+        if self._offset < len(self._pending):
+            for first, start, skipped in reversed(self._blocks):
+                if first <= self._offset:
+                    return (start, skipped + self._offset - first)
+        return (self._pos - len(self._tail), self._skip)  # every held line was read: the next block's start
+
+    def restore_state(self, state: Any) -> None:
+        """Resume at a snapshotted position: seek to its line start and drop the lines before the next unread one."""
+        start, end = self._range
+        stop = self._end if self._file is not None else end
+        ok = (isinstance(state, (tuple, list)) and len(state) == 2 and all(type(v) is int and v >= 0 for v in state)
+              and start <= state[0] and (stop is None or state[0] <= stop))
+        if not ok:
+            msg = (f"text file source {self.path!r}: a restored position must be (byte offset in [{start}, {stop}], "
+                   f"lines to skip >= 0); got {state!r}")
+            raise InvalidArgumentError(msg)
+        if self._file is None:
+            msg = f"text file source {self.path!r} must be opened (open(ctx)) before restore_state"
+            raise RuntimeError(msg)
+        self._file.seek(state[0])
+        self._pos = state[0]
+        self._tail = b""
+        self._pending = []
+        self._offset = 0
+        self._blocks = []
+        self._skip = state[1]
+        self._eof = self._pos >= self._end
 
     def close(self) -> None:
         if self._file is not None:

@@ -22,12 +22,21 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import InvalidArgumentError
-from runtime.execution.task import MAX_WATERMARK, Batch, Emit, Operator, TimestampedBatch, batch_len, to_records
+from runtime.execution.task import (
+    MAX_WATERMARK,
+    Batch,
+    Emit,
+    Operator,
+    Stateless,
+    TimestampedBatch,
+    batch_len,
+    to_records,
+)
 
 __all__ = ["Map", "Filter", "FlatMap", "MapBatches", "WithTimestamps", "to_records"]
 
 
-class Map(Operator):
+class Map(Stateless, Operator):
     """Apply ``fn`` to every record: one output record per input record.
 
     Event timestamps stay aligned: a TimestampedBatch in gives a
@@ -60,7 +69,7 @@ class Map(Operator):
             emit(list(map(self.fn, to_records(batch))))
 
 
-class Filter(Operator):
+class Filter(Stateless, Operator):
     """Keep the records for which ``fn(record)`` is truthy.
 
     A TimestampedBatch keeps the timestamps of the kept records; a columnar
@@ -98,7 +107,7 @@ class Filter(Operator):
             emit(list(filter(self.fn, batch)))
 
 
-class FlatMap(Operator):
+class FlatMap(Stateless, Operator):
     """Apply ``fn`` to every record and emit every item of the iterable it returns.
 
     ``str.split`` works as ``fn``. With a TimestampedBatch, every output
@@ -132,7 +141,7 @@ class FlatMap(Operator):
             emit(list(chain.from_iterable(map(self.fn, to_records(batch)))))
 
 
-class MapBatches(Operator):
+class MapBatches(Stateless, Operator):
     """Apply ``fn`` to a whole batch: ``fn(batch) -> batch``. The columnar fast path.
 
     ``fn`` receives the batch as it is: a dict of numpy arrays for columnar
@@ -175,7 +184,7 @@ class MapBatches(Operator):
         emit(out)
 
 
-class WithTimestamps(Operator):
+class WithTimestamps(Stateless, Operator):
     """Assign event timestamps and generate bounded-out-of-orderness watermarks.
 
     ``ts_fn(record)`` returns the record's event time in **seconds** (float;

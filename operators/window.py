@@ -26,7 +26,7 @@ from typing import Any
 
 from operators.keyed import Aggregation, _check_aggregation
 from operators.stateless import to_records
-from runtime.errors import InvalidArgumentError
+from runtime.errors import InvalidArgumentError, StateAccessError
 from runtime.execution.task import MAX_WATERMARK, Batch, Emit, Operator, OperatorContext, TimestampedBatch, batch_len
 from runtime.state.backend import KeyedStateBackend, make_backend
 from runtime.state.mapping import StateMapping
@@ -352,6 +352,44 @@ class WindowAggregate(Operator):
         backend, self._backend = self._backend, None
         if backend is not None:
             backend.close()
+
+    # -- checkpoints -----------------------------------------------------------------
+
+    def snapshot_state(self) -> tuple[float, list[float], list[tuple[float, Any]], Any]:
+        """``(watermark, fired window starts, [(window start, {key: acc} or None)], backend snapshot or None)``.
+
+        On the heap a window's accumulators travel with its start; with the managed backend (None beside the
+        start) they are the backend's, one state per window. Processing-time timers follow from the windows.
+        """
+        windows: list[tuple[float, Any]] = []
+        for start, state in self._windows.items():
+            if isinstance(state, StateMapping):
+                windows.append((start, None))
+            else:
+                windows.append((start, state if type(state) is dict else dict(state)))
+        backend = None if self._backend is None else self._backend.snapshot()
+        return (self._watermark, sorted(self._fired), windows, backend)
+
+    def restore_state(self, state: Any) -> None:
+        """Take back the windows, the fired windows kept for allowed lateness and the watermark (after ``open``).
+
+        Raises:
+            StateAccessError: windows snapshotted with state.backend 'managed' restored with 'heap'.
+        """
+        watermark, fired, windows, backend = state
+        self._watermark = watermark
+        self._fired = set(fired)
+        if backend is not None:
+            if self._backend is None:
+                msg = ("WindowAggregate: windows snapshotted with state.backend 'managed' cannot be restored with "
+                       "state.backend 'heap'; restart with the checkpoint's state.backend")
+                raise StateAccessError(msg)
+            self._backend.restore(backend)
+        for start, entries in windows:
+            target = self._windows[start] = self._new_window(start)
+            if entries is not None:
+                for key, acc in entries.items():
+                    target[key] = acc
 
     def _fire(self, bound: float, emit: Emit) -> None:
         """Emit every not-yet-fired window with ``end <= bound``, by window end."""

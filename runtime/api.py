@@ -138,6 +138,22 @@ class StreamEnvironment:
         self._nodes.append(node)
         return node
 
+    # ------------------------------------------------------------- checkpoints
+    def enable_checkpointing(self, interval: float, mode: str | None = None) -> StreamEnvironment:
+        """Take a checkpoint every ``interval`` seconds (PyFlink's name; the config key
+        ``execution.checkpointing.interval``), ``mode`` "exactly-once" (default) or "at-least-once".
+        Checkpoints apply to streaming mode; with them a failed job restarts by ``restart-strategy.type``
+        (default exponential-delay) from its latest checkpoint. Returns the environment.
+
+        Raises:
+            ConfigError: the interval or mode is invalid (names the key).
+        """
+        values: dict[str, Any] = {"execution.checkpointing.interval": interval}
+        if mode is not None:
+            values["execution.checkpointing.mode"] = mode
+        self.config = self.config.with_overrides(values, source="StreamEnvironment.enable_checkpointing(...)")
+        return self
+
     # ---------------------------------------------------------------- execution
     def resolved_mode(self) -> str:
         if self.mode != "auto":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from runtime._version import __version__
 
@@ -83,6 +83,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         os.environ["SHMFLOW_" + key.upper().replace(".", "_").replace("-", "_")] = str(value)
     if args.workers is not None:
         os.environ["SHMFLOW_WORKERS"] = str(args.workers)
+    if args.from_checkpoint:
+        from runtime.checkpoint import load_checkpoint
+        from runtime.errors import CheckpointError
+        try:
+            load_checkpoint(args.from_checkpoint, verify_state=False)
+        except CheckpointError as exc:
+            print(f"shmflow run: --from-checkpoint: {exc}", file=sys.stderr)
+            return 2
+        os.environ["SHMFLOW_EXECUTION_SAVEPOINT_PATH"] = str(Path(args.from_checkpoint).resolve())
     if args.config:
         os.environ["SHMFLOW_CONFIG"] = str(Path(args.config).resolve())
     script = Path(args.job).resolve()
@@ -92,6 +101,49 @@ def _cmd_run(args: argparse.Namespace) -> int:
     sys.argv = [str(script), *args.args]
     sys.path.insert(0, str(script.parent))
     runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _cmd_checkpoints(args: argparse.Namespace) -> int:
+    """List the checkpoints under a directory: job, id, time, size, whether complete, sources' positions."""
+    import json
+    import time
+
+    from runtime.checkpoint import default_checkpoints_dir, list_checkpoints, load_checkpoint
+    from runtime.cluster.checkpoints import SOURCES_KEY
+    from runtime.errors import CheckpointError
+    from runtime.memory.units import format_bytes
+    cfg = load_cli_config(args, check_shm=False)
+    root = args.dir or cfg.checkpoints_dir or default_checkpoints_dir()
+    try:
+        infos = list_checkpoints(root)
+    except CheckpointError as exc:
+        print(f"shmflow checkpoints: {exc}", file=sys.stderr)
+        return 2
+    rows: list[dict[str, Any]] = []
+    for info in infos:
+        sources: dict[str, Any] = {}
+        if info.complete:
+            try:
+                sources = load_checkpoint(info.path, verify_state=False).metadata.extra.get(SOURCES_KEY, {})
+            except CheckpointError:
+                pass
+        rows.append({"job": info.job_id, "checkpoint": info.checkpoint_id, "time": info.timestamp,
+                     "bytes": info.nbytes, "complete": info.complete, "path": str(info.path),
+                     "problem": info.problem, "sources": sources})
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print(f"no checkpoints in {root}")
+        return 0
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["time"])) if row["time"] else "?"
+        state = "complete" if row["complete"] else f"INCOMPLETE ({row['problem'] or 'no _metadata'})"
+        print(f"{row['job']}  chk-{row['checkpoint']}  {when}  {format_bytes(row['bytes']):>10}  {state}")
+        print(f"    {row['path']}")
+        for subtask, position in sorted(row["sources"].items()):
+            print(f"    source {subtask}: position {position!r}")
     return 0
 
 
@@ -171,8 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a job script on an embedded local cluster")
     p.add_argument("job", help="path of the job script")
     add_config_arguments(p)
+    p.add_argument("--from-checkpoint", default=None, metavar="PATH",
+                   help="start from a retained checkpoint (a chk-N directory or its _metadata; see `shmflow "
+                        "checkpoints`); sets execution.savepoint.path")
     p.add_argument("args", nargs="*", help="arguments for the job script (after --)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("checkpoints", help="list retained checkpoints: time, size, sources' positions")
+    p.add_argument("dir", nargs="?", default=None,
+                   help="a checkpoints directory or one job's (default: state.checkpoints.dir)")
+    add_config_arguments(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_checkpoints)
 
     p = sub.add_parser("coordinator", help="start a standing coordinator (workers join with `shmflow worker`)")
     p.add_argument("--bind", default="tcp://127.0.0.1:6123", help="endpoint to listen on (default loopback only)")

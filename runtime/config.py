@@ -125,6 +125,32 @@ def _choice(value: object) -> str:
     return value.strip().lower()
 
 
+#: restart-strategy.type's values; Flink's other spellings map to them (_strategy).
+RESTART_STRATEGIES = ("none", "fixed-delay", "failure-rate", "exponential-delay")
+_STRATEGY_ALIASES = {"off": "none", "disable": "none", "fixeddelay": "fixed-delay", "failurerate": "failure-rate",
+                     "exponentialdelay": "exponential-delay"}
+
+
+def _mode(value: object) -> str:
+    """A checkpointing mode: Flink's EXACTLY_ONCE / AT_LEAST_ONCE or exactly-once / at-least-once."""
+    return _choice(value).replace("_", "-")
+
+
+def _strategy(value: object) -> str:
+    """A restart strategy's name, Flink's spellings accepted (off, fixeddelay, ...); "" is unset."""
+    name = _choice(value)
+    return _STRATEGY_ALIASES.get(name, name)
+
+
+def _path(value: object) -> str:
+    """One path (may be empty: the key's default applies)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise _RuleBroken(_STRING_RULE)
+    return os.path.expanduser(value.strip()) if value.strip() else ""
+
+
 def _paths(value: object) -> tuple[str, ...]:
     """Directories separated by commas or the OS path separator (Flink's ``io.tmp-dirs``); never empty."""
     if isinstance(value, (list, tuple)):
@@ -208,7 +234,7 @@ class KeySpec:
     rule: str
     ok: Callable[[Any], bool]
     doc: str
-    kind: str  # "size" | "size-or-unset" | "duration" | "fraction" | "int" | "choice" | "paths": how shown
+    kind: str  # "size" | "size-or-unset" | "duration" | "fraction" | "int" | "choice" | "path" | "paths": how shown
 
     def show(self, value: Any) -> str:
         """A parsed value for humans: sizes as "32 KiB", durations as "100 ms"."""
@@ -289,6 +315,67 @@ KEYS: tuple[KeySpec, ...] = (
             "net allocations of GC-tracked objects that start a collection of the youngest generation in a "
             "worker running a job (gc.set_threshold's first value; Python's default, 700, makes a worker that "
             "holds batches of thousands of records walk them again and again)", "int"),
+    KeySpec("execution.checkpointing.interval", "checkpoint_interval", _duration, 0,
+            "must be a duration >= 0 (0: checkpointing off)", lambda v: v >= 0,
+            "take a checkpoint this often (Flink's key); 0 turns checkpointing off", "duration"),
+    KeySpec("execution.checkpointing.mode", "checkpoint_mode", _mode, "exactly-once",
+            "must be one of 'exactly-once', 'at-least-once'", lambda v: v in ("exactly-once", "at-least-once"),
+            "exactly-once aligns barriers at operators with several inputs; at-least-once does not", "choice"),
+    KeySpec("execution.checkpointing.timeout", "checkpoint_timeout", _duration, "10min",
+            "must be a duration > 0", lambda v: v > 0,
+            "a checkpoint not complete after this long is aborted", "duration"),
+    KeySpec("state.checkpoints.dir", "checkpoints_dir", _path, "",
+            "must be a directory path (empty: the user's data directory)", lambda v: True,
+            "where checkpoints are written, one directory per job (empty: $XDG_DATA_HOME/shmflow/checkpoints, "
+            "or ~/.local/share/shmflow/checkpoints)", "path"),
+    KeySpec("execution.savepoint.path", "savepoint_path", _path, "",
+            "must be a checkpoint directory or its _metadata file (empty: start afresh)", lambda v: True,
+            "start the job from this checkpoint (Flink's key; `shmflow run --from-checkpoint PATH`)", "path"),
+    KeySpec("state.checkpoints.num-retained", "checkpoints_retained", _integer, 1,
+            "must be an integer >= 1", lambda v: v >= 1,
+            "completed checkpoints kept per job", "int"),
+    KeySpec("restart-strategy.type", "restart_strategy", _strategy, "",
+            "must be one of 'none', 'fixed-delay', 'failure-rate', 'exponential-delay' (or unset)",
+            lambda v: v in ("", *RESTART_STRATEGIES),
+            "what happens when a job fails: none, fixed-delay, failure-rate or exponential-delay (unset: "
+            "exponential-delay with checkpointing on, none without, as Flink)", "choice"),
+    KeySpec("restart-strategy.fixed-delay.attempts", "fixed_delay_attempts", _integer, 1,
+            "must be an integer >= 0", lambda v: v >= 0,
+            "fixed-delay: restarts before the job fails", "int"),
+    KeySpec("restart-strategy.fixed-delay.delay", "fixed_delay_delay", _duration, "1s",
+            "must be a duration >= 0", lambda v: v >= 0,
+            "fixed-delay: wait between a failure and the restart", "duration"),
+    KeySpec("restart-strategy.failure-rate.max-failures-per-interval", "failure_rate_max_failures", _integer, 1,
+            "must be an integer >= 1", lambda v: v >= 1,
+            "failure-rate: failures within one interval before the job fails", "int"),
+    KeySpec("restart-strategy.failure-rate.failure-rate-interval", "failure_rate_interval", _duration, "1min",
+            "must be a duration > 0", lambda v: v > 0,
+            "failure-rate: the interval failures are counted in", "duration"),
+    KeySpec("restart-strategy.failure-rate.delay", "failure_rate_delay", _duration, "1s",
+            "must be a duration >= 0", lambda v: v >= 0,
+            "failure-rate: wait between a failure and the restart", "duration"),
+    KeySpec("restart-strategy.exponential-delay.initial-backoff", "exponential_initial_backoff", _duration, "1s",
+            "must be a duration in [0, restart-strategy.exponential-delay.max-backoff ({exponential_max_backoff})]",
+            lambda v: v >= 0,
+            "exponential-delay: wait after the first failure", "duration"),
+    KeySpec("restart-strategy.exponential-delay.max-backoff", "exponential_max_backoff", _duration, "1min",
+            "must be a duration >= restart-strategy.exponential-delay.initial-backoff ({exponential_initial_backoff})",
+            lambda v: v >= 0,
+            "exponential-delay: the longest wait", "duration"),
+    KeySpec("restart-strategy.exponential-delay.backoff-multiplier", "exponential_multiplier", _number, 1.5,
+            "must be a number >= 1", lambda v: v >= 1,
+            "exponential-delay: the wait grows by this factor with every failure", "fraction"),
+    KeySpec("restart-strategy.exponential-delay.reset-backoff-threshold", "exponential_reset_threshold", _duration,
+            "1h", "must be a duration > 0", lambda v: v > 0,
+            "exponential-delay: a job running this long without failure starts again at the initial backoff",
+            "duration"),
+    KeySpec("restart-strategy.exponential-delay.jitter-factor", "exponential_jitter", _number, 0.1,
+            "must be a number in [0, 1]", lambda v: 0 <= v <= 1,
+            "exponential-delay: random share of the backoff added or subtracted", "fraction"),
+    KeySpec("restart-strategy.exponential-delay.attempts-before-reset-backoff", "exponential_attempts", _integer,
+            2**31 - 1, "must be an integer >= 1", lambda v: v >= 1,
+            "exponential-delay: restarts before the job fails, counted since the backoff was last reset "
+            "(default: unlimited)", "int"),
     KeySpec("workers", "workers", _integer, 2,
             "must be an integer in [1, 256]", lambda v: 1 <= v <= 256,
             "number of worker processes", "int"),
@@ -307,7 +394,8 @@ _BY_ATTR = {spec.attr: spec for spec in KEYS}
 _BY_ENV = {spec.env_var: spec for spec in KEYS}
 _ALIAS_BY_ENV = {ENV_PREFIX + re.sub(r"[.\-]", "_", alias.upper()): alias for alias in ALIASES}
 #: (lower, upper): lower must be <= upper. The key the user set is blamed (upper if both or none).
-_PAIRS = (("memory.min-block", "memory.segment.size"), ("memory.network.min", "memory.network.max"))
+_PAIRS = (("memory.min-block", "memory.segment.size"), ("memory.network.min", "memory.network.max"),
+          ("restart-strategy.exponential-delay.initial-backoff", "restart-strategy.exponential-delay.max-backoff"))
 
 
 def _did_you_mean(name: str, choices: Iterable[str]) -> str:
@@ -415,6 +503,24 @@ class ShmflowConfig:
     state_backend: str
     max_parallelism: int
     gc_young_threshold: int
+    checkpoint_interval: float
+    checkpoint_mode: str
+    checkpoint_timeout: float
+    checkpoints_dir: str
+    savepoint_path: str
+    checkpoints_retained: int
+    restart_strategy: str
+    fixed_delay_attempts: int
+    fixed_delay_delay: float
+    failure_rate_max_failures: int
+    failure_rate_interval: float
+    failure_rate_delay: float
+    exponential_initial_backoff: float
+    exponential_max_backoff: float
+    exponential_multiplier: float
+    exponential_reset_threshold: float
+    exponential_jitter: float
+    exponential_attempts: int
     workers: int
 
     def __init__(self, values: Mapping[str, object] | None = None, *, source: str = "code",

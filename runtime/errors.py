@@ -122,6 +122,11 @@ class StateSerializationError(ShmflowError, TypeError):
     value's type."""
 
 
+class CheckpointError(ShmflowError):
+    """A checkpoint cannot be written, or read back intact: names the file and what is wrong (truncated:
+    expected and found bytes; checksum mismatch; not a shmflow checkpoint; unsupported format version)."""
+
+
 class WorkerLostError(ShmflowError):
     """A worker process died; carries ``worker_id``, ``pid`` and ``exitcode``."""
 
@@ -134,7 +139,15 @@ class WorkerLostError(ShmflowError):
 
 
 class JobFailedError(ShmflowError):
-    """A job failed: names the operator, the worker and the cause (a user function's traceback)."""
+    """A job failed: names the operator, the worker and the cause (a user function's traceback).
+
+    ``final``: restarting cannot help (a configuration the job cannot run with, its timeout, or the restart
+    strategy gave up); the restart strategy is not asked.
+    """
+
+    def __init__(self, msg: str, *, final: bool = False) -> None:
+        super().__init__(msg)
+        self.final = final
 
 
 __all__ = [
@@ -164,6 +177,7 @@ __all__ = [
     "NestingTooDeepError",
     "StateAccessError",
     "StateSerializationError",
+    "CheckpointError",
     "WorkerLostError",
     "JobFailedError",
 ]

@@ -138,6 +138,18 @@ def test_defaults() -> None:
         "network.max-record-size": 64 * MiB, "network.transport": "auto",
         "cluster.max-message-size": 256 * MiB, "state.backend": "heap", "pipeline.max-parallelism": 128,
         "python.gc.young-threshold": 100_000,
+        "execution.checkpointing.interval": 0.0, "execution.checkpointing.mode": "exactly-once",
+        "execution.checkpointing.timeout": 600.0, "state.checkpoints.dir": "", "execution.savepoint.path": "",
+        "state.checkpoints.num-retained": 1,
+        "restart-strategy.type": "", "restart-strategy.fixed-delay.attempts": 1,
+        "restart-strategy.fixed-delay.delay": 1.0, "restart-strategy.failure-rate.max-failures-per-interval": 1,
+        "restart-strategy.failure-rate.failure-rate-interval": 60.0, "restart-strategy.failure-rate.delay": 1.0,
+        "restart-strategy.exponential-delay.initial-backoff": 1.0,
+        "restart-strategy.exponential-delay.max-backoff": 60.0,
+        "restart-strategy.exponential-delay.backoff-multiplier": 1.5,
+        "restart-strategy.exponential-delay.reset-backoff-threshold": 3600.0,
+        "restart-strategy.exponential-delay.jitter-factor": 0.1,
+        "restart-strategy.exponential-delay.attempts-before-reset-backoff": 2**31 - 1,
         "workers": 2,
     }
     assert all(cfg.source(spec.key) == "default" for spec in KEYS)
@@ -170,7 +182,7 @@ def test_access_by_key_and_attribute() -> None:
 def test_attribute_annotations_match_the_key_table() -> None:
     hints = {k: v for k, v in typing.get_type_hints(ShmflowConfig).items() if k[0] != "_"}
     kinds = {"size": int, "size-or-unset": int, "int": int, "fraction": float, "duration": float, "choice": str,
-             "paths": tuple[str, ...]}
+             "path": str, "paths": tuple[str, ...]}
     assert hints == {spec.attr: kinds[spec.kind] for spec in KEYS}
     cfg = cfg_of()
     for spec in KEYS:
@@ -638,3 +650,19 @@ def test_the_young_generation_threshold_is_bounded_and_names_its_key() -> None:
     assert cfg_of({"python.gc.young-threshold": "5000"}).gc_young_threshold == 5000
     with pytest.raises(ConfigError, match=r"python\.gc\.young-threshold.*\[700, 10000000\].*got 10"):
         cfg_of({"python.gc.young-threshold": 10})
+
+
+def test_checkpoint_and_restart_keys_take_flink_spellings_and_name_the_key_when_wrong() -> None:
+    cfg = cfg_of({"execution.checkpointing.interval": "200ms", "execution.checkpointing.mode": "AT_LEAST_ONCE",
+                  "restart-strategy.type": "fixeddelay", "restart-strategy.fixed-delay.attempts": "3"})
+    assert cfg.checkpoint_interval == 0.2 and cfg.checkpoint_mode == "at-least-once"
+    assert cfg.restart_strategy == "fixed-delay" and cfg.fixed_delay_attempts == 3
+    assert cfg_of({"restart-strategy.type": "off"}).restart_strategy == "none"
+    with pytest.raises(ConfigError, match=r"restart-strategy\.type must be one of .*got sometimes"):
+        cfg_of({"restart-strategy.type": "sometimes"})
+    with pytest.raises(ConfigError, match=r"execution\.checkpointing\.mode must be one of .*got twice"):
+        cfg_of({"execution.checkpointing.mode": "twice"})
+    with pytest.raises(ConfigError, match=r"initial-backoff must be a duration in \[0, .*max-backoff \(60 s\)\]"):
+        cfg_of({"restart-strategy.exponential-delay.initial-backoff": "2min"})
+    with pytest.raises(ConfigError, match=r"jitter-factor must be a number in \[0, 1\]; got 2"):
+        cfg_of({"restart-strategy.exponential-delay.jitter-factor": 2})

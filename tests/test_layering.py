@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("state", ("runtime.state",)),
     ("network", ("runtime.network",)),
     ("config", ("runtime.config",)),
+    ("checkpoint", ("runtime.checkpoint",)),
     ("execution", ("runtime.execution",)),
     ("cluster", ("runtime.cluster",)),
     ("operators", ("operators",)),
@@ -48,6 +49,7 @@ FORBIDDEN_THIRD_PARTY = {
     "io": ("zmq", "cloudpickle"),
     "managed": ("zmq", "cloudpickle"),
     "state": ("zmq", "cloudpickle"),
+    "checkpoint": ("zmq", "cloudpickle"),
 }
 #: Deprecated shims inside a lower package (they re-export from their new home there).
 SHIMS = {"runtime.network.channel"}

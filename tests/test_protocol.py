@@ -27,6 +27,11 @@ EXAMPLES: list[protocol.Message] = [
     protocol.Deployed(job="j1", worker=0, gates={"3": "ipc://@x"}),
     protocol.Start(job="j1", gates={"3": ["ipc://@x", "ipc://@y"]}),
     protocol.Cancel(job="j1"),
+    protocol.Deploy(job="j1", graph=b"\x80pickle", config={}, checkpoint_dir="/ck/j1", restore_dir="/ck/j0/chk-3"),
+    protocol.TriggerCheckpoint(job="j1", checkpoint=4, timestamp=1.7e9),
+    protocol.AckCheckpoint(job="j1", checkpoint=4, worker=1, subtask="2-1", state=["2-1.state", 99, "cd" * 32],
+                           alignment_seconds=0.01, snapshot_seconds=0.2),
+    protocol.CheckpointDone(job="j1", checkpoint=4),
     protocol.Collect(job="j1", worker=0, sink="collect-0", records=b"\x90"),
     protocol.Finished(job="j1", worker=0, metrics={"map[0]": {"records_in": 3}}),
     protocol.Failed(job="j1", worker=0, operator="map", traceback="Traceback ..."),
@@ -68,8 +73,9 @@ def test_a_wrong_mac_is_refused_before_decoding():
 
 def test_another_protocol_version_is_refused_by_name():
     body = {"v": protocol.PROTOCOL_VERSION + 1, "t": "ack"}
-    v = protocol.PROTOCOL_VERSION
-    with pytest.raises(ProtocolError, match=rf"speaks protocol version {v + 1}; this process speaks {v}: run the same "):
+    version = protocol.PROTOCOL_VERSION
+    with pytest.raises(ProtocolError, match=rf"speaks protocol version {version + 1}; this process speaks {version}: "
+                                            r"run the same shmflow"):
         protocol.open_message(SECRET, sealed(body))
 
 

@@ -20,7 +20,7 @@ from helpers import SPAWN, reap, wait_until
 from runtime.errors import DeserializationError
 from runtime.memory import BuddyAllocator, SharedRegion
 from runtime.network import NetworkBufferPool
-from runtime.network.events import EndOfPartition, UserEvent, Watermark
+from runtime.network.events import CheckpointBarrier, EndOfPartition, UserEvent, Watermark
 from runtime.network.gate import InputGate
 from runtime.network.partition import ResultPartition
 from runtime.network.records import Partitioner, RecordReader, RecordWriter, TimestampedBatch
@@ -177,7 +177,7 @@ def producer_main(region_name: str, arena_offset: int, transport: str, endpoint:
             prod.emit_event(EndOfPartition())
         elif spec[0] == "script":
             for item in spec[1]:
-                if isinstance(item, (EndOfPartition, Watermark, UserEvent)):
+                if isinstance(item, (EndOfPartition, Watermark, UserEvent, CheckpointBarrier)):
                     prod.emit_event(item)
                 else:
                     prod.emit(item)
@@ -410,6 +410,56 @@ def test_events_keep_their_order_among_the_batches(transport):
                     for x in _script(ch) if x != []]
         assert seen[ch] == expected
         assert repr(seen[ch]) == repr(expected)  # tuples in events and records come back as tuples
+
+
+# ------------------------------------------------------------------------ 2b. barrier alignment
+def _aligned_script(channel: int, after: int) -> list:
+    """Records numbered per channel, barrier 1 after 3 batches, ``after`` batches behind it, barrier 2, one more."""
+    batches = [[(channel, i, "x" * 40) for i in range(j * 100, (j + 1) * 100)] for j in range(4 + after)]
+    return [*batches[:3], CheckpointBarrier(1, 1.0), *batches[3:3 + after], CheckpointBarrier(2, 2.0),
+            batches[-1], EndOfPartition()]
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_aligned_reader_holds_a_channel_behind_its_barrier_until_every_channel_delivered_it(transport):
+    """Channel 0 has far more data behind barrier 1 than its credits carry; the reader must hold all of it
+    back (backpressuring producer 0) until channel 1's barrier 1 arrives, then deliver it in order."""
+    seen: list[tuple[int, object]] = []
+
+    def consume(gate: _Gate) -> None:
+        gate.reader.align = True
+        barriers: dict[int, set[int]] = {}
+        ended = [False, False]
+        idle_since = time.monotonic()
+        while not all(ended):
+            items = gate.reader.poll()
+            if not items:
+                assert time.monotonic() - idle_since < IDLE_LIMIT, f"stalled; seen {len(seen)}"
+                gate.gate.socket.poll(10)
+                continue
+            idle_since = time.monotonic()
+            for ch, item in items:
+                seen.append((ch, item))
+                ended[ch] = isinstance(item, EndOfPartition)
+                if isinstance(item, CheckpointBarrier):
+                    got = barriers.setdefault(item.checkpoint_id, set())
+                    got.add(ch)
+                    if len(got) == 2:
+                        gate.reader.unblock_all()
+        gate.reader.close()
+        gate.gate.flush_credits()
+
+    _run_producers(transport, [("script", _aligned_script(0, 60)), ("script", _aligned_script(1, 1))], consume)
+    for ch in range(2):  # every channel's items, complete and in order
+        expected = [x for x in _aligned_script(ch, 60 if ch == 0 else 1)]
+        assert [item for c, item in seen if c == ch] == expected
+    for cid in (1, 2):  # nothing of a channel behind barrier cid comes before the other channel's barrier cid
+        positions = {ch: next(i for i, (c, item) in enumerate(seen)
+                              if c == ch and item == CheckpointBarrier(cid, float(cid))) for ch in range(2)}
+        aligned_at = max(positions.values())
+        for ch in range(2):
+            behind = [i for i, (c, _) in enumerate(seen) if c == ch and i > positions[ch]]
+            assert all(i > aligned_at for i in behind), (cid, ch)
 
 
 # ------------------------------------------------------------------------ 3. buffer timeout

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from runtime.errors import DeserializationError, NestingTooDeepError
 from runtime.memory import BuddyAllocator, SharedRegion
-from runtime.network.events import EndOfPartition, UserEvent, Watermark
+from runtime.network.events import CheckpointBarrier, EndOfPartition, UserEvent, Watermark
 from runtime.network.serializer import (
     DEFAULT_MAX_RECORD_SIZE,
     MAX_NESTING,
@@ -279,7 +279,7 @@ def test_the_reader_refuses_frames_nesting_deeper_than_max_nesting(flags):
 # ----------------------------------------------------------------------------- events
 def test_events_round_trip_in_order_with_records():
     items = [[(1, 1.0)], Watermark(12.5), Watermark(float("inf")), Watermark(7), [("a", [1])],
-             UserEvent({"ckpt": (1, [2, (3,)])}), EndOfPartition()]
+             UserEvent({"ckpt": (1, [2, (3,)])}), CheckpointBarrier(7, 1.5e9), [(2, 2.0)], EndOfPartition()]
     for size in (16, 64, 32768):
         assert same(read_all(pack_to_buffers(items, buffer_size=size)), items)
 
@@ -287,8 +287,11 @@ def test_events_round_trip_in_order_with_records():
 def test_write_event_rejects_non_events():
     ser = BufferSerializer()
     ser.set_buffer(bytearray(64))
-    with pytest.raises(TypeError, match="expected EndOfPartition, Watermark or UserEvent; got int"):
+    with pytest.raises(TypeError, match="expected EndOfPartition, Watermark, UserEvent or CheckpointBarrier; got int"):
         ser.write_event(3)
+    for bad in (CheckpointBarrier(0, 1.0), CheckpointBarrier(True, 1.0), CheckpointBarrier(1, "now")):
+        with pytest.raises(TypeError, match="CheckpointBarrier needs an int id"):
+            ser.write_event(bad)
     with pytest.raises(TypeError, match="timestamp must be an int or float; got str"):
         ser.write_event(Watermark("soon"))
 

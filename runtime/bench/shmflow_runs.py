@@ -81,6 +81,7 @@ from runtime.bench.workloads import (
     w4_rows,
     w5_checksum_updates,
 )
+from runtime.errors import InvalidArgumentError
 from runtime.execution.task import Emit, Operator, SourceOperator
 
 #: The W1 producer requests buffers in batches of up to this many bytes (16 x 32 KiB, 1 x 1 MiB).
@@ -504,6 +505,8 @@ class W4Source(SourceOperator):
         self._pos = 0
         self._len = 0
         self._started = False
+        self._chunk = 0  # index in chunks of the chunk _pending was generated from
+        self._base = 0  # the record number of _pending's first record
 
     def split(self, parallelism: int) -> list[W4Source]:
         count = len(self.chunks)
@@ -536,10 +539,33 @@ class W4Source(SourceOperator):
                 if first < stop:
                     self.chunks[self._next] = (first, stop)
                     self._pending, self._pos, self._len = self._generate(start, first), 0, first - start
+                    self._chunk, self._base = self._next, start
                     return self._take(max_records)
+            self._chunk, self._base = self._next, start
             self._next += 1
             self._pending, self._pos, self._len = self._generate(start, stop), 0, stop - start
         return self._take(max_records)
+
+    def snapshot_state(self) -> tuple[int, int]:
+        """The position: ``(index of the chunk holding the next record, that record's number)``."""
+        if self._pending is not None and self._pos < self._len:
+            return (self._chunk, self._base + self._pos)
+        if self._next < len(self.chunks):
+            return (self._next, self.chunks[self._next][0])
+        return (len(self.chunks), self.n)
+
+    def restore_state(self, state: Any) -> None:
+        """Resume at a snapshotted position: the rest of its chunk is generated from the record on."""
+        index, record = state
+        self.chunks = list(self.chunks)
+        if index < len(self.chunks):
+            start, stop = self.chunks[index]
+            if not start <= record <= stop:
+                msg = f"W4Source: a restored record must be in chunk {index} [{start}, {stop}]; got {record}"
+                raise InvalidArgumentError(msg)
+            self.chunks[index] = (record, stop)
+        self._next, self._started = index, True
+        self._pending, self._pos, self._len = None, 0, 0
 
     def _take(self, max_records: int) -> Any:
         a = self._pos

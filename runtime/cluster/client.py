@@ -161,14 +161,16 @@ def execute_job(graph: JobGraph, config: ShmflowConfig, *, collect: dict[str, An
             tick = progress_printer(graph.name, cluster.coordinator, started) if sys.stderr.isatty() else None
             try:
                 metrics = cluster.coordinator.run_job(graph, worker_payloads(graph), on_collect=on_collect,
-                                                      timeout=timeout, on_tick=tick)
+                                                      timeout=timeout, on_tick=tick,
+                                                      restore_from=config.savepoint_path)
             finally:
                 if tick is not None:
                     sys.stderr.write("\r\x1b[K")
                     sys.stderr.flush()
     else:
         metrics = submit(coordinator, graph, check_shippable(graph), on_collect=on_collect, secret_file=secret_file,
-                         timeout=timeout, max_message_size=config.max_message_size)
+                         timeout=timeout, max_message_size=config.max_message_size,
+                         restore_from=config.savepoint_path)
     seconds = time.monotonic() - started
     return JobResult(graph.name, seconds, summarize(metrics, seconds))
 
@@ -178,7 +180,8 @@ SILENCE_LIMIT = 15.0  # seconds without a word from the coordinator before givin
 
 def submit(endpoint: str, graph: JobGraph, payload: bytes, *, on_collect: Callable[[str, bytes], None],
            secret_file: str | None = None, timeout: float | None = None,
-           max_message_size: int = control.DEFAULT_MAX_MESSAGE_SIZE) -> dict[int, dict[str, Any]]:
+           max_message_size: int = control.DEFAULT_MAX_MESSAGE_SIZE,
+           restore_from: str = "") -> dict[int, dict[str, Any]]:
     """Run ``graph`` on the standing cluster at ``endpoint``; returns the per-worker metrics.
 
     Raises:
@@ -194,7 +197,7 @@ def submit(endpoint: str, graph: JobGraph, payload: bytes, *, on_collect: Callab
     try:
         control.secure_client(sock, secret, endpoint, max_message_size=max_message_size)
         connect(sock, endpoint)
-        control.send(sock, secret, Submit(graph=payload, timeout=timeout))
+        control.send(sock, secret, Submit(graph=payload, timeout=timeout, restore_from=restore_from))
         last = time.monotonic()
         while True:
             if not sock.poll(500):

@@ -32,11 +32,15 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 import zmq
 
+from runtime.checkpoint import CheckpointStorage, default_checkpoints_dir, load_checkpoint
 from runtime.cluster import protocol as control
+from runtime.cluster.checkpoints import CheckpointCoordinator, graph_fingerprint, job_directory_name
 from runtime.cluster.protocol import (
     Ack,
+    AckCheckpoint,
     Attached,
     Cancel,
+    CheckpointDone,
     ClusterLayout,
     Collect,
     Deploy,
@@ -56,10 +60,18 @@ from runtime.cluster.protocol import (
     Submit,
     Welcome,
 )
-from runtime.errors import InsufficientNetworkBuffersError, JobFailedError, ProtocolError, WorkerLostError
+from runtime.cluster.restart import RestartStrategy, restart_strategy
+from runtime.errors import (
+    CheckpointError,
+    InsufficientNetworkBuffersError,
+    JobFailedError,
+    ProtocolError,
+    WorkerLostError,
+)
 from runtime.execution.graph import JobGraph
 from runtime.memory import BuddyAllocator, MemorySegment, SharedRegion, format_bytes
 from runtime.memory.layout import AllocatorSnapshot
+from runtime.memory.region import process_alive, process_start_ticks
 from runtime.network.budget import job_buffers_required
 from runtime.network.transport import bind, context, local_endpoint, make_socket
 
@@ -68,6 +80,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shmflow.coordinator")
 
+#: The key of a job's own figures (checkpoints, restarts) in run_job's result, under worker id -1.
+JOB_METRICS = "__job__"
 HEARTBEAT_TIMEOUT = 30.0  # seconds of silence after which a worker counts as lost (a busy step can be long)
 STARTUP_TIMEOUT = 60.0
 
@@ -91,6 +105,83 @@ class WorkerHandle:
     arena_layout: list[Any] | None = None  # the arena's blocks as the worker last reported them (AllocatorSnapshot)
     state_layout: dict[str, list[Any]] = field(default_factory=dict)  # owner -> its state backend's last stats
     process: subprocess.Popen[bytes] | None = None  # the worker's process when this coordinator started it
+    #: The worker's process start time when it runs on this host in this pid namespace (its Register said so
+    #: and /proc agrees): its death is then seen at once, not after HEARTBEAT_TIMEOUT.
+    local_start_ticks: int | None = None
+
+    def exited(self) -> bool:
+        """Whether the worker's process is known to be gone (started by us, or local and not alive)."""
+        if self.process is not None:
+            return self.process.poll() is not None
+        return self.local_start_ticks is not None and not process_alive(self.pid, self.local_start_ticks)
+
+
+@dataclass
+class _Watch:
+    """One run of a job as :meth:`Coordinator._watch` follows it."""
+
+    job: str  # this run's id (each restart is a new run)
+    participants: dict[int, WorkerHandle]
+    collector: _Committer
+    checkpoints: CheckpointCoordinator | None
+    deadline: float | None
+
+
+class _Committer:
+    """``collect()`` batches on their way to the client (Flink's two-phase commit, for collect).
+
+    Without checkpoints a batch goes on at once. With them, a batch carries
+    the checkpoint that covers it (the first one its sink subtask takes after
+    sending it) and is held until that checkpoint completes, or the job
+    ends; a restart drops what the checkpoint it resumes from does not cover
+    (those records come again). Memory: at most one interval's output.
+    """
+
+    def __init__(self, deliver: Callable[[str, bytes], None], *, enabled: bool) -> None:
+        self.deliver, self.enabled = deliver, enabled
+        self._held: list[tuple[int, str, bytes]] = []
+
+    def add(self, sink: str, records: bytes, checkpoint: int) -> None:
+        if not self.enabled or checkpoint <= 0:
+            self.deliver(sink, records)
+        else:
+            self._held.append((checkpoint, sink, records))
+
+    def commit(self, checkpoint_id: int) -> None:
+        """Checkpoint ``checkpoint_id`` completed: what it covers goes to the client, in arrival order."""
+        held, keep = self._held, []
+        for item in held:
+            if item[0] <= checkpoint_id:
+                self.deliver(item[1], item[2])
+            else:
+                keep.append(item)
+        self._held = keep
+
+    def rewind(self, restored_id: int) -> None:
+        """A restart from checkpoint ``restored_id`` (0: from the beginning): drop what it does not cover."""
+        self._held = [item for item in self._held if item[0] <= restored_id]
+
+    def release_all(self) -> None:
+        """The job finished: everything it collected is final."""
+        held, self._held = self._held, []
+        for _, sink, records in held:
+            self.deliver(sink, records)
+
+
+def check_restore_point(graph: JobGraph, path: str) -> tuple[int, str]:
+    """The id and directory of the checkpoint at ``path`` (a ``chk-<n>`` directory or its ``_metadata``),
+    checked intact and taken of this job graph.
+
+    Raises:
+        CheckpointError: missing, corrupt or truncated (names the file), or of another job graph (names
+            the operators that do not match).
+    """
+    restored = load_checkpoint(path)
+    mismatches = restored.metadata.graph_mismatches(graph_fingerprint(graph))
+    if mismatches:
+        msg = (f"checkpoint {restored.directory} does not fit job {graph.name!r}: " + "; ".join(mismatches))
+        raise CheckpointError(msg)
+    return restored.checkpoint_id, str(restored.directory)
 
 
 class Coordinator:
@@ -128,6 +219,8 @@ class Coordinator:
         self._on_tick: Callable[[], None] | None = None
         self._next_tick = 0.0
         self.current_job: str | None = None  # the name of the job running now
+        #: Starts a replacement for a lost worker id (the embedded cluster's); None: wait for one to register.
+        self.replace_worker: Callable[[int], None] | None = None
 
     # ---------------------------------------------------------------- messaging
     def send(self, handle: WorkerHandle, message: Message) -> None:
@@ -194,6 +287,8 @@ class Coordinator:
             log.warning("worker %d registered twice; refusing pid %s", wid, message.pid)
             return
         handle = WorkerHandle(wid, identity, message.pid, last_heard=self.clock())
+        if message.start_ticks and process_start_ticks(message.pid) == message.start_ticks:
+            handle.local_start_ticks = message.start_ticks
         handle.arena = self.allocator.allocate(self.plan.arena_bytes, owner=f"worker-{wid} arena")
         self.workers[wid] = handle
         self._by_identity[identity] = handle
@@ -232,21 +327,132 @@ class Coordinator:
 
     # --------------------------------------------------------------------- jobs
     def run_job(self, graph: JobGraph, payload: bytes | list[bytes], *, on_collect: Callable[[str, bytes], None],
-                timeout: float | None = None, on_tick: Callable[[], None] | None = None) -> dict[int, dict[str, Any]]:
-        """Deploy, start and watch one job; returns per-worker metrics. Raises JobFailedError.
+                timeout: float | None = None, on_tick: Callable[[], None] | None = None,
+                restore_from: str = "") -> dict[int, dict[str, Any]]:
+        """Run one job to its end, restarting it by the restart strategy; returns per-worker metrics (and,
+        under key -1, the job's own: checkpoints, restarts). Raises JobFailedError.
 
         ``payload``: the pickled graph for every worker, or one per worker (``jobs.worker_payloads``).
+        With checkpoints (``execution.checkpointing.interval`` > 0, streaming mode), a restart resumes
+        from the latest complete checkpoint, and ``collect()`` batches reach ``on_collect`` only once the
+        checkpoint that covers them completed (or the job finished): each record exactly once.
+        ``restore_from``: a checkpoint directory to start from (``shmflow run --from-checkpoint``).
         """
-        job = secrets.token_hex(6)
+        deadline = None if timeout is None else time.monotonic() + timeout
         needed = graph.max_parallelism
         if len(self.workers) < needed:
             msg = (
                 f"job {graph.name!r} needs {needed} workers (its largest parallelism); "
-                                 f"{len(self.workers)} registered; raise workers"
+                f"{len(self.workers)} registered; raise workers"
             )
             raise JobFailedError(msg)
-        participants = {wid: self.workers[wid] for wid in sorted(self.workers)[:needed]}
         self.check_network_buffers(graph)
+        token = secrets.token_hex(6)
+        checkpoints = self._checkpoint_coordinator(graph, token) if self._checkpointing(graph) else None
+        restore_id, restore_dir = check_restore_point(graph, restore_from) if restore_from else (0, "")
+        if checkpoints is not None:
+            checkpoints.next_id = max(checkpoints.next_id, restore_id + 1)  # ids only grow: collect tags them
+        collector = _Committer(on_collect, enabled=checkpoints is not None)
+        strategy = restart_strategy(self.config)
+        failures: list[str] = []
+        self._on_tick, self._next_tick = on_tick, time.monotonic()
+        self.current_job = graph.name
+        try:
+            while True:
+                try:
+                    finished = self._run_attempt(graph, payload, collector, checkpoints, restore_dir, deadline)
+                except JobFailedError as exc:
+                    failures.append(str(exc))
+                    delay = None if exc.final else strategy.on_failure(time.monotonic())
+                    if delay is None:
+                        raise self._gave_up(graph, failures, strategy, exc) from None
+                    log.warning("job %r failed (attempt %d); restarting in %.2fs: %s", graph.name, len(failures),
+                                delay, exc)
+                    restored, restore_dir = restore_id, restore_dir if restore_from else ""
+                    if checkpoints is not None and checkpoints.latest is not None:
+                        restored, restore_dir = checkpoints.restore_point()
+                    collector.rewind(restored)
+                    self._await_restart(graph, delay, deadline)
+                    continue
+                collector.release_all()
+                job = {"restarts": len(failures), "failures": list(failures)}
+                if checkpoints is not None:
+                    job.update(checkpoints.describe())
+                    job["checkpoint_dir"] = str(checkpoints.storage.job_dir)
+                finished[-1] = {JOB_METRICS: job}
+                return finished
+        finally:
+            self.current_job = None
+
+    def _checkpointing(self, graph: JobGraph) -> bool:
+        """Whether this job takes checkpoints: an interval is set and it runs in streaming mode (a batch job
+        is restarted from its beginning, as in Flink). Refuses (JobFailedError) an operator that cannot."""
+        if self.config.checkpoint_interval <= 0 or graph.mode != "streaming":
+            return False
+        for vertex in graph.vertices:
+            for node in vertex.nodes:
+                if not node.operator.can_snapshot():
+                    msg = (f"job {graph.name!r} cannot take checkpoints: operator {node.name!r} "
+                           f"({type(node.operator).__name__}) does not implement snapshot_state() and "
+                           f"restore_state(state); implement them or turn checkpointing off "
+                           f"(execution.checkpointing.interval = 0)")
+                    raise JobFailedError(msg, final=True)
+        return True
+
+    def _checkpoint_coordinator(self, graph: JobGraph, token: str) -> CheckpointCoordinator:
+        cfg = self.config
+        job_id = job_directory_name(graph.name, token)
+        storage = CheckpointStorage(cfg.checkpoints_dir or default_checkpoints_dir(), job_id,
+                                    retained=cfg.checkpoints_retained)
+        return CheckpointCoordinator(storage, graph, job_id=job_id, job_name=graph.name,
+                                     interval=cfg.checkpoint_interval, timeout=cfg.checkpoint_timeout,
+                                     clock=time.monotonic)
+
+    def _gave_up(self, graph: JobGraph, failures: list[str], strategy: RestartStrategy,
+                 last: JobFailedError) -> JobFailedError:
+        if len(failures) == 1:
+            return last
+        listed = "\n".join(f"attempt {i}: {text}" for i, text in enumerate(failures, 1))
+        msg = (f"job {graph.name!r} failed {len(failures)} times; the restart strategy gave up "
+               f"({strategy.describe()}):\n{listed}")
+        return JobFailedError(msg, final=True)
+
+    def _await_restart(self, graph: JobGraph, delay: float, deadline: float | None) -> None:
+        """Wait ``delay`` (serving heartbeats), replace lost workers, and wait until enough are registered."""
+        until = time.monotonic() + delay
+        while time.monotonic() < until:
+            self._idle_poll(min(0.1, max(0.0, until - time.monotonic())))
+        needed = graph.max_parallelism
+        missing = [wid for wid in range(needed) if wid not in self.workers]
+        if missing and self.replace_worker is not None:
+            for wid in missing:
+                try:
+                    self.replace_worker(wid)
+                except WorkerLostError as exc:
+                    msg = f"job {graph.name!r} cannot restart: {exc}"
+                    raise JobFailedError(msg, final=True) from exc
+        limit = time.monotonic() + STARTUP_TIMEOUT
+        while any(wid not in self.workers or not self.workers[wid].attached for wid in range(needed)):
+            if time.monotonic() > limit or (deadline is not None and time.monotonic() > deadline):
+                msg = (f"job {graph.name!r} cannot restart: workers {missing} did not come back within "
+                       f"{STARTUP_TIMEOUT:.0f}s")
+                raise JobFailedError(msg, final=True)
+            self._idle_poll(0.1)
+
+    def _idle_poll(self, timeout: float) -> None:
+        """Between two attempts: serve registrations and heartbeats; drop the old run's messages."""
+        received = self.poll(timeout)
+        if received is not None and isinstance(received[1], Submit):
+            busy = "the coordinator is running another job; submit again when it ends"
+            self.send_to(received[0], JobError(message=busy))
+
+    def _run_attempt(self, graph: JobGraph, payload: bytes | list[bytes], collector: _Committer,
+                     checkpoints: CheckpointCoordinator | None, restore_dir: str,
+                     deadline: float | None) -> dict[int, dict[str, Any]]:
+        """Deploy, start and watch one run of the job; per-worker metrics. Raises JobFailedError."""
+        job = secrets.token_hex(6)
+        needed = graph.max_parallelism
+        participants = {wid: self.workers[wid] for wid in sorted(self.workers)[:needed]}
         cfg = self.config.as_dict()
         for wid in participants:  # before anything is sent: the worker would drop a message over its bound
             graph_bytes = payload[wid] if isinstance(payload, list) else payload
@@ -254,30 +460,32 @@ class Coordinator:
                 control.check_message_size(len(graph_bytes), self.config.max_message_size,
                                            f"the graph of job {graph.name!r} for worker {wid}")
             except ProtocolError as exc:
-                raise JobFailedError(str(exc)) from exc
+                raise JobFailedError(str(exc), final=True) from exc
+        checkpoint_dir = str(checkpoints.storage.job_dir) if checkpoints is not None else ""
         for wid, handle in participants.items():  # worker ids are 0..needed-1: worker i runs subtask i
             graph_bytes = payload[wid] if isinstance(payload, list) else payload
-            self.send(handle, Deploy(job=job, graph=graph_bytes, config=cfg))
-        deadline = None if timeout is None else time.monotonic() + timeout
+            self.send(handle, Deploy(job=job, graph=graph_bytes, config=cfg, checkpoint_dir=checkpoint_dir,
+                                     restore_dir=restore_dir))
         deployed: dict[int, dict[str, str]] = {}
         finished: dict[int, dict[str, Any]] = {}
-        self._on_tick, self._next_tick = on_tick, time.monotonic()
-        self.current_job = graph.name
+        watch = _Watch(job, participants, collector, checkpoints, deadline)
         try:
             while len(deployed) < len(participants):
-                self._watch(graph, participants, job, deadline, deployed, None, on_collect)
+                self._watch(graph, watch, deployed, None)
             gates = {str(v.id): [deployed[i][str(v.id)] for i in range(v.parallelism)]
                      for v in graph.vertices if v.inputs}
             for handle in participants.values():
                 self.send(handle, Start(job=job, gates=gates))
+            if checkpoints is not None:
+                checkpoints.start_run()
             while len(finished) < len(participants):
-                self._watch(graph, participants, job, deadline, None, finished, on_collect)
+                self._watch(graph, watch, None, finished)
         except BaseException:
             for handle in participants.values():
                 self.send(handle, Cancel(job=job))
+            if checkpoints is not None:
+                checkpoints.abort_pending()
             raise
-        finally:
-            self.current_job = None
         return finished
 
     def check_network_buffers(self, graph: JobGraph) -> None:
@@ -296,16 +504,22 @@ class Coordinator:
                        f"memory.network.fraction, memory.network.min/max or memory.region.size")
                 raise InsufficientNetworkBuffersError(msg)
 
-    def _watch(self, graph: JobGraph, participants: dict[int, WorkerHandle], job: str, deadline: float | None,
-               deployed: dict[int, dict[str, str]] | None, finished: dict[int, dict[str, Any]] | None,
-               on_collect: Callable[[str, bytes], None]) -> None:
+    def _watch(self, graph: JobGraph, watch: _Watch, deployed: dict[int, dict[str, str]] | None,
+               finished: dict[int, dict[str, Any]] | None) -> None:
+        participants = watch.participants
         self._check_alive(graph, participants)
         if self._on_tick is not None and time.monotonic() >= self._next_tick:
             self._next_tick = time.monotonic() + 0.5
             self._on_tick()
-        if deadline is not None and time.monotonic() > deadline:
+        if watch.deadline is not None and time.monotonic() > watch.deadline:
             msg = f"job {graph.name!r} did not finish within its timeout"
-            raise JobFailedError(msg)
+            raise JobFailedError(msg, final=True)
+        checkpoints = watch.checkpoints
+        if checkpoints is not None and finished is not None:
+            trigger = checkpoints.maybe_trigger(watch.job)
+            if trigger is not None:
+                for participant in participants.values():
+                    self.send(participant, trigger)
         received = self.poll(0.1)
         if received is None:
             return
@@ -314,11 +528,17 @@ class Coordinator:
             busy = "the coordinator is running another job; submit again when it ends"
             self.send_to(identity, JobError(message=busy))
             return
-        if not isinstance(message, (Collect, Deployed, Finished, Failed)) or message.job != job:
+        if not isinstance(message, (Collect, Deployed, Finished, Failed, AckCheckpoint)) or message.job != watch.job:
             return
         wid = message.worker
         if isinstance(message, Collect):
-            on_collect(message.sink, message.records)
+            watch.collector.add(message.sink, message.records, message.checkpoint)
+        elif isinstance(message, AckCheckpoint):
+            if checkpoints is not None and checkpoints.on_ack(message) is not None:
+                watch.collector.commit(message.checkpoint)
+                done = CheckpointDone(job=watch.job, checkpoint=message.checkpoint)
+                for participant in participants.values():
+                    self.send(participant, done)
         elif isinstance(message, Deployed):
             if deployed is not None:
                 deployed[wid] = message.gates
@@ -326,8 +546,8 @@ class Coordinator:
             if finished is not None:
                 finished[wid] = message.metrics
         else:
-            handle = participants.get(wid)
-            pid = handle.pid if handle else "?"
+            failed = participants.get(wid)
+            pid = failed.pid if failed else "?"
             msg = (f"job {graph.name!r} failed: operator {message.operator!r} on worker {wid} (pid {pid}) "
                    f"raised:\n{message.traceback}")
             raise JobFailedError(msg)
@@ -336,10 +556,14 @@ class Coordinator:
         now = self.clock()
         for wid, handle in participants.items():
             code = _exitcode(handle.process)
-            silent = now - handle.last_heard > HEARTBEAT_TIMEOUT
-            if code is not None or silent:
+            gone = code is not None or handle.exited()
+            silent = not gone and now - handle.last_heard > HEARTBEAT_TIMEOUT
+            if gone or silent:
+                if silent and handle.process is not None:
+                    handle.process.kill()  # hung: a replacement takes its place
                 ops = ", ".join(repr(v.name) for v in graph.vertices if v.parallelism > wid)
-                cause = f"exited with {code}" if code is not None else f"sent no heartbeat for {HEARTBEAT_TIMEOUT:.0f}s"
+                cause = (f"exited with {code}" if code is not None else "exited" if gone
+                         else f"sent no heartbeat for {HEARTBEAT_TIMEOUT:.0f}s")
                 arena = handle.arena.size if handle.arena is not None else 0
                 self.reclaim(wid)
                 msg = (f"job {graph.name!r} failed: worker {wid} (pid {handle.pid}) {cause} while running "
@@ -367,7 +591,7 @@ class Coordinator:
             try:
                 graph = check_graph_payload(message.graph)
                 metrics = self.run_job(graph, message.graph, timeout=message.timeout, on_collect=relay,
-                                       on_tick=still_running)
+                                       on_tick=still_running, restore_from=message.restore_from)
                 self.send_to(identity, JobSucceeded(metrics=metrics))
             except Exception as exc:  # noqa: BLE001 - the client gets the failure; the coordinator keeps serving
                 self.send_to(identity, JobError(message=str(exc)))
@@ -375,7 +599,7 @@ class Coordinator:
     def _reap_silent(self) -> None:
         now = self.clock()
         for wid, handle in list(self.workers.items()):
-            if _exitcode(handle.process) is not None or now - handle.last_heard > HEARTBEAT_TIMEOUT:
+            if handle.exited() or now - handle.last_heard > HEARTBEAT_TIMEOUT:
                 log.warning("worker %d (pid %d) is gone; reclaiming its arena", wid, handle.pid)
                 self.reclaim(wid)
 

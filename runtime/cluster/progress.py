@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from runtime.cluster.coordinator import Coordinator
+from runtime.cluster.coordinator import JOB_METRICS, Coordinator
 from runtime.execution.job_run import WORKER_METRICS
 from runtime.memory.units import format_bytes
 
@@ -57,8 +57,12 @@ def summarize(per_worker: dict[int, dict[str, Any]], seconds: float) -> dict[str
     """
     operators: dict[str, dict[str, float]] = {}
     workers: dict[int, dict[str, float]] = {}
+    job: dict[str, Any] = {"restarts": 0}
     for wid, metrics in per_worker.items():
         for name, values in metrics.items():
+            if name == JOB_METRICS:  # the coordinator's figures of the job itself: checkpoints, restarts
+                job.update(values)
+                continue
             if name == WORKER_METRICS:
                 workers[int(wid)] = dict(values)
                 continue
@@ -95,7 +99,21 @@ def summarize(per_worker: dict[int, dict[str, Any]], seconds: float) -> dict[str
         "managed_peak_bytes": sum(w.get("managed_peak_bytes", 0) for w in workers.values()),
         "spilled_bytes": sum(m.get("spilled_bytes", 0) for m in operators.values()),
         "spill_files": sum(m.get("spill_files", 0) for m in operators.values()),
+        **job,
     }
+
+
+def checkpoint_line(m: dict[str, Any]) -> str:
+    """The summary's line on checkpoints and restarts."""
+    parts = []
+    if "checkpoints" in m:
+        last = (f" (last: #{int(m['checkpoint_last_id'])}, {format_bytes(m.get('checkpoint_size_bytes', 0))}, "
+                f"{m.get('checkpoint_duration_seconds', 0.0) * 1000:.0f} ms; longest alignment "
+                f"{m.get('checkpoint_alignment_seconds', 0.0) * 1000:.0f} ms)" if m.get("checkpoints") else "")
+        parts.append(f"checkpoints: {int(m['checkpoints'])} completed{last}, {int(m.get('checkpoints_failed', 0))} "
+                     f"aborted")
+    parts.append(f"restarts: {int(m.get('restarts', 0))}")
+    return "  " + "; ".join(parts)
 
 
 def render_summary(name: str, seconds: float, metrics: dict[str, Any]) -> str:
@@ -116,6 +134,8 @@ def render_summary(name: str, seconds: float, metrics: dict[str, Any]) -> str:
                      f"{format_bytes(w.get('peak_rss_bytes', 0))}, managed peak "
                      f"{format_bytes(w.get('managed_peak_bytes', 0))}, network peak "
                      f"{format_bytes(w.get('network_peak_bytes', 0))}")
+    if "checkpoints" in m or m.get("restarts"):
+        lines.append(checkpoint_line(m))
     for chain, ops in m.get("operators", {}).items():
         late = f", {ops['late_records_dropped']:,} late records dropped" if ops.get("late_records_dropped") else ""
         spill = (f", managed peak {format_bytes(ops['managed_peak_bytes'])}" if ops.get("managed_peak_bytes")

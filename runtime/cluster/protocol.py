@@ -28,6 +28,9 @@ Deployed           worker -> coordinator   subtasks built; the endpoints of thei
 Start              coordinator -> worker   every gate's endpoint: connect and run
 Cancel             coordinator -> worker   stop the job (another worker failed)
 Collect            worker -> coordinator   a batch of a ``collect()`` sink's records
+TriggerCheckpoint  coordinator -> worker   take checkpoint n: sources snapshot and inject barrier n
+AckCheckpoint      worker -> coordinator   a subtask snapshotted checkpoint n; where its state file is
+CheckpointDone     coordinator -> worker   checkpoint n is complete (commit what it covers)
 Finished           worker -> coordinator   the job ended on this worker; its metrics
 Failed             worker -> coordinator   an operator (or the runtime) raised; its traceback
 Submit             client -> coordinator   run this pickled job graph
@@ -74,7 +77,7 @@ from runtime.errors import AuthenticationError, ProtocolError
 log = logging.getLogger("shmflow.control")
 
 #: Bumped on any change of a message's fields; a peer speaking another version is refused.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 SECRET_BYTES = 32
 #: cluster.max-message-size's default: a job graph with a from_collection of a few million small records.
 DEFAULT_MAX_MESSAGE_SIZE = 256 << 20
@@ -94,6 +97,7 @@ class Register(Message):
     TYPE: ClassVar[str] = "register"
     worker: int  # -1: a standing worker, numbered by the coordinator
     pid: int
+    start_ticks: int = 0  # when its process started (/proc/<pid>/stat); 0: unknown. Tells a local worker.
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,8 @@ class Deploy(Message):
     job: str
     graph: bytes  # the cloudpickled JobGraph (this worker's share of it)
     config: dict[str, Any]  # ShmflowConfig.as_dict()
+    checkpoint_dir: str = ""  # where this job's checkpoints go ("": checkpointing off)
+    restore_dir: str = ""  # the directory of the checkpoint to start from ("": a fresh start)
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,35 @@ class Collect(Message):
     worker: int
     sink: str
     records: bytes  # runtime.network.records.pack_batch
+    checkpoint: int = 0  # the checkpoint that covers these records (the first one after them); 0: none
+
+
+@dataclass(frozen=True)
+class TriggerCheckpoint(Message):
+    TYPE: ClassVar[str] = "trigger_checkpoint"
+    job: str
+    checkpoint: int
+    timestamp: float  # wall clock, seconds
+
+
+@dataclass(frozen=True)
+class AckCheckpoint(Message):
+    TYPE: ClassVar[str] = "ack_checkpoint"
+    job: str
+    checkpoint: int
+    worker: int
+    subtask: str  # "<vertex id>-<index>"
+    state: list[Any]  # [file name, size, sha256 hex] in the checkpoint's directory; []: the subtask had finished
+    alignment_seconds: float = 0.0
+    snapshot_seconds: float = 0.0
+    source_position: Any = None  # a source subtask's snapshot_state() (listed by `shmflow checkpoints`)
+
+
+@dataclass(frozen=True)
+class CheckpointDone(Message):
+    TYPE: ClassVar[str] = "checkpoint_done"
+    job: str
+    checkpoint: int
 
 
 @dataclass(frozen=True)
@@ -197,6 +232,7 @@ class Submit(Message):
     TYPE: ClassVar[str] = "submit"
     graph: bytes
     timeout: float | None = None
+    restore_from: str = ""  # a checkpoint to start from (execution.savepoint.path)
 
 
 @dataclass(frozen=True)
@@ -245,7 +281,8 @@ class ClusterLayout(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (Register, Welcome, Attached, Heartbeat, Ack, Shutdown, Deploy, Deployed, Start, Cancel,
-                Collect, Finished, Failed, Submit, Running, Results, JobSucceeded, JobError, Inspect, ClusterLayout)
+                Collect, TriggerCheckpoint, AckCheckpoint, CheckpointDone, Finished, Failed, Submit, Running,
+                Results, JobSucceeded, JobError, Inspect, ClusterLayout)
 }
 
 
@@ -516,7 +553,10 @@ __all__ = [
     "Attached",
     "Cancel",
     "ClusterLayout",
+    "AckCheckpoint",
+    "CheckpointDone",
     "Collect",
+    "TriggerCheckpoint",
     "CurveKeys",
     "Deploy",
     "Deployed",

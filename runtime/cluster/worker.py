@@ -27,8 +27,10 @@ import zmq
 
 from runtime.cluster import protocol as control
 from runtime.cluster.protocol import (
+    AckCheckpoint,
     Attached,
     Cancel,
+    CheckpointDone,
     Collect,
     Deploy,
     Deployed,
@@ -39,12 +41,15 @@ from runtime.cluster.protocol import (
     Register,
     Shutdown,
     Start,
+    TriggerCheckpoint,
     Welcome,
 )
+from runtime.execution.checkpointing import CheckpointSetup
 from runtime.execution.job_run import JobCancelled, JobRun
 from runtime.memory import BuddyAllocator, SharedRegion
 from runtime.memory.layout import AllocatorSnapshot
 from runtime.memory.manager import MemoryManager
+from runtime.memory.region import process_start_ticks
 from runtime.network import NetworkBufferPool
 from runtime.network.transport import connect, context, make_socket
 from runtime.state.backend import BackendStats
@@ -72,8 +77,9 @@ class Worker:
     """
 
     def __init__(self, worker_id: int, endpoint: str, secret: bytes, *,
-                 max_message_size: int = control.DEFAULT_MAX_MESSAGE_SIZE) -> None:
+                 max_message_size: int = control.DEFAULT_MAX_MESSAGE_SIZE, region_fd: int | None = None) -> None:
         self.worker_id = worker_id
+        self.region_fd = region_fd  # a replacement worker maps the region by this (its name is gone)
         self.secret = secret
         self.ctx = context()
         self.sock = make_socket(self.ctx, zmq.DEALER, identity=f"worker-{worker_id}-{os.getpid()}".encode())
@@ -93,6 +99,7 @@ class Worker:
         self._job: str | None = None  # the job being run (a Cancel for another one is stale)
         self._watch_creator = False  # the region's creator (the coordinator) runs in our pid namespace
         self._shutdown = False  # a Shutdown arrived while a job ran: exit once it has been torn down
+        self._job_control: Callable[[Message], None] | None = None  # the running job's checkpoint messages
 
     # ------------------------------------------------------------------ control
     def send(self, message: Message) -> None:
@@ -158,12 +165,16 @@ class Worker:
             self._on_control(self.recv(0))
 
     def _on_control(self, message: Message | None) -> None:
-        """A control message that arrived while a job runs: act on Cancel (of this job) and Shutdown."""
+        """A control message that arrived while a job runs: act on Cancel (of this job) and Shutdown; hand
+        the running job its checkpoint messages."""
         if isinstance(message, Shutdown):
             self._shutdown = True
             raise JobCancelled()
         if isinstance(message, Cancel) and message.job == self._job:
             raise JobCancelled()
+        if (isinstance(message, (TriggerCheckpoint, CheckpointDone)) and message.job == self._job
+                and self._job_control is not None):
+            self._job_control(message)
 
     def wait_start(self, job_id: str) -> dict[str, list[str]]:
         while True:
@@ -184,8 +195,17 @@ class Worker:
     def report_failed(self, job_id: str, operator: str, traceback: str) -> None:
         self.send(Failed(job=job_id, worker=self.worker_id, operator=operator, traceback=traceback))
 
-    def send_to_client(self, job_id: str, sink_id: str, records: bytes) -> None:
-        self.send(Collect(job=job_id, worker=self.worker_id, sink=sink_id, records=records))
+    def send_to_client(self, job_id: str, sink_id: str, records: bytes, checkpoint: int = 0) -> None:
+        self.send(Collect(job=job_id, worker=self.worker_id, sink=sink_id, records=records, checkpoint=checkpoint))
+
+    def ack_checkpoint(self, job_id: str, checkpoint: int, subtask: str, state: list[Any],
+                       alignment_seconds: float, snapshot_seconds: float, source_position: Any = None) -> None:
+        self.send(AckCheckpoint(job=job_id, checkpoint=checkpoint, worker=self.worker_id, subtask=subtask,
+                                state=state, alignment_seconds=alignment_seconds,
+                                snapshot_seconds=snapshot_seconds, source_position=source_position))
+
+    def set_job_control(self, handler: Callable[[Message], None] | None) -> None:
+        self._job_control = handler
 
     def set_progress(self, progress: Callable[[], dict[str, list[int]]] | None) -> None:
         self.progress = progress
@@ -195,7 +215,7 @@ class Worker:
 
     # ----------------------------------------------------------------- lifetime
     def register(self, *, timeout: float = 60.0) -> None:
-        self.send(Register(worker=self.worker_id, pid=os.getpid()))
+        self.send(Register(worker=self.worker_id, pid=os.getpid(), start_ticks=process_start_ticks(os.getpid()) or 0))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             message = self.recv(0.5)
@@ -222,7 +242,11 @@ class Worker:
             raise SystemExit(msg)
 
     def _setup_arena(self, welcome: Welcome) -> None:
-        self.region = SharedRegion.attach(welcome.region)
+        if self.region_fd is not None:
+            self.region = SharedRegion.attach_fd(self.region_fd, welcome.region)
+            self.region_fd = None
+        else:
+            self.region = SharedRegion.attach(welcome.region)
         # A creator we can see now is in our pid namespace: from now on its death is the coordinator's.
         self._watch_creator = self.region.creator_alive()
         offset, size = welcome.arena[:2]
@@ -243,7 +267,10 @@ class Worker:
                 return
             if isinstance(message, Deploy):
                 self._job = message.job
-                run = JobRun(self, message.job, message.graph, message.config)
+                setup = CheckpointSetup(
+                    directory=message.checkpoint_dir, restore_dir=message.restore_dir,
+                    align=message.config.get("execution.checkpointing.mode", "exactly-once") == "exactly-once")
+                run = JobRun(self, message.job, message.graph, message.config, setup)
                 del message  # the run holds the pickled graph until it has unpickled it
                 profile_dir = os.environ.get("SHMFLOW_INTERNAL_PROFILE")
                 if profile_dir:  # a development aid: cProfile each job, one file per worker
@@ -280,10 +307,10 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def worker_main(worker_id: int, endpoint: str, secret: bytes, *,
-                max_message_size: int = control.DEFAULT_MAX_MESSAGE_SIZE) -> None:
+                max_message_size: int = control.DEFAULT_MAX_MESSAGE_SIZE, region_fd: int | None = None) -> None:
     """Run one worker until the coordinator shuts it down."""
     logging.basicConfig(level=logging.WARNING, format=f"worker {worker_id}: %(message)s")
-    worker = Worker(worker_id, endpoint, secret, max_message_size=max_message_size)
+    worker = Worker(worker_id, endpoint, secret, max_message_size=max_message_size, region_fd=region_fd)
     try:
         worker.register()
         worker.serve()
@@ -292,14 +319,16 @@ def worker_main(worker_id: int, endpoint: str, secret: bytes, *,
 
 
 def main(argv: list[str]) -> None:
-    """``python -m runtime.cluster.worker ID ENDPOINT PARENT_PID [MAX_MESSAGE_SIZE]``; the secret (hex) on stdin."""
+    """``python -m runtime.cluster.worker ID ENDPOINT PARENT_PID [MAX_MESSAGE_SIZE [REGION_FD]]``; the secret
+    (hex) on stdin. REGION_FD: an inherited descriptor of the region (a replacement worker's)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the coordinator tears down
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     worker_id, endpoint, parent = int(argv[0]), argv[1], int(argv[2])
     max_message_size = int(argv[3]) if len(argv) > 3 else control.DEFAULT_MAX_MESSAGE_SIZE
+    region_fd = int(argv[4]) if len(argv) > 4 else None
     _die_with_parent(parent)
     secret = bytes.fromhex(sys.stdin.readline().strip())
-    worker_main(worker_id, endpoint, secret, max_message_size=max_message_size)
+    worker_main(worker_id, endpoint, secret, max_message_size=max_message_size, region_fd=region_fd)
 
 
 if __name__ == "__main__":

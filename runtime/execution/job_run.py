@@ -29,10 +29,12 @@ from typing import Any, Protocol
 
 import zmq
 
+from runtime.checkpoint import write_state_file
 from runtime.errors import SpillError
+from runtime.execution.checkpointing import CheckpointSetup, checkpoint_dir, encode_states, subtask_key
 from runtime.execution.graph import JobGraph
 from runtime.execution.process_stats import gc_timer, peak_rss_bytes, reset_peak_rss
-from runtime.execution.subtask import OperatorFailure, Subtask
+from runtime.execution.subtask import FINISHED, OperatorFailure, Subtask
 from runtime.execution.task import ManagedMemory, Operator, OperatorContext
 from runtime.io import IOManager
 from runtime.memory.manager import MemoryManager
@@ -40,6 +42,7 @@ from runtime.memory.region import SharedRegion
 from runtime.network.batch import pack_batch
 from runtime.network.budget import partition_budget
 from runtime.network.buffer_pool import LocalBufferPool, NetworkBufferPool
+from runtime.network.events import CheckpointBarrier
 from runtime.network.gate import InputGate
 from runtime.network.partition import ResultPartition
 from runtime.network.records import Partitioner, RecordReader, RecordWriter
@@ -107,7 +110,17 @@ class JobHost(Protocol):
 
     def report_failed(self, job_id: str, operator: str, traceback: str) -> None: ...
 
-    def send_to_client(self, job_id: str, sink_id: str, records: bytes) -> None: ...
+    def send_to_client(self, job_id: str, sink_id: str, records: bytes, checkpoint: int = 0) -> None:
+        """Ship a ``collect()`` batch; ``checkpoint``: the checkpoint that covers it (0: no checkpoints)."""
+
+    def ack_checkpoint(self, job_id: str, checkpoint: int, subtask: str, state: list[Any],
+                       alignment_seconds: float, snapshot_seconds: float, source_position: Any = None) -> None:
+        """Tell the coordinator that ``subtask`` snapshotted ``checkpoint``: its state file's handle ([]: finished)
+        and, for a source, its position."""
+
+    def set_job_control(self, handler: Any) -> None:
+        """Install (or clear, with None) the callable the host hands the job's checkpoint messages to
+        (TriggerCheckpoint, CheckpointDone) as they arrive; it must only queue them."""
 
     def set_progress(self, progress: Any) -> None:
         """Install (or clear, with None) a callable: operator chain -> [records in, records out]."""
@@ -127,7 +140,8 @@ class JobRun:
     Process: the worker process, its one thread.
     """
 
-    def __init__(self, host: JobHost, job_id: str, payload: bytes, config: dict[str, Any]) -> None:
+    def __init__(self, host: JobHost, job_id: str, payload: bytes, config: dict[str, Any],
+                 checkpointing: CheckpointSetup | None = None) -> None:
         if host.region is None or host.network is None or host.memory is None:
             msg = f"worker {host.worker_id} cannot run job {job_id}: its arena is not set up (no welcome yet)"
             raise RuntimeError(msg)
@@ -138,6 +152,11 @@ class JobRun:
         self._payload: bytes | None = payload  # pickled; unpickled in run(), where failures are reported
         self.graph: JobGraph  # unpickled in run(), where a failure is reported
         self.config: dict[str, Any] = config
+        self.checkpointing = checkpointing or CheckpointSetup()
+        self._control: list[Any] = []  # checkpoint messages from the host, handled between steps
+        self._last_trigger: CheckpointBarrier | None = None
+        self._epochs: dict[str, int] = {}  # subtask key -> the checkpoint its sinks' output belongs to now
+        self._checkpoints_acked = 0
         self._current: str | None = None  # the operator chain running now, for failure reports
         self.subtasks: list[Subtask] = []
         self.gates: dict[int, InputGate] = {}
@@ -157,6 +176,7 @@ class JobRun:
         thresholds: tuple[int, ...] | None = None  # the process's GC thresholds, restored after the job
         self.host.set_progress(lambda: {st.vertex.name: [st.records_in, st.records_out] for st in self.subtasks})
         self.host.set_state_report(self._state_report)
+        self.host.set_job_control(self._on_job_control)
         try:
             import cloudpickle  # the job graph arrives pickled (its HMAC was verified on receipt)
             gc.disable()  # a graph may hold millions of records (from_collection): no collections while they load
@@ -183,6 +203,7 @@ class JobRun:
         finally:
             self.host.set_progress(None)
             self.host.set_state_report(None)
+            self.host.set_job_control(None)
             self._close()
             gc.unfreeze()
             if thresholds is not None:
@@ -218,21 +239,34 @@ class JobRun:
                 self.gates[vertex.id] = gate
                 gates[str(vertex.id)] = gate.endpoint
 
-            def ctx_factory(name: str, subtask: int, parallelism: int, op: Operator) -> OperatorContext:
+            def ctx_factory(name: str, subtask: int, parallelism: int, op: Operator,
+                            vertex_id: int = vertex.id) -> OperatorContext:
                 share = shares.get(id(op), 0)
                 managed = (ManagedMemory(self.memory, f"{name}[{subtask}]", share, self._io) if share else None)
                 if managed is not None:
                     self._managed.append(managed)
                 return OperatorContext(operator_name=name, subtask_index=subtask, parallelism=parallelism,
                                        worker_id=w.worker_id, mode=mode, memory=self.memory, managed=managed,
-                                       send_to_client=self._send_to_client, keep_alive=self._keep_alive,
+                                       send_to_client=self._client_sender(subtask_key(vertex_id, subtask)),
+                                       keep_alive=self._keep_alive,
+                                       checkpointing=self.checkpointing.enabled,
                                        state_backend=cfg.get("state.backend", "heap"),
                                        max_parallelism=cfg.get("pipeline.max-parallelism", 128))
 
             st = Subtask(self.graph, vertex, index, operators, gate=gate, ctx_factory=ctx_factory)
             if gate is not None:
-                st.attach_input(RecordReader(gate, max_record_size=cfg["network.max-record-size"]),
+                st.attach_input(RecordReader(gate, max_record_size=cfg["network.max-record-size"],
+                                             align=self.checkpointing.align),
                                 self.graph.gate_channels(vertex))
+            if self.checkpointing.enabled:
+                st.on_snapshot = self._on_snapshot
+            if self.checkpointing.restore_dir:
+                self._current = vertex.name
+                states = self.checkpointing.restored_states(subtask_key(vertex.id, index))
+                if states is None:
+                    st.restore_finished()
+                else:
+                    st.restore(states)
             self.subtasks.append(st)
         self._current = None
         self.host.report_deployed(self.job_id, gates)
@@ -306,6 +340,8 @@ class JobRun:
         while pending:
             now = time.monotonic()
             progressed = False
+            if self._control:
+                self._handle_control()
             for st in pending:
                 self._current = st.vertex.name
                 if st.step():
@@ -313,6 +349,8 @@ class JobRun:
                 if st.fire_timers(time.time()):
                     progressed = True
             self._current = None
+            if self._last_trigger is not None:
+                self._ack_finished()
             for writer in self.writers:
                 writer.flush_if_due(now)
                 writer.partition.ship_all()
@@ -348,8 +386,61 @@ class JobRun:
                     gate.flush_credits()
                 part._wait_control(0.05)
 
-    def _send_to_client(self, sink_id: str, batch: Any) -> None:
-        self.host.send_to_client(self.job_id, sink_id, pack_batch(batch))
+    def _client_sender(self, key: str) -> Callable[[str, Any], None]:
+        """The ``send_to_client`` of subtask ``key``'s operators: batches tagged with the checkpoint that will
+        cover them, so that the coordinator releases them only once it completed (exactly-once collect)."""
+        self._epochs[key] = self.checkpointing.first_checkpoint() if self.checkpointing.enabled else 0
+
+        def send(sink_id: str, batch: Any) -> None:
+            self.host.send_to_client(self.job_id, sink_id, pack_batch(batch), self._epochs[key])
+        return send
+
+    # ------------------------------------------------------------ checkpoints
+    def _on_job_control(self, message: Any) -> None:
+        self._control.append(message)  # acted on between steps (this may run inside a step's wait)
+
+    def _handle_control(self) -> None:
+        """Act on the checkpoint messages that arrived: trigger at the sources, or tell the operators one
+        completed. Subtasks that have finished acknowledge a triggered checkpoint at once."""
+        messages, self._control = self._control, []
+        for message in messages:
+            if hasattr(message, "timestamp"):  # TriggerCheckpoint
+                barrier = CheckpointBarrier(message.checkpoint, message.timestamp)
+                self._last_trigger = barrier
+                for st in self.subtasks:
+                    if st.vertex.is_source or st.done_processing:
+                        self._current = st.vertex.name
+                        st.checkpoint(barrier)
+            else:  # CheckpointDone
+                for st in self.subtasks:
+                    self._current = st.vertex.name
+                    st.notify_checkpoint_complete(message.checkpoint)
+        self._current = None
+
+    def _ack_finished(self) -> None:
+        """A subtask that finished after the last trigger (its inputs ended before that checkpoint's
+        barriers could reach it) acknowledges it as finished."""
+        barrier = self._last_trigger
+        if barrier is None:
+            return
+        for st in self.subtasks:
+            if st.done_processing and st.last_checkpoint < barrier.checkpoint_id:
+                st.checkpoint(barrier)
+
+    def _on_snapshot(self, st: Subtask, barrier: CheckpointBarrier, states: list[Any]) -> None:
+        """Subtask ``st`` snapshotted ``barrier``'s checkpoint: write its state file, acknowledge it."""
+        started = time.monotonic()
+        key = subtask_key(st.vertex.id, st.index)
+        handle: list[Any] = []
+        if states is not FINISHED:
+            data = encode_states(states, f"{st.vertex.name}[{st.index}]")
+            directory = checkpoint_dir(self.checkpointing.directory, barrier.checkpoint_id)
+            handle = write_state_file(directory, key, data).to_wire()
+        self._epochs[key] = barrier.checkpoint_id + 1
+        self._checkpoints_acked += 1
+        position = states[0] if st.vertex.is_source and states is not FINISHED else None
+        self.host.ack_checkpoint(self.job_id, barrier.checkpoint_id, key, handle, st.alignment_seconds,
+                                 time.monotonic() - started, position)
 
     def _metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from runtime.execution.graph import JobGraph, JobVertex
 from runtime.execution.task import MAX_WATERMARK, Operator, OperatorContext, SourceOperator, batch_len
-from runtime.network.events import EndOfPartition, Watermark
+from runtime.network.events import CheckpointBarrier, EndOfPartition, Watermark
 
 if TYPE_CHECKING:
     from runtime.network.records import RecordReader
@@ -29,6 +29,10 @@ SOURCE_BATCH = 4096  # records per source poll: large enough to amortise Python,
 # row's work in nanoseconds, so a batch must be large for the per-batch cost (partitioning, framing,
 # messages) to vanish behind it. 2 MiB and more ran slower (the batch falls out of the cache).
 SOURCE_COLUMNAR_BYTES = 512 << 10
+
+
+#: The state a subtask acknowledges once its operators have finished (see Subtask.restore_finished).
+FINISHED: list[Any] = []
 
 
 class OperatorFailure(Exception):
@@ -81,6 +85,16 @@ class Subtask:
         self._channel_watermarks: list[float] = []
         self._watermark = float("-inf")
         self._channels_open = 0
+        # Checkpoints (see _on_barrier). on_snapshot(subtask, barrier, states) is the runtime's: it stores
+        # the states and acknowledges the checkpoint; None: this job takes no checkpoints.
+        self.on_snapshot: Callable[[Subtask, CheckpointBarrier, list[Any]], None] | None = None
+        self._closed_channels: set[int] = set()
+        self._aligning: CheckpointBarrier | None = None  # the checkpoint whose barriers are arriving
+        self._barriers_seen: set[int] = set()
+        self._aligning_since = 0.0
+        self.alignment_seconds = 0.0
+        self.last_checkpoint = 0  # the id of the last checkpoint this subtask snapshotted
+        self._restored_finished = False  # see restore_finished
 
     def _bind(self, i: int) -> Callable[[Any], None]:
         op = self.operators[i]
@@ -146,6 +160,8 @@ class Subtask:
             return False
         if not self.output_available():
             return False
+        if self._restored_finished:
+            return self._step_restored_finished()
         if self._source is not None:
             batch = self._source.poll_batch(self._source_batch)
             if batch is None:
@@ -166,15 +182,35 @@ class Subtask:
         for channel, item in items:
             if isinstance(item, Watermark):
                 self._on_watermark(channel, item.timestamp)
+            elif isinstance(item, CheckpointBarrier):
+                self._on_barrier(channel, item)
             elif isinstance(item, EndOfPartition):
                 self._channels_open -= 1
+                self._closed_channels.add(channel)
                 self._on_watermark(channel, MAX_WATERMARK) if self._channel_watermarks else None
+                if self._aligning is not None:
+                    self._check_aligned()  # a channel that ended has nothing more to align
                 if self._channels_open == 0:
                     self._finish()
             else:
                 self.records_in += batch_len(item)
                 self._emits[0](item)
                 self._after_batch()
+        return True
+
+    def _step_restored_finished(self) -> bool:
+        if self.reader is not None:
+            for _, item in self.reader.poll():
+                if isinstance(item, EndOfPartition):
+                    self._channels_open -= 1
+            if self._channels_open > 0:
+                return False
+            self.reader.close()
+            self.gate.flush_credits()
+        for w in self.writers:
+            w.emit_event(EndOfPartition())
+            w.flush()
+        self._ending = True
         return True
 
     def _source_emit(self, batch: Any) -> None:
@@ -191,6 +227,108 @@ class Subtask:
         if low > self._watermark:
             self._watermark = low
             self._forward_watermark(0, low)
+
+    # ------------------------------------------------------------ checkpoints
+    def _on_barrier(self, channel: int, barrier: CheckpointBarrier) -> None:
+        """Barrier ``barrier`` arrived on ``channel``: once every open channel delivered it, snapshot.
+
+        With exactly-once alignment the reader holds each channel back behind its barrier until
+        :meth:`_check_aligned` unblocks them all; at-least-once goes on reading them meanwhile.
+        A barrier of a newer checkpoint abandons an alignment still in progress (that checkpoint will time
+        out at the coordinator); one of an older checkpoint is stale and ignored.
+        """
+        current = self._aligning
+        if barrier.checkpoint_id <= self.last_checkpoint:
+            return
+        if current is None or barrier.checkpoint_id > current.checkpoint_id:
+            if current is not None and self.reader is not None:
+                self.reader.unblock_all()
+            self._aligning, self._barriers_seen = barrier, set()
+            self._aligning_since = time.monotonic()
+        elif barrier.checkpoint_id < current.checkpoint_id:
+            return
+        self._barriers_seen.add(channel)
+        self._check_aligned()
+
+    def _check_aligned(self) -> None:
+        barrier = self._aligning
+        assert barrier is not None
+        if len(self._barriers_seen | self._closed_channels) < len(self._channel_watermarks):
+            return
+        self.alignment_seconds += time.monotonic() - self._aligning_since
+        self._aligning = None
+        self.checkpoint(barrier)
+        if self.reader is not None:
+            self.reader.unblock_all()
+
+    def checkpoint(self, barrier: CheckpointBarrier) -> None:
+        """Snapshot every operator of the chain for ``barrier`` and pass the barrier on.
+
+        Called for a source subtask when the coordinator triggers a checkpoint, for any other once its
+        barriers are aligned; between two batches, in the worker's one thread. Operators first emit
+        what they hold (``prepare_snapshot``, in chain order, so it goes downstream before the barrier),
+        then each gives its state; the runtime stores them (``on_snapshot``) before the barrier leaves.
+        """
+        if self.on_snapshot is None or barrier.checkpoint_id <= self.last_checkpoint:
+            return
+        if self.done_processing:  # its operators finished: nothing to snapshot, no barrier to pass on
+            self.on_snapshot(self, barrier, FINISHED)
+            self.last_checkpoint = barrier.checkpoint_id
+            return
+        for i, op in enumerate(self.operators):
+            ctx = getattr(op, "ctx", None)
+            if ctx is not None:
+                ctx.checkpoint_id = barrier.checkpoint_id
+            try:
+                op.prepare_snapshot(self._emits[i + 1])
+            except Exception:  # noqa: BLE001 - a user function may raise anything; it fails the job by name
+                raise OperatorFailure(self.vertex.nodes[i].name, traceback.format_exc()) from None
+        self.on_snapshot(self, barrier, self.snapshot_states())
+        self.last_checkpoint = barrier.checkpoint_id
+        for w in self.writers:
+            w.emit_event(barrier)
+
+    @property
+    def done_processing(self) -> bool:
+        """Its operators have finished (end of input): it only waits for its outputs to drain, if at all."""
+        return self.finished or self._ending
+
+    def restore_finished(self) -> None:
+        """Restored from a checkpoint taken after this subtask had finished: its operators ran to the end
+        and everything they emitted is in the state downstream. It emits nothing again: it ends its
+        outputs at once (a source) or once its inputs have ended (their subtasks were finished too)."""
+        self._restored_finished = True
+
+    def snapshot_states(self) -> list[Any]:
+        """Every operator's ``snapshot_state()``, in chain order (raises OperatorFailure naming the operator)."""
+        states = []
+        for i, op in enumerate(self.operators):
+            try:
+                states.append(op.snapshot_state())
+            except Exception:  # noqa: BLE001 - a user function may raise anything; it fails the job by name
+                raise OperatorFailure(self.vertex.nodes[i].name, traceback.format_exc()) from None
+        return states
+
+    def restore(self, states: list[Any]) -> None:
+        """Give each operator back what it snapshotted (after ``open``, before the first batch)."""
+        if len(states) != len(self.operators):
+            msg = (f"{self.name}: the checkpoint holds {len(states)} operator states, the chain has "
+                   f"{len(self.operators)} operators")
+            raise ValueError(msg)
+        for i, (op, state) in enumerate(zip(self.operators, states)):
+            if state is None:
+                continue
+            try:
+                op.restore_state(state)
+            except Exception:  # noqa: BLE001 - a user function may raise anything; it fails the job by name
+                raise OperatorFailure(self.vertex.nodes[i].name, traceback.format_exc()) from None
+
+    def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        for i, op in enumerate(self.operators):
+            try:
+                op.notify_checkpoint_complete(checkpoint_id)
+            except Exception:  # noqa: BLE001 - a user function may raise anything; it fails the job by name
+                raise OperatorFailure(self.vertex.nodes[i].name, traceback.format_exc()) from None
 
     def fire_timers(self, now: float) -> bool:
         fired = False
@@ -256,4 +394,4 @@ class Subtask:
 
 
 
-__all__ = ["SOURCE_BATCH", "SOURCE_COLUMNAR_BYTES", "OperatorFailure", "Subtask"]
+__all__ = ["FINISHED", "SOURCE_BATCH", "SOURCE_COLUMNAR_BYTES", "OperatorFailure", "Subtask"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from runtime.network.batch import Batch, TimestampedBatch, batch_len, to_records
 
@@ -115,6 +115,10 @@ class OperatorContext:
     #: into (``pipeline.max-parallelism``).
     state_backend: str = "heap"
     max_parallelism: int = 128
+    #: Whether the job takes checkpoints (a sink commits its output per checkpoint then), and the id of the
+    #: checkpoint being taken while ``prepare_snapshot`` / ``snapshot_state`` run.
+    checkpointing: bool = False
+    checkpoint_id: int = 0
     #: An operator that works long in one call (a final aggregation reading back what it spilled) calls
     #: this every few seconds: the worker heartbeats and acts on a cancel (raising out of the operator).
     keep_alive: Callable[[], None] = lambda: None
@@ -170,6 +174,37 @@ class Operator:
     def close(self) -> None:
         pass
 
+    # ------------------------------------------------------------ checkpoints
+    def prepare_snapshot(self, emit: Emit) -> None:
+        """A checkpoint barrier is about to pass: emit what is held for output (a mini-batch, a linger
+        buffer), so that it goes out before the barrier (Flink's ``prepareSnapshotPreBarrier``)."""
+
+    def snapshot_state(self) -> Any:
+        """This operator's state for a checkpoint, taken between two batches: None (no state), bytes, or
+        any value :mod:`runtime.state.codec` encodes (msgpack's types and tuples). The runtime encodes it
+        at once, so the value may be the live object.
+
+        An operator that keeps nothing between batches says so by inheriting :class:`Stateless`; one that
+        neither implements this nor is stateless cannot run in a job with checkpoints (refused before
+        deployment, naming it)."""
+        msg = (f"operator {self.name!r} ({type(self).__name__}) does not implement snapshot_state() and "
+               f"restore_state(state); it cannot run in a job with checkpoints (execution.checkpointing.interval)")
+        raise NotImplementedError(msg)
+
+    @classmethod
+    def can_snapshot(cls) -> bool:
+        """Whether this class implements :meth:`snapshot_state` (checked before a job with checkpoints runs)."""
+        return cls.snapshot_state not in (Operator.snapshot_state, SourceOperator.snapshot_state)
+
+    def restore_state(self, state: Any) -> None:
+        """Take back what :meth:`snapshot_state` returned (decoded), after ``open`` and before the first
+        batch of a job restarted from a checkpoint. Never called with None."""
+        msg = f"operator {self.name!r} ({type(self).__name__}) cannot restore the state it snapshotted"
+        raise NotImplementedError(msg)
+
+    def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        """Checkpoint ``checkpoint_id`` completed on every subtask (two-phase-commit sinks commit here)."""
+
 
 class SourceOperator(Operator):
     """A source: the runtime polls it for batches.
@@ -185,9 +220,31 @@ class SourceOperator(Operator):
     def poll_batch(self, max_records: int) -> Batch | None:
         raise NotImplementedError
 
+    def snapshot_state(self) -> Any:
+        """The source's position (records or bytes read so far, an offset...). A source must implement
+        this and :meth:`restore_state` to run in a job with checkpoints: restoring rewinds it there."""
+        msg = (f"source {self.name!r} ({type(self).__name__}) does not implement snapshot_state() and "
+               f"restore_state(state); a job with checkpoints (execution.checkpointing.interval) must be able "
+               f"to rewind every source")
+        raise NotImplementedError(msg)
+
     def process_batch(self, batch: Batch, emit: Emit) -> None:  # sources have no input
         msg = f"source {self.name!r} takes no input"
         raise TypeError(msg)
+
+
+class Stateless:
+    """Mixin for an operator that keeps nothing between batches: its checkpoint state is None.
+
+    ``class Map(Stateless, Operator)``. (An operator that generates watermarks from what it saw, such as
+    ``with_timestamps``, counts as stateless: as in Flink, watermark generation starts afresh on restore.)
+    """
+
+    def snapshot_state(self) -> Any:
+        return None
+
+    def restore_state(self, state: Any) -> None:
+        pass
 
 
 class SinkOperator(Operator):
@@ -218,6 +275,7 @@ __all__ = [
     "OperatorContext",
     "SinkOperator",
     "SourceOperator",
+    "Stateless",
     "TimestampedBatch",
     "batch_len",
     "run_chain",

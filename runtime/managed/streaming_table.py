@@ -164,18 +164,29 @@ class StreamingFixedState:
         Records are taken in input order; a key may repeat. The result is a new
         array of ``value_dtype``, one entry per record.
         """
+        if self.kind == "count":
+            return self._fold(keys, None)
+        if values is None:
+            msg = f"{self.kind} needs values; got values=None"
+            raise ValueError(msg)
+        return self._fold(keys, values)
+
+    def merge_entries(self, keys: npt.ArrayLike, accumulators: npt.ArrayLike) -> None:
+        """Merge one accumulator per key into the state, as :meth:`items` returned them (a restore: into an
+        empty state they are put as they are; a key already present merges as the kind does)."""
+        self._fold(keys, accumulators)
+
+    def _fold(self, keys: npt.ArrayLike, values: npt.ArrayLike | None) -> NumArray:
+        """Merge one row per key: ``values`` (a count's 1 when None); the accumulator after each row."""
         h, words = self._hash(keys)
         n = len(h)
         rows = np.empty((n, self.width), np.uint64)
         rows[:, 0] = h
         if words is not None:
             rows[:, 1:1 + self.key_words] = words
-        if self.kind == "count":
+        if values is None:
             rows[:, -1] = 1
         else:
-            if values is None:
-                msg = f"{self.kind} needs values; got values=None"
-                raise ValueError(msg)
             vals = np.asarray(values)
             if len(vals) != n:
                 msg = f"values must have one entry per key; got {len(vals)} values for {n} keys"

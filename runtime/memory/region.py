@@ -374,6 +374,40 @@ class SharedRegion:
             mapping.close()
             raise
 
+    def open_fd(self) -> int:
+        """A new file descriptor of the block (the creator's, while its name exists), for a process started
+        later to map it by (:meth:`attach_fd`) after the name is gone. The caller closes it.
+
+        Raises:
+            RegionError: the name was unlinked already.
+        """
+        try:
+            return os.open(os.path.join(SHM_DIR, self.name), os.O_RDWR)
+        except OSError as exc:
+            msg = f"cannot open shared region {self.name!r} by name: {exc}"
+            raise RegionError(msg) from exc
+
+    @classmethod
+    def attach_fd(cls, fd: int, name: str) -> SharedRegion:
+        """Map the region behind ``fd`` (inherited from its creator, see :meth:`open_fd`); closes ``fd``.
+
+        Raises:
+            RegionError: ``fd`` is not a shmflow region.
+        """
+        try:
+            size = os.fstat(fd).st_size
+            mapping = mmap.mmap(fd, size)
+        except OSError as exc:
+            msg = f"cannot map shared region {name!r} from file descriptor {fd}: {exc}"
+            raise RegionError(msg) from exc
+        finally:
+            os.close(fd)
+        try:
+            return cls(name.lstrip("/"), mapping, creator=False)
+        except BaseException:
+            mapping.close()
+            raise
+
     # ----------------------------------------------------------------- segments
     @property
     def is_creator(self) -> bool:

@@ -13,8 +13,9 @@ before that watermark [Flink ``AbstractEvent`` / ``EndOfPartitionEvent``].
   (float seconds; ``float("inf")`` closes every window).
 * :class:`UserEvent` - an application event carrying a msgpack-able ``payload``
   (None, bool, int, float, str, bytes, list, tuple, dict; tuples come back as tuples).
-
-Checkpoint barriers will join them later (the wire reserves event codes for them).
+* :class:`CheckpointBarrier` - everything before it on this channel belongs to
+  checkpoint ``checkpoint_id``, everything after it to the next one
+  (Carbone et al., "Lightweight Asynchronous Snapshots for Distributed Dataflows", 2015).
 """
 
 from __future__ import annotations
@@ -42,8 +43,17 @@ class UserEvent:
     payload: Any
 
 
-#: Every in-band event type; ``isinstance(item, EVENT_TYPES)`` tells events from batches.
-EVENT_TYPES = (EndOfPartition, Watermark, UserEvent)
-Event = EndOfPartition | Watermark | UserEvent
+@dataclass(frozen=True)
+class CheckpointBarrier:
+    """Checkpoint ``checkpoint_id`` (>= 1) passes this point of the channel; ``timestamp`` (wall clock,
+    seconds) is when the coordinator triggered it."""
 
-__all__ = ["EVENT_TYPES", "EndOfPartition", "Event", "UserEvent", "Watermark"]
+    checkpoint_id: int
+    timestamp: float
+
+
+#: Every in-band event type; ``isinstance(item, EVENT_TYPES)`` tells events from batches.
+EVENT_TYPES = (EndOfPartition, Watermark, UserEvent, CheckpointBarrier)
+Event = EndOfPartition | Watermark | UserEvent | CheckpointBarrier
+
+__all__ = ["EVENT_TYPES", "CheckpointBarrier", "EndOfPartition", "Event", "UserEvent", "Watermark"]

@@ -30,7 +30,7 @@ import numpy as np
 from runtime.errors import RecordTooLargeError
 from runtime.network.batch import Batch, TimestampedBatch, pack_batch, unpack_batch
 from runtime.network.buffer_pool import LocalBufferPool, NetworkBuffer
-from runtime.network.events import Event, UserEvent
+from runtime.network.events import CheckpointBarrier, Event, UserEvent
 from runtime.network.gate import InputGate, ReceivedBuffer
 from runtime.network.partition import PartitionStats, ResultPartition
 from runtime.network.serializer import (
@@ -327,13 +327,40 @@ class RecordReader:
     Ownership: a buffer's bytes are released (recycled to the sender) at the
     next :meth:`poll`, so zero-copy columnar arrays returned by one poll are
     valid until the next one; operators that keep them must copy.
+
+    Barrier alignment (``align=True``, exactly-once checkpoints): once a
+    channel has delivered a :class:`CheckpointBarrier`, the reader holds back
+    everything behind it on that channel (items of the same buffer, then
+    whole buffers, unread and unreleased, so their credits stop and the
+    producer is backpressured) until :meth:`unblock_all`; other channels go on.
     """
 
-    def __init__(self, gate: InputGate, *, max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> None:
+    def __init__(self, gate: InputGate, *, max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
+                 align: bool = False) -> None:
         self.gate = gate
+        self.align = align
+        n = len(gate.channels)
         self._des = [BufferDeserializer(ch.name, max_record_size=max_record_size) for ch in gate.channels]
-        self._timestamps: list[list[float] | None] = [None] * len(gate.channels)
+        self._timestamps: list[list[float] | None] = [None] * n
         self._held: list[ReceivedBuffer] = []
+        self._blocked = [False] * n
+        # Per channel, while blocked: items read behind its barrier (with the buffers they live in), then
+        # buffers not read yet; both go out, in that order, after unblock_all.
+        self._parked_items: list[deque[Any]] = [deque() for _ in range(n)]
+        self._parked_holders: list[list[ReceivedBuffer]] = [[] for _ in range(n)]
+        self._parked_buffers: list[deque[ReceivedBuffer]] = [deque() for _ in range(n)]
+        self._resume: list[int] = []  # channels unblocked with something parked: read them first
+
+    def blocked(self, channel: int) -> bool:
+        return self._blocked[channel]
+
+    def unblock_all(self) -> None:
+        """End an alignment: every channel is read again, what each held back first."""
+        for ch, blocked in enumerate(self._blocked):
+            if blocked:
+                self._blocked[ch] = False
+                if self._parked_items[ch] or self._parked_buffers[ch]:
+                    self._resume.append(ch)
 
     def poll(self) -> list[tuple[int, Any]]:
         """Everything that arrived since the last poll: ``(channel, batch_or_event)`` pairs."""
@@ -341,21 +368,63 @@ class RecordReader:
             rb.release()
         self._held = []
         out: list[tuple[int, Any]] = []
+        if self._resume:
+            resume, self._resume = self._resume, []
+            for ch in resume:
+                self._take_parked(ch, out)
         for rb in self.gate.next_buffers(timeout=0):
             ch = rb.channel
-            self._held.append(rb)
-            for item in self._des[ch].feed(cast(memoryview, rb.view)):  # not released before the next poll
-                if _is_timestamps(item):
-                    self._timestamps[ch] = item.payload[1]
-                    continue
-                ts = self._timestamps[ch]
-                if ts is not None and type(item) is list:
-                    item = TimestampedBatch(item, ts)
-                    self._timestamps[ch] = None
-                out.append((ch, item))
+            if self._blocked[ch]:
+                self._parked_buffers[ch].append(rb)
+                continue
+            self._read(rb, out)
         return out
+
+    def _take_parked(self, ch: int, out: list[tuple[int, Any]]) -> None:
+        """Give out what channel ``ch`` held back, until it blocks again (a later barrier)."""
+        items, holders = self._parked_items[ch], self._parked_holders[ch]
+        while items and not self._blocked[ch]:
+            self._emit(ch, items.popleft(), out)
+        if items:  # blocked again: the rest (and the buffers it lives in) stay parked
+            return
+        self._held.extend(holders)  # released at the next poll, after their items were used
+        holders.clear()
+        if self._blocked[ch]:
+            return
+        buffers = self._parked_buffers[ch]
+        while buffers and not self._blocked[ch]:
+            self._read(buffers.popleft(), out)
+
+    def _read(self, rb: ReceivedBuffer, out: list[tuple[int, Any]]) -> None:
+        ch = rb.channel
+        parked = False
+        for item in self._des[ch].feed(cast(memoryview, rb.view)):  # not released before the next poll
+            if _is_timestamps(item):
+                self._timestamps[ch] = item.payload[1]
+                continue
+            ts = self._timestamps[ch]
+            if ts is not None and type(item) is list:
+                item = TimestampedBatch(item, ts)
+                self._timestamps[ch] = None
+            if self._blocked[ch]:
+                self._parked_items[ch].append(item)
+                parked = True
+            else:
+                self._emit(ch, item, out)
+        (self._parked_holders[ch] if parked else self._held).append(rb)
+
+    def _emit(self, ch: int, item: Any, out: list[tuple[int, Any]]) -> None:
+        out.append((ch, item))
+        if self.align and type(item) is CheckpointBarrier:
+            self._blocked[ch] = True
 
     def close(self) -> None:
         for rb in self._held:
             rb.release()
         self._held = []
+        for ch in range(len(self._blocked)):
+            for rb in (*self._parked_holders[ch], *self._parked_buffers[ch]):
+                rb.release()
+            self._parked_holders[ch].clear()
+            self._parked_buffers[ch].clear()
+            self._parked_items[ch].clear()

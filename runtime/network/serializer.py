@@ -64,8 +64,8 @@ stays zero-copy; a larger batch spans, and the reader reassembles it by copying
 (its arrays are then views of a private copy).
 
 EVENT payload: msgpack ``[code, *args]``: ``[0]`` EndOfPartition, ``[1, ts]``
-Watermark, ``[2, payload]`` UserEvent (payload in MARKED encoding); codes 3..15
-are reserved (checkpoint barriers).
+Watermark, ``[2, payload]`` UserEvent (payload in MARKED encoding), ``[3, id,
+timestamp]`` CheckpointBarrier; codes 4..15 are reserved.
 
 Public API
 ----------
@@ -96,7 +96,7 @@ import numpy as np
 from runtime.errors import DeserializationError, NestingTooDeepError, RecordTooLargeError
 from runtime.network.columnar import FORM_DICT, FORM_STRUCT, ColumnarLayout, read_columnar
 from runtime.network.columnar import align8 as _align
-from runtime.network.events import EVENT_TYPES, EndOfPartition, Event, UserEvent, Watermark
+from runtime.network.events import EVENT_TYPES, CheckpointBarrier, EndOfPartition, Event, UserEvent, Watermark
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy.typing as npt
@@ -138,7 +138,7 @@ _KIND_NAMES = {KIND_RECORDS: "records", KIND_COLUMNAR: "columnar", KIND_EVENT: "
 MODE_TUPLES, MODE_LISTS, MODE_MARKED = 0, 1, 2  # RECORDS flags
 _VALID_FLAGS = {KIND_RECORDS: (MODE_TUPLES, MODE_LISTS, MODE_MARKED), KIND_COLUMNAR: (FORM_DICT, FORM_STRUCT),
                 KIND_EVENT: (0,)}
-EVENT_END_OF_PARTITION, EVENT_WATERMARK, EVENT_USER = 0, 1, 2
+EVENT_END_OF_PARTITION, EVENT_WATERMARK, EVENT_USER, EVENT_BARRIER = 0, 1, 2, 3
 EXT_TUPLE = 1
 #: The deepest a record (or a user event's payload) may nest lists, tuples and dicts, itself counting as one.
 #: The frame's array of records adds one level: 1,024 is msgpack's limit for packing and for unpacking
@@ -561,8 +561,16 @@ class BufferSerializer:
             body = [EVENT_WATERMARK, ts]
         elif isinstance(event, UserEvent):
             body = [EVENT_USER, event.payload]
+        elif isinstance(event, CheckpointBarrier):
+            cid, ts = event.checkpoint_id, event.timestamp
+            bad_ts = isinstance(ts, bool) or not isinstance(ts, (int, float))
+            if type(cid) is not int or not 0 < cid < 1 << 63 or bad_ts:
+                msg = f"CheckpointBarrier needs an int id in [1, 2**63) and a number timestamp; got {event!r}"
+                raise TypeError(msg)
+            body = [EVENT_BARRIER, cid, float(ts)]
         else:
-            msg = f"write_event: expected EndOfPartition, Watermark or UserEvent; got {type(event).__name__}"
+            msg = (f"write_event: expected EndOfPartition, Watermark, UserEvent or CheckpointBarrier; "
+                   f"got {type(event).__name__}")
             raise TypeError(msg)
         try:
             data = msgpack.packb(body, use_bin_type=True, strict_types=True, default=_mark)
@@ -843,7 +851,10 @@ def _read_event(payload: memoryview) -> Event:
             return Watermark(body[1])
         if code == EVENT_USER and len(body) == 2:
             return UserEvent(body[1])
-    msg = f"event body {body!r:.80} is not [0], [1, timestamp] or [2, payload]"
+        if (code == EVENT_BARRIER and len(body) == 3 and type(body[1]) is int and body[1] > 0
+                and type(body[2]) is float):
+            return CheckpointBarrier(body[1], body[2])
+    msg = f"event body {body!r:.80} is not [0], [1, timestamp], [2, payload] or [3, checkpoint id, timestamp]"
     raise ValueError(msg)
 
 

@@ -195,6 +195,37 @@ class KeyedStateBackend:
             for timestamp, key in queue.items():
                 yield domain, timestamp, key
 
+    def timers_in_order(self) -> list[tuple[int, float, Any]]:
+        """Every pending ``(domain, timestamp, key)``, each domain's in firing order: registered again in this
+        order (after a restore), they fire as they would have."""
+        out: list[tuple[int, float, Any]] = []
+        for domain, queue in enumerate(self._timer_queues):
+            listed = queue.snapshot() if isinstance(queue, TimerQueue) else sorted(queue.items(), key=lambda t: t[0])
+            out.extend((domain, timestamp, key) for timestamp, key in listed)
+        return out
+
+    def snapshot(self) -> Any:
+        """Every entry, for a checkpoint: a value :mod:`runtime.state.codec` encodes, tagged with the backend's
+        name. The runtime encodes it at once, so it may hold the live entries."""
+        raise NotImplementedError
+
+    def restore(self, snapshot: Any) -> None:
+        """Put back what :meth:`snapshot` returned (decoded) into this new, empty backend.
+
+        Raises:
+            StateAccessError: the snapshot was taken by another kind of backend (``state.backend`` changed).
+        """
+        raise NotImplementedError
+
+    def _check_snapshot(self, snapshot: Any) -> Any:
+        """The payload of a ``(backend name, payload)`` snapshot of this kind of backend."""
+        if not (isinstance(snapshot, (tuple, list)) and len(snapshot) == 2 and snapshot[0] == self.name):
+            kind = snapshot[0] if isinstance(snapshot, (tuple, list)) and snapshot else type(snapshot).__name__
+            msg = (f"keyed state snapshotted by the {kind!r} backend cannot be restored into the {self.name!r} "
+                   f"backend; restart with the state.backend the checkpoint was taken with")
+            raise StateAccessError(msg)
+        return snapshot[1]
+
 
 class HeapKeyedStateBackend(KeyedStateBackend):
     """Entries as Python objects in one dict per state: ``{state name: {key: entry}}``.
@@ -252,6 +283,14 @@ class HeapKeyedStateBackend(KeyedStateBackend):
     def close(self) -> None:
         self._tables.clear()
         self._timer_queues = (TimerQueue(), TimerQueue())
+
+    def snapshot(self) -> tuple[str, dict[str, dict[Any, Any]]]:
+        """``("heap", {state name: {key: entry}})``: the live dicts (encoded by the runtime at once)."""
+        return (self.name, self._tables)
+
+    def restore(self, snapshot: Any) -> None:
+        tables = self._check_snapshot(snapshot)
+        self._tables = {name: dict(table) for name, table in tables.items()}
 
 
 def make_backend(ctx: Any, *, timers: bool = False) -> KeyedStateBackend:

@@ -115,6 +115,23 @@ class TimerQueue:
         """Every live timer (for snapshots and tests), in no particular order."""
         return iter(list(self._live))
 
+    def snapshot(self) -> list[tuple[float, Any]]:
+        """Every live timer in the order they would fire (timestamp, then registration), for a checkpoint."""
+        live = self._live
+        out: list[tuple[float, Any]] = []
+        seen: set[tuple[float, Any]] = set()
+        for timestamp, _, key in sorted(self._heap, key=lambda entry: entry[:2]):
+            timer = (timestamp, key)
+            if timer in live and timer not in seen:  # a timer deleted and registered again: its first entry fires
+                seen.add(timer)
+                out.append(timer)
+        return out
+
+    def restore(self, timers: list[Any]) -> None:
+        """Register :meth:`snapshot`'s timers (decoded) again, in their order (so ties fire as they would have)."""
+        for timestamp, key in timers:
+            self.register(timestamp, key)
+
 
 def timestamp_bytes(timestamp: float) -> bytes:
     """``timestamp`` as 8 bytes whose byte order is the floats' order (-inf first, -0.0 as 0.0).

@@ -1,0 +1,25 @@
+"""Fault tolerance: checkpoints of a job's state, and restoring from them.
+
+``storage``: where a job's checkpoints live on disk (``<root>/<job id>/chk-<n>/``), written so that a torn
+or corrupt checkpoint is never used.
+
+Imports: runtime.errors, runtime.io, runtime.config (stdlib and msgpack otherwise). Never zmq or cloudpickle,
+runtime.execution or runtime.cluster.
+"""
+
+from runtime.checkpoint.storage import (
+    CheckpointInfo,
+    CheckpointMetadata,
+    CheckpointStorage,
+    CompletedCheckpoint,
+    StateHandle,
+    default_checkpoints_dir,
+    list_checkpoints,
+    load_checkpoint,
+    write_state_file,
+)
+
+__all__ = [
+    "CheckpointInfo", "CheckpointMetadata", "CheckpointStorage", "CompletedCheckpoint", "StateHandle",
+    "default_checkpoints_dir", "list_checkpoints", "load_checkpoint", "write_state_file",
+]

@@ -1,0 +1,354 @@
+"""Checkpoints and restarts of whole jobs: real worker processes, real SIGKILL, real files.
+
+The check of exactly-once is strict: a streaming keyed count emits every update, so each key's updates,
+as collected, must be exactly 1, 2, ..., n (nothing lost, nothing twice, in order), however the job failed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime import StreamEnvironment
+from runtime.errors import CheckpointError, JobFailedError
+from runtime.execution.task import SourceOperator
+
+KEYS = 50
+
+
+def _key(i: int) -> tuple[str, int]:
+    return (f"k{i % KEYS}", i)
+
+
+def _first(record):
+    return record[0]
+
+
+def _assert_exactly_once(updates: list, n: int) -> None:
+    per_key: dict[str, list[int]] = {}
+    for key, count in updates:
+        per_key.setdefault(key, []).append(count)
+    assert sum(len(v) for v in per_key.values()) == n, "records lost or counted twice"
+    for key, counts in per_key.items():
+        assert counts == list(range(1, len(counts) + 1)), f"{key}: {counts[:20]}..."
+
+
+def _workers_of_this_process() -> list[int]:
+    """The pids of the worker processes this test process started."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == os.getpid() and b"runtime.cluster.worker" in cmdline:
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def _completed(checkpoints: Path) -> list[Path]:
+    return sorted(checkpoints.glob("*/chk-*/_metadata"))
+
+
+def _run_in_thread(env: StreamEnvironment, name: str) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = env.execute(name, timeout=120)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _env(tmp_path: Path, **config: object) -> StreamEnvironment:
+    base = {"execution.checkpointing.interval": "200ms", "state.checkpoints.dir": str(tmp_path / "checkpoints"),
+            "restart-strategy.type": "fixed-delay", "restart-strategy.fixed-delay.attempts": 3,
+            "restart-strategy.fixed-delay.delay": "100ms"}
+    return StreamEnvironment(workers=2, mode="streaming", config={**base, **config})
+
+
+def test_a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice(tmp_path):
+    n = 40_000
+    env = _env(tmp_path)
+    out = env.from_generator(_key, rate=10_000, count=n).key_by(_first).count().collect()
+    thread, box = _run_in_thread(env, "killed-mid-run")
+    deadline = time.monotonic() + 60
+    while not _completed(tmp_path / "checkpoints"):
+        assert time.monotonic() < deadline and thread.is_alive(), box
+        time.sleep(0.02)  # sleep-ok: waiting for a file another process writes
+    victim = _workers_of_this_process()[1]
+    os.kill(victim, signal.SIGKILL)
+    thread.join(120)
+    assert "error" not in box, box.get("error")
+    result = box["result"]
+    _assert_exactly_once(out.values(), n)
+    assert result.metrics["restarts"] == 1
+    assert result.metrics["checkpoints"] >= 1
+
+
+def test_a_user_function_that_raises_once_is_restarted_from_the_checkpoint(tmp_path):
+    n = 20_000
+    marker = tmp_path / "raised"
+
+    def fail_once(record):
+        if record[1] == n // 2 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("a transient failure")
+        return record
+
+    env = _env(tmp_path)
+    out = env.from_generator(_key, rate=10_000, count=n).map(fail_once).key_by(_first).count().collect()
+    result = env.execute("raises-once", timeout=120)
+    assert marker.exists()
+    _assert_exactly_once(out.values(), n)
+    assert result.metrics["restarts"] == 1
+    assert "a transient failure" in result.metrics["failures"][0]
+
+
+def test_with_restarts_exhausted_the_job_fails_listing_every_attempt(tmp_path):
+    def always(record):
+        raise RuntimeError(f"bad record {record!r}")
+
+    env = _env(tmp_path, **{"restart-strategy.fixed-delay.attempts": 2})
+    env.from_generator(_key, count=100).map(always).collect()
+    with pytest.raises(JobFailedError, match=r"(?s)failed 3 times; the restart strategy gave up \(fixed-delay with 2 "
+                                             r"attempt\(s\).*attempt 1:.*bad record.*attempt 3:") as info:
+        env.execute("always-fails", timeout=120)
+    assert info.value.final
+
+
+def test_without_a_restart_strategy_a_failure_fails_the_job_as_before(tmp_path):
+    def always(record):
+        raise RuntimeError("no restarts here")
+
+    env = _env(tmp_path, **{"restart-strategy.type": "none"})
+    env.from_generator(_key, count=100).map(always).collect()
+    with pytest.raises(JobFailedError, match="no restarts here"):
+        env.execute("no-restarts", timeout=120)
+
+
+class SlowSnapshotSource(SourceOperator):
+    """Records ``_key(i)`` for its share of ``range(n)``, at most ``rate`` per second per subtask; its
+    ``snapshot_state`` of checkpoint 3 (only the first time, marked by a file) takes a second, so a test can
+    kill a worker between that checkpoint's barrier and its acknowledgement."""
+
+    name = "slow_snapshot_source"
+    bounded = True
+
+    def __init__(self, n: int, rate: float, marker: str, part: tuple[int, int] = (0, 1)) -> None:
+        self.n, self.rate, self.marker, self.part = n, rate, marker, part
+        self.position = 0  # records emitted by this subtask
+        self.snapshots = 0
+        self._t0 = 0.0
+
+    def split(self, parallelism: int) -> list[SlowSnapshotSource]:
+        return [SlowSnapshotSource(self.n, self.rate, self.marker, (i, parallelism)) for i in range(parallelism)]
+
+    def open(self, ctx) -> None:
+        super().open(ctx)
+        self._t0 = time.monotonic()
+
+    def poll_batch(self, max_records: int):
+        index, parallelism = self.part
+        mine = range(index, self.n, parallelism)
+        if self.position >= len(mine):
+            return None
+        due = int((time.monotonic() - self._t0) * self.rate)
+        stop = min(len(mine), self.position + max_records, max(due, self.position))
+        batch = [_key(i) for i in mine[self.position:stop]]
+        self.position = stop
+        return batch
+
+    def snapshot_state(self):
+        self.snapshots += 1
+        if self.snapshots == 3 and self.part[0] == 0 and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            time.sleep(1.0)  # sleep-ok: the window in which the test kills a worker
+        return self.position
+
+    def restore_state(self, state) -> None:
+        self.position = state
+        self._t0 = time.monotonic() - state / self.rate
+
+
+def test_a_worker_killed_during_a_checkpoint_recovers_from_the_previous_complete_one(tmp_path):
+    n = 30_000
+    marker = tmp_path / "snapshotting"
+    env = _env(tmp_path)
+    out = env.from_source(SlowSnapshotSource(n, 5_000, str(marker))).key_by(_first).count().collect()
+    thread, box = _run_in_thread(env, "killed-in-checkpoint")
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert time.monotonic() < deadline and thread.is_alive(), box
+        time.sleep(0.01)  # sleep-ok: waiting for a file another process writes
+    complete_before = _completed(tmp_path / "checkpoints")
+    os.kill(_workers_of_this_process()[1], signal.SIGKILL)
+    thread.join(120)
+    assert "error" not in box, box.get("error")
+    # checkpoint 3 was in progress (one checkpoint is retained): the restart resumed from checkpoint 2
+    assert [p.parent.name for p in complete_before] == ["chk-2"]
+    _assert_exactly_once(out.values(), n)
+    assert box["result"].metrics["restarts"] == 1
+
+
+def _failing_run(tmp_path: Path, n: int, marker: Path):
+    """A job that fails for good (no restarts) once past half its input, unless ``marker`` exists."""
+
+    def fail_without_marker(record):
+        if record[1] >= n // 2 and not marker.exists():
+            raise RuntimeError("stopped half way")
+        return record
+
+    env = _env(tmp_path, **{"restart-strategy.type": "none", "execution.checkpointing.interval": "100ms"})
+    out = env.from_generator(_key, rate=10_000, count=n).map(fail_without_marker).key_by(_first).count().collect()
+    return env, out
+
+
+def test_a_failed_job_resumes_from_its_retained_checkpoint_and_the_two_runs_give_each_record_once(tmp_path):
+    n = 20_000
+    marker = tmp_path / "go-on"
+    env, first = _failing_run(tmp_path, n, marker)
+    with pytest.raises(JobFailedError, match="stopped half way"):
+        env.execute("resumable", timeout=120)
+    (checkpoint,) = _completed(tmp_path / "checkpoints")
+    marker.touch()
+    env, second = _failing_run(tmp_path, n, marker)
+    env.config = env.config.with_overrides({"execution.savepoint.path": str(checkpoint.parent)})
+    env.execute("resumable", timeout=120)
+    assert 0 < len(first.values()) < n  # the first run delivered what its last checkpoint covered, no more
+    _assert_exactly_once([*first.values(), *second.values()], n)
+
+
+def test_a_checkpoint_of_another_graph_or_a_corrupt_one_is_refused_naming_why(tmp_path):
+    n = 20_000
+    marker = tmp_path / "go-on"
+    env, _ = _failing_run(tmp_path, n, marker)
+    with pytest.raises(JobFailedError):
+        env.execute("resumable", timeout=120)
+    (checkpoint,) = _completed(tmp_path / "checkpoints")
+    other = _env(tmp_path, **{"execution.savepoint.path": str(checkpoint.parent)})
+    other.from_generator(_key, count=10).key_by(_first).sum(1).collect()  # sum where the checkpoint has count
+    with pytest.raises(CheckpointError, match=r"does not fit job 'other'.*count"):
+        other.execute("other", timeout=60)
+    state_file = next(p for p in checkpoint.parent.iterdir() if p.name != "_metadata")
+    state_file.write_bytes(state_file.read_bytes()[:-1])
+    env, _ = _failing_run(tmp_path, n, marker)
+    env.config = env.config.with_overrides({"execution.savepoint.path": str(checkpoint.parent)})
+    with pytest.raises(CheckpointError, match=rf"{state_file.name}.*expected \d+ bytes, found \d+"):
+        env.execute("resumable", timeout=60)
+
+
+def test_shmflow_checkpoints_lists_them_with_the_sources_positions(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    n = 20_000
+    env, _ = _failing_run(tmp_path, n, tmp_path / "go-on")
+    with pytest.raises(JobFailedError):
+        env.execute("listed", timeout=120)
+    done = subprocess.run([sys.executable, "-m", "runtime.cli", "checkpoints", str(tmp_path / "checkpoints"),
+                           "--json"], capture_output=True, text=True, timeout=60, check=True)
+    (row,) = json.loads(done.stdout)
+    assert row["job"].startswith("listed-") and row["complete"] and row["bytes"] > 0
+    positions = row["sources"]
+    assert sorted(positions) == ["0-0", "0-1"] and all(positions.values())
+    text = subprocess.run([sys.executable, "-m", "runtime.cli", "checkpoints", str(tmp_path / "checkpoints")],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert f"chk-{row['checkpoint']}" in text and "source 0-0: position" in text
+
+
+def _committed_lines(directory: Path) -> list:
+    import ast
+    lines = []
+    for part in sorted(directory.glob("part-*"), key=lambda p: tuple(int(x) for x in p.name.split("-")[1:])):
+        lines += [ast.literal_eval(line) for line in part.read_text().splitlines()]
+    return lines
+
+
+def test_to_file_commits_each_record_once_across_a_killed_worker_and_shows_no_uncommitted_part(tmp_path):
+    n = 40_000
+    out = tmp_path / "out"
+    env = _env(tmp_path)
+    env.from_generator(_key, rate=10_000, count=n).key_by(_first).count().to_file(str(out))
+    thread, box = _run_in_thread(env, "to-file")
+    deadline = time.monotonic() + 60
+    while len(_completed(tmp_path / "checkpoints")) < 1 or not list(out.glob("part-*")):
+        assert time.monotonic() < deadline and thread.is_alive(), box
+        time.sleep(0.02)  # sleep-ok: waiting for files other processes write
+    committed_so_far = _committed_lines(out)
+    os.kill(_workers_of_this_process()[0], signal.SIGKILL)
+    thread.join(120)
+    assert "error" not in box, box.get("error")
+    assert box["result"].metrics["restarts"] == 1
+    final = _committed_lines(out)
+    assert all(line in final for line in committed_so_far)  # committed files are never taken back
+    _assert_exactly_once(final, n)
+    assert not list(out.glob(".*inprogress"))
+
+
+def test_a_standing_cluster_restarts_a_job_whose_worker_was_killed_once_a_new_worker_joins(tmp_path):
+    import subprocess
+    import sys
+
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "runtime.cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    secret = tmp_path / "cluster.secret"
+    checkpoints = tmp_path / "checkpoints"
+    coord = start("coordinator", "--bind", "tcp://127.0.0.1:*", "--secret-file", str(secret), "--workers", "2",
+                  "-D", "execution.checkpointing.interval=200ms", "-D", f"state.checkpoints.dir={checkpoints}",
+                  "-D", "restart-strategy.type=fixed-delay", "-D", "restart-strategy.fixed-delay.attempts=2",
+                  "-D", "restart-strategy.fixed-delay.delay=100ms")
+    procs = [coord]
+    try:
+        first = coord.stdout.readline()
+        assert first.startswith("coordinator listening on "), first + coord.stderr.read()
+        endpoint = first.split()[3].rstrip(";")
+        workers = [start("worker", "--coordinator", endpoint, "--secret-file", str(secret)) for _ in range(2)]
+        procs += workers
+        n = 40_000
+        env = StreamEnvironment(workers=2, mode="streaming", coordinator=endpoint, secret_file=str(secret))
+        out = env.from_generator(_key, rate=10_000, count=n).key_by(_first).count().collect()
+        deadline = time.monotonic() + 60
+        while True:  # the first submission can come before both workers registered
+            thread, box = _run_in_thread(env, "standing-killed")
+            while thread.is_alive() and not _completed(checkpoints):
+                assert time.monotonic() < deadline, "no checkpoint completed"
+                time.sleep(0.02)  # sleep-ok: waiting for a file other processes write
+            if thread.is_alive():
+                break
+            assert "needs 2 workers" in str(box.get("error")), box
+            time.sleep(0.2)  # sleep-ok: a worker is still registering
+        workers[1].kill()
+        procs.append(start("worker", "--coordinator", endpoint, "--secret-file", str(secret)))
+        thread.join(120)
+        assert "error" not in box, box.get("error")
+        _assert_exactly_once(out.values(), n)
+        assert box["result"].metrics["restarts"] == 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            p.stdout.close()
+            p.stderr.close()
