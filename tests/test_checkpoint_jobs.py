@@ -352,3 +352,22 @@ def test_a_standing_cluster_restarts_a_job_whose_worker_was_killed_once_a_new_wo
                 p.wait()
             p.stdout.close()
             p.stderr.close()
+
+
+def test_a_function_that_raises_once_with_to_file_leaves_each_record_once_in_the_committed_files(tmp_path):
+    n = 20_000
+    marker = tmp_path / "raised"
+    out = tmp_path / "out"
+
+    def fail_once(record):
+        if record[1] == n // 2 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("a transient failure")
+        return record
+
+    env = _env(tmp_path)
+    env.from_generator(_key, rate=10_000, count=n).map(fail_once).key_by(_first).count().to_file(str(out))
+    result = env.execute("raises-once-to-file", timeout=120)
+    assert marker.exists() and result.metrics["restarts"] == 1
+    _assert_exactly_once(_committed_lines(out), n)
+    assert not list(out.glob(".*inprogress"))
