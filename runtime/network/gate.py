@@ -47,6 +47,10 @@ class GateStats(Snapshot):
 
 
 # ---------------------------------------------------------------------- receiver
+#: How long a closed gate's socket keeps trying to deliver its last recycles and credits (milliseconds).
+CLOSE_LINGER_MS = 2000
+
+
 class ReceivedBuffer:
     """A buffer that arrived on a channel: a read-only view of its bytes until :meth:`release`.
 
@@ -405,7 +409,10 @@ class InputGate:
             rb.release()
         self._ready.clear()
         self.flush_credits()
-        self.socket.close(linger=0)
+        # The last recycles and credits were only queued: closing with linger 0 would drop them, and a
+        # producer still waiting for those buffers (to finish its other channels) would wait forever.
+        # Closing does not block on linger; only the context's termination at exit waits (at most this).
+        self.socket.close(linger=CLOSE_LINGER_MS)
         for ch in self.channels:
             if ch.view is not None:
                 try:
