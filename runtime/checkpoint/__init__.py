@@ -13,6 +13,7 @@ from runtime.checkpoint.storage import (
     CheckpointStorage,
     CompletedCheckpoint,
     StateHandle,
+    checkpoint_path,
     default_checkpoints_dir,
     list_checkpoints,
     load_checkpoint,
@@ -21,5 +22,5 @@ from runtime.checkpoint.storage import (
 
 __all__ = [
     "CheckpointInfo", "CheckpointMetadata", "CheckpointStorage", "CompletedCheckpoint", "StateHandle",
-    "default_checkpoints_dir", "list_checkpoints", "load_checkpoint", "write_state_file",
+    "checkpoint_path", "default_checkpoints_dir", "list_checkpoints", "load_checkpoint", "write_state_file",
 ]

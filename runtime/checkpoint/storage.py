@@ -213,6 +213,11 @@ def _is_temporary(name: str) -> bool:
     return name.startswith(".") and name.endswith(_TMP_SUFFIX)
 
 
+def checkpoint_path(job_dir: PathLike, checkpoint_id: int) -> Path:
+    """Where checkpoint ``checkpoint_id`` of the job whose directory is ``job_dir`` lives: ``job_dir/chk-<n>``."""
+    return Path(job_dir) / f"chk-{checkpoint_id}"
+
+
 def write_state_file(directory: PathLike, name: str, data: Buffer) -> StateHandle:
     """Write one subtask's snapshot ``data`` to ``directory/name`` durably; returns its handle.
 
@@ -538,7 +543,7 @@ class CheckpointStorage:
         return sorted(n for n, d in self._checkpoint_dirs().items() if (d / METADATA_NAME).exists())
 
     def _path(self, checkpoint_id: int) -> Path:
-        return self.job_dir / f"chk-{checkpoint_id}"
+        return checkpoint_path(self.job_dir, checkpoint_id)
 
     # -- one checkpoint's steps
 
@@ -789,6 +794,7 @@ def _info(job_id: str, checkpoint_id: int, directory: Path) -> CheckpointInfo:
 
 __all__ = [
     "FORMAT_VERSION", "MAGIC", "METADATA_NAME", "CheckpointInfo", "CheckpointMetadata", "CheckpointStorage",
-    "CompletedCheckpoint", "StateHandle", "decode_metadata", "default_checkpoints_dir", "encode_metadata",
+    "CompletedCheckpoint", "StateHandle", "checkpoint_path", "decode_metadata", "default_checkpoints_dir",
+    "encode_metadata",
     "list_checkpoints", "load_checkpoint", "write_state_file",
 ]

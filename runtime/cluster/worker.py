@@ -45,7 +45,7 @@ from runtime.cluster.protocol import (
     Welcome,
 )
 from runtime.execution.checkpointing import CheckpointSetup
-from runtime.execution.job_run import JobCancelled, JobRun
+from runtime.execution.job_run import CheckpointControl, JobCancelled, JobRun
 from runtime.memory import BuddyAllocator, SharedRegion
 from runtime.memory.layout import AllocatorSnapshot
 from runtime.memory.manager import MemoryManager
@@ -99,7 +99,7 @@ class Worker:
         self._job: str | None = None  # the job being run (a Cancel for another one is stale)
         self._watch_creator = False  # the region's creator (the coordinator) runs in our pid namespace
         self._shutdown = False  # a Shutdown arrived while a job ran: exit once it has been torn down
-        self._job_control: Callable[[Message], None] | None = None  # the running job's checkpoint messages
+        self._job_control: CheckpointControl | None = None  # the running job, told of its checkpoint messages
 
     # ------------------------------------------------------------------ control
     def send(self, message: Message) -> None:
@@ -172,9 +172,11 @@ class Worker:
             raise JobCancelled()
         if isinstance(message, Cancel) and message.job == self._job:
             raise JobCancelled()
-        if (isinstance(message, (TriggerCheckpoint, CheckpointDone)) and message.job == self._job
-                and self._job_control is not None):
-            self._job_control(message)
+        control = self._job_control
+        if control is not None and isinstance(message, TriggerCheckpoint) and message.job == self._job:
+            control.trigger_checkpoint(message.checkpoint, message.timestamp)
+        if control is not None and isinstance(message, CheckpointDone) and message.job == self._job:
+            control.checkpoint_done(message.checkpoint)
 
     def wait_start(self, job_id: str) -> dict[str, list[str]]:
         while True:
@@ -204,8 +206,8 @@ class Worker:
                                 state=state, alignment_seconds=alignment_seconds,
                                 snapshot_seconds=snapshot_seconds, source_position=source_position))
 
-    def set_job_control(self, handler: Callable[[Message], None] | None) -> None:
-        self._job_control = handler
+    def set_job_control(self, job: CheckpointControl | None) -> None:
+        self._job_control = job
 
     def set_progress(self, progress: Callable[[], dict[str, list[int]]] | None) -> None:
         self.progress = progress

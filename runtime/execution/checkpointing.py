@@ -15,7 +15,6 @@ against the metadata (:meth:`CheckpointSetup.restored_states`).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,7 @@ from runtime.checkpoint import CompletedCheckpoint, load_checkpoint
 from runtime.errors import CheckpointError
 from runtime.state import codec
 
-__all__ = ["FINISHED_KEY", "CheckpointSetup", "checkpoint_dir", "decode_states", "encode_states", "subtask_key"]
+__all__ = ["FINISHED_KEY", "CheckpointSetup", "decode_states", "encode_states", "subtask_key"]
 
 #: The key of a checkpoint's metadata ``extra`` that lists the subtasks that had finished (they hold no file).
 FINISHED_KEY = "finished"
@@ -32,11 +31,6 @@ FINISHED_KEY = "finished"
 def subtask_key(vertex_id: int, index: int) -> str:
     """How a checkpoint names one subtask: ``"<vertex id>-<index>"``."""
     return f"{vertex_id}-{index}"
-
-
-def checkpoint_dir(job_dir: str, checkpoint_id: int) -> str:
-    """The directory of checkpoint ``checkpoint_id`` in a job's checkpoint directory."""
-    return os.path.join(job_dir, f"chk-{checkpoint_id}")
 
 
 @dataclass

@@ -29,9 +29,9 @@ from typing import Any, Protocol
 
 import zmq
 
-from runtime.checkpoint import write_state_file
+from runtime.checkpoint import checkpoint_path, write_state_file
 from runtime.errors import SpillError
-from runtime.execution.checkpointing import CheckpointSetup, checkpoint_dir, encode_states, subtask_key
+from runtime.execution.checkpointing import CheckpointSetup, encode_states, subtask_key
 from runtime.execution.graph import JobGraph
 from runtime.execution.process_stats import gc_timer, peak_rss_bytes, reset_peak_rss
 from runtime.execution.subtask import FINISHED, OperatorFailure, Subtask
@@ -72,6 +72,15 @@ def managed_shares(operators: list[Operator], *, budget: int, page_size: int,
 
 class JobCancelled(Exception):
     """Raised inside a job's loop when its host was told to cancel the job or shut down."""
+
+
+class CheckpointControl(Protocol):
+    """What the host calls when a checkpoint message of the running job arrives (possibly inside one of the
+    job's waits: an implementation only queues it)."""
+
+    def trigger_checkpoint(self, checkpoint_id: int, timestamp: float) -> None: ...
+
+    def checkpoint_done(self, checkpoint_id: int) -> None: ...
 
 
 class JobHost(Protocol):
@@ -118,9 +127,8 @@ class JobHost(Protocol):
         """Tell the coordinator that ``subtask`` snapshotted ``checkpoint``: its state file's handle ([]: finished)
         and, for a source, its position."""
 
-    def set_job_control(self, handler: Any) -> None:
-        """Install (or clear, with None) the callable the host hands the job's checkpoint messages to
-        (TriggerCheckpoint, CheckpointDone) as they arrive; it must only queue them."""
+    def set_job_control(self, job: CheckpointControl | None) -> None:
+        """Install (or clear, with None) the job the host hands checkpoint messages to as they arrive."""
 
     def set_progress(self, progress: Any) -> None:
         """Install (or clear, with None) a callable: operator chain -> [records in, records out]."""
@@ -153,7 +161,7 @@ class JobRun:
         self.graph: JobGraph  # unpickled in run(), where a failure is reported
         self.config: dict[str, Any] = config
         self.checkpointing = checkpointing or CheckpointSetup()
-        self._control: list[Any] = []  # checkpoint messages from the host, handled between steps
+        self._control: list[CheckpointBarrier | int] = []  # triggers and completed ids, handled between steps
         self._last_trigger: CheckpointBarrier | None = None
         self._epochs: dict[str, int] = {}  # subtask key -> the checkpoint its sinks' output belongs to now
         self._checkpoints_acked = 0
@@ -176,7 +184,7 @@ class JobRun:
         thresholds: tuple[int, ...] | None = None  # the process's GC thresholds, restored after the job
         self.host.set_progress(lambda: {st.vertex.name: [st.records_in, st.records_out] for st in self.subtasks})
         self.host.set_state_report(self._state_report)
-        self.host.set_job_control(self._on_job_control)
+        self.host.set_job_control(self)
         try:
             import cloudpickle  # the job graph arrives pickled (its HMAC was verified on receipt)
             gc.disable()  # a graph may hold millions of records (from_collection): no collections while they load
@@ -396,25 +404,29 @@ class JobRun:
         return send
 
     # ------------------------------------------------------------ checkpoints
-    def _on_job_control(self, message: Any) -> None:
-        self._control.append(message)  # acted on between steps (this may run inside a step's wait)
+    def trigger_checkpoint(self, checkpoint_id: int, timestamp: float) -> None:
+        """CheckpointControl: queued, acted on between steps."""
+        self._control.append(CheckpointBarrier(checkpoint_id, timestamp))
+
+    def checkpoint_done(self, checkpoint_id: int) -> None:
+        """CheckpointControl: queued, acted on between steps."""
+        self._control.append(checkpoint_id)
 
     def _handle_control(self) -> None:
-        """Act on the checkpoint messages that arrived: trigger at the sources, or tell the operators one
-        completed. Subtasks that have finished acknowledge a triggered checkpoint at once."""
-        messages, self._control = self._control, []
-        for message in messages:
-            if hasattr(message, "timestamp"):  # TriggerCheckpoint
-                barrier = CheckpointBarrier(message.checkpoint, message.timestamp)
-                self._last_trigger = barrier
+        """Act on the checkpoint messages that arrived: a barrier to trigger at the sources, or the id of a
+        checkpoint that completed. Subtasks that have finished acknowledge a triggered checkpoint at once."""
+        queued, self._control = self._control, []
+        for item in queued:
+            if isinstance(item, CheckpointBarrier):
+                self._last_trigger = item
                 for st in self.subtasks:
                     if st.vertex.is_source or st.done_processing:
                         self._current = st.vertex.name
-                        st.checkpoint(barrier)
-            else:  # CheckpointDone
+                        st.checkpoint(item)
+            else:
                 for st in self.subtasks:
                     self._current = st.vertex.name
-                    st.notify_checkpoint_complete(message.checkpoint)
+                    st.notify_checkpoint_complete(item)
         self._current = None
 
     def _ack_finished(self) -> None:
@@ -434,7 +446,7 @@ class JobRun:
         handle: list[Any] = []
         if states is not FINISHED:
             data = encode_states(states, f"{st.vertex.name}[{st.index}]")
-            directory = checkpoint_dir(self.checkpointing.directory, barrier.checkpoint_id)
+            directory = checkpoint_path(self.checkpointing.directory, barrier.checkpoint_id)
             handle = write_state_file(directory, key, data).to_wire()
         self._epochs[key] = barrier.checkpoint_id + 1
         self._checkpoints_acked += 1
