@@ -368,10 +368,9 @@ class Coordinator:
                         raise self._gave_up(graph, failures, strategy, exc) from None
                     log.warning("job %r failed (attempt %d); restarting in %.2fs: %s", graph.name, len(failures),
                                 delay, exc)
-                    restored, restore_dir = restore_id, restore_dir if restore_from else ""
                     if checkpoints is not None and checkpoints.latest is not None:
-                        restored, restore_dir = checkpoints.restore_point()
-                    collector.rewind(restored)
+                        restore_id, restore_dir = checkpoints.restore_point()  # else: where this run began
+                    collector.rewind(restore_id)
                     self._await_restart(graph, delay, deadline)
                     continue
                 collector.release_all()
