@@ -341,8 +341,8 @@ def _w5_contenders(scale: str, workers: int, bad: Callable[[str], bool]) -> list
 
 #: ``recovery`` per scale: the checkpoint interval (s) and the share of the input a completed checkpoint covers
 #: when the worker is killed. Full and quick: every second (the issue's), half way. Tiny (tests): the job lasts
-#: about a second, so a checkpoint every 0.2 s, and the kill a third of the way.
-RECOVERY_TIMING = {"full": (1.0, 0.5), "quick": (1.0, 0.5), "tiny": (0.2, 0.3)}
+#: under a second, so a checkpoint every 0.1 s, and the kill a quarter of the way.
+RECOVERY_TIMING = {"full": (1.0, 0.5), "quick": (1.0, 0.5), "tiny": (0.1, 0.25)}
 
 
 def _recovery_contenders(scale: str, workers: int, bad: Callable[[str], bool]) -> list[Contender]:
@@ -726,8 +726,8 @@ def render_recovery_table(rows: list[dict[str, Any]], console: Any) -> None:
     table = Table(title="recovery (medians over repetitions; steps in s: kill -> failure detected -> workers "
                         "replaced and attached -> deployed, of which restoring state -> started -> first source "
                         "record)", header_style="bold", title_justify="left")
-    cols = ("contender", "checkpoints", "last size MiB", "last duration s", "detect", "replace", "deploy",
-            "(restore)", "start", "first record", "total s")
+    cols = ("contender", "checkpoints", "size MiB last / max", "duration s last / max", "detect", "replace",
+            "deploy", "(restore)", "start", "first record", "total s")
     for col in cols:
         table.add_column(col, justify="left" if col == "contender" else "right")
     for r in rec_rows:
@@ -743,8 +743,10 @@ def render_recovery_table(rows: list[dict[str, Any]], console: Any) -> None:
                           med("detect_s"), med("replace_s"), med("deploy_s"), med("restore_s"), med("start_s"),
                           med("first_record_s"), med("total_s"))
         else:
-            size = f"{f['checkpoint_size_bytes']['median'] / (1 << 20):,.1f}" if f.get("checkpoint_size_bytes") else ""
-            table.add_row(r["label"], med("checkpoints", "{:.0f}"), size, med("checkpoint_duration_seconds"),
+            sizes = [f"{f[key]['median'] / (1 << 20):,.1f}" if f.get(key) else "—"
+                     for key in ("checkpoint_size_bytes", "checkpoint_max_size_bytes")]
+            durations = [med(key) or "—" for key in ("checkpoint_duration_seconds", "checkpoint_max_duration_seconds")]
+            table.add_row(r["label"], med("checkpoints", "{:.0f}"), " / ".join(sizes), " / ".join(durations),
                           *[""] * 7)
     console.print(table)
     if any(r["name"] == "recovery_w5_shm" for r in rows):

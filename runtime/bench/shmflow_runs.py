@@ -696,9 +696,11 @@ def w5_graph(env: Any, n: int, k: int) -> Any:
 
 
 def checkpoint_figures(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A job's checkpoint figures from its metrics: completed and aborted, the last one's size and duration."""
+    """A job's checkpoint figures from its metrics: completed and aborted, the last one's size and duration, the
+    largest and the longest, their total time and the longest alignment."""
     keys = ("checkpoints", "checkpoints_failed", "checkpoint_size_bytes", "checkpoint_duration_seconds",
-            "checkpoint_total_seconds", "checkpoint_alignment_seconds")
+            "checkpoint_max_size_bytes", "checkpoint_max_duration_seconds", "checkpoint_total_seconds",
+            "checkpoint_alignment_seconds")
     return {key: metrics.get(key, 0) for key in keys}
 
 
