@@ -318,9 +318,11 @@ class KeyedAggregate(Operator):
         """Fold and emit the held mini-batch: its updates go out before the barrier."""
         self._flush_mini(emit)
 
-    def snapshot_state(self) -> tuple[str, Any]:
-        """The accumulators, tagged with the path that holds them: ``("heap", {key: acc})``, ``("fixed",
-        StreamingManagedAggregate.snapshot())`` or ``("backend", KeyedStateBackend.snapshot())``.
+    def snapshot_state(self) -> list[Any]:
+        """The accumulators, tagged with the path that holds them: ``["heap", {key: acc}]``, ``["fixed",
+        StreamingManagedAggregate.snapshot()]`` or ``["backend", KeyedStateBackend.snapshot()]``. A list, not a
+        tuple: :mod:`runtime.state.codec` packs a tuple's items into an ext of their own, one more copy of the
+        whole state (see ``StreamingManagedAggregate.snapshot``).
 
         Raises:
             StateAccessError: a mini-batch is still held (call :meth:`prepare_snapshot` first), or batch mode
@@ -335,11 +337,11 @@ class KeyedAggregate(Operator):
                    f"(execution.checkpointing.interval) apply to streaming mode only")
             raise StateAccessError(msg)
         if self._streaming is not None:
-            return ("fixed", self._streaming.snapshot())
+            return ["fixed", self._streaming.snapshot()]
         if self._backend is not None:
-            return ("backend", self._backend.snapshot())
+            return ["backend", self._backend.snapshot()]
         state = self._state
-        return ("heap", state if type(state) is dict else dict(state))  # a Counter encodes as its dict
+        return ["heap", state if type(state) is dict else dict(state)]  # a Counter encodes as its dict
 
     def restore_state(self, state: Any) -> None:
         """Take back :meth:`snapshot_state`'s accumulators into whichever path this (opened) operator runs:

@@ -81,6 +81,7 @@ def test_write_then_read_returns_the_same_bytes_and_a_checked_block_ref(mm, io, 
         assert io.read(half, dst, timeout=30) == PAGE // 2  # the manager finds the file by the ref's path
         assert dst.get_bytes(0, PAGE // 2) == src.get_bytes(0, PAGE // 2)
         assert dst.get_bytes(PAGE // 2, 8) == bytes(8)
+        assert f.read_copy(half) == src.get_bytes(0, PAGE // 2)  # onto the heap, no segment
     assert not os.path.exists(f.path) and f.deleted
     mm.release_all("sort-1", report=False)
 
@@ -262,10 +263,14 @@ def test_corrupt_and_truncated_blocks_are_spill_errors_naming_file_and_offset(mm
     with pytest.raises(SpillError, match=rf"^spill file .*bad-000000\.spill is corrupt: block at offset {PAGE} "
                        rf"\(32768 bytes\) has crc32 0x[0-9a-f]{{8}}, expected {ref_b.crc32:#010x}$"):
         f.read_async(ref_b, dst).result(timeout=30)
+    with pytest.raises(SpillError, match=rf"^spill file .*bad-000000\.spill is corrupt: block at offset {PAGE} "):
+        f.read_copy(ref_b)
     os.truncate(f.path, PAGE + 1000)
-    with pytest.raises(SpillError, match=rf"^spill file .*bad-000000\.spill is truncated: block at offset {PAGE} "
-                       rf"\(32768 bytes\) needs 32768 bytes, only 1000 could be read \(the file has 33768 bytes\)$"):
-        f.read(ref_b, dst, timeout=30)
+    for read in (lambda: f.read(ref_b, dst, timeout=30), lambda: f.read_copy(ref_b)):
+        with pytest.raises(SpillError, match=rf"^spill file .*bad-000000\.spill is truncated: block at offset {PAGE} "
+                           rf"\(32768 bytes\) needs 32768 bytes, only 1000 could be read \(the file has 33768 "
+                           rf"bytes\)$"):
+            read()
     mm.release_all("sort-1", report=False)
 
 

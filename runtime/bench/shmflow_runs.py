@@ -666,6 +666,8 @@ def _large_state_run(workload: str, child: tuple[Any, tuple[Any, ...]], variant:
     expected = w4_expected(n, k)
     ok = got == expected and out["records"] == n
     extra: dict[str, Any] = {"checksums": got, "expected": expected, "memory": _w4_memory(out)}
+    if "checkpointing" in out:
+        extra["checkpointing"] = out["checkpointing"]
     if not ok:
         extra["error"] = f"checksums {got} over {out['records']} records; expected {expected} over {n}"
     result = w4_record(peer, variant, n, out["timed_seconds"], ok, params=params, **extra)
@@ -681,20 +683,42 @@ def _w5_checksum_batch(batch: Any) -> list[tuple[int, int, int]]:
     return [(c["groups"], c["total"], c["weighted"])]
 
 
-def _w5_job_child(backend: str, n: int, k: int, managed_bytes: int, workers: int) -> dict[str, Any]:
-    """One W5 job, run in a fresh process (so ``RUSAGE_CHILDREN`` afterwards is its workers' peak RSS)."""
+def w5_config(backend: str, managed_bytes: int, workers: int) -> dict[str, Any]:
+    """The configuration of a W5 job: its region, managed memory per worker and state backend."""
+    return {"memory.managed.size": managed_bytes, "memory.region.size": w4_region_bytes(managed_bytes, workers),
+            "state.backend": backend}
 
-    config = {"memory.managed.size": managed_bytes, "memory.region.size": w4_region_bytes(managed_bytes, workers),
-              "state.backend": backend}
-    env = _job_env(workers, config=config, mode="streaming")
+
+def w5_graph(env: Any, n: int, k: int) -> Any:
+    """W5's job on ``env``: W4's rows, ``key_by(r[0]).count()``, reduced to checksums; its ``collect()`` handle."""
     src = env.from_source(W4Source(n, k, "rows"), name="w5_rows")
-    out = src.key_by(_first).count().map_batches(_w5_checksum_batch).collect()
+    return src.key_by(_first).count().map_batches(_w5_checksum_batch).collect()
+
+
+def checkpoint_figures(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A job's checkpoint figures from its metrics: completed and aborted, the last one's size and duration, the
+    largest and the longest, their total time and the longest alignment."""
+    keys = ("checkpoints", "checkpoints_failed", "checkpoint_size_bytes", "checkpoint_duration_seconds",
+            "checkpoint_max_size_bytes", "checkpoint_max_duration_seconds", "checkpoint_total_seconds",
+            "checkpoint_alignment_seconds")
+    return {key: metrics.get(key, 0) for key in keys}
+
+
+def _w5_job_child(backend: str, n: int, k: int, managed_bytes: int, workers: int,
+                  config_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One W5 job, run in a fresh process (so ``RUSAGE_CHILDREN`` afterwards is its workers' peak RSS);
+    ``config_extra``: more configuration (checkpoints)."""
+
+    config = {**w5_config(backend, managed_bytes, workers), **(config_extra or {})}
+    env = _job_env(workers, config=config, mode="streaming")
+    out = w5_graph(env, n, k)
     result = env.execute(f"bench-w5-{backend}", timeout=RUN_TIMEOUT)
     parts = [{"groups": g, "total": t, "weighted": w} for g, t, w in out.values()]
     m = result.metrics
     chain: dict[str, Any] = next((c for name, c in m.get("operators", {}).items() if name.startswith("count")), {})
     spilled = int(chain.get("state_bytes_on_disk", 0)) or int(m.get("spilled_bytes", 0))
     return {"checksums": w4_add_checksums(parts), "partial_records": len(parts),
+            "checkpointing": checkpoint_figures(m),
             **_job_figures(result, spilled=spilled, managed_peak=int(chain.get("state_bytes_in_memory", 0)))}
 
 
@@ -769,4 +793,5 @@ def latency_job(*, quick: bool = False, count: int | None = None, rate: float = 
 
 
 __all__ = ["W4Source", "latency_job", "w1_pool_buffers", "w1_shmflow", "w2_columnar_job", "w2_rows_job", "w3_input",
-           "w3_job", "w4_job", "w4_region_bytes", "w5_job"]
+           "w3_job", "w4_job", "w4_region_bytes", "w5_config", "w5_graph", "w5_job",
+           "checkpoint_figures"]

@@ -67,11 +67,17 @@ class CheckpointStats:
     last_size_bytes: int = 0
     max_alignment_seconds: float = 0.0
     total_duration_seconds: float = 0.0
+    #: The largest and the longest of the job's checkpoints (the last one of a job whose subtasks had all
+    #: finished holds no state: 0 bytes).
+    max_size_bytes: int = 0
+    max_duration_seconds: float = 0.0
 
     def metrics(self) -> dict[str, float]:
         return {"checkpoints": self.completed, "checkpoints_failed": self.failed,
                 "checkpoint_last_id": self.last_id, "checkpoint_duration_seconds": self.last_duration_seconds,
                 "checkpoint_size_bytes": self.last_size_bytes,
+                "checkpoint_max_size_bytes": self.max_size_bytes,
+                "checkpoint_max_duration_seconds": self.max_duration_seconds,
                 "checkpoint_alignment_seconds": self.max_alignment_seconds,
                 "checkpoint_total_seconds": self.total_duration_seconds}
 
@@ -150,6 +156,8 @@ class CheckpointCoordinator:
         s.last_duration_seconds = duration
         s.total_duration_seconds += duration
         s.last_size_bytes = sum(h.nbytes for h in pending.handles.values())
+        s.max_size_bytes = max(s.max_size_bytes, s.last_size_bytes)
+        s.max_duration_seconds = max(s.max_duration_seconds, duration)
         s.max_alignment_seconds = max(s.max_alignment_seconds, pending.alignment_seconds)
         return completed
 

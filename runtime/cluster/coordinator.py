@@ -82,6 +82,14 @@ log = logging.getLogger("shmflow.coordinator")
 
 #: The key of a job's own figures (checkpoints, restarts) in run_job's result, under worker id -1.
 JOB_METRICS = "__job__"
+#: ``JOB_METRICS["attempts"]``: one dict per run of the job, in order, of ``time.monotonic()`` instants (system-wide,
+#: so they subtract from a time taken in another process) and, for a restart, what it restored:
+#: ``restored_checkpoint`` (its id, 0: none) and ``restored_bytes`` (its state files' size); ``workers_replaced_at``
+#: (every lost worker was started again and registered) and ``workers_attached_at`` (every worker the job needs
+#: has attached); ``deploy_at`` (Deploy sent), ``deployed_at`` (every worker built and restored its subtasks),
+#: ``started_at`` (Start sent); then ``failed_at`` (the failure was detected) or ``finished_at``. The sources'
+#: first record of a run is its subtasks' ``first_record_at``.
+ATTEMPT_TIMES = "attempts"
 HEARTBEAT_TIMEOUT = 30.0  # seconds of silence after which a worker counts as lost (a busy step can be long)
 STARTUP_TIMEOUT = 60.0
 
@@ -355,13 +363,16 @@ class Coordinator:
         collector = _Committer(on_collect, enabled=checkpoints is not None)
         strategy = restart_strategy(self.config)
         failures: list[str] = []
+        attempts: list[dict[str, float]] = [{}]  # per run of the job: when each step happened (ATTEMPT_TIMES)
         self._on_tick, self._next_tick = on_tick, time.monotonic()
         self.current_job = graph.name
         try:
             while True:
                 try:
-                    finished = self._run_attempt(graph, payload, collector, checkpoints, restore_dir, deadline)
+                    finished = self._run_attempt(graph, payload, collector, checkpoints, restore_dir, deadline,
+                                                 times=attempts[-1])
                 except JobFailedError as exc:
+                    attempts[-1]["failed_at"] = time.monotonic()
                     failures.append(str(exc))
                     delay = None if exc.final else strategy.on_failure(time.monotonic())
                     if delay is None:
@@ -371,10 +382,12 @@ class Coordinator:
                     if checkpoints is not None and checkpoints.latest is not None:
                         restore_id, restore_dir = checkpoints.restore_point()  # else: where this run began
                     collector.rewind(restore_id)
-                    self._await_restart(graph, delay, deadline)
+                    attempts.append(self._restore_figures(checkpoints, restore_id))
+                    self._await_restart(graph, delay, deadline, times=attempts[-1])
                     continue
+                attempts[-1]["finished_at"] = time.monotonic()
                 collector.release_all()
-                job = {"restarts": len(failures), "failures": list(failures)}
+                job: dict[str, Any] = {"restarts": len(failures), "failures": list(failures), ATTEMPT_TIMES: attempts}
                 if checkpoints is not None:
                     job.update(checkpoints.describe())
                     job["checkpoint_dir"] = str(checkpoints.storage.job_dir)
@@ -416,8 +429,18 @@ class Coordinator:
                f"({strategy.describe()}):\n{listed}")
         return JobFailedError(msg, final=True)
 
-    def _await_restart(self, graph: JobGraph, delay: float, deadline: float | None) -> None:
-        """Wait ``delay`` (serving heartbeats), replace lost workers, and wait until enough are registered."""
+    @staticmethod
+    def _restore_figures(checkpoints: CheckpointCoordinator | None, restored: int) -> dict[str, float]:
+        """The start of a restarted run's ATTEMPT_TIMES: the checkpoint it restores and that checkpoint's size."""
+        latest = checkpoints.latest if checkpoints is not None else None
+        size = sum(h.nbytes for h in latest.metadata.subtasks.values()) if latest is not None else 0
+        return {"restored_checkpoint": restored, "restored_bytes": size if restored else 0}
+
+    def _await_restart(self, graph: JobGraph, delay: float, deadline: float | None,
+                       times: dict[str, float] | None = None) -> None:
+        """Wait ``delay`` (serving heartbeats), replace lost workers, and wait until enough are registered.
+        ``times`` gets ``workers_replaced_at`` and ``workers_attached_at`` (ATTEMPT_TIMES)."""
+        times = {} if times is None else times
         until = time.monotonic() + delay
         while time.monotonic() < until:
             self._idle_poll(min(0.1, max(0.0, until - time.monotonic())))
@@ -430,6 +453,7 @@ class Coordinator:
                 except WorkerLostError as exc:
                     msg = f"job {graph.name!r} cannot restart: {exc}"
                     raise JobFailedError(msg, final=True) from exc
+        times["workers_replaced_at"] = time.monotonic()
         limit = time.monotonic() + STARTUP_TIMEOUT
         while any(wid not in self.workers or not self.workers[wid].attached for wid in range(needed)):
             if time.monotonic() > limit or (deadline is not None and time.monotonic() > deadline):
@@ -437,6 +461,7 @@ class Coordinator:
                        f"{STARTUP_TIMEOUT:.0f}s")
                 raise JobFailedError(msg, final=True)
             self._idle_poll(0.1)
+        times["workers_attached_at"] = time.monotonic()
 
     def _idle_poll(self, timeout: float) -> None:
         """Between two attempts: serve registrations and heartbeats; drop the old run's messages."""
@@ -447,8 +472,10 @@ class Coordinator:
 
     def _run_attempt(self, graph: JobGraph, payload: bytes | list[bytes], collector: _Committer,
                      checkpoints: CheckpointCoordinator | None, restore_dir: str,
-                     deadline: float | None) -> dict[int, dict[str, Any]]:
-        """Deploy, start and watch one run of the job; per-worker metrics. Raises JobFailedError."""
+                     deadline: float | None, times: dict[str, float] | None = None) -> dict[int, dict[str, Any]]:
+        """Deploy, start and watch one run of the job; per-worker metrics. Raises JobFailedError.
+        ``times`` gets ``deploy_at``, ``deployed_at`` and ``started_at`` (ATTEMPT_TIMES)."""
+        times = {} if times is None else times
         job = secrets.token_hex(6)
         needed = graph.max_parallelism
         participants = {wid: self.workers[wid] for wid in sorted(self.workers)[:needed]}
@@ -461,6 +488,7 @@ class Coordinator:
             except ProtocolError as exc:
                 raise JobFailedError(str(exc), final=True) from exc
         checkpoint_dir = str(checkpoints.storage.job_dir) if checkpoints is not None else ""
+        times["deploy_at"] = time.monotonic()
         for wid, handle in participants.items():  # worker ids are 0..needed-1: worker i runs subtask i
             graph_bytes = payload[wid] if isinstance(payload, list) else payload
             self.send(handle, Deploy(job=job, graph=graph_bytes, config=cfg, checkpoint_dir=checkpoint_dir,
@@ -471,10 +499,12 @@ class Coordinator:
         try:
             while len(deployed) < len(participants):
                 self._watch(graph, watch, deployed, None)
+            times["deployed_at"] = time.monotonic()  # every subtask built and restored, every gate bound
             gates = {str(v.id): [deployed[i][str(v.id)] for i in range(v.parallelism)]
                      for v in graph.vertices if v.inputs}
             for handle in participants.values():
                 self.send(handle, Start(job=job, gates=gates))
+            times["started_at"] = time.monotonic()
             if checkpoints is not None:
                 checkpoints.start_run()
             while len(finished) < len(participants):
@@ -620,4 +650,4 @@ def check_graph_payload(payload: bytes) -> JobGraph:
     return graph
 
 
-__all__ = ["HEARTBEAT_TIMEOUT", "Coordinator", "WorkerHandle", "check_graph_payload"]
+__all__ = ["ATTEMPT_TIMES", "HEARTBEAT_TIMEOUT", "JOB_METRICS", "Coordinator", "WorkerHandle", "check_graph_payload"]

@@ -175,6 +175,7 @@ class JobRun:
         self._gc_collections_before = 0
         self._io_manager: IOManager | None = None
         self._managed: list[ManagedMemory] = []  # every operator's managed share, for the state report
+        self._restore_seconds = 0.0  # reading and decoding the restored checkpoint's files, restoring the operators
 
     # ------------------------------------------------------------------ phases
     def run(self) -> None:
@@ -270,11 +271,13 @@ class JobRun:
                 st.on_snapshot = self._on_snapshot
             if self.checkpointing.restore_dir:
                 self._current = vertex.name
+                restore_started = time.monotonic()
                 states = self.checkpointing.restored_states(subtask_key(vertex.id, index))
                 if states is None:
                     st.restore_finished()
                 else:
                     st.restore(states)
+                self._restore_seconds += time.monotonic() - restore_started
             self.subtasks.append(st)
         self._current = None
         self.host.report_deployed(self.job_id, gates)
@@ -464,6 +467,7 @@ class JobRun:
             "gc_collections": gc_timer().collections - self._gc_collections_before,
             "network_peak_bytes": sum(p.stats().peak_in_use for p in self.pools) * self.network.buffer_size,
             "managed_peak_bytes": self.memory.stats().high_water_mark,
+            "restore_seconds": self._restore_seconds,
         }
         return out
 

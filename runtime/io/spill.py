@@ -243,6 +243,43 @@ class SpillFile:
         """
         return self.read_async(ref, segments).result(timeout)
 
+    def read_copy(self, ref: BlockRef) -> bytes:
+        """The bytes of block ``ref``, read in the calling thread into a new ``bytes`` object: for a reader
+        that must not take a segment for it (a checkpoint reading spilled state without loading it back).
+
+        Ownership: the result is the caller's; no segment is involved.
+        Process: the IOManager's process. Thread-safe (it reads holding the IOManager's lock).
+
+        Raises:
+            InvalidHandleError: ``ref`` names another file or bytes never written here.
+            SpillError: the file was deleted, is truncated or corrupt (CRC-32), or the read failed.
+        """
+        state = self._state
+        ref = _check_ref(ref, state)
+        where = f"block at offset {ref.offset} ({ref.nbytes} bytes)"
+        with self._core.lock:  # pairs with _read_block, which reads on an IOManager thread
+            self._check_usable("read from", ref)
+            if ref.offset + ref.nbytes > state.size:
+                msg = (f"block ref (offset={ref.offset}, nbytes={ref.nbytes}) lies beyond the "
+                       f"{state.size} bytes written to spill file {state.path}")
+                raise InvalidHandleError(msg)
+            try:
+                data = os.pread(state.fd, ref.nbytes, ref.offset)
+                size = os.fstat(state.fd).st_size
+            except OSError as exc:
+                msg = f"cannot read {where} of spill file {state.path}: {_describe(exc)}"
+                raise _spill_error(msg, exc, state.path) from exc
+        if len(data) < ref.nbytes:
+            msg = (f"spill file {state.path} is truncated: {where} needs {ref.nbytes} bytes, only "
+                   f"{len(data)} could be read (the file has {size} bytes)")
+            raise _spill_error(msg, None, state.path)
+        crc = zlib.crc32(data)
+        if crc != ref.crc32:
+            msg = f"spill file {state.path} is corrupt: {where} has crc32 {crc:#010x}, expected {ref.crc32:#010x}"
+            raise _spill_error(msg, None, state.path)
+        self._core.count("read", ref.nbytes)
+        return data
+
     # --------------------------------------------------------------- lifetime
     def _check_usable(self, what: str, ref: BlockRef | None = None) -> None:
         """Caller holds the core lock."""
