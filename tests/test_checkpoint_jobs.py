@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import StreamEnvironment
+from runtime import KeyedProcessFunction, StreamEnvironment, ValueStateDescriptor
 from runtime.errors import CheckpointError, JobFailedError
 from runtime.execution.task import SourceOperator
 
@@ -371,3 +371,40 @@ def test_a_function_that_raises_once_with_to_file_leaves_each_record_once_in_the
     assert marker.exists() and result.metrics["restarts"] == 1
     _assert_exactly_once(_committed_lines(out), n)
     assert not list(out.glob(".*inprogress"))
+
+
+class CountAndFinal(KeyedProcessFunction):
+    """A count per key in a ValueState, every update emitted, and one event-time timer per key (far in the
+    future: the final watermark fires it) that emits the key's final count."""
+
+    def open(self, runtime_context):
+        self.count = runtime_context.get_state(ValueStateDescriptor("count"))
+
+    def process_element(self, value, ctx):
+        c = (self.count.value() or 0) + 1
+        self.count.update(c)
+        ctx.timer_service().register_event_time_timer(1e12)
+        yield ctx.get_current_key(), c
+
+    def on_timer(self, timestamp, ctx):
+        yield ctx.get_current_key(), "final", self.count.value()
+
+
+@pytest.mark.parametrize("backend", ["heap", "managed"])
+def test_a_process_function_with_state_and_timers_survives_a_killed_worker(tmp_path, backend):
+    n = 20_000
+    env = _env(tmp_path, **{"state.backend": backend, "memory.managed.size": "1mb"})
+    out = (env.from_generator(_key, rate=10_000, count=n).key_by(_first).process(CountAndFinal()).collect())
+    thread, box = _run_in_thread(env, f"process-{backend}")
+    deadline = time.monotonic() + 60
+    while not _completed(tmp_path / "checkpoints"):
+        assert time.monotonic() < deadline and thread.is_alive(), box
+        time.sleep(0.02)  # sleep-ok: waiting for a file another process writes
+    os.kill(_workers_of_this_process()[1], signal.SIGKILL)
+    thread.join(120)
+    assert "error" not in box, box.get("error")
+    assert box["result"].metrics["restarts"] == 1
+    updates = [r for r in out.values() if len(r) == 2]
+    finals = sorted(r for r in out.values() if len(r) == 3)
+    _assert_exactly_once(updates, n)
+    assert finals == sorted((f"k{k}", "final", n // KEYS) for k in range(KEYS))  # each timer fired once
