@@ -7,6 +7,7 @@ as collected, must be exactly 1, 2, ..., n (nothing lost, nothing twice, in orde
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -408,3 +409,26 @@ def test_a_process_function_with_state_and_timers_survives_a_killed_worker(tmp_p
     finals = sorted(r for r in out.values() if len(r) == 3)
     _assert_exactly_once(updates, n)
     assert finals == sorted((f"k{k}", "final", n // KEYS) for k in range(KEYS))  # each timer fired once
+
+
+def test_shmflow_run_from_checkpoint_names_the_operator_that_does_not_match(tmp_path):
+    import subprocess
+    import sys
+
+    env, _ = _failing_run(tmp_path, 20_000, tmp_path / "go-on")
+    with pytest.raises(JobFailedError):
+        env.execute("resumable", timeout=120)
+    (checkpoint,) = _completed(tmp_path / "checkpoints")
+    script = tmp_path / "other_job.py"
+    script.write_text(
+        "from runtime import StreamEnvironment\n"
+        "env = StreamEnvironment(mode='streaming')\n"
+        "env.from_generator(lambda i: (f'k{i % 5}', i), count=100).key_by(lambda r: r[0]).max(1).collect()\n"
+        "env.execute('other')\n")
+    done = subprocess.run([sys.executable, "-m", "runtime.cli", "run", str(script), "--from-checkpoint",
+                           str(checkpoint.parent)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert re.search(r"CheckpointError: checkpoint .*chk-\d+ does not fit job 'other'.*max", done.stderr), done.stderr
+    missing = subprocess.run([sys.executable, "-m", "runtime.cli", "run", str(script), "--from-checkpoint",
+                              str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "--from-checkpoint" in missing.stderr and "nowhere" in missing.stderr
