@@ -166,3 +166,28 @@ def test_key_groups_do_not_depend_on_the_hash_seed(tmp_path):
     assert len(outs) == 1
     with managed_memory(tmp_path, 4 << 20, PAGE) as (mm, io), ManagedKeyValueStore(mm, "op", 4 * PAGE, io) as s:
         assert str([s.key_group(b"key %d" % i) for i in range(20)]) + "\n" in outs
+
+
+def test_a_tombstone_whose_spill_compacts_every_run_away_is_not_kept(tmp_path):
+    """Tombstones fill memory (the keys below them spilled); the spill one more causes merges every run into
+    nothing (max_runs 1). That tombstone shadows nothing then: it is not written, and len() stays exact."""
+    with managed_memory(tmp_path, 4 << 20, PAGE) as (mm, io):
+        store = ManagedKeyValueStore(mm, "op", 3 * PAGE, io, max_runs=1)
+        try:
+            spilled = []
+            while store.stats().spills == 0:
+                spilled.append(b"key-%04d" % len(spilled))
+                store.put(spilled[-1], b"v" * 100)
+            for key in spilled:
+                assert store.delete(key)
+            for i in range(10_000):
+                had_runs = store.stats().runs > 0
+                store.discard(b"gone-%05d" % i)
+                if had_runs and store.stats().runs == 0:
+                    break
+            else:
+                pytest.fail("no spill compacted every run away")
+            assert len(store) == len(list(store.items())) == 0
+            assert store.stats().memory_entries == 0
+        finally:
+            store.release()

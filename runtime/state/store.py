@@ -544,6 +544,8 @@ class ManagedKeyValueStore:
             if new is None:
                 self._spill_memory(nbytes)
                 old = None  # it went to disk with the rest; the new version shadows it
+                if value is None and not self._runs:  # the spill's compaction left nothing to shadow
+                    return
                 new = bins.alloc(nbytes)
                 if new is not None and not index.add(key, new):
                     bins.free(new)
