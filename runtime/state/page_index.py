@@ -119,10 +119,10 @@ class PageHashIndex:
         klen = ENTRY_HEADER.unpack_from(arena, at)[0] & KEY_LENGTH_MASK
         return klen == len(key) and arena[at + 4:at + 4 + klen] == key
 
-    def get(self, key: bytes) -> int | None:
-        """The handle of ``key``'s entry, or None."""
+    def _slot(self, key: bytes) -> int:
+        """The slot that holds ``key``, or -1: its probe compares fingerprints, then the key in the entry."""
         if not self._fill:
-            return None
+            return -1
         fp = self._hash(key)
         words, mask, shift, low = self._words, self._mask, self._shift, self._low
         i = fp & mask
@@ -131,12 +131,18 @@ class PageHashIndex:
             j = (i & low) << 1
             f = w[j]
             if f == fp:
-                h = w[j + 1]
-                if self._matches(h, key):
-                    return h
+                if self._matches(w[j + 1], key):
+                    return i
             elif not f:
-                return None
+                return -1
             i = (i + 1) & mask
+
+    def get(self, key: bytes) -> int | None:
+        """The handle of ``key``'s entry, or None."""
+        i = self._slot(key)
+        if i < 0:
+            return None
+        return self._words[i >> self._shift][((i & self._low) << 1) + 1]
 
     def __len__(self) -> int:
         return self._fill
@@ -242,22 +248,11 @@ class PageHashIndex:
 
     def remove(self, key: bytes) -> int | None:
         """Forget ``key``; the handle it had, or None. Backward shift: the entries after the hole move up."""
-        if not self._fill:
+        i = self._slot(key)
+        if i < 0:
             return None
-        fp = self._hash(key)
         words, mask, shift, low = self._words, self._mask, self._shift, self._low
-        i = fp & mask
-        while True:
-            w = words[i >> shift]
-            j = (i & low) << 1
-            f = w[j]
-            if f == fp:
-                h = w[j + 1]
-                if self._matches(h, key):
-                    break
-            elif not f:
-                return None
-            i = (i + 1) & mask
+        h = words[i >> shift][((i & low) << 1) + 1]
         # i is the hole. Move the next entry that may live there (its home is not in (hole, its slot]) into it.
         k = i
         while True:
