@@ -228,6 +228,36 @@ def _layout(endpoint, secret, *extra):
 OPERATOR_PAGES = re.compile(r"^  \S (combine\()?sum\)?\[\d+\] +[\d.]+ [KM]iB in \d+ blocks?$", re.MULTILINE)
 
 
+def _layout_of_held_job(env, name, endpoint, secret, release, shown, msg):
+    """Run ``env``'s job ``name`` in a thread (its source holds it until ``release`` exists), wait until
+    ``shmflow layout --coordinator`` shows it running with a match of ``shown``, release it and wait for its
+    end; the layout's text."""
+    import threading
+    failure: list[BaseException] = []
+
+    def run():
+        try:
+            env.execute(name, timeout=120)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failure.append(exc)
+
+    job = threading.Thread(target=run)
+    job.start()
+    seen = {}
+    try:
+        def visible():
+            proc = _layout(endpoint, secret)
+            assert proc.returncode == 0, proc.stderr
+            seen["text"] = proc.stdout
+            return f"running job {name!r}" in proc.stdout and shown.search(proc.stdout) is not None
+        wait_until(visible, timeout=60, msg=msg)
+    finally:
+        release.touch()
+        job.join(120)
+    assert not failure, failure
+    return seen["text"]
+
+
 def test_layout_of_a_standing_cluster_shows_each_operators_managed_pages_while_a_job_runs(cluster, tmp_path):
     endpoint, secret, _, _ = cluster
     _wait_for_workers(endpoint, secret)
@@ -243,33 +273,10 @@ def test_layout_of_a_standing_cluster_shows_each_operators_managed_pages_while_a
 
     env = StreamEnvironment(workers=2, coordinator=endpoint, secret_file=str(secret))
     out = env.from_generator(record, count=n).key_by(lambda r: r[0]).sum(1).collect()
-    failure: list[BaseException] = []
-
-    def run():
-        try:
-            env.execute("held-sum", timeout=120)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            failure.append(exc)
-
-    import threading
-    job = threading.Thread(target=run)
-    job.start()
-    try:
-        seen = {}
-
-        def pages_shown():
-            proc = _layout(endpoint, secret)
-            assert proc.returncode == 0, proc.stderr
-            seen["text"] = proc.stdout
-            return "running job 'held-sum'" in proc.stdout and OPERATOR_PAGES.search(proc.stdout) is not None
-        wait_until(pages_shown, timeout=60, msg="the layout shows the keyed sum's managed pages")
-        text = seen["text"]
-        assert "worker 0 arena (pid" in text and "worker 1 arena (pid" in text
-        assert "worker-0 network" in text and "worker-1 network" in text
-    finally:
-        release.touch()
-        job.join(120)
-    assert not failure, failure
+    text = _layout_of_held_job(env, "held-sum", endpoint, secret, release, OPERATOR_PAGES,
+                               "the layout shows the keyed sum's managed pages")
+    assert "worker 0 arena (pid" in text and "worker 1 arena (pid" in text
+    assert "worker-0 network" in text and "worker-1 network" in text
     assert len(out.values()) == len({(i * 7919) % 1_000_003 for i in range(n)})
     idle = _layout(endpoint, secret)
     assert idle.returncode == 0 and "no job running" in idle.stdout
@@ -310,41 +317,18 @@ def test_layout_of_a_standing_cluster_shows_a_managed_state_backends_bins_under_
 
     env = StreamEnvironment(workers=2, coordinator=endpoint, secret_file=str(secret))
     env.from_generator(record, count=n).key_by(lambda r: r[0]).process(RemembersLast()).collect()
-    failure: list[BaseException] = []
-
-    def run():
-        try:
-            env.execute("held-state", timeout=120)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            failure.append(exc)
-
-    import threading
-    job = threading.Thread(target=run)
-    job.start()
-    try:
-        seen = {}
-
-        def bins_shown():
-            proc = _layout(endpoint, secret)
-            assert proc.returncode == 0, proc.stderr
-            seen["text"] = proc.stdout
-            return "running job 'held-state'" in proc.stdout and BIN_ROW.search(proc.stdout) is not None
-        wait_until(bins_shown, timeout=60, msg="the layout shows the process function's state bins")
-        text = seen["text"]
-        lines = text.splitlines()
-        head = next(i for i, line in enumerate(lines) if STATE_HEAD.match(line))
-        assert re.match(r"^  \S process\[\d\] +[\d.]+ [KM]iB in \d+ blocks?$", lines[head - 1]), text
-        assert lines[head + 1].split() == ["bin", "objects", "bytes", "used", "slots", "fill"], text
-        rows = BIN_ROW.findall(text)
-        assert len(rows) >= 3, text  # values of 0 to 299 characters: several size classes
-        for size, objects, slots in rows:
-            assert int(size) >= 16 and 0 < int(objects.replace(",", "")) <= int(slots.replace(",", "")), text
-        entries = sum(int(m.replace(",", "")) for m in STATE_HEAD.findall(text))
-        assert 0 < entries <= keys, text
-    finally:
-        release.touch()
-        job.join(120)
-    assert not failure, failure
+    text = _layout_of_held_job(env, "held-state", endpoint, secret, release, BIN_ROW,
+                               "the layout shows the process function's state bins")
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if STATE_HEAD.match(line))
+    assert re.match(r"^  \S process\[\d\] +[\d.]+ [KM]iB in \d+ blocks?$", lines[head - 1]), text
+    assert lines[head + 1].split() == ["bin", "objects", "bytes", "used", "slots", "fill"], text
+    rows = BIN_ROW.findall(text)
+    assert len(rows) >= 3, text  # values of 0 to 299 characters: several size classes
+    for size, objects, slots in rows:
+        assert int(size) >= 16 and 0 < int(objects.replace(",", "")) <= int(slots.replace(",", "")), text
+    entries = sum(int(m.replace(",", "")) for m in STATE_HEAD.findall(text))
+    assert 0 < entries <= keys, text
 
     def state_gone():  # with the next heartbeat of each worker after the job's end
         idle = _layout(endpoint, secret)
