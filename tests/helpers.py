@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -73,3 +76,44 @@ def managed_memory(tmp_path: object, size: int = 16 << 20, page: int = 4096) -> 
         finally:
             assert mm.close() == []
             assert mm.allocator.allocated_bytes == 0
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """``python -m runtime.cli ARGS`` with its output captured as text."""
+    return subprocess.Popen([sys.executable, "-m", "runtime.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every process still running, wait (SIGKILL after 15 s), close their pipes."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+        p.stderr.close()
+
+
+@contextlib.contextmanager
+def standing_cluster(tmp_path, *coordinator_args: str, workers: int = 2) -> Iterator[tuple]:
+    """A standing cluster (``shmflow coordinator`` on a free tcp port, ``workers`` ``shmflow worker``s):
+    ``(endpoint, secret file, coordinator process, worker processes)``. Processes appended to that list of
+    workers are stopped on the way out too."""
+    secret = tmp_path / "cluster.secret"
+    coord = start_cli("coordinator", "--bind", "tcp://127.0.0.1:*", "--secret-file", str(secret), "--workers",
+                      str(workers), *coordinator_args)
+    started: list[subprocess.Popen] = []
+    try:
+        first = coord.stdout.readline()
+        assert first.startswith("coordinator listening on "), first + coord.stderr.read()
+        endpoint = first.split()[3].rstrip(";")
+        for _ in range(workers):
+            started.append(start_cli("worker", "--coordinator", endpoint, "--secret-file", str(secret)))
+        yield endpoint, secret, coord, started
+    finally:
+        stop_processes([coord, *started])

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import standing_cluster, start_cli
 
 from runtime import KeyedProcessFunction, StreamEnvironment, ValueStateDescriptor
 from runtime.errors import CheckpointError, JobFailedError
@@ -302,26 +303,11 @@ def test_to_file_commits_each_record_once_across_a_killed_worker_and_shows_no_un
 
 
 def test_a_standing_cluster_restarts_a_job_whose_worker_was_killed_once_a_new_worker_joins(tmp_path):
-    import subprocess
-    import sys
-
-    def start(*args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "runtime.cli", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-
-    secret = tmp_path / "cluster.secret"
     checkpoints = tmp_path / "checkpoints"
-    coord = start("coordinator", "--bind", "tcp://127.0.0.1:*", "--secret-file", str(secret), "--workers", "2",
-                  "-D", "execution.checkpointing.interval=200ms", "-D", f"state.checkpoints.dir={checkpoints}",
-                  "-D", "restart-strategy.type=fixed-delay", "-D", "restart-strategy.fixed-delay.attempts=2",
-                  "-D", "restart-strategy.fixed-delay.delay=100ms")
-    procs = [coord]
-    try:
-        first = coord.stdout.readline()
-        assert first.startswith("coordinator listening on "), first + coord.stderr.read()
-        endpoint = first.split()[3].rstrip(";")
-        workers = [start("worker", "--coordinator", endpoint, "--secret-file", str(secret)) for _ in range(2)]
-        procs += workers
+    with standing_cluster(tmp_path, "-D", "execution.checkpointing.interval=200ms",
+                          "-D", f"state.checkpoints.dir={checkpoints}", "-D", "restart-strategy.type=fixed-delay",
+                          "-D", "restart-strategy.fixed-delay.attempts=2",
+                          "-D", "restart-strategy.fixed-delay.delay=100ms") as (endpoint, secret, _, workers):
         n = 40_000
         env = StreamEnvironment(workers=2, mode="streaming", coordinator=endpoint, secret_file=str(secret))
         out = env.from_generator(_key, rate=10_000, count=n).key_by(_first).count().collect()
@@ -336,23 +322,11 @@ def test_a_standing_cluster_restarts_a_job_whose_worker_was_killed_once_a_new_wo
             assert "needs 2 workers" in str(box.get("error")), box
             time.sleep(0.2)  # sleep-ok: a worker is still registering
         workers[1].kill()
-        procs.append(start("worker", "--coordinator", endpoint, "--secret-file", str(secret)))
+        workers.append(start_cli("worker", "--coordinator", endpoint, "--secret-file", str(secret)))
         thread.join(120)
         assert "error" not in box, box.get("error")
         _assert_exactly_once(out.values(), n)
         assert box["result"].metrics["restarts"] == 1
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            p.stdout.close()
-            p.stderr.close()
 
 
 def test_a_function_that_raises_once_with_to_file_leaves_each_record_once_in_the_committed_files(tmp_path):

@@ -17,53 +17,24 @@ import time
 import failing_jobs
 import pytest
 import zmq
-from helpers import wait_until
+from helpers import standing_cluster, wait_until
 
 from runtime import KeyedProcessFunction, StreamEnvironment, ValueStateDescriptor
 from runtime.cluster import protocol as control
 from runtime.errors import JobFailedError
 
 
-def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "runtime.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
 @pytest.fixture
 def cluster(tmp_path):
-    yield from _standing_cluster(tmp_path)
+    with standing_cluster(tmp_path) as running:
+        yield running
 
 
 @pytest.fixture
 def managed_state_cluster(tmp_path):
     """A standing cluster whose jobs keep keyed state in managed memory (the coordinator's configuration)."""
-    yield from _standing_cluster(tmp_path, "-D", "state.backend=managed")
-
-
-def _standing_cluster(tmp_path, *coordinator_args):
-    secret = tmp_path / "cluster.secret"
-    coord = _start("coordinator", "--bind", "tcp://127.0.0.1:*", "--secret-file", str(secret), "--workers", "2",
-                   *coordinator_args)
-    procs = [coord]
-    try:
-        first = coord.stdout.readline()
-        assert first.startswith("coordinator listening on "), first + coord.stderr.read()
-        endpoint = first.split()[3].rstrip(";")
-        for _ in range(2):
-            procs.append(_start("worker", "--coordinator", endpoint, "--secret-file", str(secret)))
-        yield endpoint, secret, coord, procs[1:]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            p.stdout.close()
-            p.stderr.close()
+    with standing_cluster(tmp_path, "-D", "state.backend=managed") as running:
+        yield running
 
 
 def _submit(endpoint, secret, words):
