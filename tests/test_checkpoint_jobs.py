@@ -101,15 +101,23 @@ def test_a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice(tmp_path
     assert result.metrics["checkpoints"] >= 1
 
 
+def _failing_once_at(index: int, marker: Path):
+    """A map function that raises on record ``index`` the first time only (``marker``, a file, remembers it
+    across restarts and worker processes)."""
+
+    def fail_once(record):
+        if record[1] == index and not marker.exists():
+            marker.touch()
+            raise RuntimeError("a transient failure")
+        return record
+    return fail_once
+
+
 def test_a_user_function_that_raises_once_is_restarted_from_the_checkpoint(tmp_path):
     n = 20_000
     marker = tmp_path / "raised"
 
-    def fail_once(record):
-        if record[1] == n // 2 and not marker.exists():
-            marker.touch()
-            raise RuntimeError("a transient failure")
-        return record
+    fail_once = _failing_once_at(n // 2, marker)
 
     env = _env(tmp_path)
     out = env.from_generator(_key, rate=10_000, count=n).map(fail_once).key_by(_first).count().collect()
@@ -334,11 +342,7 @@ def test_a_function_that_raises_once_with_to_file_leaves_each_record_once_in_the
     marker = tmp_path / "raised"
     out = tmp_path / "out"
 
-    def fail_once(record):
-        if record[1] == n // 2 and not marker.exists():
-            marker.touch()
-            raise RuntimeError("a transient failure")
-        return record
+    fail_once = _failing_once_at(n // 2, marker)
 
     env = _env(tmp_path)
     env.from_generator(_key, rate=10_000, count=n).map(fail_once).key_by(_first).count().to_file(str(out))

@@ -249,13 +249,17 @@ def _check_state_file(path: Path, handle: StateHandle, *, contents: bool) -> Non
             digest = hashlib.sha256()
             while piece := f.read(_CHUNK):
                 digest.update(piece)
-    except FileNotFoundError as exc:
-        msg = f"checkpoint file {path} is missing; the checkpoint records it with {handle.nbytes} bytes"
-        raise CheckpointError(msg) from exc
     except OSError as exc:
-        msg = f"cannot read checkpoint file {path}: {exc}"
-        raise CheckpointError(msg) from exc
+        raise _unreadable(path, handle, exc) from exc
     _check_digest(path, handle.sha256, digest.hexdigest())
+
+
+def _unreadable(path: Path, handle: StateHandle, exc: OSError) -> CheckpointError:
+    """The error for a state file that cannot be read: missing (with its recorded size), or the OS error."""
+    if isinstance(exc, FileNotFoundError):
+        return CheckpointError(f"checkpoint file {path} is missing; the checkpoint records it with "
+                               f"{handle.nbytes} bytes")
+    return CheckpointError(f"cannot read checkpoint file {path}: {exc}")
 
 
 def _check_size(path: Path, expected: int, found: int) -> None:
@@ -444,12 +448,8 @@ class CompletedCheckpoint:
         try:
             with open(path, "rb") as f:
                 data = f.read()
-        except FileNotFoundError as exc:
-            msg = f"checkpoint file {path} is missing; the checkpoint records it with {handle.nbytes} bytes"
-            raise CheckpointError(msg) from exc
         except OSError as exc:
-            msg = f"cannot read checkpoint file {path}: {exc}"
-            raise CheckpointError(msg) from exc
+            raise _unreadable(path, handle, exc) from exc
         _check_size(path, handle.nbytes, len(data))
         _check_digest(path, handle.sha256, hashlib.sha256(data).hexdigest())
         return data
