@@ -136,6 +136,17 @@ def cuts(steps: st.SearchStrategy[list[Any]]) -> st.SearchStrategy[tuple[list[An
 
 
 # ------------------------------------------------------------------ sources
+def take(src: SourceOperator, polls: list[int], stop: int) -> list[Any]:
+    """What ``stop`` polls of ``src`` (sizes from ``polls``, in turn) give, fewer if it ends first."""
+    out: list[Any] = []
+    for k in range(stop):
+        batch = src.poll_batch(polls[k % len(polls)])
+        if batch is None:
+            break
+        out.extend(batch)
+    return out
+
+
 def drain(src: SourceOperator, polls: list[int]) -> list[Any]:
     out: list[Any] = []
     i = 0
@@ -154,12 +165,7 @@ def test_collection_source_resumes_at_its_position(n, p, polls, stop):
     for i in range(p):
         a = CollectionSource(range(n))
         a.open(OperatorContext(subtask_index=i, parallelism=p))
-        before = []
-        for k in range(stop):
-            batch = a.poll_batch(polls[k % len(polls)])
-            if batch is None:
-                break
-            before.extend(batch)
+        before = take(a, polls, stop)
         state = roundtrip(a.snapshot_state())
         rest = drain(a, polls)
         b = CollectionSource(range(n))
@@ -177,9 +183,7 @@ def test_generator_source_resumes_at_its_index(count, p, polls, stop):
     parts_b = GeneratorSource(lambda i: i * 3, count=count).split(p)
     for i, (a, b) in enumerate(zip(parts_a, parts_b)):
         a.open(OperatorContext(subtask_index=i, parallelism=p))
-        for k in range(stop):
-            if a.poll_batch(polls[k % len(polls)]) is None:
-                break
+        take(a, polls, stop)
         state = roundtrip(a.snapshot_state())
         b.open(OperatorContext(subtask_index=i, parallelism=p))
         b.restore_state(state)
@@ -228,12 +232,7 @@ def test_text_file_source_resumes_at_the_next_unread_line(tmp_path, lines, crlf,
             a = TextFileSource(path).split(p)[i]
             a.CHUNK_BYTES = chunk
             a.open(OperatorContext(subtask_index=i, parallelism=p))
-            before: list[str] = []
-            for k in range(stop):
-                batch = a.poll_batch(polls[k % len(polls)])
-                if batch is None:
-                    break
-                before.extend(batch)
+            before = take(a, polls, stop)
             state = roundtrip(a.snapshot_state())
             rest = drain(a, polls)
             a.close()
@@ -303,9 +302,7 @@ def test_w4_source_resumes_at_its_chunk_and_offset(sizes, p, polls, stop):
     for i in range(p):
         a = W4Source(n, 7, "rows", list(chunks)).split(p)[i]
         a.open(OperatorContext(subtask_index=i, parallelism=p))
-        for k in range(stop):
-            if a.poll_batch(polls[k % len(polls)]) is None:
-                break
+        take(a, polls, stop)
         state = roundtrip(a.snapshot_state())
         b = W4Source(n, 7, "rows", list(chunks)).split(p)[i]
         b.open(OperatorContext(subtask_index=i, parallelism=p))
