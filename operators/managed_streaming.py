@@ -33,8 +33,9 @@ from operators.aggregations import Aggregation, Count, Max, Min, Sum
 from operators.fixed_rows import ascii_keys, key_width, min_max_unordered, numeric_values, pair_values
 from operators.keyed_vectorized import gc_paused
 from runtime.execution.task import ManagedMemory
-from runtime.managed.share import ManagedShare
-from runtime.managed.streaming_table import StreamingFixedState
+from runtime.managed.share import ManagedShare, unmix64
+from runtime.managed.streaming_table import StreamingFixedState, image_entries
+from runtime.state.codec import Raw
 
 __all__ = ["PreparedBatch", "StreamingManagedAggregate", "fits_streaming_state", "fixed_entries"]
 
@@ -64,18 +65,25 @@ def fits_streaming_state(aggregation: Aggregation) -> bool:
 
 def fixed_entries(snapshot: Any, *, pairs: bool) -> Iterator[tuple[Any, Any]]:
     """The ``(key, accumulator)`` entries of a :meth:`StreamingManagedAggregate.snapshot` (decoded) as the heap
-    path keeps them (a field aggregation's, ``pairs``, as ``[value, first record]``), chunk by chunk."""
-    str_keys, _, key_bytes, dtype, _, chunks = snapshot
+    path keeps them (a field aggregation's, ``pairs``, as ``[value, first record]``), partition by partition."""
+    str_keys, _, key_bytes, dtype, _, images = snapshot
+    if not images:
+        return
     key_dtype = np.dtype(f"S{key_bytes}" if str_keys else "int64")
     value_dtype = np.dtype(dtype or "int64")
-    for key_data, acc_data in chunks:
-        keys = np.frombuffer(key_data, key_dtype)
+    zero, parts = images
+    chunks: list[tuple[Any, Any]] = []
+    if zero is not None:
+        zero_key = unmix64(np.zeros(1, np.uint64)).view(np.int64)
+        chunks.append((zero_key, np.array([zero], np.uint64).view(value_dtype)))
+    chunks.extend(image_entries(capacity, data, key_dtype, value_dtype) for capacity, data in filter(None, parts))
+    for keys, accs in chunks:
         key_list = keys.astype(f"U{key_dtype.itemsize}").tolist() if str_keys else keys.tolist()
-        accs = np.frombuffer(acc_data, value_dtype).tolist()
+        acc_list = accs.tolist()
         if pairs:
-            yield from ((k, [a, (k, a)]) for k, a in zip(key_list, accs))
+            yield from ((k, [a, (k, a)]) for k, a in zip(key_list, acc_list))
         else:
-            yield from zip(key_list, accs)
+            yield from zip(key_list, acc_list)
 
 
 class StreamingManagedAggregate:
@@ -216,33 +224,32 @@ class StreamingManagedAggregate:
 
     # ------------------------------------------------------------- checkpoints
     def snapshot(self) -> list[Any]:
-        """The state for a checkpoint: ``[str keys, keys fixed, key bytes, value dtype, int-sum bound, chunks]``
-        where each chunk is one partition's ``[keys, accumulators]`` as the bytes of their arrays (no Python
-        object per key). Evicted partitions are loaded back one by one to be read (as :meth:`take_entries`).
-
-        Lists, not tuples: :mod:`runtime.state.codec` packs a tuple into an ext of its packed items, so every
-        level of tuples copied the arrays' bytes once more (W5 with 2.5 M keys per worker and a checkpoint
-        every second: 11% of a worker's time in those copies)."""
-        chunks: list[list[bytes]] = []
+        """The state for a checkpoint: ``[str keys, keys fixed, key bytes, value dtype, int-sum bound, images]``
+        where ``images`` is ``[zero, partitions]`` as ``StreamingFixedState.images`` gives them (None: no
+        state), each partition's table or rows held out of band (:class:`~runtime.state.codec.Raw`): the
+        checkpoint copies the tables once, from managed memory to the blob, and a restore copies them back
+        without rehashing a key. The tables are views: the caller encodes and copies them before the state
+        changes (``Subtask.checkpoint`` does, at once)."""
+        images: list[Any] | None = None
         if self._state is not None:
-            for keys, accs in self._state.items():
-                chunks.append([keys.tobytes(), accs.tobytes()])
-        return [self._str_keys, self._keys_fixed, self._key_bytes, self._dtype, self._bound, chunks]
+            zero, parts = self._state.images()
+            images = [None if zero is None else int(zero),
+                      [None if part is None else [part[0], Raw(part[1])] for part in parts]]
+        return [self._str_keys, self._keys_fixed, self._key_bytes, self._dtype, self._bound, images]
 
     def restore(self, snapshot: Any) -> None:
         """Take back what :meth:`snapshot` returned (decoded) into this new, empty state: its key and value
-        types, and every key's accumulator, merged back partition by partition."""
-        str_keys, keys_fixed, key_bytes, dtype, bound, chunks = snapshot
+        types, and every partition's table as it was."""
+        str_keys, keys_fixed, key_bytes, dtype, bound, images = snapshot
         if self._state is not None or self._keys_fixed:
             msg = f"{self.name}: restore() needs a new, empty state; this one holds {len(self._state or ())} keys"
             raise RuntimeError(msg)
         self._str_keys, self._keys_fixed, self._key_bytes = bool(str_keys), bool(keys_fixed), int(key_bytes)
         self._dtype, self._bound = dtype, int(bound)
-        if not chunks:
+        if not images:
             return
-        state = self._make_state()
-        for keys, accs in chunks:
-            state.merge_entries(np.frombuffer(keys, state.key_dtype), np.frombuffer(accs, state.value_dtype))
+        zero, parts = images
+        self._make_state().restore_images(zero, [None if part is None else (part[0], part[1]) for part in parts])
 
     def metrics(self) -> dict[str, int]:
         """What the state holds, as the job's state metrics (and how it moved partitions)."""

@@ -39,6 +39,11 @@ ENV_NON_CONFIG_PREFIXES = ("SHMFLOW_TEST_", "SHMFLOW_INTERNAL_")
 SHM_DIR = "/dev/shm"
 #: Extra /dev/shm space required on top of memory.region.size (header, rounding).
 SHM_ALLOWANCE = 0.01
+#: ``state.checkpoints.shared-memory.size = auto``, parsed.
+AUTO_SIZE = -1
+#: auto: the checkpoint area holds this many times a worker's managed memory (the last complete checkpoint's
+#: snapshots and those of the one in progress, with room for state spilled beyond managed memory).
+CHECKPOINT_AREA_FACTOR = 3
 
 # --------------------------------------------------------------------------- value parsers
 
@@ -89,6 +94,13 @@ def _size(value: object) -> int:
     if amount != amount.to_integral_value():
         raise _RuleBroken(_WHOLE_BYTES_RULE)
     return int(amount)
+
+
+def _size_or_auto(value: object) -> int:
+    """A size in bytes, or ``"auto"`` (-1)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return AUTO_SIZE
+    return _size(value)
 
 
 def _duration(value: object) -> float:
@@ -234,7 +246,9 @@ class KeySpec:
     rule: str
     ok: Callable[[Any], bool]
     doc: str
-    kind: str  # "size" | "size-or-unset" | "duration" | "fraction" | "int" | "choice" | "path" | "paths": how shown
+    # how shown: "size" | "size-or-unset" | "size-or-auto" | "duration" | "fraction" | "int" | "choice" | "path"
+    # | "paths"
+    kind: str
 
     def show(self, value: Any) -> str:
         """A parsed value for humans: sizes as "32 KiB", durations as "100 ms"."""
@@ -246,6 +260,8 @@ class KeySpec:
             return ",".join(value)
         if self.kind == "size-or-unset":
             return format_size(value) if value else "unset"
+        if self.kind == "size-or-auto":
+            return "auto" if value == AUTO_SIZE else format_size(value)
         return f"{value:g}" if self.kind == "fraction" else str(value)
 
     @property
@@ -331,6 +347,11 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("execution.savepoint.path", "savepoint_path", _path, "",
             "must be a checkpoint directory or its _metadata file (empty: start afresh)", lambda v: True,
             "start the job from this checkpoint (Flink's key; `shmflow run --from-checkpoint PATH`)", "path"),
+    KeySpec("state.checkpoints.shared-memory.size", "checkpoint_memory_size", _size_or_auto, "auto",
+            "must be 'auto' or a size >= 0 (0: off)", lambda v: v >= AUTO_SIZE,
+            "per worker: a block of the shared region that keeps the latest checkpoint's snapshots, so that a "
+            "restarted job reads them there instead of from their files; auto: with checkpointing on, twice "
+            "the managed memory, rounded up to a power of two; 0: off", "size-or-auto"),
     KeySpec("state.checkpoints.num-retained", "checkpoints_retained", _integer, 1,
             "must be an integer >= 1", lambda v: v >= 1,
             "completed checkpoints kept per job", "int"),
@@ -443,6 +464,13 @@ class MemoryPlan:
     network_buffers_per_worker: int
     required_buffers_per_worker: int  # buffers-per-channel * workers + floating-buffers-per-gate
     managed_bytes_per_worker: int  # a multiple of min_block
+    #: Per worker slot, outside its arena: the checkpoint area (a power of two; 0: none).
+    checkpoint_bytes_per_worker: int = 0
+
+    @property
+    def shm_bytes(self) -> int:
+        """The bytes the region is created with: ``memory.region.size`` and the checkpoint areas."""
+        return self.region_size + self.workers * self.checkpoint_bytes_per_worker
 
     @property
     def unused_bytes_per_worker(self) -> int:
@@ -460,6 +488,8 @@ class MemoryPlan:
             f"  managed per worker  {format_size(self.managed_bytes_per_worker)} "
             f"in blocks of >= {format_size(self.min_block)}",
             f"  unused per worker   {format_size(self.unused_bytes_per_worker)}",
+            f"  checkpoint area     {format_size(self.checkpoint_bytes_per_worker)} per worker, "
+            f"outside the arenas" if self.checkpoint_bytes_per_worker else "  checkpoint area     none",
         ])
 
 
@@ -509,6 +539,7 @@ class ShmflowConfig:
     checkpoints_dir: str
     savepoint_path: str
     checkpoints_retained: int
+    checkpoint_memory_size: int
     restart_strategy: str
     fixed_delay_attempts: int
     fixed_delay_delay: float
@@ -641,23 +672,31 @@ class ShmflowConfig:
                    "lower memory.managed.fraction or memory.network.min, "
                    "or raise memory.region.size")
             raise ConfigError(msg)
+        checkpoint_area = v["state.checkpoints.shared-memory.size"]
+        if checkpoint_area == AUTO_SIZE:
+            checkpoint_area = CHECKPOINT_AREA_FACTOR * managed if v["execution.checkpointing.interval"] > 0 else 0
+        if checkpoint_area:  # one buddy block per worker slot
+            checkpoint_area = max(block, 1 << (checkpoint_area - 1).bit_length())
         return MemoryPlan(workers=workers, region_size=region, arena_bytes=arena, segment_size=seg,
                           min_block=block, network_bytes_per_worker=network,
                           network_buffers_per_worker=buffers, required_buffers_per_worker=required,
-                          managed_bytes_per_worker=managed)
+                          managed_bytes_per_worker=managed, checkpoint_bytes_per_worker=checkpoint_area)
 
     def _check_shm_space(self, plan: MemoryPlan) -> None:
         free = _shm_free_bytes()
         if free is None:
             return
-        needed = plan.region_size + math.ceil(plan.region_size * SHM_ALLOWANCE)
+        needed = plan.shm_bytes + math.ceil(plan.shm_bytes * SHM_ALLOWANCE)
         if needed > free:
-            msg = (f"memory.region.size (plus {SHM_ALLOWANCE:.0%} allowance) must fit the free "
+            areas = (f" and {plan.workers} checkpoint areas of {format_size(plan.checkpoint_bytes_per_worker)} "
+                     f"(state.checkpoints.shared-memory.size)" if plan.checkpoint_bytes_per_worker else "")
+            msg = (f"memory.region.size{areas} (plus {SHM_ALLOWANCE:.0%} allowance) must fit the free "
                    f"space of {SHM_DIR}, {format_size(free)} ({free} bytes); got "
-                   f"{format_size(plan.region_size)} "
+                   f"{format_size(plan.shm_bytes)} "
                    f"({_origin(self.source('memory.region.size'))}); "
                    f"containers often give {SHM_DIR} only 64 MB: raise its size "
-                   f"(e.g. docker run --shm-size=1g) or lower memory.region.size")
+                   f"(e.g. docker run --shm-size=1g) or lower memory.region.size"
+                   f"{' or state.checkpoints.shared-memory.size' if areas else ''}")
             raise ConfigError(msg)
 
     # ---- access

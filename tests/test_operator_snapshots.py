@@ -39,7 +39,9 @@ from operators.window import (
 from runtime.bench.shmflow_runs import W4Source
 from runtime.errors import StateAccessError
 from runtime.execution.task import ManagedMemory, Operator, OperatorContext, SourceOperator, TimestampedBatch
-from runtime.state import codec
+from runtime.checkpoint.blob import blob_size, write_blob
+from runtime.execution.checkpointing import decode_states, encode_states
+from runtime.state.codec import Raw
 from runtime.state.descriptors import ListStateDescriptor, ValueStateDescriptor
 
 KiB = 1024
@@ -48,8 +50,12 @@ SETTINGS = settings(max_examples=30, deadline=None,
 
 
 def roundtrip(state: Any) -> Any:
-    """What the runtime hands restore_state: the snapshot encoded at once, decoded on restart."""
-    return codec.decode(codec.encode(state, state="<checkpoint>"))
+    """What the runtime hands restore_state: the snapshot encoded and laid out as a blob at once (its
+    out-of-band buffers copied), decoded from the blob on restart."""
+    header, buffers = encode_states([state], "<checkpoint>")
+    blob = memoryview(bytearray(blob_size(header, buffers)))
+    write_blob(blob, header, buffers)
+    return decode_states(blob)[0]
 
 
 def flat(batch: Any) -> list[Any]:
@@ -360,7 +366,7 @@ def test_keyed_aggregate_restores_to_the_same_updates(tmp_path, backend, case):
     check()
 
 
-def test_the_managed_fixed_width_state_snapshots_spilled_partitions_as_arrays(tmp_path):
+def test_the_managed_fixed_width_state_snapshots_its_tables_and_spilled_rows_out_of_band(tmp_path):
     steps = [("batch", list(range(i * 1000, (i + 1) * 1000))) for i in range(4)]
     with contexts("managed", tmp_path, share=16 * KiB) as (ctx_a, ctx_b):
         a = Run(keyed.KeyedAggregate(None, keyed.count(), mode="streaming"), ctx_a)
@@ -370,7 +376,11 @@ def test_the_managed_fixed_width_state_snapshots_spilled_partitions_as_arrays(tm
         assert a.op._streaming is not None and a.op._streaming._state is not None
         assert a.op._streaming._state.stats().partition_evictions > 0
         kind, payload = a.op.snapshot_state()
-        assert kind == "fixed" and all(type(k) is bytes and type(v) is bytes for k, v in payload[-1])
+        zero, parts = payload[-1]
+        images = [part for part in parts if part is not None]
+        assert kind == "fixed" and zero is None and images and all(type(data) is Raw for _, data in images)
+        # tables in memory (a capacity, empty slots included) and evicted partitions' rows (capacity 0)
+        assert {capacity > 0 for capacity, _ in images} == {True, False}
         b = Run(keyed.KeyedAggregate(None, keyed.count(), mode="streaming"), ctx_b)
         b.op.restore_state(roundtrip((kind, payload)))
         for run in (a, b):

@@ -53,6 +53,7 @@ class _Pending:
     handles: dict[str, StateHandle] = field(default_factory=dict)
     finished: list[str] = field(default_factory=list)
     sources: dict[str, Any] = field(default_factory=dict)  # subtask key -> its source's position
+    shared: dict[str, list[int]] = field(default_factory=dict)  # subtask key -> [region offset, bytes] of its blob
     alignment_seconds: float = 0.0
 
 
@@ -100,6 +101,9 @@ class CheckpointCoordinator:
         self.expected = {subtask_key(v.id, i) for v in graph.vertices for i in range(v.parallelism)}
         self.fingerprint = graph_fingerprint(graph)
         self.latest: CompletedCheckpoint | None = storage.latest()
+        #: Where the latest checkpoint's blobs lie in the region (subtask key -> [offset, bytes]): only for a
+        #: checkpoint this coordinator completed (one found on disk was taken by another region).
+        self.latest_shared: dict[str, list[int]] = {}
         self.next_id = (self.latest.checkpoint_id if self.latest else 0) + 1
         self.pending: _Pending | None = None
         self.stats = CheckpointStats()
@@ -138,6 +142,8 @@ class CheckpointCoordinator:
             pending.finished.append(message.subtask)
         if message.source_position is not None:
             pending.sources[message.subtask] = message.source_position
+        if len(message.shared_memory) == 2:
+            pending.shared[message.subtask] = list(message.shared_memory)
         pending.alignment_seconds = max(pending.alignment_seconds, message.alignment_seconds)
         if len(pending.handles) + len(pending.finished) < len(self.expected):
             return None
@@ -149,6 +155,7 @@ class CheckpointCoordinator:
             extra={FINISHED_KEY: sorted(pending.finished), SOURCES_KEY: pending.sources})
         completed = self.storage.complete(metadata)
         self.latest, self.pending = completed, None
+        self.latest_shared = dict(pending.shared)
         self._next_trigger = max(self._next_trigger + self.interval, self.clock())
         s = self.stats
         s.completed += 1
@@ -172,6 +179,15 @@ class CheckpointCoordinator:
         """The latest complete checkpoint's id and directory ((0, "") if none): where a restart begins."""
         latest = self.latest
         return (0, "") if latest is None else (latest.checkpoint_id, str(latest.directory))
+
+    def shared_blobs(self, restore_dir: str) -> dict[str, list[int]]:
+        """Where the blobs of the checkpoint in ``restore_dir`` lie in the region, if it is the latest one this
+        coordinator completed (else {}: the restart reads files). Each is checked against its file's SHA-256
+        before it is used: a blob overwritten since is read from its file instead."""
+        latest = self.latest
+        if not restore_dir or latest is None or str(latest.directory) != restore_dir:
+            return {}
+        return dict(self.latest_shared)
 
     def describe(self) -> dict[str, Any]:
         return self.stats.metrics()

@@ -65,6 +65,7 @@ from runtime.errors import (
     CheckpointError,
     InsufficientNetworkBuffersError,
     JobFailedError,
+    OutOfMemoryError,
     ProtocolError,
     WorkerLostError,
 )
@@ -208,7 +209,7 @@ class Coordinator:
         self.config = config
         self.plan = config.memory_plan()
         self.secret = secret or control.new_secret()
-        self.region = SharedRegion.create(config.region_size)
+        self.region = SharedRegion.create(self.plan.shm_bytes)
         try:
             self.allocator = BuddyAllocator(self.region, config.min_block)
             self.ctx = context()
@@ -222,6 +223,9 @@ class Coordinator:
             self.region.close()
             raise
         self.workers: dict[int, WorkerHandle] = {}
+        #: Per worker slot: its checkpoint area (state.checkpoints.shared-memory.size). Kept when the worker
+        #: dies, so that its replacement reads the last checkpoint's blobs there; freed with the region.
+        self.checkpoint_areas: dict[int, MemorySegment] = {}
         self._by_identity: dict[bytes, WorkerHandle] = {}
         self.refused = 0  # messages that failed authentication
         self._on_tick: Callable[[], None] | None = None
@@ -298,6 +302,14 @@ class Coordinator:
         if message.start_ticks and process_start_ticks(message.pid) == message.start_ticks:
             handle.local_start_ticks = message.start_ticks
         handle.arena = self.allocator.allocate(self.plan.arena_bytes, owner=f"worker-{wid} arena")
+        if self.plan.checkpoint_bytes_per_worker and wid not in self.checkpoint_areas:
+            try:
+                self.checkpoint_areas[wid] = self.allocator.allocate(self.plan.checkpoint_bytes_per_worker,
+                                                                     owner=f"worker-{wid} checkpoints")
+            except OutOfMemoryError:
+                log.warning("no checkpoint area of %s for worker %d: the region is full; its snapshots stay "
+                            "on the heap and a restart reads their files",
+                            format_bytes(self.plan.checkpoint_bytes_per_worker), wid)
         self.workers[wid] = handle
         self._by_identity[identity] = handle
         log.info("worker %d (pid %d) registered; granted %s", wid, handle.pid, format_bytes(handle.arena.size))
@@ -488,11 +500,14 @@ class Coordinator:
             except ProtocolError as exc:
                 raise JobFailedError(str(exc), final=True) from exc
         checkpoint_dir = str(checkpoints.storage.job_dir) if checkpoints is not None else ""
+        restore_shared = checkpoints.shared_blobs(restore_dir) if checkpoints is not None else {}
         times["deploy_at"] = time.monotonic()
         for wid, handle in participants.items():  # worker ids are 0..needed-1: worker i runs subtask i
             graph_bytes = payload[wid] if isinstance(payload, list) else payload
+            area = self.checkpoint_areas.get(wid) if checkpoints is not None else None
             self.send(handle, Deploy(job=job, graph=graph_bytes, config=cfg, checkpoint_dir=checkpoint_dir,
-                                     restore_dir=restore_dir))
+                                     restore_dir=restore_dir, restore_shared=restore_shared,
+                                     checkpoint_area=[area.offset, area.size] if area is not None else []))
         deployed: dict[int, dict[str, str]] = {}
         finished: dict[int, dict[str, Any]] = {}
         watch = _Watch(job, participants, collector, checkpoints, deadline)

@@ -77,7 +77,7 @@ from runtime.errors import AuthenticationError, ProtocolError
 log = logging.getLogger("shmflow.control")
 
 #: Bumped on any change of a message's fields; a peer speaking another version is refused.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 SECRET_BYTES = 32
 #: cluster.max-message-size's default: a job graph with a from_collection of a few million small records.
 DEFAULT_MAX_MESSAGE_SIZE = 256 << 20
@@ -149,6 +149,9 @@ class Deploy(Message):
     config: dict[str, Any]  # ShmflowConfig.as_dict()
     checkpoint_dir: str = ""  # where this job's checkpoints go ("": checkpointing off)
     restore_dir: str = ""  # the directory of the checkpoint to start from ("": a fresh start)
+    checkpoint_area: list[int] = field(default_factory=list)  # [region offset, size] of its checkpoint area; []: none
+    # subtask key -> [region offset, size] of its blob of the checkpoint to restore, still in the region
+    restore_shared: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ class AckCheckpoint(Message):
     alignment_seconds: float = 0.0
     snapshot_seconds: float = 0.0
     source_position: Any = None  # a source subtask's snapshot_state() (listed by `shmflow checkpoints`)
+    shared_memory: list[int] = field(default_factory=list)  # [region offset, size] of the blob's copy; []: none
 
 
 @dataclass(frozen=True)

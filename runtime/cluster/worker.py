@@ -44,6 +44,7 @@ from runtime.cluster.protocol import (
     TriggerCheckpoint,
     Welcome,
 )
+from runtime.errors import CheckpointError
 from runtime.execution.checkpointing import CheckpointSetup
 from runtime.execution.job_run import CheckpointControl, JobCancelled, JobRun
 from runtime.memory import BuddyAllocator, SharedRegion
@@ -201,10 +202,21 @@ class Worker:
         self.send(Collect(job=job_id, worker=self.worker_id, sink=sink_id, records=records, checkpoint=checkpoint))
 
     def ack_checkpoint(self, job_id: str, checkpoint: int, subtask: str, state: list[Any],
-                       alignment_seconds: float, snapshot_seconds: float, source_position: Any = None) -> None:
+                       alignment_seconds: float, snapshot_seconds: float, source_position: Any = None,
+                       shared_memory: list[int] | None = None) -> None:
         self.send(AckCheckpoint(job=job_id, checkpoint=checkpoint, worker=self.worker_id, subtask=subtask,
                                 state=state, alignment_seconds=alignment_seconds,
-                                snapshot_seconds=snapshot_seconds, source_position=source_position))
+                                snapshot_seconds=snapshot_seconds, source_position=source_position,
+                                shared_memory=list(shared_memory or [])))
+
+    def _region_view(self, offset: int, nbytes: int) -> memoryview:
+        """A view of ``nbytes`` of the region at ``offset`` (a checkpoint's blob), checked to lie inside it."""
+        region = self.region
+        if region is None or offset < 0 or nbytes < 0 or offset + nbytes > len(region.buf):
+            size = len(region.buf) if region is not None else 0
+            msg = f"a blob of {nbytes} bytes at region offset {offset} lies outside the region of {size} bytes"
+            raise CheckpointError(msg)
+        return region.buf[offset:offset + nbytes]
 
     def set_job_control(self, job: CheckpointControl | None) -> None:
         self._job_control = job
@@ -271,7 +283,9 @@ class Worker:
                 self._job = message.job
                 setup = CheckpointSetup(
                     directory=message.checkpoint_dir, restore_dir=message.restore_dir,
-                    align=message.config.get("execution.checkpointing.mode", "exactly-once") == "exactly-once")
+                    align=message.config.get("execution.checkpointing.mode", "exactly-once") == "exactly-once",
+                    restore_shared=message.restore_shared, region_view=self._region_view,
+                    area=message.checkpoint_area)
                 run = JobRun(self, message.job, message.graph, message.config, setup)
                 del message  # the run holds the pickled graph until it has unpickled it
                 profile_dir = os.environ.get("SHMFLOW_INTERNAL_PROFILE")

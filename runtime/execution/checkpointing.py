@@ -4,21 +4,31 @@ Imports: runtime.checkpoint, runtime.state.codec, runtime.errors (stdlib otherwi
 
 The coordinator triggers checkpoint ``n`` (it has made ``chk-<n>`` in the
 job's checkpoint directory); each subtask, when its barriers are aligned
-(a source: at once), encodes its operators' states (:func:`encode_states`)
-and writes them as one file named by its :func:`subtask_key` there
+(a source: at once), encodes its operators' states (:func:`encode_states`:
+a header and the large buffers it holds out of band), lays them out as one
+blob (``runtime.checkpoint.blob``) in the worker's checkpoint area of the
+shared region when it fits (:mod:`runtime.execution.checkpoint_area`), and
+writes that blob as one file named by its :func:`subtask_key` there
 (``runtime.checkpoint.write_state_file``); the acknowledgement carries the
-file's handle (name, size, SHA-256), which the coordinator records in the
-checkpoint's metadata. A restarted job is deployed with the directory of
-the checkpoint to restore; each subtask reads its own file back, checked
-against the metadata (:meth:`CheckpointSetup.restored_states`).
+file's handle (name, size, SHA-256) and where the blob lies in the region,
+which the coordinator records.
+
+A restarted job is deployed with the directory of the checkpoint to restore
+and, when the coordinator still holds that checkpoint's blobs in the region
+(a restart, not a new run), where each subtask's blob lies. A subtask reads
+its blob in place when its SHA-256 is the one the metadata records, and its
+file otherwise (:meth:`CheckpointSetup.restored_states`).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.checkpoint import CompletedCheckpoint, load_checkpoint
+from runtime.checkpoint.blob import read_blob
 from runtime.errors import CheckpointError
 from runtime.state import codec
 
@@ -39,13 +49,22 @@ class CheckpointSetup:
 
     ``directory`` is the job's checkpoint directory (``""``: no checkpoints);
     ``align`` is exactly-once (barriers aligned) rather than at-least-once;
-    ``restore_dir`` is the directory of the checkpoint to start from (``""``: a fresh start).
-    Ownership: the job's; the checkpoint it loads is read-only.
+    ``restore_dir`` is the directory of the checkpoint to start from (``""``: a fresh start);
+    ``restore_shared`` maps a subtask key to ``[region offset, bytes]`` of its blob of that checkpoint in the
+    shared region, and ``region_view(offset, nbytes)`` gives a view of the region there.
+    Ownership: the job's; the checkpoint it loads and the blobs it reads are read-only.
     """
 
     directory: str = ""
     align: bool = True
     restore_dir: str = ""
+    restore_shared: dict[str, list[int]] = field(default_factory=dict)
+    #: ``[region offset, bytes]`` of the worker's checkpoint area ([]: none; blobs stay on the heap).
+    area: list[int] = field(default_factory=list)
+    region_view: Callable[[int, int], memoryview] | None = None
+    #: How many subtasks were restored from the region, and from files (the job's metrics).
+    restored_from_memory: int = 0
+    restored_from_files: int = 0
     _restored: CompletedCheckpoint | None = field(default=None, repr=False)
 
     @property
@@ -77,20 +96,47 @@ class CheckpointSetup:
             msg = (f"checkpoint {restored.directory} holds no state for subtask {key}; it was taken of another "
                    f"job graph")
             raise CheckpointError(msg)
-        return decode_states(restored.read_state(key))
+        blob = self._shared_blob(key, restored)
+        if blob is not None:
+            self.restored_from_memory += 1
+            return decode_states(blob, source=f"the region's copy of {key}")
+        self.restored_from_files += 1
+        return decode_states(restored.read_state(key), source=f"{restored.directory}/{meta.subtasks[key].name}")
+
+    def _shared_blob(self, key: str, restored: CompletedCheckpoint) -> memoryview | None:
+        """Subtask ``key``'s blob in the region if it is there and intact (its SHA-256 is the file's), else
+        None (the file is read instead: a blob overwritten since, or never copied to the region)."""
+        where = self.restore_shared.get(key)
+        if not where or self.region_view is None:
+            return None
+        offset, nbytes = where
+        handle = restored.metadata.subtasks[key]
+        if nbytes != handle.nbytes:
+            return None
+        view = self.region_view(offset, nbytes)
+        if hashlib.sha256(view).hexdigest() != handle.sha256:
+            return None
+        return view
 
 
-def encode_states(states: list[Any], subtask: str) -> bytes:
-    """One subtask's operator states as bytes (:mod:`runtime.state.codec`).
+def encode_states(states: list[Any], subtask: str) -> tuple[bytes, list[memoryview]]:
+    """One subtask's operator states as a header and the buffers its states hold out of band
+    (:func:`runtime.state.codec.encode_parts`); :mod:`runtime.checkpoint.blob` lays them out.
 
     Raises:
         StateSerializationError: a state holds a value the codec cannot encode (names the subtask and type).
     """
-    return codec.encode(states, state=f"checkpoint of subtask {subtask}")
+    return codec.encode_parts(states, state=f"checkpoint of subtask {subtask}")
 
 
-def decode_states(data: bytes) -> list[Any]:
-    states = codec.decode(data)
+def decode_states(data: bytes | memoryview, *, source: str = "a snapshot") -> list[Any]:
+    """Inverse of :func:`encode_states`, from a blob: out-of-band buffers come back as views of ``data``.
+
+    Raises:
+        CheckpointError: ``data`` is not a blob, is torn, or does not hold a list of operator states.
+    """
+    header, buffers = read_blob(memoryview(data), source=source)
+    states = codec.decode_parts(header, buffers)
     if not isinstance(states, list):
         msg = f"a subtask's checkpoint state must be a list of operator states; got {type(states).__name__}"
         raise CheckpointError(msg)

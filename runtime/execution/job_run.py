@@ -29,11 +29,12 @@ from typing import Any, Protocol
 
 import zmq
 
-from runtime.checkpoint import checkpoint_path, write_state_file
 from runtime.errors import SpillError
-from runtime.execution.checkpointing import CheckpointSetup, encode_states, subtask_key
+from runtime.execution.checkpoint_area import CheckpointArea
+from runtime.execution.checkpointing import CheckpointSetup, subtask_key
 from runtime.execution.graph import JobGraph
 from runtime.execution.process_stats import gc_timer, peak_rss_bytes, reset_peak_rss
+from runtime.execution.snapshot_writer import SnapshotWriter, WrittenSnapshot
 from runtime.execution.subtask import FINISHED, OperatorFailure, Subtask
 from runtime.execution.task import ManagedMemory, Operator, OperatorContext
 from runtime.io import IOManager
@@ -123,9 +124,10 @@ class JobHost(Protocol):
         """Ship a ``collect()`` batch; ``checkpoint``: the checkpoint that covers it (0: no checkpoints)."""
 
     def ack_checkpoint(self, job_id: str, checkpoint: int, subtask: str, state: list[Any],
-                       alignment_seconds: float, snapshot_seconds: float, source_position: Any = None) -> None:
-        """Tell the coordinator that ``subtask`` snapshotted ``checkpoint``: its state file's handle ([]: finished)
-        and, for a source, its position."""
+                       alignment_seconds: float, snapshot_seconds: float, source_position: Any = None,
+                       shared_memory: list[int] | None = None) -> None:
+        """Tell the coordinator that ``subtask`` snapshotted ``checkpoint``: its state file's handle ([]: finished),
+        for a source its position, and where its blob lies in the region (``[offset, bytes]``; None: nowhere)."""
 
     def set_job_control(self, job: CheckpointControl | None) -> None:
         """Install (or clear, with None) the job the host hands checkpoint messages to as they arrive."""
@@ -176,6 +178,11 @@ class JobRun:
         self._io_manager: IOManager | None = None
         self._managed: list[ManagedMemory] = []  # every operator's managed share, for the state report
         self._restore_seconds = 0.0  # reading and decoding the restored checkpoint's files, restoring the operators
+        setup = self.checkpointing
+        area = CheckpointArea(*setup.area) if setup.enabled and setup.area and setup.area[1] > 0 else None
+        if area is not None and setup.restore_shared:  # keep the blobs restored from until a checkpoint completes
+            area.reserve([(offset, nbytes) for offset, nbytes in setup.restore_shared.values()])
+        self._snapshots = SnapshotWriter(setup.directory, area, setup.region_view)
 
     # ------------------------------------------------------------------ phases
     def run(self) -> None:
@@ -201,6 +208,7 @@ class JobRun:
             self._connect(self.host.wait_start(self.job_id))
             self._loop()
             self._drain()
+            self._snapshots.poll(wait=True)
             self.host.report_finished(self.job_id, self._metrics())
         except JobCancelled:
             pass
@@ -360,6 +368,8 @@ class JobRun:
                 if st.fire_timers(time.time()):
                     progressed = True
             self._current = None
+            if self._snapshots.pending:
+                self._snapshots.poll()
             if self._last_trigger is not None:
                 self._ack_finished()
             for writer in self.writers:
@@ -427,6 +437,7 @@ class JobRun:
                         self._current = st.vertex.name
                         st.checkpoint(item)
             else:
+                self._snapshots.completed(item)
                 for st in self.subtasks:
                     self._current = st.vertex.name
                     st.notify_checkpoint_complete(item)
@@ -443,19 +454,24 @@ class JobRun:
                 st.checkpoint(barrier)
 
     def _on_snapshot(self, st: Subtask, barrier: CheckpointBarrier, states: list[Any]) -> None:
-        """Subtask ``st`` snapshotted ``barrier``'s checkpoint: write its state file, acknowledge it."""
-        started = time.monotonic()
+        """Subtask ``st`` snapshotted ``barrier``'s checkpoint: copy it into a blob, have its file written, and
+        acknowledge it once the file is durable (from the loop: ``SnapshotWriter.poll``). From here on, the
+        subtask's output belongs to the next checkpoint."""
         key = subtask_key(st.vertex.id, st.index)
-        handle: list[Any] = []
-        if states is not FINISHED:
-            data = encode_states(states, f"{st.vertex.name}[{st.index}]")
-            directory = checkpoint_path(self.checkpointing.directory, barrier.checkpoint_id)
-            handle = write_state_file(directory, key, data).to_wire()
         self._epochs[key] = barrier.checkpoint_id + 1
-        self._checkpoints_acked += 1
         position = states[0] if st.vertex.is_source and states is not FINISHED else None
-        self.host.ack_checkpoint(self.job_id, barrier.checkpoint_id, key, handle, st.alignment_seconds,
-                                 time.monotonic() - started, position)
+        alignment = st.alignment_seconds
+        if states is FINISHED:
+            self._checkpoints_acked += 1
+            self.host.ack_checkpoint(self.job_id, barrier.checkpoint_id, key, [], alignment, 0.0, position)
+            return
+
+        def acknowledge(written: WrittenSnapshot) -> None:
+            self._checkpoints_acked += 1
+            self.host.ack_checkpoint(self.job_id, written.checkpoint_id, key, written.handle, alignment,
+                                     written.copy_seconds, position, written.shared_memory)
+
+        self._snapshots.submit(barrier.checkpoint_id, key, states, f"{st.vertex.name}[{st.index}]", acknowledge)
 
     def _metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -468,10 +484,15 @@ class JobRun:
             "network_peak_bytes": sum(p.stats().peak_in_use for p in self.pools) * self.network.buffer_size,
             "managed_peak_bytes": self.memory.stats().high_water_mark,
             "restore_seconds": self._restore_seconds,
+            "restored_from_memory": self.checkpointing.restored_from_memory,
+            "restored_from_files": self.checkpointing.restored_from_files,
+            "snapshot_blobs_in_memory": self._snapshots.blobs_in_memory,
+            "snapshot_blobs_on_heap": self._snapshots.blobs_on_heap,
         }
         return out
 
     def _close(self) -> None:
+        self._snapshots.close()  # a write in progress reads managed pages' copies in the region: finish it first
         for st in self.subtasks:
             st.close()
         for writer in self.writers:

@@ -56,7 +56,7 @@ try:  # the compiled probe loop (setup.py builds it where a C compiler is at han
 except ImportError:  # pragma: no cover - an install without a compiler
     _kernels = None  # type: ignore[assignment]
 
-__all__ = ["DEFAULT_PARTITIONS", "StreamingFixedState", "StreamingStateStats"]
+__all__ = ["DEFAULT_PARTITIONS", "StreamingFixedState", "StreamingStateStats", "image_entries"]
 
 DEFAULT_PARTITIONS = 64
 MIN_CAPACITY = 64
@@ -64,6 +64,22 @@ MEMORY_KEY = "memory.managed.size"
 #: The accumulator code of upsert_emit (see _kernels.c), by (kind, dtype kind).
 _CODES = {("count", "i"): b"i", ("sum", "i"): b"i", ("sum", "f"): b"f", ("min", "i"): b"n", ("max", "i"): b"x",
           ("min", "f"): b"N", ("max", "f"): b"X"}
+
+
+def image_entries(capacity: int, data: Any, key_dtype: npt.DTypeLike,
+                  value_dtype: npt.DTypeLike) -> tuple[npt.NDArray[Any], NumArray]:
+    """The keys and accumulators in one partition's image (``StreamingFixedState.images``, or a buffer of it
+    read back): ``capacity`` > 0, a table (empty slots skipped); 0, packed rows."""
+    kdt, vdt = np.dtype(key_dtype), np.dtype(value_dtype)
+    key_words = kdt.itemsize // 8 if kdt.kind == "S" else 0
+    rows = np.frombuffer(data, np.uint64).reshape(-1, 2 + key_words)
+    if capacity:
+        rows = rows[rows[:, 0] != 0]
+    if key_words:
+        keys = np.ascontiguousarray(rows[:, 1:1 + key_words]).view(kdt).reshape(len(rows))
+    else:
+        keys = unmix64(np.ascontiguousarray(rows[:, 0])).view(np.int64)
+    return keys, np.ascontiguousarray(rows[:, -1]).view(vdt)
 
 
 @dataclass(frozen=True)
@@ -467,6 +483,84 @@ class StreamingFixedState:
                 continue
             if len(rows):
                 yield self._rows_to_keys(rows), np.ascontiguousarray(rows[:, -1]).view(self.value_dtype)
+
+    # ------------------------------------------------------------- checkpoints
+    def images(self) -> tuple[np.uint64 | None, list[tuple[int, npt.NDArray[np.uint64]] | None]]:
+        """The state as it lies, for a checkpoint: the side accumulator of the int key hashing to 0 (or None),
+        and per partition ``(capacity, table)`` for one in memory (a view of its block, empty slots included,
+        valid until the state changes: the caller copies it at once), ``(0, rows)`` for an evicted one (its
+        live rows, read from its spill file), or None for an empty one. Nothing is evicted or loaded.
+
+        Restored by :meth:`restore_images` with one copy per table and no rehashing (the kind of snapshot a
+        worker can read straight out of the shared region)."""
+        out: list[tuple[int, npt.NDArray[np.uint64]] | None] = []
+        for part in self._parts:
+            if part.table is not None and part.rows:
+                out.append((part.capacity, part.table))
+            elif part.spill is not None and part.block is not None:
+                out.append((0, self._spilled_rows(part.spill, part.block)))
+            else:
+                out.append(None)
+        return self._zero, out
+
+    def restore_images(self, zero: int | None, images: list[tuple[int, Any] | None]) -> None:
+        """Take back :meth:`images` (tables as buffers of uint64 rows) into this new, empty state.
+
+        A table whose partition count and row width match is copied into a block of its capacity as it is;
+        when the share cannot hold it next to the others, the least recently used ones are evicted as
+        usual. Evicted partitions' rows are inserted again (a table of another layout too).
+
+        Raises:
+            ValueError: the state is not empty.
+            OutOfMemoryError: as :meth:`update`.
+        """
+        if len(self) or any(part.spill is not None for part in self._parts):
+            msg = f"{self.name}: restore_images() needs a new, empty state; this one holds {len(self)} keys"
+            raise ValueError(msg)
+        if zero is not None:
+            self._zero = np.uint64(zero)
+        same_layout = len(images) == len(self._parts)
+        for p, image in enumerate(images):
+            if image is None:
+                continue
+            capacity, data = image
+            rows = np.frombuffer(data, np.uint64)
+            if len(rows) % self.width:
+                msg = (f"{self.name}: a snapshot's partition holds {len(rows)} words, not rows of {self.width}; "
+                       f"it was taken of another key type")
+                raise ValueError(msg)
+            rows = rows.reshape(-1, self.width)
+            if same_layout and capacity and capacity == len(rows) and self._restore_table(p, rows):
+                continue
+            live = rows[rows[:, 0] != 0] if capacity else rows
+            if same_layout:
+                self._restore_rows(p, live)
+            else:  # another partitioning: every row goes where its hash says
+                self._update_rows(np.ascontiguousarray(live), np.empty(len(live), np.uint64), None)
+
+    def _restore_table(self, p: int, table: U64Array) -> bool:
+        """Copy ``table`` into a block of its own for partition ``p``; False if no block of its size fits."""
+        nbytes = table.nbytes
+        seg = self.share.try_allocate(nbytes)
+        while seg is None and self._evict_one(keep=p):
+            seg = self.share.try_allocate(nbytes)
+        if seg is None:
+            return False
+        part = self._parts[p]
+        self._install(part, seg, len(table))
+        assert part.table is not None
+        part.table[:] = table
+        part.rows = int(np.count_nonzero(part.table[:, 0]))
+        self._tick += 1
+        part.last_used = self._tick
+        return True
+
+    def _restore_rows(self, p: int, rows: U64Array) -> None:
+        part = self._parts[p]
+        seg, cap = self._allocate(p, len(rows))
+        self._install(part, seg, cap)
+        self._reinsert(part, rows)
+        part.rows = len(rows)
 
     def _spilled_rows(self, f: SpillFile, ref: BlockRef) -> U64Array:
         """An evicted partition's rows (its live rows, as :meth:`_evict` wrote them), read onto the heap."""

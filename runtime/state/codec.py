@@ -6,19 +6,28 @@ Values are None, bool, int (64-bit), float, str, bytes, and lists, tuples and
 dicts of them. msgpack turns a tuple into a list; here a tuple travels as ext
 type 1 wrapping its items, so a state read gives back exactly what was
 written, on either backend.
+
+Checkpoints add one more kind of value: :class:`Raw`, a large buffer (a
+partition's table in managed memory) that :func:`encode_parts` leaves out of
+the msgpack header (ext type 2 holds its index) so that it is copied once, to
+wherever the snapshot goes, and :func:`decode_parts` gives back as a
+memoryview of where it was read, never copied.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import msgpack
 
 from runtime.errors import StateSerializationError
 
-__all__ = ["check_value", "decode", "encode", "encode_key", "ext_hook"]
+__all__ = ["Raw", "check_value", "decode", "decode_parts", "encode", "encode_key", "encode_parts", "ext_hook"]
 
 _TUPLE = 1
+_RAW = 2
+_INDEX = struct.Struct("<I")
 _SCALARS = (type(None), bool, int, float, str, bytes)
 
 
@@ -31,6 +40,67 @@ def _default(obj: Any) -> Any:
         raise OverflowError(msg)
     msg = f"{type(obj).__name__} is not msgpack-able"
     raise TypeError(msg)
+
+
+class Raw:
+    """A buffer a snapshot holds out of band (see :func:`encode_parts`): bytes, a memoryview or a C-contiguous
+    numpy array. Ownership: the caller's; it must not change until the snapshot was copied (encode_parts'
+    caller copies the buffers before the operator runs again)."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, buffer: Any) -> None:
+        self.view = memoryview(buffer).cast("B")
+
+    def __len__(self) -> int:
+        return self.view.nbytes
+
+
+def encode_parts(value: Any, *, state: str = "?") -> tuple[bytes, list[memoryview]]:
+    """``value`` as a msgpack header and the buffers of its :class:`Raw` items, in order (not copied).
+
+    Raises:
+        StateSerializationError: as :func:`encode`.
+    """
+    buffers: list[memoryview] = []
+
+    def default(obj: Any) -> Any:
+        if type(obj) is Raw:
+            buffers.append(obj.view)
+            return msgpack.ExtType(_RAW, _INDEX.pack(len(buffers) - 1))
+        if type(obj) is tuple:
+            return msgpack.ExtType(_TUPLE, msgpack.packb(list(obj), default=default, strict_types=True,
+                                                         use_bin_type=True))
+        return _default(obj)
+
+    try:
+        header: bytes = msgpack.packb(value, default=default, strict_types=True, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        msg = (f"state {state!r} cannot hold a value of type {_type_path(value)}: {exc}; a state holds None, "
+               f"bool, int (64-bit), float, str, bytes, and lists, tuples and dicts of them")
+        raise StateSerializationError(msg) from exc
+    return header, buffers
+
+
+def decode_parts(header: bytes | memoryview, buffers: list[memoryview]) -> Any:
+    """Inverse of :func:`encode_parts`: each :class:`Raw` comes back as the memoryview ``buffers[i]``.
+
+    Raises:
+        StateSerializationError: the header names a buffer that is not there.
+    """
+
+    def hook(code: int, data: bytes) -> Any:
+        if code == _RAW:
+            (index,) = _INDEX.unpack(data)
+            if index >= len(buffers):
+                msg = f"a snapshot names out-of-band buffer {index}; it has {len(buffers)}"
+                raise StateSerializationError(msg)
+            return buffers[index]
+        if code == _TUPLE:
+            return tuple(msgpack.unpackb(data, ext_hook=hook, raw=False, strict_map_key=False))
+        return msgpack.ExtType(code, data)
+
+    return msgpack.unpackb(header, ext_hook=hook, raw=False, strict_map_key=False)
 
 
 def ext_hook(code: int, data: bytes) -> Any:
