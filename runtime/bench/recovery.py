@@ -12,14 +12,14 @@ Recovery: W5 with a checkpoint every second and ``restart-strategy`` fixed-delay
 process that runs the job (its coordinator's process) watches the job's checkpoint directory; once a
 completed checkpoint's source positions say about half the input was read (:data:`KILL_FRACTION`), it
 SIGKILLs worker :data:`VICTIM`, noting ``time.monotonic()`` right before the signal. The embedded cluster
-replaces the worker and restores the job from that checkpoint's files. The end is the restarted run's first
+replaces the worker and restores the job from that checkpoint: from its blobs kept in the shared region (the
+default) or, with ``state.checkpoints.shared-memory.size`` 0, from its files. The end is the restarted run's first
 source record (its sources' ``first_record_at``; the job's metrics are the final run's); CLOCK_MONOTONIC is
 system-wide, so the two instants subtract. The coordinator's ``attempts`` timings
 (``runtime.cluster.coordinator.ATTEMPT_TIMES``) and the workers' ``restore_seconds`` break the time down. The
-run is ok only if the job restarted exactly once and W5's checksums equal ``w4_expected`` (exactly-once).
-
-Recovery from shared memory (the state kept in the region across a worker's death) is not built: its figure
-is reported as not available, never estimated.
+run is ok only if the job restarted exactly once, every subtask was restored from where the run says
+(the workers' ``restored_from_memory`` / ``restored_from_files``), and W5's checksums equal ``w4_expected``
+(exactly-once).
 """
 
 from __future__ import annotations
@@ -212,11 +212,15 @@ class _Killer:
         return None
 
 
+#: How each recovery run keeps the checkpoint it restores: the config it adds.
+RESTORE_FROM = {"shared memory": {}, "files": {"state.checkpoints.shared-memory.size": 0}}
+
+
 def _recovery_child(n: int, k: int, managed_bytes: int, workers: int, root: str, interval: float,
-                    fraction: float) -> dict[str, Any]:
+                    fraction: float, restore_from: str = "shared memory") -> dict[str, Any]:
     """One W5 job with checkpoints and a restart, a worker SIGKILLed part way (fresh process)."""
     config = {**w5_config("managed", managed_bytes, workers),
-              **checkpoint_config(root, interval=interval, restart="fixed-delay")}
+              **checkpoint_config(root, interval=interval, restart="fixed-delay"), **RESTORE_FROM[restore_from]}
     env = _job_env(workers, config=config, mode="streaming")
     out = w5_graph(env, n, k)
     killer = _Killer(Path(root), n, k, workers, fraction, VICTIM)
@@ -234,6 +238,8 @@ def _recovery_child(n: int, k: int, managed_bytes: int, workers: int, root: str,
             "first_record_at": min(starts) if starts else None, "failures": m.get("failures", []),
             "restore_seconds": max((w.get("restore_seconds", 0.0) for w in m.get("workers", {}).values()),
                                    default=0.0),
+            "restored_from_memory": sum(w.get("restored_from_memory", 0) for w in m.get("workers", {}).values()),
+            "restored_from_files": sum(w.get("restored_from_files", 0) for w in m.get("workers", {}).values()),
             "records_after_restart": m.get("records"), "timed_seconds": m.get("timed_seconds"),
             "wall_seconds": result.seconds, "checkpointing": checkpoint_figures(m),
             "killed_at": killer.killed_at, "killed_pid": killer.pid, "kill_checkpoint": killer.checkpoint_id,
@@ -260,20 +266,21 @@ def recovery_breakdown(out: dict[str, Any]) -> dict[str, float]:
 
 def w5_recovery(*, n: int = W4_N, k: int = W4_K, managed_bytes: int = W4_MANAGED_BYTES, workers: int = JOB_WORKERS,
                 interval: float = CHECKPOINT_INTERVAL, fraction: float = KILL_FRACTION,
-                corrupt: bool = False) -> dict[str, Any]:
-    """Recovery of W5 from the checkpoint's files after a worker is SIGKILLed half way (module docstring).
-    ``rate`` is the time from the kill to the restarted run's first source record, in seconds."""
+                restore_from: str = "shared memory", corrupt: bool = False) -> dict[str, Any]:
+    """Recovery of W5 after a worker is SIGKILLed half way (module docstring), restored ``restore_from``
+    ("shared memory" or "files"). ``rate`` is the time from the kill to the restarted run's first source record,
+    in seconds."""
     peer = "shmflow"
     variant = (f"W5 job ({workers} workers, managed state, {managed_bytes / MiB:g} MiB per worker), checkpoints every "
                f"{interval:g} s, fixed-delay 0: worker {VICTIM} SIGKILLed once a checkpoint covers "
-               f"{fraction:.0%} of the input; kill -> first source record of the restarted run, from files")
+               f"{fraction:.0%} of the input; kill -> first source record of the restarted run, from {restore_from}")
     params = {"n": n, "k": k, "backend": "managed", "workers": workers, "mode": "streaming",
               "managed_bytes": managed_bytes, "checkpoint_interval": interval, "restart_delay": 0,
-              "kill_fraction": fraction, "victim": VICTIM, "restore_from": "files"}
+              "kill_fraction": fraction, "victim": VICTIM, "restore_from": restore_from}
     try:
         with tempfile.TemporaryDirectory(prefix="shmflow-bench-chk-") as root:
             out = _run_children([("job", _recovery_child, (n, k, managed_bytes, workers, root, interval,
-                                                                      fraction))])["job"]
+                                                           fraction, restore_from))])["job"]
     except _ChildFailed as exc:
         return _failed("recovery", peer, variant, params, "s", str(exc))
     except Exception:  # noqa: BLE001
@@ -290,6 +297,11 @@ def w5_recovery(*, n: int = W4_N, k: int = W4_K, managed_bytes: int = W4_MANAGED
         problems.append(f"{out['restarts']} restarts in {len(out['attempts'])} runs; expected 1 in 2")
     elif out["first_record_at"] is None or out["first_record_at"] < out["attempts"][-1]["started_at"]:
         problems.append("the restarted run's first source record is unknown or before its start")
+    elif restore_from == "files" and out["restored_from_memory"]:
+        problems.append(f"{out['restored_from_memory']} subtasks were restored from shared memory; expected files")
+    elif restore_from == "shared memory" and out["restored_from_files"]:
+        problems.append(f"{out['restored_from_files']} subtasks were restored from files, "
+                        f"{out['restored_from_memory']} from shared memory; expected shared memory only")
     if got != expected:
         problems.append(f"checksums {got}; expected {expected} (not exactly-once)")
     extra: dict[str, Any] = {"checksums": got, "expected": expected, "checkpointing": out["checkpointing"],
@@ -297,6 +309,8 @@ def w5_recovery(*, n: int = W4_N, k: int = W4_K, managed_bytes: int = W4_MANAGED
                                                                  "kill_records_checkpointed")},
                              "attempts": out["attempts"], "failures": out["failures"],
                              "records_after_restart": out["records_after_restart"],
+                             "restored": {"from_memory": out["restored_from_memory"],
+                                          "from_files": out["restored_from_files"]},
                              "job_wall_seconds": out["wall_seconds"]}
     if problems:
         return {**_failed("recovery", peer, variant, params, "s", "; ".join(problems)), **extra}
@@ -306,13 +320,5 @@ def w5_recovery(*, n: int = W4_N, k: int = W4_K, managed_bytes: int = W4_MANAGED
             "rate": round(total, 6), "unit": "s", "ok": True, "figures": figures, **extra}
 
 
-def shm_recovery_unavailable() -> dict[str, Any]:
-    """Recovery from shared memory: not built, so no figure (its target counts as missed)."""
-    return {"workload": "recovery", "peer": "shmflow", "params": {"restore_from": "shared memory"},
-            "variant": "W5 restored from state kept in the shared region across the worker's death",
-            "seconds": None, "rate": None, "unit": "s", "ok": True,
-            "skipped": "not available: recovery from shared memory is not built yet (only from files)"}
-
-
 __all__ = ["CHECKPOINT_INTERVAL", "KILL_FRACTION", "VICTIM", "checkpoint_config", "recovery_breakdown",
-           "shm_recovery_unavailable", "w3_streaming_job", "w5_checkpoint_job", "w5_recovery"]
+           "w3_streaming_job", "w5_checkpoint_job", "w5_recovery"]
