@@ -76,7 +76,7 @@ def fixed_entries(snapshot: Any, *, pairs: bool) -> Iterator[tuple[Any, Any]]:
     if zero is not None:
         zero_key = unmix64(np.zeros(1, np.uint64)).view(np.int64)
         chunks.append((zero_key, np.array([zero], np.uint64).view(value_dtype)))
-    chunks.extend(image_entries(capacity, data, key_dtype, value_dtype) for capacity, data in filter(None, parts))
+    chunks.extend(image_entries(data, key_dtype, value_dtype) for data in parts if data is not None)
     for keys, accs in chunks:
         key_list = keys.astype(f"U{key_dtype.itemsize}").tolist() if str_keys else keys.tolist()
         acc_list = accs.tolist()
@@ -226,20 +226,18 @@ class StreamingManagedAggregate:
     def snapshot(self) -> list[Any]:
         """The state for a checkpoint: ``[str keys, keys fixed, key bytes, value dtype, int-sum bound, images]``
         where ``images`` is ``[zero, partitions]`` as ``StreamingFixedState.images`` gives them (None: no
-        state), each partition's table or rows held out of band (:class:`~runtime.state.codec.Raw`): the
-        checkpoint copies the tables once, from managed memory to the blob, and a restore copies them back
-        without rehashing a key. The tables are views: the caller encodes and copies them before the state
-        changes (``Subtask.checkpoint`` does, at once)."""
+        state), each partition's packed rows held out of band (:class:`~runtime.state.codec.Raw`): the
+        checkpoint copies them once, from managed memory to the blob (no Python object per key). They are
+        views of the state: the caller copies them before the state changes (``Subtask.checkpoint`` does)."""
         images: list[Any] | None = None
         if self._state is not None:
             zero, parts = self._state.images()
-            images = [None if zero is None else int(zero),
-                      [None if part is None else [part[0], Raw(part[1])] for part in parts]]
+            images = [None if zero is None else int(zero), [None if part is None else Raw(part) for part in parts]]
         return [self._str_keys, self._keys_fixed, self._key_bytes, self._dtype, self._bound, images]
 
     def restore(self, snapshot: Any) -> None:
         """Take back what :meth:`snapshot` returned (decoded) into this new, empty state: its key and value
-        types, and every partition's table as it was."""
+        types, and every partition's rows."""
         str_keys, keys_fixed, key_bytes, dtype, bound, images = snapshot
         if self._state is not None or self._keys_fixed:
             msg = f"{self.name}: restore() needs a new, empty state; this one holds {len(self._state or ())} keys"
@@ -249,7 +247,7 @@ class StreamingManagedAggregate:
         if not images:
             return
         zero, parts = images
-        self._make_state().restore_images(zero, [None if part is None else (part[0], part[1]) for part in parts])
+        self._make_state().restore_images(zero, parts)
 
     def metrics(self) -> dict[str, int]:
         """What the state holds, as the job's state metrics (and how it moved partitions)."""

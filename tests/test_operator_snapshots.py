@@ -37,10 +37,11 @@ from operators.window import (
     WindowAggregate,
 )
 from runtime.bench.shmflow_runs import W4Source
-from runtime.errors import StateAccessError
-from runtime.execution.task import ManagedMemory, Operator, OperatorContext, SourceOperator, TimestampedBatch
 from runtime.checkpoint.blob import blob_size, write_blob
+from runtime.errors import StateAccessError
 from runtime.execution.checkpointing import decode_states, encode_states
+from runtime.execution.task import ManagedMemory, Operator, OperatorContext, SourceOperator, TimestampedBatch
+from runtime.managed.streaming_table import PackedRows
 from runtime.state.codec import Raw
 from runtime.state.descriptors import ListStateDescriptor, ValueStateDescriptor
 
@@ -377,10 +378,10 @@ def test_the_managed_fixed_width_state_snapshots_its_tables_and_spilled_rows_out
         assert a.op._streaming._state.stats().partition_evictions > 0
         kind, payload = a.op.snapshot_state()
         zero, parts = payload[-1]
-        images = [part for part in parts if part is not None]
-        assert kind == "fixed" and zero is None and images and all(type(data) is Raw for _, data in images)
-        # tables in memory (a capacity, empty slots included) and evicted partitions' rows (capacity 0)
-        assert {capacity > 0 for capacity, _ in images} == {True, False}
+        images = [part.view for part in parts if part is not None]
+        assert kind == "fixed" and zero is None and all(type(part) is Raw for part in parts if part is not None)
+        # tables in memory (rows packed as the blob is written) and evicted partitions' rows (read from disk)
+        assert {type(image) is PackedRows for image in images} == {True, False}
         b = Run(keyed.KeyedAggregate(None, keyed.count(), mode="streaming"), ctx_b)
         b.op.restore_state(roundtrip((kind, payload)))
         for run in (a, b):

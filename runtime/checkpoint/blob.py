@@ -14,16 +14,31 @@ checks the copy in memory too. Layout, integers little-endian::
     magic (8) | version u32 | buffers u32 | header length u64 | buffer lengths u64 x buffers
     | header | pad to 8 | buffer 0 | pad to 8 | buffer 1 | ...
 
-Buffers start 8-aligned, so that a numpy view of one (``np.frombuffer``) is aligned.
+Buffers start 8-aligned, so that a numpy view of one (``np.frombuffer``) is aligned. A buffer is a
+memoryview, or a :class:`LazyBuffer` that writes its bytes itself (rows packed straight from a table into
+the blob, with no copy between).
 """
 
 from __future__ import annotations
 
 import struct
+from typing import Protocol, TypeAlias
 
 from runtime.errors import CheckpointError
 
-__all__ = ["BLOB_MAGIC", "blob_size", "read_blob", "write_blob"]
+__all__ = ["BLOB_MAGIC", "LazyBuffer", "blob_size", "read_blob", "write_blob"]
+
+
+class LazyBuffer(Protocol):
+    """A buffer that writes itself: exactly ``nbytes`` bytes into the view :meth:`write_into` is given."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def write_into(self, target: memoryview) -> None: ...
+
+
+Buffer: TypeAlias = "memoryview | LazyBuffer"
 
 BLOB_MAGIC = b"SHMFBLOB"
 _VERSION = 1
@@ -35,7 +50,7 @@ def _pad(n: int) -> int:
     return -n % 8
 
 
-def blob_size(header: bytes, buffers: list[memoryview]) -> int:
+def blob_size(header: bytes, buffers: list[Buffer]) -> int:
     """The bytes :func:`write_blob` writes for ``header`` and ``buffers``."""
     size = _FIXED.size + _LENGTH.size * len(buffers) + len(header)
     size += _pad(size)
@@ -44,7 +59,7 @@ def blob_size(header: bytes, buffers: list[memoryview]) -> int:
     return size
 
 
-def write_blob(target: memoryview, header: bytes, buffers: list[memoryview]) -> None:
+def write_blob(target: memoryview, header: bytes, buffers: list[Buffer]) -> None:
     """Lay ``header`` and ``buffers`` out in ``target`` (exactly :func:`blob_size` bytes): one copy of each.
 
     Ownership: the caller owns ``target`` and keeps the buffers unchanged until this returns.
@@ -64,7 +79,10 @@ def write_blob(target: memoryview, header: bytes, buffers: list[memoryview]) -> 
     pos += _pad(pos)
     for buf in buffers:
         n = buf.nbytes
-        out[pos:pos + n] = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        if isinstance(buf, memoryview):
+            out[pos:pos + n] = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        else:
+            buf.write_into(out[pos:pos + n])
         pos += n
         out[pos:pos + _pad(n)] = bytes(_pad(n))
         pos += _pad(n)

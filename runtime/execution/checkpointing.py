@@ -119,7 +119,7 @@ class CheckpointSetup:
         return view
 
 
-def encode_states(states: list[Any], subtask: str) -> tuple[bytes, list[memoryview]]:
+def encode_states(states: list[Any], subtask: str) -> tuple[bytes, list[Any]]:
     """One subtask's operator states as a header and the buffers its states hold out of band
     (:func:`runtime.state.codec.encode_parts`); :mod:`runtime.checkpoint.blob` lays them out.
 

@@ -210,7 +210,59 @@ done:
     return result;
 }
 
+/*
+ * pack_rows(table, capacity, width, out) -> rows: copy the occupied rows (first word != 0) of a table of
+ * `capacity` rows of `width` words to the start of `out`, in slot order; returns how many. `out` may be the
+ * table's own buffer (rows only move towards its start). One pass at memory speed: numpy's boolean
+ * indexing made a mask and a gather copy, four times slower.
+ */
+static PyObject *pack_rows(PyObject *self, PyObject *args) {
+    Py_buffer table, out;
+    Py_ssize_t capacity, width;
+    if (!PyArg_ParseTuple(args, "y*nnw*", &table, &capacity, &width, &out))
+        return NULL;
+    PyObject *result = NULL;
+    if (capacity < 0 || width < 1) {
+        PyErr_Format(PyExc_ValueError, "pack_rows: capacity must be >= 0 and width >= 1; got %zd, %zd",
+                     capacity, width);
+        goto done;
+    }
+    if (check_buffer(&table, capacity * width * 8, "table"))
+        goto done;
+    const uint64_t *T = (const uint64_t *)table.buf;
+    uint64_t *O = (uint64_t *)out.buf;
+    const size_t row_bytes = (size_t)width * 8;
+    Py_ssize_t n = 0;
+    Py_ssize_t room = out.len / (Py_ssize_t)row_bytes;
+    int overflow = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < capacity; i++) {
+        const uint64_t *row = T + i * width;
+        if (row[0] == 0)
+            continue;
+        if (n >= room) {
+            overflow = 1;
+            break;
+        }
+        if (O + n * width != row)
+            memmove(O + n * width, row, row_bytes);
+        n++;
+    }
+    Py_END_ALLOW_THREADS
+    if (overflow) {
+        PyErr_Format(PyExc_ValueError, "pack_rows: out holds %zd rows; the table has more", room);
+        goto done;
+    }
+    result = PyLong_FromSsize_t(n);
+done:
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"pack_rows", pack_rows, METH_VARARGS,
+     "pack_rows(table, capacity, width, out) -> rows: copy a table's occupied rows to the start of out."},
     {"upsert", upsert, METH_VARARGS,
      "upsert(table, capacity, width, key_words, codes, rows, start, room, stop_when_full, left)"
      " -> (next_row, inserted, n_left): merge or insert rows into a fixed-width hash table."},

@@ -66,20 +66,35 @@ _CODES = {("count", "i"): b"i", ("sum", "i"): b"i", ("sum", "f"): b"f", ("min", 
           ("min", "f"): b"N", ("max", "f"): b"X"}
 
 
-def image_entries(capacity: int, data: Any, key_dtype: npt.DTypeLike,
-                  value_dtype: npt.DTypeLike) -> tuple[npt.NDArray[Any], NumArray]:
-    """The keys and accumulators in one partition's image (``StreamingFixedState.images``, or a buffer of it
-    read back): ``capacity`` > 0, a table (empty slots skipped); 0, packed rows."""
+def image_entries(data: Any, key_dtype: npt.DTypeLike, value_dtype: npt.DTypeLike) -> tuple[npt.NDArray[Any],
+                                                                                            NumArray]:
+    """The keys and accumulators in one partition's packed rows (``StreamingFixedState.images``, read back)."""
     kdt, vdt = np.dtype(key_dtype), np.dtype(value_dtype)
     key_words = kdt.itemsize // 8 if kdt.kind == "S" else 0
     rows = np.frombuffer(data, np.uint64).reshape(-1, 2 + key_words)
-    if capacity:
-        rows = rows[rows[:, 0] != 0]
     if key_words:
         keys = np.ascontiguousarray(rows[:, 1:1 + key_words]).view(kdt).reshape(len(rows))
     else:
         keys = unmix64(np.ascontiguousarray(rows[:, 0])).view(np.int64)
     return keys, np.ascontiguousarray(rows[:, -1]).view(vdt)
+
+
+class PackedRows:
+    """A table's occupied rows as a buffer to be written (``runtime.checkpoint.blob``'s lazy buffer): ``nbytes``
+    long, copied by :meth:`write_into` straight from the table, packed, to where the snapshot goes.
+    Ownership: a view of the state's block, valid until the state changes."""
+
+    __slots__ = ("_state", "_table", "nbytes")
+
+    def __init__(self, state: StreamingFixedState, table: U64Array, rows: int) -> None:
+        self._state, self._table = state, table
+        self.nbytes = rows * state.row_bytes
+
+    def write_into(self, target: memoryview) -> None:
+        written = self._state._pack(self._table, target) * self._state.row_bytes
+        if written != self.nbytes:
+            msg = f"a partition holds {written} bytes of rows; its count said {self.nbytes}"
+            raise RuntimeError(msg)
 
 
 @dataclass(frozen=True)
@@ -408,10 +423,7 @@ class StreamingFixedState:
         table, seg = part.table, part.seg
         if part.rows:
             io = self._io_manager()
-            live = table[table[:, 0] != 0]  # a heap copy: packed at the block's start next
-            nbytes = live.nbytes
-            seg.as_array(np.uint64, live.size)[:] = live.reshape(-1)
-            del live
+            nbytes = self._pack(table, table) * self.row_bytes  # in place, at the block's start
             f: SpillFile | None = None
             try:
                 f = io.create_spill_file(f"{self.name}-{p}")
@@ -447,6 +459,14 @@ class StreamingFixedState:
         part.spill = part.block = None
         f.delete()
         self._loads += 1
+
+    def _pack(self, table: U64Array, out: Any) -> int:
+        """Copy ``table``'s occupied rows to the start of ``out`` (which may be ``table``); returns how many."""
+        if self.compiled:
+            return _kernels.pack_rows(table, len(table), self.width, out)
+        live = table[table[:, 0] != 0]
+        np.frombuffer(out, np.uint64, live.size)[:] = live.reshape(-1)
+        return len(live)
 
     def _io_manager(self) -> IOManager:
         if self._io is None:
@@ -485,33 +505,30 @@ class StreamingFixedState:
                 yield self._rows_to_keys(rows), np.ascontiguousarray(rows[:, -1]).view(self.value_dtype)
 
     # ------------------------------------------------------------- checkpoints
-    def images(self) -> tuple[np.uint64 | None, list[tuple[int, npt.NDArray[np.uint64]] | None]]:
-        """The state as it lies, for a checkpoint: the side accumulator of the int key hashing to 0 (or None),
-        and per partition ``(capacity, table)`` for one in memory (a view of its block, empty slots included,
-        valid until the state changes: the caller copies it at once), ``(0, rows)`` for an evicted one (its
-        live rows, read from its spill file), or None for an empty one. Nothing is evicted or loaded.
+    def images(self) -> tuple[np.uint64 | None, list[Any]]:
+        """The state for a checkpoint: the side accumulator of the int key hashing to 0 (or None), and per
+        partition its live rows, packed (a :class:`PackedRows` of a table in memory, which copies them where
+        the snapshot goes, or the rows an evicted partition's file holds), or None for an empty one. Nothing
+        is evicted or loaded; the caller copies the rows before the state changes.
 
-        Restored by :meth:`restore_images` with one copy per table and no rehashing (the kind of snapshot a
-        worker can read straight out of the shared region)."""
-        out: list[tuple[int, npt.NDArray[np.uint64]] | None] = []
+        Restored by :meth:`restore_images` (the rows inserted again, by the compiled kernel)."""
+        out: list[Any] = []
         for part in self._parts:
             if part.table is not None and part.rows:
-                out.append((part.capacity, part.table))
+                out.append(PackedRows(self, part.table, part.rows))
             elif part.spill is not None and part.block is not None:
-                out.append((0, self._spilled_rows(part.spill, part.block)))
+                out.append(self._spilled_rows(part.spill, part.block))
             else:
                 out.append(None)
         return self._zero, out
 
-    def restore_images(self, zero: int | None, images: list[tuple[int, Any] | None]) -> None:
-        """Take back :meth:`images` (tables as buffers of uint64 rows) into this new, empty state.
-
-        A table whose partition count and row width match is copied into a block of its capacity as it is;
-        when the share cannot hold it next to the others, the least recently used ones are evicted as
-        usual. Evicted partitions' rows are inserted again (a table of another layout too).
+    def restore_images(self, zero: int | None, images: list[Any]) -> None:
+        """Take back :meth:`images` (each partition's rows as a buffer of uint64, or None) into this new, empty
+        state: each partition's rows are inserted into a table of their own (evicting others as usual when
+        the share is full); with another partition count, every row goes where its hash says.
 
         Raises:
-            ValueError: the state is not empty.
+            ValueError: the state is not empty, or the rows are not of this state's width.
             OutOfMemoryError: as :meth:`update`.
         """
         if len(self) or any(part.spill is not None for part in self._parts):
@@ -520,47 +537,25 @@ class StreamingFixedState:
         if zero is not None:
             self._zero = np.uint64(zero)
         same_layout = len(images) == len(self._parts)
-        for p, image in enumerate(images):
-            if image is None:
+        for p, data in enumerate(images):
+            if data is None:
                 continue
-            capacity, data = image
             rows = np.frombuffer(data, np.uint64)
             if len(rows) % self.width:
                 msg = (f"{self.name}: a snapshot's partition holds {len(rows)} words, not rows of {self.width}; "
                        f"it was taken of another key type")
                 raise ValueError(msg)
-            rows = rows.reshape(-1, self.width)
-            if same_layout and capacity and capacity == len(rows) and self._restore_table(p, rows):
-                continue
-            live = rows[rows[:, 0] != 0] if capacity else rows
+            rows = np.require(rows.reshape(-1, self.width), np.uint64, ["C", "A"])
             if same_layout:
-                self._restore_rows(p, live)
-            else:  # another partitioning: every row goes where its hash says
-                self._update_rows(np.ascontiguousarray(live), np.empty(len(live), np.uint64), None)
-
-    def _restore_table(self, p: int, table: U64Array) -> bool:
-        """Copy ``table`` into a block of its own for partition ``p``; False if no block of its size fits."""
-        nbytes = table.nbytes
-        seg = self.share.try_allocate(nbytes)
-        while seg is None and self._evict_one(keep=p):
-            seg = self.share.try_allocate(nbytes)
-        if seg is None:
-            return False
-        part = self._parts[p]
-        self._install(part, seg, len(table))
-        assert part.table is not None
-        part.table[:] = table
-        part.rows = int(np.count_nonzero(part.table[:, 0]))
-        self._tick += 1
-        part.last_used = self._tick
-        return True
-
-    def _restore_rows(self, p: int, rows: U64Array) -> None:
-        part = self._parts[p]
-        seg, cap = self._allocate(p, len(rows))
-        self._install(part, seg, cap)
-        self._reinsert(part, rows)
-        part.rows = len(rows)
+                part = self._parts[p]
+                seg, cap = self._allocate(p, len(rows))
+                self._install(part, seg, cap)
+                self._reinsert(part, rows)
+                part.rows = len(rows)
+                self._tick += 1
+                part.last_used = self._tick
+            else:
+                self._update_rows(rows, np.empty(len(rows), np.uint64), None)
 
     def _spilled_rows(self, f: SpillFile, ref: BlockRef) -> U64Array:
         """An evicted partition's rows (its live rows, as :meth:`_evict` wrote them), read onto the heap."""

@@ -44,25 +44,27 @@ def _default(obj: Any) -> Any:
 
 class Raw:
     """A buffer a snapshot holds out of band (see :func:`encode_parts`): bytes, a memoryview or a C-contiguous
-    numpy array. Ownership: the caller's; it must not change until the snapshot was copied (encode_parts'
-    caller copies the buffers before the operator runs again)."""
+    numpy array, or a lazy buffer (``nbytes`` and ``write_into(view)``, which writes exactly that many bytes
+    where the snapshot goes: rows packed straight from a table). Ownership: the caller's; it must not change
+    until the snapshot was copied (encode_parts' caller copies the buffers before the operator runs again)."""
 
     __slots__ = ("view",)
 
     def __init__(self, buffer: Any) -> None:
-        self.view = memoryview(buffer).cast("B")
+        self.view: Any = buffer if hasattr(buffer, "write_into") else memoryview(buffer).cast("B")
 
     def __len__(self) -> int:
-        return self.view.nbytes
+        return int(self.view.nbytes)
 
 
-def encode_parts(value: Any, *, state: str = "?") -> tuple[bytes, list[memoryview]]:
-    """``value`` as a msgpack header and the buffers of its :class:`Raw` items, in order (not copied).
+def encode_parts(value: Any, *, state: str = "?") -> tuple[bytes, list[Any]]:
+    """``value`` as a msgpack header and the buffers of its :class:`Raw` items, in order (not copied): each a
+    memoryview or a lazy buffer.
 
     Raises:
         StateSerializationError: as :func:`encode`.
     """
-    buffers: list[memoryview] = []
+    buffers: list[Any] = []
 
     def default(obj: Any) -> Any:
         if type(obj) is Raw:
