@@ -97,8 +97,8 @@ def _size(value: object) -> int:
 
 
 def _size_or_auto(value: object) -> int:
-    """A size in bytes, or ``"auto"`` (-1)."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
+    """A size in bytes, or ``"auto"`` (-1, which ``as_dict`` gives back)."""
+    if (isinstance(value, str) and value.strip().lower() == "auto") or (type(value) is int and value == AUTO_SIZE):
         return AUTO_SIZE
     return _size(value)
 

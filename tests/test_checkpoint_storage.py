@@ -74,13 +74,13 @@ def test_round_trip(tmp_path):
 
 
 def test_handles_and_metadata_survive_the_wire():
-    handle = StateHandle("op-0", 12, "ab" * 32)
+    handle = StateHandle("op-0", 12, "ab" * 4)
     assert StateHandle.from_wire(handle.to_wire()) == handle
     meta = metadata(3, {"op/0": handle}, watermark=17)
     assert CheckpointMetadata.from_wire(meta.to_wire(), source="x") == meta
     with pytest.raises(CheckpointError, match=r"^peer: a state file name must be one plain path component; got '\.\./x'$"):
-        StateHandle.from_wire(["../x", 1, "ab" * 32])
-    with pytest.raises(CheckpointError, match=r"^peer: a state handle must be \[file name, size >= 0, SHA-256 hex\]; got \['x', -1, 'ab'\]$"):
+        StateHandle.from_wire(["../x", 1, "ab" * 4])
+    with pytest.raises(CheckpointError, match=r"^peer: a state handle must be \[file name, size >= 0, CRC-32 hex\]; got \['x', -1, 'ab'\]$"):
         StateHandle.from_wire(["x", -1, "ab"])
 
 
@@ -142,7 +142,7 @@ def test_complete_checks_the_state_files_and_the_job(tmp_path):
     handle = write_state_file(directory, "op-0", b"abc")
     with pytest.raises(InvalidArgumentError, match=r"^metadata of job 'other' cannot complete a checkpoint of job 'job-7f3a'$"):
         store.complete(metadata(1, {"op/0": handle}, job_id="other"))
-    missing = StateHandle("op-1", 5, "00" * 32)
+    missing = StateHandle("op-1", 5, "00" * 4)
     with pytest.raises(CheckpointError, match=rf"^checkpoint file {re.escape(str(directory / 'op-1'))} is missing; the checkpoint records it with 5 bytes$"):
         store.complete(metadata(1, {"op/0": handle, "op/1": missing}))
     assert store.completed_ids() == []
@@ -225,7 +225,7 @@ CORRUPTIONS = {
         r"checkpoint file {d}/op-0 is truncated: expected 1000 bytes, found 600"),
     "flipped byte in state file": (
         lambda d: flip_byte(d / "op-0", 500),
-        r"checkpoint file {d}/op-0 fails its checksum: SHA-256 [0-9a-f]{{16}}\.\.\., recorded [0-9a-f]{{16}}\.\.\.; "
+        r"checkpoint file {d}/op-0 fails its checksum: CRC-32 [0-9a-f]{{8}}\.\.\., recorded [0-9a-f]{{8}}\.\.\.; "
         r"the file is corrupt"),
     "missing state file": (
         lambda d: os.unlink(d / "op-0"),
@@ -243,7 +243,7 @@ CORRUPTIONS = {
     "unsupported version": (
         lambda d: (d / "_metadata").write_bytes(
             (d / "_metadata").read_bytes()[:8] + struct.pack(">H", 7) + (d / "_metadata").read_bytes()[10:]),
-        r"{d}/_metadata has unsupported format version 7; this shmflow reads version 1"),
+        r"{d}/_metadata has unsupported format version 7; this shmflow reads version 2"),
 }
 
 

@@ -141,6 +141,7 @@ def test_defaults() -> None:
         "execution.checkpointing.interval": 0.0, "execution.checkpointing.mode": "exactly-once",
         "execution.checkpointing.timeout": 600.0, "state.checkpoints.dir": "", "execution.savepoint.path": "",
         "state.checkpoints.num-retained": 1,
+        "state.checkpoints.shared-memory.size": -1,
         "restart-strategy.type": "", "restart-strategy.fixed-delay.attempts": 1,
         "restart-strategy.fixed-delay.delay": 1.0, "restart-strategy.failure-rate.max-failures-per-interval": 1,
         "restart-strategy.failure-rate.failure-rate-interval": 60.0, "restart-strategy.failure-rate.delay": 1.0,
@@ -181,7 +182,7 @@ def test_access_by_key_and_attribute() -> None:
 
 def test_attribute_annotations_match_the_key_table() -> None:
     hints = {k: v for k, v in typing.get_type_hints(ShmflowConfig).items() if k[0] != "_"}
-    kinds = {"size": int, "size-or-unset": int, "int": int, "fraction": float, "duration": float, "choice": str,
+    kinds = {"size": int, "size-or-unset": int, "size-or-auto": int, "int": int, "fraction": float, "duration": float, "choice": str,
              "path": str, "paths": tuple[str, ...]}
     assert hints == {spec.attr: kinds[spec.kind] for spec in KEYS}
     cfg = cfg_of()

@@ -29,7 +29,7 @@ EXAMPLES: list[protocol.Message] = [
     protocol.Cancel(job="j1"),
     protocol.Deploy(job="j1", graph=b"\x80pickle", config={}, checkpoint_dir="/ck/j1", restore_dir="/ck/j0/chk-3"),
     protocol.TriggerCheckpoint(job="j1", checkpoint=4, timestamp=1.7e9),
-    protocol.AckCheckpoint(job="j1", checkpoint=4, worker=1, subtask="2-1", state=["2-1.state", 99, "cd" * 32],
+    protocol.AckCheckpoint(job="j1", checkpoint=4, worker=1, subtask="2-1", state=["2-1.state", 99, "cd" * 4],
                            alignment_seconds=0.01, snapshot_seconds=0.2),
     protocol.CheckpointDone(job="j1", checkpoint=4),
     protocol.Collect(job="j1", worker=0, sink="collect-0", records=b"\x90"),

@@ -17,10 +17,12 @@ from runtime.checkpoint.storage import (
     default_checkpoints_dir,
     list_checkpoints,
     load_checkpoint,
+    state_checksum,
     write_state_file,
 )
 
 __all__ = [
     "CheckpointInfo", "CheckpointMetadata", "CheckpointStorage", "CompletedCheckpoint", "StateHandle",
-    "checkpoint_path", "default_checkpoints_dir", "list_checkpoints", "load_checkpoint", "write_state_file",
+    "checkpoint_path", "default_checkpoints_dir", "list_checkpoints", "load_checkpoint", "state_checksum",
+    "write_state_file",
 ]

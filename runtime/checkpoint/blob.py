@@ -8,7 +8,7 @@ table in managed memory). :func:`write_blob` lays them out in one buffer of
 :func:`blob_size` bytes that the caller provides: a block of the worker's
 checkpoint area in the shared region (then a restarted worker maps it and
 reads it in place), or a bytearray. That same buffer is what the state file
-holds, byte for byte, so the file's SHA-256 (in the checkpoint's metadata)
+holds, byte for byte, so the file's checksum (in the checkpoint's metadata)
 checks the copy in memory too. Layout, integers little-endian::
 
     magic (8) | version u32 | buffers u32 | header length u64 | buffer lengths u64 x buffers

@@ -182,7 +182,7 @@ class CheckpointCoordinator:
 
     def shared_blobs(self, restore_dir: str) -> dict[str, list[int]]:
         """Where the blobs of the checkpoint in ``restore_dir`` lie in the region, if it is the latest one this
-        coordinator completed (else {}: the restart reads files). Each is checked against its file's SHA-256
+        coordinator completed (else {}: the restart reads files). Each is checked against its file's checksum
         before it is used: a blob overwritten since is read from its file instead."""
         latest = self.latest
         if not restore_dir or latest is None or str(latest.directory) != restore_dir:

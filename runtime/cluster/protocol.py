@@ -200,7 +200,7 @@ class AckCheckpoint(Message):
     checkpoint: int
     worker: int
     subtask: str  # "<vertex id>-<index>"
-    state: list[Any]  # [file name, size, sha256 hex] in the checkpoint's directory; []: the subtask had finished
+    state: list[Any]  # [file name, size, CRC-32 hex] in the checkpoint's directory; []: the subtask had finished
     alignment_seconds: float = 0.0
     snapshot_seconds: float = 0.0
     source_position: Any = None  # a source subtask's snapshot_state() (listed by `shmflow checkpoints`)

@@ -10,24 +10,23 @@ blob (``runtime.checkpoint.blob``) in the worker's checkpoint area of the
 shared region when it fits (:mod:`runtime.execution.checkpoint_area`), and
 writes that blob as one file named by its :func:`subtask_key` there
 (``runtime.checkpoint.write_state_file``); the acknowledgement carries the
-file's handle (name, size, SHA-256) and where the blob lies in the region,
+file's handle (name, size, CRC-32) and where the blob lies in the region,
 which the coordinator records.
 
 A restarted job is deployed with the directory of the checkpoint to restore
 and, when the coordinator still holds that checkpoint's blobs in the region
 (a restart, not a new run), where each subtask's blob lies. A subtask reads
-its blob in place when its SHA-256 is the one the metadata records, and its
+its blob in place when its checksum is the one the metadata records, and its
 file otherwise (:meth:`CheckpointSetup.restored_states`).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.checkpoint import CompletedCheckpoint, load_checkpoint
+from runtime.checkpoint import CompletedCheckpoint, load_checkpoint, state_checksum
 from runtime.checkpoint.blob import read_blob
 from runtime.errors import CheckpointError
 from runtime.state import codec
@@ -104,7 +103,7 @@ class CheckpointSetup:
         return decode_states(restored.read_state(key), source=f"{restored.directory}/{meta.subtasks[key].name}")
 
     def _shared_blob(self, key: str, restored: CompletedCheckpoint) -> memoryview | None:
-        """Subtask ``key``'s blob in the region if it is there and intact (its SHA-256 is the file's), else
+        """Subtask ``key``'s blob in the region if it is there and intact (its checksum is the file's), else
         None (the file is read instead: a blob overwritten since, or never copied to the region)."""
         where = self.restore_shared.get(key)
         if not where or self.region_view is None:
@@ -114,7 +113,7 @@ class CheckpointSetup:
         if nbytes != handle.nbytes:
             return None
         view = self.region_view(offset, nbytes)
-        if hashlib.sha256(view).hexdigest() != handle.sha256:
+        if state_checksum(view) != handle.checksum:
             return None
         return view
 

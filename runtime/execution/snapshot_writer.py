@@ -9,7 +9,7 @@ a partition's table in managed memory), and copies them into one blob, in the
 worker's :class:`~runtime.execution.checkpoint_area.CheckpointArea` of the shared
 region when it fits, else in a bytearray. The operators may change their state
 as soon as it returns. A writer thread then writes the blob to the checkpoint's
-directory (temporary file, SHA-256, fsync, rename: ``write_state_file``); the
+directory (temporary file, CRC-32, fsync, rename: ``write_state_file``); the
 job thread, on its next round (:meth:`SnapshotWriter.poll`), acknowledges the
 snapshot with the file's handle and the blob's place in the region, in the order
 the snapshots were taken. The checkpoint completes only once every file is
