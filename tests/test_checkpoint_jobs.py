@@ -82,9 +82,12 @@ def _env(tmp_path: Path, **config: object) -> StreamEnvironment:
     return StreamEnvironment(workers=2, mode="streaming", config={**base, **config})
 
 
-def test_a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice(tmp_path):
+@pytest.mark.parametrize("kept_in", ["shared memory", "files"])
+def test_a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice(tmp_path, kept_in):
+    """Restored from the blobs the checkpoint left in the region (the default), or, with no checkpoint area,
+    from its files; the workers' metrics say which."""
     n = 40_000
-    env = _env(tmp_path)
+    env = _env(tmp_path, **({"state.checkpoints.shared-memory.size": 0} if kept_in == "files" else {}))
     out = env.from_generator(_key, rate=10_000, count=n).key_by(_first).count().collect()
     thread, box = _run_in_thread(env, "killed-mid-run")
     deadline = time.monotonic() + 60
@@ -99,6 +102,10 @@ def test_a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice(tmp_path
     _assert_exactly_once(out.values(), n)
     assert result.metrics["restarts"] == 1
     assert result.metrics["checkpoints"] >= 1
+    workers = result.metrics["workers"].values()
+    restored = {"shared memory": sum(w["restored_from_memory"] for w in workers),
+                "files": sum(w["restored_from_files"] for w in workers)}
+    assert restored[kept_in] >= 2 and sum(restored.values()) == restored[kept_in], restored
 
 
 def _failing_once_at(index: int, marker: Path):

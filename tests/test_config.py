@@ -667,3 +667,22 @@ def test_checkpoint_and_restart_keys_take_flink_spellings_and_name_the_key_when_
         cfg_of({"restart-strategy.exponential-delay.initial-backoff": "2min"})
     with pytest.raises(ConfigError, match=r"jitter-factor must be a number in \[0, 1\]; got 2"):
         cfg_of({"restart-strategy.exponential-delay.jitter-factor": 2})
+
+
+def test_the_checkpoint_area_is_sized_by_its_key_and_adds_to_the_region():
+    managed = {"memory.region.size": "256mb", "memory.managed.size": "40mb"}
+    off = cfg_of(managed).memory_plan()
+    assert off.checkpoint_bytes_per_worker == 0 and off.shm_bytes == 256 << 20  # auto, checkpointing off
+    auto = cfg_of({**managed, "execution.checkpointing.interval": "1s"}).memory_plan()
+    assert auto.checkpoint_bytes_per_worker == 128 << 20  # 3 x 40 MiB, rounded up to a power of two
+    assert auto.shm_bytes == (256 << 20) + auto.workers * (128 << 20)
+    assert "checkpoint area     128 MiB per worker" in auto.describe()
+    given_size = cfg_of({**managed, "state.checkpoints.shared-memory.size": "20mb"}).memory_plan()
+    assert given_size.checkpoint_bytes_per_worker == 32 << 20
+    none = cfg_of({**managed, "execution.checkpointing.interval": "1s",
+                   "state.checkpoints.shared-memory.size": 0}).memory_plan()
+    assert none.checkpoint_bytes_per_worker == 0
+    spec = next(k for k in KEYS if k.key == "state.checkpoints.shared-memory.size")
+    assert spec.show(cfg_of()["state.checkpoints.shared-memory.size"]) == "auto" and spec.show(1 << 20) == "1 MiB"
+    with pytest.raises(ConfigError, match=r"state.checkpoints.shared-memory.size must be 'auto' or a size >= 0"):
+        cfg_of({"state.checkpoints.shared-memory.size": "lots"})
