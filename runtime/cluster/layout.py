@@ -33,15 +33,18 @@ def render_cluster_layout(config: ShmflowConfig, *, width: int = 64) -> str:
 
     Creates the region (then removes it), grants one arena per worker as the
     coordinator does, and carves each arena's network buffer pool as a worker
-    does; managed memory is allocated on demand from the rest of the arena.
+    does; managed memory is allocated on demand from the rest of the arena. With checkpointing on, each
+    worker slot also has its checkpoint area (state.checkpoints.shared-memory.size), outside its arena.
     """
     plan = config.memory_plan()
-    with SharedRegion.create(config.region_size) as region:
+    with SharedRegion.create(plan.shm_bytes) as region:
         coordinator = BuddyAllocator(region, config.min_block)
         views = [("region (coordinator's allocator)", coordinator)]
         pools = []
         for wid in range(config.workers):
             arena = coordinator.allocate(plan.arena_bytes, owner=f"worker-{wid} arena")
+            if plan.checkpoint_bytes_per_worker:
+                coordinator.allocate(plan.checkpoint_bytes_per_worker, owner=f"worker-{wid} checkpoints")
             alloc = BuddyAllocator(region, config.min_block, offset=arena.offset, size=arena.size)
             pools.append(NetworkBufferPool(alloc, plan.network_buffers_per_worker, config.segment_size,
                                            owner=f"worker-{wid} network buffers"))
