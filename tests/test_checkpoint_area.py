@@ -82,7 +82,7 @@ def test_the_ring_never_hands_out_bytes_of_a_blob_it_keeps(steps, size):
                 assert live or -(-n // ALIGN) * ALIGN > size  # an empty area holds any blob that fits it
                 continue
             start, end = offset - 4096, offset - 4096 + n
-            assert 0 <= start and end <= size and start % ALIGN == 0
+            assert start >= 0 and end <= size and start % ALIGN == 0
             assert all(end <= s or start >= e for _, s, e in live), (start, end, live)
             live.append((checkpoint, start, end))
         elif op == "next":

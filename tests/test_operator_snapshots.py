@@ -41,7 +41,7 @@ from runtime.checkpoint.blob import blob_size, write_blob
 from runtime.errors import StateAccessError
 from runtime.execution.checkpointing import decode_states, encode_states
 from runtime.execution.task import ManagedMemory, Operator, OperatorContext, SourceOperator, TimestampedBatch
-from runtime.managed.streaming_table import PackedRows
+from runtime.managed.streaming_table import PackedRows, SpilledRows
 from runtime.state.codec import Raw
 from runtime.state.descriptors import ListStateDescriptor, ValueStateDescriptor
 
@@ -381,7 +381,7 @@ def test_the_managed_fixed_width_state_snapshots_its_tables_and_spilled_rows_out
         images = [part.view for part in parts if part is not None]
         assert kind == "fixed" and zero is None and all(type(part) is Raw for part in parts if part is not None)
         # tables in memory (rows packed as the blob is written) and evicted partitions' rows (read from disk)
-        assert {type(image) is PackedRows for image in images} == {True, False}
+        assert {type(image) for image in images} == {PackedRows, SpilledRows}
         b = Run(keyed.KeyedAggregate(None, keyed.count(), mode="streaming"), ctx_b)
         b.op.restore_state(roundtrip((kind, payload)))
         for run in (a, b):

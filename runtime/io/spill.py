@@ -244,18 +244,31 @@ class SpillFile:
         return self.read_async(ref, segments).result(timeout)
 
     def read_copy(self, ref: BlockRef) -> bytes:
-        """The bytes of block ``ref``, read in the calling thread into a new ``bytes`` object: for a reader
-        that must not take a segment for it (a checkpoint reading spilled state without loading it back).
+        """The bytes of block ``ref``, read in the calling thread into a new ``bytes`` object (see
+        :meth:`read_into`)."""
+        out = bytearray(_check_ref(ref, self._state).nbytes)
+        self.read_into(ref, memoryview(out))
+        return bytes(out)
 
-        Ownership: the result is the caller's; no segment is involved.
+    def read_into(self, ref: BlockRef, target: memoryview) -> None:
+        """Read block ``ref`` in the calling thread into ``target`` (exactly its size), checked: for a reader
+        that must not take a segment for it (a checkpoint copying spilled state where its snapshot goes,
+        without loading it back, and without a heap copy: many large ``bytes`` fragmented the heap).
+
+        Ownership: ``target`` is the caller's.
         Process: the IOManager's process. Thread-safe (it reads holding the IOManager's lock).
 
         Raises:
             InvalidHandleError: ``ref`` names another file or bytes never written here.
+            ValueError: ``target`` is not the block's size.
             SpillError: the file was deleted, is truncated or corrupt (CRC-32), or the read failed.
         """
         state = self._state
         ref = _check_ref(ref, state)
+        view = target.cast("B") if target.format != "B" or target.ndim != 1 else target
+        if view.nbytes != ref.nbytes:
+            msg = f"read_into needs a target of the block's {ref.nbytes} bytes; got {view.nbytes}"
+            raise ValueError(msg)
         where = f"block at offset {ref.offset} ({ref.nbytes} bytes)"
         with self._core.lock:  # pairs with _read_block, which reads on an IOManager thread
             self._check_usable("read from", ref)
@@ -263,22 +276,22 @@ class SpillFile:
                 msg = (f"block ref (offset={ref.offset}, nbytes={ref.nbytes}) lies beyond the "
                        f"{state.size} bytes written to spill file {state.path}")
                 raise InvalidHandleError(msg)
+            progress = [0]
             try:
-                data = os.pread(state.fd, ref.nbytes, ref.offset)
+                _transfer(os.preadv, state.fd, [view], ref.offset, progress)
                 size = os.fstat(state.fd).st_size
             except OSError as exc:
                 msg = f"cannot read {where} of spill file {state.path}: {_describe(exc)}"
                 raise _spill_error(msg, exc, state.path) from exc
-        if len(data) < ref.nbytes:
+        if progress[0] < ref.nbytes:
             msg = (f"spill file {state.path} is truncated: {where} needs {ref.nbytes} bytes, only "
-                   f"{len(data)} could be read (the file has {size} bytes)")
+                   f"{progress[0]} could be read (the file has {size} bytes)")
             raise _spill_error(msg, None, state.path)
-        crc = zlib.crc32(data)
+        crc = zlib.crc32(view)
         if crc != ref.crc32:
             msg = f"spill file {state.path} is corrupt: {where} has crc32 {crc:#010x}, expected {ref.crc32:#010x}"
             raise _spill_error(msg, None, state.path)
         self._core.count("read", ref.nbytes)
-        return data
 
     # --------------------------------------------------------------- lifetime
     def _check_usable(self, what: str, ref: BlockRef | None = None) -> None:

@@ -97,6 +97,24 @@ class PackedRows:
             raise RuntimeError(msg)
 
 
+class SpilledRows:
+    """An evicted partition's rows as a buffer to be written (see :class:`PackedRows`): read from its spill
+    file straight into the target, checked. Ownership: valid until the state changes."""
+
+    __slots__ = ("_file", "_ref", "nbytes")
+
+    def __init__(self, file: SpillFile, ref: BlockRef) -> None:
+        self._file, self._ref = file, ref
+        self.nbytes = ref.nbytes
+
+    def write_into(self, target: memoryview) -> None:
+        try:
+            self._file.read_into(self._ref, target)
+        except SpillError as exc:
+            err = spill_error("read", self._file.path, exc)
+            raise err from exc
+
+
 @dataclass(frozen=True)
 class StreamingStateStats(Snapshot):
     """What a StreamingFixedState holds and how often it moved partitions between memory and disk."""
@@ -507,9 +525,10 @@ class StreamingFixedState:
     # ------------------------------------------------------------- checkpoints
     def images(self) -> tuple[np.uint64 | None, list[Any]]:
         """The state for a checkpoint: the side accumulator of the int key hashing to 0 (or None), and per
-        partition its live rows, packed (a :class:`PackedRows` of a table in memory, which copies them where
-        the snapshot goes, or the rows an evicted partition's file holds), or None for an empty one. Nothing
-        is evicted or loaded; the caller copies the rows before the state changes.
+        partition its live rows, packed, as a lazy buffer that copies them where the snapshot goes (a
+        :class:`PackedRows` of a table in memory, a :class:`SpilledRows` of an evicted partition's file), or
+        None for an empty one. Nothing is evicted or loaded, nothing copied to the heap; the caller copies the
+        rows before the state changes.
 
         Restored by :meth:`restore_images` (the rows inserted again, by the compiled kernel)."""
         out: list[Any] = []
@@ -517,7 +536,7 @@ class StreamingFixedState:
             if part.table is not None and part.rows:
                 out.append(PackedRows(self, part.table, part.rows))
             elif part.spill is not None and part.block is not None:
-                out.append(self._spilled_rows(part.spill, part.block))
+                out.append(SpilledRows(part.spill, part.block))
             else:
                 out.append(None)
         return self._zero, out
