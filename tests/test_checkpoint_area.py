@@ -121,7 +121,7 @@ def test_a_restore_reads_the_blob_in_the_region_when_it_is_intact_and_the_file_o
 
     def setup() -> CheckpointSetup:
         return CheckpointSetup(directory=str(tmp_path), restore_dir=directory,
-                               restore_shared={"1-0": [64, len(blob)]}, region_view=lambda o, n: view[o:o + n])
+                               restore_shared={"1/1-0": [64, len(blob)]}, region_view=lambda o, n: view[o:o + n])
 
     intact = setup()
     got = intact.restored_states("1-0")

@@ -8,6 +8,7 @@ runtime.execution or runtime.cluster.
 """
 
 from runtime.checkpoint.storage import (
+    DEPENDS_ON_KEY,
     CheckpointInfo,
     CheckpointMetadata,
     CheckpointStorage,
@@ -22,7 +23,7 @@ from runtime.checkpoint.storage import (
 )
 
 __all__ = [
-    "CheckpointInfo", "CheckpointMetadata", "CheckpointStorage", "CompletedCheckpoint", "StateHandle",
+    "DEPENDS_ON_KEY", "CheckpointInfo", "CheckpointMetadata", "CheckpointStorage", "CompletedCheckpoint", "StateHandle",
     "checkpoint_path", "default_checkpoints_dir", "list_checkpoints", "load_checkpoint", "state_checksum",
     "write_state_file",
 ]

@@ -31,11 +31,12 @@ checks both, :meth:`CompletedCheckpoint.read_state` checks a file again as it re
 :class:`~runtime.errors.CheckpointError` naming the file and what is wrong.
 
 Retention. ``complete`` keeps the ``retained`` newest complete checkpoints (Flink's
-``state.checkpoints.num-retained``) and removes the older ones, with every incomplete checkpoint older than
-the new one (it can no longer complete: it is subsumed). When a job finishes, its retained checkpoints stay
-on disk, so that a later run can resume from them (Flink, by contrast, keeps nothing of a finished job unless
-its checkpoints are externalized); :meth:`CheckpointStorage.discard_all` removes them for a job whose user
-does not want them kept.
+``state.checkpoints.num-retained``), and the older ones their state builds on (an incremental snapshot
+reads its parents' files: ``extra[DEPENDS_ON_KEY]``), and removes the others, with every incomplete
+checkpoint older than the new one (it can no longer complete: it is subsumed). When a job finishes, its
+retained checkpoints stay on disk, so that a later run can resume from them (Flink, by contrast, keeps
+nothing of a finished job unless its checkpoints are externalized); :meth:`CheckpointStorage.discard_all`
+removes them for a job whose user does not want them kept.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ from runtime.errors import CheckpointError, InvalidArgumentError
 
 _log = logging.getLogger(__name__)
 
+#: The key of a checkpoint's metadata ``extra`` with the oldest checkpoint whose files its state needs
+#: (incremental snapshots: retention keeps that one and those after it).
+DEPENDS_ON_KEY = "depends_on"
 #: The file that makes a checkpoint directory complete; written last.
 METADATA_NAME = "_metadata"
 #: The first bytes of every ``_metadata`` file.
@@ -709,12 +713,25 @@ class CheckpointStorage:
         ``older_incomplete_than`` (when given)."""
         dirs = self._checkpoint_dirs()
         completed = sorted(n for n, d in dirs.items() if (d / METADATA_NAME).exists())
-        doomed = completed[:-self.retained]
+        kept = completed[-self.retained:]
+        needed = min((self._depends_on(n, dirs[n]) for n in kept), default=0)
+        doomed = [n for n in completed[:-self.retained] if n < needed]  # incremental ones need their parents
         if older_incomplete_than is not None:
             doomed += [n for n in dirs if n < older_incomplete_than and n not in completed]
         for n in doomed:
             self._remove(dirs[n])
         return [dirs[n] for n in sorted(doomed)]
+
+    @staticmethod
+    def _depends_on(checkpoint_id: int, directory: Path) -> int:
+        """The oldest checkpoint that ``checkpoint_id``'s state needs (``extra[DEPENDS_ON_KEY]``: incremental
+        snapshots build on earlier ones' files); itself if it records none or cannot be read."""
+        try:
+            meta = decode_metadata((directory / METADATA_NAME).read_bytes(), source=directory / METADATA_NAME)
+        except (OSError, CheckpointError):
+            return checkpoint_id
+        depends = meta.extra.get(DEPENDS_ON_KEY, checkpoint_id)
+        return depends if isinstance(depends, int) and 0 < depends <= checkpoint_id else checkpoint_id
 
     def _remove(self, directory: Path) -> None:
         """Remove a checkpoint directory: rename it out of the ``chk-*`` namespace first (atomic: it is never

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.checkpoint import CheckpointMetadata, CheckpointStorage, CompletedCheckpoint, StateHandle
+from runtime.checkpoint import DEPENDS_ON_KEY, CheckpointMetadata, CheckpointStorage, CompletedCheckpoint, StateHandle
 from runtime.cluster.protocol import AckCheckpoint, TriggerCheckpoint
-from runtime.execution.checkpointing import FINISHED_KEY, subtask_key
+from runtime.execution.checkpointing import FINISHED_KEY, shared_key, subtask_key
 from runtime.execution.graph import JobGraph
 
 __all__ = ["SOURCES_KEY", "CheckpointCoordinator", "CheckpointStats", "graph_fingerprint", "job_directory_name"]
@@ -54,6 +54,7 @@ class _Pending:
     finished: list[str] = field(default_factory=list)
     sources: dict[str, Any] = field(default_factory=dict)  # subtask key -> its source's position
     shared: dict[str, list[int]] = field(default_factory=dict)  # subtask key -> [region offset, bytes] of its blob
+    depends_on: int = 0  # the oldest checkpoint whose files its subtasks' snapshots need
     alignment_seconds: float = 0.0
 
 
@@ -101,9 +102,10 @@ class CheckpointCoordinator:
         self.expected = {subtask_key(v.id, i) for v in graph.vertices for i in range(v.parallelism)}
         self.fingerprint = graph_fingerprint(graph)
         self.latest: CompletedCheckpoint | None = storage.latest()
-        #: Where the latest checkpoint's blobs lie in the region (subtask key -> [offset, bytes]): only for a
-        #: checkpoint this coordinator completed (one found on disk was taken by another region).
-        self.latest_shared: dict[str, list[int]] = {}
+        #: Where the blobs of the checkpoints this coordinator completed lie in the region, by checkpoint id
+        #: (subtask key -> [offset, bytes]): the latest one's and those it builds on. (One found on disk was
+        #: taken by another region.)
+        self.shared: dict[int, dict[str, list[int]]] = {}
         self.next_id = (self.latest.checkpoint_id if self.latest else 0) + 1
         self.pending: _Pending | None = None
         self.stats = CheckpointStats()
@@ -144,6 +146,8 @@ class CheckpointCoordinator:
             pending.sources[message.subtask] = message.source_position
         if len(message.shared_memory) == 2:
             pending.shared[message.subtask] = list(message.shared_memory)
+        if 0 < message.depends_on < pending.checkpoint_id:
+            pending.depends_on = min(pending.depends_on or message.depends_on, message.depends_on)
         pending.alignment_seconds = max(pending.alignment_seconds, message.alignment_seconds)
         if len(pending.handles) + len(pending.finished) < len(self.expected):
             return None
@@ -152,10 +156,13 @@ class CheckpointCoordinator:
             checkpoint_id=pending.checkpoint_id, job_id=self.job_id, job_name=self.job_name,
             timestamp=pending.timestamp, duration=duration, subtasks=dict(pending.handles),
             graph_fingerprint=self.fingerprint,
-            extra={FINISHED_KEY: sorted(pending.finished), SOURCES_KEY: pending.sources})
+            extra={FINISHED_KEY: sorted(pending.finished), SOURCES_KEY: pending.sources,
+                   DEPENDS_ON_KEY: pending.depends_on or pending.checkpoint_id})
         completed = self.storage.complete(metadata)
         self.latest, self.pending = completed, None
-        self.latest_shared = dict(pending.shared)
+        keep_from = pending.depends_on or pending.checkpoint_id
+        self.shared = {c: blobs for c, blobs in self.shared.items() if c >= keep_from}
+        self.shared[pending.checkpoint_id] = dict(pending.shared)
         self._next_trigger = max(self._next_trigger + self.interval, self.clock())
         s = self.stats
         s.completed += 1
@@ -187,7 +194,7 @@ class CheckpointCoordinator:
         latest = self.latest
         if not restore_dir or latest is None or str(latest.directory) != restore_dir:
             return {}
-        return dict(self.latest_shared)
+        return {shared_key(c, key): where for c, blobs in self.shared.items() for key, where in blobs.items()}
 
     def describe(self) -> dict[str, Any]:
         return self.stats.metrics()

@@ -150,7 +150,8 @@ class Deploy(Message):
     checkpoint_dir: str = ""  # where this job's checkpoints go ("": checkpointing off)
     restore_dir: str = ""  # the directory of the checkpoint to start from ("": a fresh start)
     checkpoint_area: list[int] = field(default_factory=list)  # [region offset, size] of its checkpoint area; []: none
-    # subtask key -> [region offset, size] of its blob of the checkpoint to restore, still in the region
+    # "<checkpoint id>/<subtask key>" -> [region offset, size] of a blob of the checkpoint to restore (or of one
+    # it builds on), still in the region
     restore_shared: dict[str, list[int]] = field(default_factory=dict)
 
 
@@ -205,6 +206,7 @@ class AckCheckpoint(Message):
     snapshot_seconds: float = 0.0
     source_position: Any = None  # a source subtask's snapshot_state() (listed by `shmflow checkpoints`)
     shared_memory: list[int] = field(default_factory=list)  # [region offset, size] of the blob's copy; []: none
+    depends_on: int = 0  # the oldest checkpoint whose files the snapshot needs (incremental); 0: only its own
 
 
 @dataclass(frozen=True)

@@ -203,11 +203,11 @@ class Worker:
 
     def ack_checkpoint(self, job_id: str, checkpoint: int, subtask: str, state: list[Any],
                        alignment_seconds: float, snapshot_seconds: float, source_position: Any = None,
-                       shared_memory: list[int] | None = None) -> None:
+                       shared_memory: list[int] | None = None, depends_on: int = 0) -> None:
         self.send(AckCheckpoint(job=job_id, checkpoint=checkpoint, worker=self.worker_id, subtask=subtask,
                                 state=state, alignment_seconds=alignment_seconds,
                                 snapshot_seconds=snapshot_seconds, source_position=source_position,
-                                shared_memory=list(shared_memory or [])))
+                                shared_memory=list(shared_memory or []), depends_on=depends_on))
 
     def _region_view(self, offset: int, nbytes: int) -> memoryview:
         """A view of ``nbytes`` of the region at ``offset`` (a checkpoint's blob), checked to lie inside it."""

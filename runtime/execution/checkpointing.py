@@ -26,12 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.checkpoint import CompletedCheckpoint, load_checkpoint, state_checksum
+from runtime.checkpoint import CompletedCheckpoint, checkpoint_path, load_checkpoint, state_checksum
 from runtime.checkpoint.blob import read_blob
 from runtime.errors import CheckpointError
 from runtime.state import codec
 
-__all__ = ["FINISHED_KEY", "CheckpointSetup", "decode_states", "encode_states", "subtask_key"]
+__all__ = ["FINISHED_KEY", "CheckpointSetup", "decode_states", "depends_on", "encode_states", "shared_key",
+           "subtask_key"]
 
 #: The key of a checkpoint's metadata ``extra`` that lists the subtasks that had finished (they hold no file).
 FINISHED_KEY = "finished"
@@ -49,8 +50,9 @@ class CheckpointSetup:
     ``directory`` is the job's checkpoint directory (``""``: no checkpoints);
     ``align`` is exactly-once (barriers aligned) rather than at-least-once;
     ``restore_dir`` is the directory of the checkpoint to start from (``""``: a fresh start);
-    ``restore_shared`` maps a subtask key to ``[region offset, bytes]`` of its blob of that checkpoint in the
-    shared region, and ``region_view(offset, nbytes)`` gives a view of the region there.
+    ``restore_shared`` maps :func:`shared_key` (checkpoint id and subtask key) to ``[region offset, bytes]``
+    of that blob in the shared region (the checkpoint to restore's, and the earlier ones incremental
+    snapshots build on), and ``region_view(offset, nbytes)`` gives a view of the region there.
     Ownership: the job's; the checkpoint it loads and the blobs it reads are read-only.
     """
 
@@ -83,39 +85,72 @@ class CheckpointSetup:
     def restored_states(self, key: str) -> list[Any] | None:
         """The operator states subtask ``key`` snapshotted in the checkpoint to restore; None: it had finished.
 
+        An operator's :class:`~runtime.state.codec.Incremental` snapshot comes back as a
+        :class:`~runtime.state.codec.Chain`: the full snapshot it builds on and every delta since, read from
+        the earlier checkpoints of the same job (their blobs in the region, or their files).
+
         Raises:
-            CheckpointError: the checkpoint or the subtask's file is missing, truncated or corrupt, or the
-                checkpoint has no state for ``key`` (names the checkpoint and the subtask).
+            CheckpointError: the checkpoint, an earlier one a chain needs, or a file is missing, truncated or
+                corrupt, or the checkpoint has no state for ``key`` (names the checkpoint and the subtask).
         """
         restored = self._checkpoint()
         meta = restored.metadata
         if key in meta.extra.get(FINISHED_KEY, ()):
             return None
-        if key not in meta.subtasks:
-            msg = (f"checkpoint {restored.directory} holds no state for subtask {key}; it was taken of another "
+        states = self._states_in(restored, key)
+        for i, state in enumerate(states):
+            if type(state) is codec.Incremental:
+                states[i] = self._chain(restored, key, i, state)
+        return states
+
+    def _states_in(self, checkpoint: CompletedCheckpoint, key: str) -> list[Any]:
+        """Subtask ``key``'s operator states in ``checkpoint``: its blob in the region if it is there and intact
+        (its checksum is the file's), else its file (a blob overwritten since, or never copied to the region)."""
+        meta = checkpoint.metadata
+        handle = meta.subtasks.get(key)
+        if handle is None:
+            msg = (f"checkpoint {checkpoint.directory} holds no state for subtask {key}; it was taken of another "
                    f"job graph")
             raise CheckpointError(msg)
-        blob = self._shared_blob(key, restored)
-        if blob is not None:
-            self.restored_from_memory += 1
-            return decode_states(blob, source=f"the region's copy of {key}")
+        where = self.restore_shared.get(shared_key(meta.checkpoint_id, key))
+        if where and self.region_view is not None and where[1] == handle.nbytes:
+            view = self.region_view(where[0], where[1])
+            if state_checksum(view) == handle.checksum:
+                self.restored_from_memory += 1
+                return decode_states(view, source=f"the region's copy of {key} in checkpoint {meta.checkpoint_id}")
         self.restored_from_files += 1
-        return decode_states(restored.read_state(key), source=f"{restored.directory}/{meta.subtasks[key].name}")
+        return decode_states(checkpoint.read_state(key), source=f"{checkpoint.directory}/{handle.name}")
 
-    def _shared_blob(self, key: str, restored: CompletedCheckpoint) -> memoryview | None:
-        """Subtask ``key``'s blob in the region if it is there and intact (its checksum is the file's), else
-        None (the file is read instead: a blob overwritten since, or never copied to the region)."""
-        where = self.restore_shared.get(key)
-        if not where or self.region_view is None:
-            return None
-        offset, nbytes = where
-        handle = restored.metadata.subtasks[key]
-        if nbytes != handle.nbytes:
-            return None
-        view = self.region_view(offset, nbytes)
-        if state_checksum(view) != handle.checksum:
-            return None
-        return view
+    def _chain(self, restored: CompletedCheckpoint, key: str, index: int, last: codec.Incremental) -> codec.Chain:
+        """Operator ``index`` of subtask ``key``: its full snapshot and its deltas up to ``last``."""
+        deltas = [last.delta]
+        parent = last.parent
+        while True:
+            if not 0 < parent < restored.metadata.checkpoint_id:
+                msg = (f"checkpoint {restored.directory}: subtask {key}'s operator {index} builds on checkpoint "
+                       f"{parent}, which cannot be one of its parents")
+                raise CheckpointError(msg)
+            earlier = load_checkpoint(checkpoint_path(restored.directory.parent, parent), verify_state=False)
+            states = self._states_in(earlier, key)
+            if index >= len(states):
+                msg = (f"checkpoint {earlier.directory} holds {len(states)} operator states for subtask {key}; "
+                       f"checkpoint {restored.checkpoint_id} builds on its state {index}")
+                raise CheckpointError(msg)
+            state = states[index]
+            if type(state) is not codec.Incremental:
+                return codec.Chain(state, deltas[::-1])
+            deltas.append(state.delta)
+            parent = state.parent
+
+
+def shared_key(checkpoint_id: int, subtask: str) -> str:
+    """How a Deploy's ``restore_shared`` names a blob: ``"<checkpoint id>/<subtask key>"``."""
+    return f"{checkpoint_id}/{subtask}"
+
+
+def depends_on(states: list[Any], checkpoint_id: int) -> int:
+    """The oldest checkpoint whose files a snapshot of ``states`` for ``checkpoint_id`` needs."""
+    return min([checkpoint_id, *(s.base for s in states if type(s) is codec.Incremental)])
 
 
 def encode_states(states: list[Any], subtask: str) -> tuple[bytes, list[Any]]:

@@ -125,9 +125,10 @@ class JobHost(Protocol):
 
     def ack_checkpoint(self, job_id: str, checkpoint: int, subtask: str, state: list[Any],
                        alignment_seconds: float, snapshot_seconds: float, source_position: Any = None,
-                       shared_memory: list[int] | None = None) -> None:
+                       shared_memory: list[int] | None = None, depends_on: int = 0) -> None:
         """Tell the coordinator that ``subtask`` snapshotted ``checkpoint``: its state file's handle ([]: finished),
-        for a source its position, and where its blob lies in the region (``[offset, bytes]``; None: nowhere)."""
+        for a source its position, where its blob lies in the region (``[offset, bytes]``; None: nowhere), and
+        the oldest checkpoint whose files it needs (0: none but its own)."""
 
     def set_job_control(self, job: CheckpointControl | None) -> None:
         """Install (or clear, with None) the job the host hands checkpoint messages to as they arrive."""
@@ -469,7 +470,7 @@ class JobRun:
         def acknowledge(written: WrittenSnapshot) -> None:
             self._checkpoints_acked += 1
             self.host.ack_checkpoint(self.job_id, written.checkpoint_id, key, written.handle, alignment,
-                                     written.copy_seconds, position, written.shared_memory)
+                                     written.copy_seconds, position, written.shared_memory, written.depends_on)
 
         self._snapshots.submit(barrier.checkpoint_id, key, states, f"{st.vertex.name}[{st.index}]", acknowledge)
 

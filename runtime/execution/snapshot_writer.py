@@ -35,7 +35,7 @@ from runtime.checkpoint import checkpoint_path, write_state_file
 from runtime.checkpoint.blob import blob_size, write_blob
 from runtime.errors import CheckpointError
 from runtime.execution.checkpoint_area import CheckpointArea
-from runtime.execution.checkpointing import encode_states
+from runtime.execution.checkpointing import depends_on, encode_states
 
 __all__ = ["SnapshotWriter", "WrittenSnapshot"]
 
@@ -48,6 +48,7 @@ class WrittenSnapshot:
     key: str
     handle: list[Any]  # StateHandle.to_wire()
     shared_memory: list[int]  # [region offset, bytes] of its blob; []: the blob was on the heap
+    depends_on: int  # the oldest checkpoint whose files this snapshot needs (itself, unless incremental)
     copy_seconds: float  # the job thread's part: encoding and copying
     write_seconds: float  # the writer thread's part: the file
 
@@ -68,6 +69,7 @@ class SnapshotWriter:
         self._pending: deque[tuple[Future[WrittenSnapshot], Callable[[WrittenSnapshot], None], str]] = deque()
         self.blobs_in_memory = 0
         self.blobs_on_heap = 0
+        self._needs: dict[int, int] = {}  # checkpoint id -> the oldest checkpoint its snapshots here build on
 
     def submit(self, checkpoint_id: int, key: str, states: list[Any], subtask: str,
                on_written: Callable[[WrittenSnapshot], None]) -> None:
@@ -78,6 +80,8 @@ class SnapshotWriter:
             StateSerializationError: a state cannot be encoded (names ``subtask``).
         """
         started = time.monotonic()
+        needs = depends_on(states, checkpoint_id)
+        self._needs[checkpoint_id] = min(needs, self._needs.get(checkpoint_id, needs))
         header, buffers = encode_states(states, subtask)
         nbytes = blob_size(header, buffers)
         offset = self.area.allocate(checkpoint_id, nbytes) if self.area is not None else None
@@ -100,7 +104,8 @@ class SnapshotWriter:
                 handle = write_state_file(directory, key, blob).to_wire()
             finally:
                 blob.release()
-            return WrittenSnapshot(checkpoint_id, key, handle, shared, copy_seconds, time.monotonic() - begun)
+            return WrittenSnapshot(checkpoint_id, key, handle, shared, needs, copy_seconds,
+                                   time.monotonic() - begun)
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
@@ -130,9 +135,13 @@ class SnapshotWriter:
         return len(self._pending)
 
     def completed(self, checkpoint_id: int) -> None:
-        """Checkpoint ``checkpoint_id`` completed: the area may reuse the blobs of every earlier one."""
+        """Checkpoint ``checkpoint_id`` completed: the area may reuse the blobs of every earlier one that its
+        snapshots here do not build on (incremental ones read their parents' blobs at a restore)."""
+        keep_from = self._needs.get(checkpoint_id, checkpoint_id)
+        for old in [c for c in self._needs if c <= checkpoint_id]:
+            del self._needs[old]
         if self.area is not None:
-            self.area.release_before(checkpoint_id)
+            self.area.release_before(keep_from)
 
     def close(self) -> None:
         """Wait for the writes in progress (their files are then complete or removed); no callback runs."""

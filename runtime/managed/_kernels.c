@@ -26,7 +26,8 @@
 
 /* Accumulator codes (one char per accumulator column, see hash_table.FixedHashTable):
  * 'i' int64 add (count, int sum; wraps as numpy does), 'f' float64 add,
- * 'n'/'x' int64 min/max, 'N'/'X' float64 min/max (NaN propagates, as np.minimum). */
+ * 'n'/'x' int64 min/max, 'N'/'X' float64 min/max (NaN propagates, as np.minimum); 'r' replace (a
+ * changelog's replay: the row holds the accumulator itself). */
 static inline void merge_row(uint64_t *dst, const uint64_t *src, const char *codes, Py_ssize_t n_accs) {
     for (Py_ssize_t j = 0; j < n_accs; j++) {
         switch (codes[j]) {
@@ -41,6 +42,9 @@ static inline void merge_row(uint64_t *dst, const uint64_t *src, const char *cod
             memcpy(&dst[j], &a, 8);
             break;
         }
+        case 'r':
+            dst[j] = src[j];
+            break;
         case 'n':
             if ((int64_t)src[j] < (int64_t)dst[j]) dst[j] = src[j];
             break;

@@ -205,6 +205,11 @@ class StreamingFixedState:
         self._evictions = 0
         self._spilled_bytes = 0
         self.compiled = _kernels is not None
+        # The changelog (see log_changes): each fold's rows with the accumulator after each record, in order.
+        self._log: list[U64Array] | None = None
+        self._log_bytes = 0
+        self._log_limit = 0
+        self._replacing = False  # replay(): rows hold accumulators that replace, not merge
 
     # ------------------------------------------------------------------ update
     def update(self, keys: npt.ArrayLike, values: npt.ArrayLike | None = None) -> NumArray:
@@ -252,9 +257,70 @@ class StreamingFixedState:
                     out[i] = self._zero
                 keep = np.flatnonzero(~zero)
                 self._update_rows(rows[keep], out, keep)
+                self._record(rows, out)
                 return out.view(self.value_dtype)
         self._update_rows(rows, out, None)
+        self._record(rows, out)
         return out.view(self.value_dtype)
+
+    # --------------------------------------------------------------- changelog
+    def log_changes(self, limit_bytes: int) -> None:
+        """From now on, keep every fold's rows with the accumulator after each record (the changelog that
+        :meth:`take_changes` hands out), up to ``limit_bytes`` of them: past that the log is dropped
+        (:attr:`logging` turns False) and only a full snapshot (:meth:`images`) can follow.
+
+        Ownership: the log is on the heap, bounded by ``limit_bytes``; this object owns it."""
+        self._log, self._log_bytes, self._log_limit = [], 0, limit_bytes
+
+    @property
+    def logging(self) -> bool:
+        """Whether every change since :meth:`log_changes` (or the last :meth:`take_changes`) is in the log."""
+        return self._log is not None
+
+    @property
+    def log_bytes(self) -> int:
+        return self._log_bytes
+
+    def take_changes(self) -> list[U64Array]:
+        """The changelog since the last call (rows of ``width`` words: hash, key words, the accumulator after
+        the record), oldest first; the log starts again empty. :meth:`replay` applies it."""
+        if self._log is None:
+            msg = f"{self.name}: no changelog is kept (log_changes() was not called, or the log outgrew its limit)"
+            raise RuntimeError(msg)
+        log, self._log, self._log_bytes = self._log, [], 0
+        return log
+
+    def _record(self, rows: U64Array, out: U64Array) -> None:
+        if self._log is None or self._replacing:
+            return
+        rows[:, -1] = out  # rows is this fold's own array: it becomes the log's
+        self._log.append(rows)
+        self._log_bytes += rows.nbytes
+        if self._log_bytes > self._log_limit:
+            self._log, self._log_bytes = None, 0
+
+    def replay(self, data: Any) -> None:
+        """Apply a changelog (:meth:`take_changes`'s rows, as a buffer): each key takes the accumulator of its
+        last row. Not logged."""
+        rows = np.frombuffer(data, np.uint64)
+        if len(rows) % self.width:
+            msg = f"{self.name}: a changelog of {len(rows)} words is not rows of {self.width}; another key type"
+            raise ValueError(msg)
+        rows = rows.reshape(-1, self.width)
+        if not len(rows):
+            return
+        codes, self._codes = self._codes, b"r" * len(self._codes)
+        self._replacing = True
+        try:
+            h = rows[:, 0]
+            zero = np.flatnonzero(h == 0) if not self.key_words else np.empty(0, np.intp)
+            if len(zero):
+                self._zero = np.uint64(rows[zero[-1], -1])
+                rows = rows[h != 0]
+            self._update_rows(np.ascontiguousarray(rows), np.empty(len(rows), np.uint64), None)
+        finally:
+            self._codes = codes
+            self._replacing = False
 
     def _update_rows(self, rows: U64Array, out: U64Array, at: npt.NDArray[np.intp] | None) -> None:
         """Merge rows (none with h == 0) partition by partition; each one's accumulator to ``out[at[i]]``."""
@@ -330,6 +396,8 @@ class StreamingFixedState:
 
     def _merge_one(self, acc: np.uint64, bits: np.uint64) -> np.uint64:
         """One accumulator merged with one record's bits (uint64 views of value_dtype)."""
+        if self._replacing:
+            return np.uint64(bits)
         a = np.array([acc], np.uint64)
         b = np.array([bits], np.uint64)
         av, bv = a.view(self.value_dtype), b.view(self.value_dtype)

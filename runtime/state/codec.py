@@ -23,10 +23,12 @@ import msgpack
 
 from runtime.errors import StateSerializationError
 
-__all__ = ["Raw", "check_value", "decode", "decode_parts", "encode", "encode_key", "encode_parts", "ext_hook"]
+__all__ = ["Chain", "Incremental", "Raw", "check_value", "decode", "decode_parts", "encode", "encode_key",
+           "encode_parts", "ext_hook"]
 
 _TUPLE = 1
 _RAW = 2
+_INCREMENTAL = 3
 _INDEX = struct.Struct("<I")
 _SCALARS = (type(None), bool, int, float, str, bytes)
 
@@ -57,6 +59,30 @@ class Raw:
         return int(self.view.nbytes)
 
 
+class Incremental:
+    """An operator's snapshot that holds only what changed since its snapshot of checkpoint ``parent``;
+    ``base`` is the checkpoint of the full snapshot the chain starts from (its files must be kept). The
+    runtime resolves the chain when it restores: the operator's ``restore_state`` gets a :class:`Chain`."""
+
+    __slots__ = ("base", "delta", "parent")
+
+    def __init__(self, parent: int, base: int, delta: Any) -> None:
+        self.parent, self.base, self.delta = parent, base, delta
+
+    def __repr__(self) -> str:
+        return f"Incremental(parent={self.parent}, base={self.base})"
+
+
+class Chain:
+    """What ``restore_state`` gets for an :class:`Incremental` snapshot: the full snapshot the chain starts
+    from, and each delta after it, oldest first (decoded; buffers are views of where they were read)."""
+
+    __slots__ = ("base", "deltas")
+
+    def __init__(self, base: Any, deltas: list[Any]) -> None:
+        self.base, self.deltas = base, deltas
+
+
 def encode_parts(value: Any, *, state: str = "?") -> tuple[bytes, list[Any]]:
     """``value`` as a msgpack header and the buffers of its :class:`Raw` items, in order (not copied): each a
     memoryview or a lazy buffer.
@@ -70,6 +96,9 @@ def encode_parts(value: Any, *, state: str = "?") -> tuple[bytes, list[Any]]:
         if type(obj) is Raw:
             buffers.append(obj.view)
             return msgpack.ExtType(_RAW, _INDEX.pack(len(buffers) - 1))
+        if type(obj) is Incremental:
+            return msgpack.ExtType(_INCREMENTAL, msgpack.packb([obj.parent, obj.base, obj.delta], default=default,
+                                                               strict_types=True, use_bin_type=True))
         if type(obj) is tuple:
             return msgpack.ExtType(_TUPLE, msgpack.packb(list(obj), default=default, strict_types=True,
                                                          use_bin_type=True))
@@ -100,6 +129,9 @@ def decode_parts(header: bytes | memoryview, buffers: list[memoryview]) -> Any:
             return buffers[index]
         if code == _TUPLE:
             return tuple(msgpack.unpackb(data, ext_hook=hook, raw=False, strict_map_key=False))
+        if code == _INCREMENTAL:
+            parent, base, delta = msgpack.unpackb(data, ext_hook=hook, raw=False, strict_map_key=False)
+            return Incremental(parent, base, delta)
         return msgpack.ExtType(code, data)
 
     return msgpack.unpackb(header, ext_hook=hook, raw=False, strict_map_key=False)
