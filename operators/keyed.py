@@ -47,6 +47,7 @@ from operators.stateless import to_records
 from runtime.errors import InvalidArgumentError, StateAccessError
 from runtime.execution.task import Batch, Emit, Operator, TimestampedBatch
 from runtime.state.backend import HeapKeyedStateBackend, KeyedStateBackend, make_backend
+from runtime.state.codec import Chain, Incremental
 from runtime.state.mapping import StateMapping
 
 __all__ = [
@@ -318,9 +319,11 @@ class KeyedAggregate(Operator):
         """Fold and emit the held mini-batch: its updates go out before the barrier."""
         self._flush_mini(emit)
 
-    def snapshot_state(self) -> list[Any]:
+    def snapshot_state(self) -> list[Any] | Incremental:
         """The accumulators, tagged with the path that holds them: ``["heap", {key: acc}]``, ``["fixed",
-        StreamingManagedAggregate.snapshot()]`` or ``["backend", KeyedStateBackend.snapshot()]``. A list, not a
+        StreamingManagedAggregate.snapshot()]`` or ``["backend", KeyedStateBackend.snapshot()]``; or, on the
+        fixed-width path, ``Incremental(parent, base, ["fixed-delta", changes])`` (see
+        ``StreamingManagedAggregate.snapshot``; a restore gets a ``Chain`` of them). A list, not a
         tuple: :mod:`runtime.state.codec` packs a tuple's items into an ext of their own, one more copy of the
         whole state (see ``StreamingManagedAggregate.snapshot``).
 
@@ -337,7 +340,10 @@ class KeyedAggregate(Operator):
                    f"(execution.checkpointing.interval) apply to streaming mode only")
             raise StateAccessError(msg)
         if self._streaming is not None:
-            return ["fixed", self._streaming.snapshot()]
+            snapshot = self._streaming.snapshot(getattr(self.ctx, "checkpoint_id", 0))
+            if type(snapshot) is Incremental:  # the changes since the last completed checkpoint
+                return Incremental(snapshot.parent, snapshot.base, ["fixed-delta", snapshot.delta])
+            return ["fixed", snapshot]
         if self._backend is not None:
             return ["backend", self._backend.snapshot()]
         state = self._state
@@ -351,6 +357,11 @@ class KeyedAggregate(Operator):
             StateAccessError: a snapshot of the generic managed path restored without it, or not a snapshot
                 of this operator.
         """
+        if type(state) is Chain:  # an incremental snapshot: the full one, then each delta
+            self.restore_state(state.base)
+            for _, delta in state.deltas:
+                self._replay(delta)
+            return
         kind, payload = state
         if kind == "fixed" and self._streaming is not None:
             self._streaming.restore(payload)
@@ -381,6 +392,22 @@ class KeyedAggregate(Operator):
         target = self._state
         for key, acc in entries:
             target[key] = acc
+
+
+    def _replay(self, delta: Any) -> None:
+        """One delta of an incremental snapshot (``StreamingManagedAggregate.snapshot``), after its base."""
+        if self._streaming is not None:
+            self._streaming.replay(delta)
+            return
+        *header, rows = delta  # the state moved to another path: each key takes its last accumulator
+        pairs = getattr(self.aggregation, "field", None) == 1
+        target = self._state
+        for key, acc in fixed_entries([*header, [None, [rows]]], pairs=pairs):
+            target[key] = acc
+
+    def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        if self._streaming is not None:
+            self._streaming.checkpoint_complete(checkpoint_id)
 
 
 def _emit_managed(state: ManagedKeyedState, ctx: Any, emit: Emit) -> None:

@@ -34,8 +34,8 @@ from operators.fixed_rows import ascii_keys, key_width, min_max_unordered, numer
 from operators.keyed_vectorized import gc_paused
 from runtime.execution.task import ManagedMemory
 from runtime.managed.share import ManagedShare, unmix64
-from runtime.managed.streaming_table import StreamingFixedState, image_entries
-from runtime.state.codec import Raw
+from runtime.managed.streaming_table import LoggedRows, StreamingFixedState, image_entries
+from runtime.state.codec import Incremental, Raw
 
 __all__ = ["PreparedBatch", "StreamingManagedAggregate", "fits_streaming_state", "fixed_entries"]
 
@@ -113,6 +113,13 @@ class StreamingManagedAggregate:
         self._key_bytes = 0
         self._dtype: str | None = None  # the values' type, fixed by the first batch with values
         self._bound = 0  # int sums: an upper bound on every |accumulator|
+        # Incremental checkpoints (see snapshot): the chain the last completed checkpoint's snapshot ends
+        self._completed = 0  # the last checkpoint whose snapshot of this state completed (0: none known)
+        self._base = 0  # the checkpoint of the full snapshot that chain starts from
+        self._base_bytes = 0
+        self._chain_bytes = 0  # bytes of the chain's deltas
+        # snapshots taken and not known complete: checkpoint -> (full one's bytes or None, changelog it took)
+        self._pending: dict[int, tuple[int | None, list[Any]]] = {}
 
     # ------------------------------------------------------------------ input
     def updates(self, records: list[Any]) -> list[Any] | None:
@@ -223,21 +230,57 @@ class StreamingManagedAggregate:
         return entries
 
     # ------------------------------------------------------------- checkpoints
-    def snapshot(self) -> list[Any]:
-        """The state for a checkpoint: ``[str keys, keys fixed, key bytes, value dtype, int-sum bound, images]``
-        where ``images`` is ``[zero, partitions]`` as ``StreamingFixedState.images`` gives them (None: no
-        state), each partition's packed rows held out of band (:class:`~runtime.state.codec.Raw`): the
-        checkpoint copies them once, from managed memory to the blob (no Python object per key). They are
-        views of the state: the caller copies them before the state changes (``Subtask.checkpoint`` does)."""
-        images: list[Any] | None = None
-        if self._state is not None:
-            zero, parts = self._state.images()
-            images = [None if zero is None else int(zero), [None if part is None else Raw(part) for part in parts]]
-        return [self._str_keys, self._keys_fixed, self._key_bytes, self._dtype, self._bound, images]
+    def snapshot(self, checkpoint_id: int = 0) -> Any:
+        """The state for checkpoint ``checkpoint_id``: full, or what changed since the last completed one.
+
+        Full: ``[str keys, keys fixed, key bytes, value dtype, int-sum bound, images]`` where ``images`` is
+        ``[zero, partitions]`` as ``StreamingFixedState.images`` gives them (None: no state), each
+        partition's packed rows held out of band (:class:`~runtime.state.codec.Raw`): the checkpoint copies
+        them once, from managed memory to the blob (no Python object per key); they are views of the state,
+        which the caller copies before it changes (``Subtask.checkpoint`` does). From then on the state keeps
+        a changelog (each record's key and accumulator after it), bounded by a quarter of the share.
+
+        Incremental (an :class:`~runtime.state.codec.Incremental` on the last completed snapshot): the same
+        header and the changelog since that one, as one out-of-band buffer of rows. Taken while the changelog
+        is whole and the chain's deltas stay under half the full snapshot's size; else a full one again
+        (Flink's changelog state backend materializes the same way). W5, 2.5 M keys a worker: 80 MB full,
+        about 10 MB of changes a second."""
+        header = [self._str_keys, self._keys_fixed, self._key_bytes, self._dtype, self._bound]
+        state = self._state
+        if state is None:
+            self._pending[checkpoint_id] = (0, [])
+            return [*header, None]
+        since = [cid for cid in sorted(self._pending) if cid > self._completed]
+        pending_bytes = sum(a.nbytes for cid in since for a in self._pending[cid][1])
+        if (checkpoint_id and self._completed and state.logging
+                and all(self._pending[cid][0] is None for cid in since)
+                and self._chain_bytes + pending_bytes + state.log_bytes <= self._base_bytes // 2):
+            new = state.take_changes()
+            self._pending[checkpoint_id] = (None, new)
+            segments = [a for cid in since for a in self._pending[cid][1]] + new
+            return Incremental(self._completed, self._base, [*header, Raw(LoggedRows(segments))])
+        zero, parts = state.images()
+        images = [None if zero is None else int(zero), [None if part is None else Raw(part) for part in parts]]
+        state.log_changes(self.managed.share_bytes // 4)
+        self._pending[checkpoint_id] = (len(state) * state.row_bytes, [])
+        return [*header, images]
+
+    def checkpoint_complete(self, checkpoint_id: int) -> None:
+        """Checkpoint ``checkpoint_id`` completed: its snapshot (if this state took one) ends the chain the next
+        incremental snapshot builds on."""
+        if checkpoint_id not in self._pending:
+            return
+        for cid in sorted(c for c in self._pending if c <= checkpoint_id):
+            full_bytes, segments = self._pending.pop(cid)
+            if full_bytes is not None:
+                self._base, self._base_bytes, self._chain_bytes = cid, full_bytes, 0
+            else:
+                self._chain_bytes += sum(a.nbytes for a in segments)
+        self._completed = checkpoint_id
 
     def restore(self, snapshot: Any) -> None:
-        """Take back what :meth:`snapshot` returned (decoded) into this new, empty state: its key and value
-        types, and every partition's rows."""
+        """Take back what :meth:`snapshot` returned (decoded; a full one) into this new, empty state: its key
+        and value types, and every partition's rows. Then :meth:`replay` each delta of its chain."""
         str_keys, keys_fixed, key_bytes, dtype, bound, images = snapshot
         if self._state is not None or self._keys_fixed:
             msg = f"{self.name}: restore() needs a new, empty state; this one holds {len(self._state or ())} keys"
@@ -248,6 +291,13 @@ class StreamingManagedAggregate:
             return
         zero, parts = images
         self._make_state().restore_images(zero, parts)
+
+    def replay(self, delta: Any) -> None:
+        """Apply an incremental snapshot's changes (decoded) after :meth:`restore` of the full one."""
+        str_keys, keys_fixed, key_bytes, dtype, bound, rows = delta
+        self._keys_fixed, self._dtype, self._bound = bool(keys_fixed), dtype, int(bound)
+        state = self._state if self._state is not None else self._make_state()
+        state.replay(rows)
 
     def metrics(self) -> dict[str, int]:
         """What the state holds, as the job's state metrics (and how it moved partitions)."""

@@ -108,6 +108,45 @@ def test_a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice(tmp_path
     assert restored[kept_in] >= 2 and sum(restored.values()) == restored[kept_in], restored
 
 
+def _incremental_completed(checkpoints: Path) -> bool:
+    """Whether a completed checkpoint builds on an earlier one (an incremental snapshot in it)."""
+    from runtime.checkpoint import DEPENDS_ON_KEY, load_checkpoint
+
+    for meta in _completed(checkpoints):
+        try:
+            checkpoint = load_checkpoint(meta, verify_state=False)
+        except CheckpointError:  # retention removed it meanwhile
+            continue
+        if checkpoint.metadata.extra.get(DEPENDS_ON_KEY, checkpoint.checkpoint_id) < checkpoint.checkpoint_id:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("kept_in", ["shared memory", "files"])
+def test_a_worker_killed_after_incremental_checkpoints_restores_the_chain_exactly_once(tmp_path, kept_in):
+    """Managed state of 20,000 keys: after a full snapshot, checkpoints hold only the changes; a worker killed
+    once one of them completed restores the full snapshot and every delta since, from the region or from files."""
+    n = 100_000
+    env = _env(tmp_path, **{"state.backend": "managed", "state.checkpoints.num-retained": 1,
+                            **({"state.checkpoints.shared-memory.size": 0} if kept_in == "files" else {})})
+    out = env.from_generator(lambda i: (f"k{i % 20_000}", i), rate=20_000, count=n).key_by(_first).count().collect()
+    thread, box = _run_in_thread(env, "incremental")
+    deadline = time.monotonic() + 60
+    while not _incremental_completed(tmp_path / "checkpoints"):
+        assert time.monotonic() < deadline and thread.is_alive(), box
+        time.sleep(0.02)  # sleep-ok: waiting for a file another process writes
+    os.kill(_workers_of_this_process()[1], signal.SIGKILL)
+    thread.join(120)
+    assert "error" not in box, box.get("error")
+    result = box["result"]
+    _assert_exactly_once(out.values(), n)
+    assert result.metrics["restarts"] == 1
+    workers = result.metrics["workers"].values()
+    restored = {"shared memory": sum(w["restored_from_memory"] for w in workers),
+                "files": sum(w["restored_from_files"] for w in workers)}
+    assert restored[kept_in] >= 2 and sum(restored.values()) == restored[kept_in], restored
+
+
 def _failing_once_at(index: int, marker: Path):
     """A map function that raises on record ``index`` the first time only (``marker``, a file, remembers it
     across restarts and worker processes)."""

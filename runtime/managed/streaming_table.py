@@ -56,7 +56,8 @@ try:  # the compiled probe loop (setup.py builds it where a C compiler is at han
 except ImportError:  # pragma: no cover - an install without a compiler
     _kernels = None  # type: ignore[assignment]
 
-__all__ = ["DEFAULT_PARTITIONS", "StreamingFixedState", "StreamingStateStats", "image_entries"]
+__all__ = ["DEFAULT_PARTITIONS", "LoggedRows", "PackedRows", "SpilledRows", "StreamingFixedState",
+           "StreamingStateStats", "image_entries"]
 
 DEFAULT_PARTITIONS = 64
 MIN_CAPACITY = 64
@@ -95,6 +96,24 @@ class PackedRows:
         if written != self.nbytes:
             msg = f"a partition holds {written} bytes of rows; its count said {self.nbytes}"
             raise RuntimeError(msg)
+
+
+class LoggedRows:
+    """Changelog segments (:meth:`StreamingFixedState.take_changes`) as one buffer to be written, each array
+    copied in turn where the snapshot goes. Ownership: holds the arrays (the log gave them away)."""
+
+    __slots__ = ("_arrays", "nbytes")
+
+    def __init__(self, arrays: list[U64Array]) -> None:
+        self._arrays = arrays
+        self.nbytes = sum(a.nbytes for a in arrays)
+
+    def write_into(self, target: memoryview) -> None:
+        pos = 0
+        out = np.frombuffer(target, np.uint8)
+        for a in self._arrays:
+            out[pos:pos + a.nbytes] = a.reshape(-1).view(np.uint8)
+            pos += a.nbytes
 
 
 class SpilledRows:
