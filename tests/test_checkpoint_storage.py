@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.checkpoint import (
+    DEPENDS_ON_KEY,
     CheckpointMetadata,
     CheckpointStorage,
     StateHandle,
@@ -459,3 +460,19 @@ def test_a_killed_writer_leaves_the_previous_checkpoint(tmp_path, stage):
     assert latest is not None and latest.checkpoint_id == 1 and latest.read_state("op/0") == b"one"
     assert os.listdir(tmp_path / JOB) == ["chk-1"]
     assert temporary_files(tmp_path) == []
+
+
+def test_retention_keeps_the_checkpoints_an_incremental_one_builds_on(tmp_path):
+    store = CheckpointStorage(tmp_path, JOB, retained=1)
+
+    def take(checkpoint_id: int, depends_on: int) -> None:
+        directory = store.checkpoint_dir(checkpoint_id)
+        handles = {"count-2/0": write_state_file(directory, "count-2-0", b"x" * checkpoint_id)}
+        store.complete(metadata(checkpoint_id, handles, **{DEPENDS_ON_KEY: depends_on}))
+
+    take(1, 1)  # full
+    take(2, 1)  # the changes since 1
+    take(3, 1)  # the changes since 1 again (2 was not known complete when 3 was taken)
+    assert store.completed_ids() == [1, 2, 3]  # 3 is retained, and 1 (and what lies between) with it
+    take(4, 4)  # full again: the chain before it goes
+    assert store.completed_ids() == [4]
