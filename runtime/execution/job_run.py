@@ -22,6 +22,7 @@ and otherwise waits on all its sockets at once.
 from __future__ import annotations
 
 import gc
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -369,11 +370,14 @@ class JobRun:
                 writer.partition.ship_all()
             pending = [st for st in pending if not st.finished]
             self.host.keep_alive(now)
-            if not progressed and pending and self._park():
-                try:
-                    poller.poll(int(self._idle_wait(pending, now) * 1000))
-                finally:
-                    self._unpark()
+            if not progressed and pending:
+                if self._park():
+                    try:
+                        poller.poll(int(self._idle_wait(pending, now) * 1000))
+                    finally:
+                        self._unpark()
+                else:
+                    os.sched_yield()  # a peer is streaming: look again soon, letting others run meanwhile
 
     def _park(self) -> bool:
         """Nothing progressed: park in the rings of every gate whose subtask would read and every partition

@@ -40,6 +40,7 @@ every ``KEEP_ALIVE_INTERVAL`` seconds (as the gate's waits do).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -59,6 +60,9 @@ from runtime.network.transport import KEEP_ALIVE_INTERVAL, connect, context, mak
 TRANSPORTS = ("shm", "tcp")
 #: A batch of descriptors ships at most this many bytes of buffers (unless ``ship_batch`` says otherwise).
 SHIP_BATCH_BYTES = 4 << 20
+#: After returns arrived through a ring, a partition that waits for more re-checks the rings (yielding the
+#: CPU between checks) for this long before it parks; see ``gate.SPIN_SECONDS``, its twin.
+SPIN_SECONDS = 0.0005
 
 
 # --------------------------------------------------------------------- statistics
@@ -191,8 +195,10 @@ class OutputChannel:
         if granted != self.granted_seen:
             self.credits += granted - self.granted_seen
             self.granted_seen = granted
+            self.partition.spin_until = time.monotonic() + SPIN_SECONDS
         if not indices:
             return
+        self.partition.spin_until = time.monotonic() + SPIN_SECONDS
         pop = self.in_flight.pop
         returned: list[NetworkBuffer] = []
         try:
@@ -295,6 +301,7 @@ class ResultPartition:
         self._by_socket = {ch.socket: ch for ch in self.channels}
         self._rings = [ch for ch in self.channels if ch.ring is not None]
         self._parked: list[OutputChannel] = []
+        self.spin_until = 0.0  # monotonic: re-check the rings instead of parking until then (SPIN_SECONDS)
         self._buffers_sent = self._bytes_sent = self._messages_sent = 0
         self._blocked = 0.0
 
@@ -463,6 +470,8 @@ class ResultPartition:
         tracked = [t for ch in self.channels for t, _ in ch.tracked]
         if tracked and not any(t.done for t in tracked):
             tracked[0].wait(timeout)  # tcp: buffers return when zmq has sent them
+        elif self._rings and time.monotonic() < self.spin_until:
+            os.sched_yield()  # a streaming consumer gives back again before a wake-up could arrive
         elif self._park_channels(lambda ch: bool(ch.queue or ch.in_flight)):
             try:
                 for sock, _ in self._poller.poll(int(timeout * 1000)):  # what Poller.poll does with a float
@@ -489,6 +498,8 @@ class ResultPartition:
         (channels with a backlog) or for buffers (channels holding some, when the pool has none left).
         Returns False, parked nowhere, when returns are there already: do not sleep. Pair with
         :meth:`unpark` after the sleep."""
+        if self._rings and time.monotonic() < self.spin_until:
+            return False  # re-check soon: a streaming consumer gives back before a wake-up arrives
         starved = not self.pool.available()
         return self._park_channels(lambda ch: bool(ch.queue or (starved and ch.in_flight)))
 
