@@ -498,10 +498,14 @@ class ResultPartition:
         (channels with a backlog) or for buffers (channels holding some, when the pool has none left).
         Returns False, parked nowhere, when returns are there already: do not sleep. Pair with
         :meth:`unpark` after the sleep."""
-        if self._rings and time.monotonic() < self.spin_until:
-            return False  # re-check soon: a streaming consumer gives back before a wake-up arrives
         starved = not self.pool.available()
-        return self._park_channels(lambda ch: bool(ch.queue or (starved and ch.in_flight)))
+
+        def waits(ch: OutputChannel) -> bool:
+            return bool(ch.queue or (starved and ch.in_flight))
+
+        if time.monotonic() < self.spin_until and any(waits(ch) for ch in self._rings):
+            return False  # re-check soon: a streaming consumer gives back before a wake-up arrives
+        return self._park_channels(waits)
 
     def unpark(self) -> None:
         """The wait is over: no wake-up is wanted any more."""
