@@ -12,9 +12,10 @@ it, a received buffer is a read-only view of the sender's pool until it is
 released, and releasing it gives its index back and grants the credit through
 the same ring at once. The socket then carries only hellos and wake-ups: a
 gate about to sleep parks in its rings, and a producer that publishes into a
-parked ring sends one wake-up. Over ``tcp`` a received buffer is the received
-zmq frame, and credits go back in one message per channel when a quarter of
-its credit window is pending or before the gate would block.
+parked ring sends one wake-up. Over ``tcp`` a received buffer is a view of
+the zmq frame its batch arrived in, and credits go back in one message per
+channel when a quarter of its credit window is pending or before the gate
+would block.
 
 Threads: none. A gate is used by one thread, which polls its socket when it
 has to wait. Every wait calls the gate's ``keep_alive`` (the worker's heartbeat
@@ -79,7 +80,7 @@ class ReceivedBuffer:
         self.gate = gate
         self.channel = channel
         self.index = index
-        self.view: memoryview | None = view  # shm: a read-only slice of the sender's pool; tcp: the zmq frame
+        self.view: memoryview | None = view  # shm: a read-only slice of the sender's pool; tcp: of the zmq frame
         self._released = False
 
     @property
@@ -299,13 +300,19 @@ class InputGate:
         if kind != msg.BYTES or ch.region is not None:
             text = f"{where}: unexpected message kind {kind!r}"
             raise DeserializationError(text)
-        payload = frames[2:]
-        backlog = msg.decode_bytes_header(head.buffer, len(payload), where=where)
+        if len(frames) != 3:
+            text = f"{where}: bytes message of {len(frames) - 1} frames; expected a header and one payload"
+            raise DeserializationError(text)
+        payload = frames[2].buffer
+        backlog, sizes = msg.decode_bytes_header(head.buffer, len(payload), where=where)
         ready = self._ready
-        for f in payload:
-            ready.append(ReceivedBuffer(self, ch.index, -1, f.buffer))
-            self._bytes += len(f.buffer)
-        self._received(ch, len(payload), backlog)
+        cindex = ch.index
+        start = 0
+        for size in sizes:  # views of the one frame: it lives until the last of them is released
+            ready.append(ReceivedBuffer(self, cindex, -1, payload[start:start + size]))
+            start += size
+        self._bytes += start
+        self._received(ch, len(sizes), backlog)
 
     # ------------------------------------------------------------------ parking
     def _park_rings(self) -> bool:

@@ -14,7 +14,8 @@ kind   direction  first frame after the kind byte; further frames
 ``H``  s -> r     msgpack map: version, channel, transport; shm adds the region,
                   pool offset, buffer size, pool generation, number of buffers,
                   and the ring's offset, capacity and generation
-``B``  s -> r     ``<II`` backlog, count; then ``count`` frames of raw bytes (tcp)
+``B``  s -> r     ``<II`` backlog, count, then ``count`` x ``<I`` buffer sizes; then one
+                  frame: the ``count`` buffers' bytes, back to back (tcp)
 ``C``  r -> s     ``<I`` credits granted (tcp)
 ``W``  both       nothing: a wake-up for a peer that parked in the ring (shm)
 ``X``  s -> r     the sender closed the channel (after end-of-partition)
@@ -48,7 +49,7 @@ __all__ = [
     "encode_hello",
 ]
 
-PROTOCOL_VERSION = 2  # 2: shm descriptors, recycles and credits moved into rings
+PROTOCOL_VERSION = 2  # 2: shm descriptors, recycles and credits in rings; tcp batches in one frame
 HELLO, BYTES, CREDIT, WAKE, CLOSE = (ord(c) for c in "HBCWX")
 WAKE_FRAME = b"W"
 _COUNTS = struct.Struct("<II")
@@ -72,21 +73,25 @@ def decode_hello(frame: bytes, *, where: str) -> dict[str, Any]:
     return hello
 
 
-def encode_bytes_header(backlog: int, count: int) -> bytes:
-    return b"B" + _COUNTS.pack(backlog, count)
+def encode_bytes_header(backlog: int, sizes: list[int]) -> bytes:
+    return b"B" + _COUNTS.pack(backlog, len(sizes)) + struct.pack(f"<{len(sizes)}I", *sizes)
 
 
-def decode_bytes_header(frame: bytes | memoryview, nframes: int, *, where: str) -> int:
-    """The backlog of a ``B`` message whose payload came as ``nframes`` further frames."""
-    backlog: int
-    if len(frame) != 1 + _COUNTS.size:
-        msg = f"{where}: bytes header of {len(frame)} bytes; expected {1 + _COUNTS.size}"
+def decode_bytes_header(frame: bytes | memoryview, payload_bytes: int, *, where: str) -> tuple[int, list[int]]:
+    """(backlog, buffer sizes) of a ``B`` message whose buffers came as one frame of ``payload_bytes``."""
+    if len(frame) < 1 + _COUNTS.size:
+        msg = f"{where}: bytes header of {len(frame)} bytes is shorter than its counts"
         raise DeserializationError(msg)
     backlog, count = _COUNTS.unpack_from(frame, 1)
-    if count != nframes:
-        msg = f"{where}: bytes message announces {count} buffers; got {nframes} frames"
+    expected = 1 + _COUNTS.size + 4 * count
+    if len(frame) != expected:
+        msg = f"{where}: bytes header announces {count} buffers ({expected} bytes); got {len(frame)} bytes"
         raise DeserializationError(msg)
-    return backlog
+    sizes = list(struct.unpack_from(f"<{count}I", frame, 1 + _COUNTS.size))
+    if sum(sizes) != payload_bytes:
+        msg = f"{where}: bytes message announces {sum(sizes)} bytes of buffers; got {payload_bytes}"
+        raise DeserializationError(msg)
+    return backlog, sizes
 
 
 def encode_credit(credits: int) -> bytes:
