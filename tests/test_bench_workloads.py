@@ -276,6 +276,7 @@ def _assert_ok(result: dict) -> None:
 
 
 @pytest.mark.parametrize("transport, buf_bytes", [(bl.w1_mp_queue, 32 * KiB), (bl.w1_zmq, MiB),
+                                                   (functools.partial(bl.w1_zmq, transport="tcp"), 32 * KiB),
                                                    (bl.w1_shm_ring, 32 * KiB), (bl.w1_shm_ring, MiB),
                                                    (bl.w1_inproc, 32 * KiB)])
 def test_w1_baselines(transport, buf_bytes):

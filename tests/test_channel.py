@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import time
 
 import numpy as np
@@ -204,3 +205,29 @@ def test_every_wait_of_a_gate_and_a_partition_calls_keep_alive_and_ends_when_it_
                 part.close()
         pool.destroy()
         net.close(check=False)
+
+
+@pytest.mark.parametrize("header, payload, what", [
+    (b"B" + struct.pack("<III", 0, 1, 5), b"1234", r"bytes message announces 5 bytes of buffers; got 4"),
+    (b"B" + struct.pack("<II", 0, 2) + struct.pack("<I", 4), b"1234",
+     r"bytes header announces 2 buffers \(17 bytes\); got 13 bytes"),
+])
+def test_a_malformed_bytes_message_is_refused(header, payload, what):
+    """tcp: a batch whose header does not match its payload frame fails with DeserializationError."""
+    import zmq
+
+    from runtime.errors import DeserializationError
+    from runtime.network import messages
+    from runtime.network.transport import context, make_socket
+
+    with InputGate(1, name="g", endpoint="tcp://127.0.0.1:*") as gate:
+        sock = make_socket(context(), zmq.DEALER, identity=b"ch0")
+        try:
+            sock.connect(gate.endpoint)
+            sock.send(messages.encode_hello(channel=0, transport="tcp"))
+            gate.wait_connected(timeout=30)
+            sock.send_multipart([header, payload])
+            with pytest.raises(DeserializationError, match=r"^channel g<-0: " + what + "$"):
+                gate.next_buffer(timeout=30)
+        finally:
+            sock.close(linger=0)

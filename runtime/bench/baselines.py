@@ -275,13 +275,13 @@ def w1_mp_queue(buf_bytes: int, *, quick: bool = False, total_bytes: int | None 
 
 
 # ============================================================================== W1 pyzmq PUSH/PULL
-def _w1_zmq_producer(endpoint: str, barrier: Any, done: Any, buf_bytes: int, nbufs: int) -> dict[str, Any]:
+def _w1_zmq_producer(endpoints: Any, barrier: Any, done: Any, buf_bytes: int, nbufs: int) -> dict[str, Any]:
     import zmq
 
     ctx = zmq.Context()
     sock = _socket(ctx, zmq.PUSH, W1_WINDOW)
     try:
-        sock.connect(endpoint)
+        sock.connect(endpoints.get(timeout=READY_TIMEOUT))
         pool = w1_pool()
         barrier.wait(READY_TIMEOUT)
         t_start = clock()
@@ -296,13 +296,14 @@ def _w1_zmq_producer(endpoint: str, barrier: Any, done: Any, buf_bytes: int, nbu
         ctx.term()
 
 
-def _w1_zmq_consumer(endpoint: str, barrier: Any, done: Any) -> dict[str, Any]:
+def _w1_zmq_consumer(endpoint: str, endpoints: Any, barrier: Any, done: Any) -> dict[str, Any]:
     import zmq
 
     ctx = zmq.Context()
     sock = _socket(ctx, zmq.PULL, W1_WINDOW)
     try:
         sock.bind(endpoint)
+        endpoints.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))  # tcp: with the port the kernel chose
         barrier.wait(READY_TIMEOUT)
         recv = sock.recv
         acc = count = 0
@@ -317,24 +318,38 @@ def _w1_zmq_consumer(endpoint: str, barrier: Any, done: Any) -> dict[str, Any]:
         ctx.term()
 
 
-def w1_zmq(buf_bytes: int, *, quick: bool = False, total_bytes: int | None = None) -> dict[str, Any]:
-    """W1 over raw pyzmq PUSH/PULL on an abstract ipc endpoint, HWM 64, ``copy=False`` sends and receives.
+def w1_zmq(buf_bytes: int, *, quick: bool = False, total_bytes: int | None = None,
+           transport: str = "ipc") -> dict[str, Any]:
+    """W1 over raw pyzmq PUSH/PULL, HWM 64, ``copy=False`` sends and receives: on an abstract ipc
+    endpoint, or (``transport="tcp"``) over tcp loopback, the baseline of shmflow's tcp channel (run
+    with the same buffer size and volume).
 
     pyzmq copies messages below ``copy_threshold`` (64 KiB) even with
     ``copy=False``, so only the 1 MiB run is zero-copy on the send side.
     """
     import zmq
 
+    if transport not in ("ipc", "tcp"):
+        raise ValueError(f"transport must be 'ipc' or 'tcp'; got {transport!r}")
     nbufs = _w1_volume(buf_bytes, quick, total_bytes)
-    endpoint = _zmq_endpoint()
+    endpoint = _zmq_endpoint() if transport == "ipc" else "tcp://127.0.0.1:*"
+    endpoints = SPAWN.Queue()
     barrier = SPAWN.Barrier(2)
     done = SPAWN.Event()
     zero_copy = buf_bytes >= zmq.COPY_THRESHOLD
-    variant = f"PUSH/PULL ipc, hwm {W1_WINDOW}, " + ("zero-copy send" if zero_copy else "copy=False (copied: < 64 KiB)")
-    return _w1_finish("pyzmq", variant, buf_bytes, nbufs,
-                      {"hwm": W1_WINDOW, "zero_copy_send": zero_copy, "quick": quick, "pyzmq": zmq.__version__},
-                      [("producer", _w1_zmq_producer, (endpoint, barrier, done, buf_bytes, nbufs)),
-                       ("consumer", _w1_zmq_consumer, (endpoint, barrier, done))])
+    variant = (f"PUSH/PULL {'tcp loopback' if transport == 'tcp' else 'ipc'}, hwm {W1_WINDOW}, "
+               + ("zero-copy send" if zero_copy else "copy=False (copied: < 64 KiB)"))
+    if transport == "tcp":
+        variant += f", {nbufs * buf_bytes >> 20} MiB"
+    try:
+        return _w1_finish("pyzmq", variant, buf_bytes, nbufs,
+                          {"hwm": W1_WINDOW, "zero_copy_send": zero_copy, "quick": quick, "pyzmq": zmq.__version__,
+                           "transport": transport},
+                          [("producer", _w1_zmq_producer, (endpoints, barrier, done, buf_bytes, nbufs)),
+                           ("consumer", _w1_zmq_consumer, (endpoint, endpoints, barrier, done))])
+    finally:
+        endpoints.close()
+        endpoints.join_thread()
 
 
 # ============================================================================== W1 hand-rolled shm ring

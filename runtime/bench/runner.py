@@ -162,22 +162,32 @@ def build_contenders(workloads: list[str], *, scale: str = "full", workers: int 
             small = size < (1 << 20)
             target = Target(5.0, ">=", ">= 5.0 GB/s") if small else Target(12.0, ">=", ">= 12 GB/s")
             ceiling_share, zmq_times = (0.70, 3.5) if small else (0.77, 3.2)
-            ratio_targets = (RatioTarget(f"w1_inproc_{tag}", ceiling_share, f"≥ {ceiling_share:.2f}× copy+sum"),
+            # Local channels move descriptors through a ring in the region, as the hand-rolled ring does.
+            ring_share = 1.0 if small else 0.9
+            ratio_targets = (RatioTarget(f"w1_shm_ring_{tag}", ring_share, f"≥ {ring_share:.1f}× shm ring"),
+                             RatioTarget(f"w1_inproc_{tag}", ceiling_share, f"≥ {ceiling_share:.2f}× copy+sum"),
                              RatioTarget(f"w1_zmq_{tag}", zmq_times, f"≥ {zmq_times:.1f}× pyzmq"))
             shmflow = [Contender(shm, "w1", section, "shmflow", "shmflow shm",
                                  P(sf.w1_shmflow, size, transport="shm", corrupt=bad(shm), **w1_kw),
                                  compare=(*base, *hot, *(name for name, _ in ceilings)), target=target,
                                  ratio_targets=ratio_targets,
                                  warmup=P(sf.w1_shmflow, size, transport="shm", total_bytes=TINY["w1_bytes"]))]
+            tcp_base: list[Contender] = []
             if size < (1 << 20):
                 tcp = f"w1_shmflow_tcp_{tag}"
+                zmq_tcp = f"w1_zmq_tcp_{tag}"
+                tcp_kw = {**w1_kw, "total_bytes": w1_kw.get("total_bytes") or sf.w1_tcp_bytes(quick)}
                 shmflow.append(Contender(tcp, "w1", section, "shmflow", "shmflow tcp",
                                          P(sf.w1_shmflow, size, transport="tcp", corrupt=bad(tcp), **w1_kw),
-                                         compare=tuple(base[:3])))
+                                         compare=(zmq_tcp, *base[:3]),
+                                         ratio_targets=(RatioTarget(zmq_tcp, 1.0, "≥ 1.0× pyzmq tcp"),)))
+                tcp_base.append(Contender(zmq_tcp, "w1", section, "baseline", "pyzmq tcp",
+                                          P(bl.w1_zmq, size, transport="tcp", **tcp_kw)))
             others = [Contender(f"w1_mp_queue_{tag}", "w1", section, "baseline", "mp.Queue",
                                 P(bl.w1_mp_queue, size, **w1_kw)),
                       Contender(f"w1_zmq_{tag}", "w1", section, "baseline", "pyzmq ipc",
                                 P(bl.w1_zmq, size, **w1_kw)),
+                      *tcp_base,
                       Contender(f"w1_shm_ring_{tag}", "w1", section, "baseline", "shm ring + Pipe",
                                 P(bl.w1_shm_ring, size, **w1_kw)),
                       Contender(f"w1_inproc_{tag}", "w1", section, "ceiling", "copy+sum in-process",

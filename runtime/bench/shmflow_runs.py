@@ -123,10 +123,16 @@ def w1_pool_buffers(buf_bytes: int) -> int:
     return window if window * buf_bytes <= W1_RING_BYTES else window + 2
 
 
+def w1_tcp_bytes(quick: bool) -> int:
+    """W1's volume over tcp (shmflow's tcp channel and its raw pyzmq tcp baseline alike)."""
+    return W1_TCP_QUICK_BYTES if quick else W1_TCP_BYTES
+
+
 def _w1_region_bytes(buf_bytes: int) -> int:
-    """A power of two holding the producer's buffer pool (the buddy allocator carves it as one block)."""
+    """A power of two holding the producer's buffer pool (the buddy allocator carves it as one block)
+    and, beside it, its channel's ring: twice the pool's power of two."""
     need = w1_pool_buffers(buf_bytes) * buf_bytes
-    return 1 << (need - 1).bit_length()
+    return 2 << (need - 1).bit_length()
 
 
 def _w1_producer(region_name: str, endpoints: Any, barrier: Any, done: Any, buf_bytes: int, nbufs: int,
@@ -211,18 +217,19 @@ def w1_shmflow(buf_bytes: int, *, transport: str = "shm", quick: bool = False, t
     The driver creates the SharedRegion; the producer attaches it, carves a
     NetworkBufferPool from a BuddyAllocator over it, requests network buffers
     a few at a time, ``np.copyto``-s ``w1_slice(pool, i, B)`` into buffer i
-    and sends them, an eighth of the credit window per data message. The
-    consumer's InputGate (:func:`w1_credits`: 256 x 32 KiB or 64 x 1 MiB in
-    flight) hands out buffers; it ``w1_touch``-es each and releases them an
-    eighth of the window at a time. ``shm`` moves (index, size) descriptors, the bytes stay in the
-    region; ``tcp`` moves the bytes as zmq frames over loopback.
+    and sends them. The consumer's InputGate (:func:`w1_credits`: 256 x 32 KiB
+    or 64 x 1 MiB in flight) hands out buffers; it ``w1_touch``-es each and
+    releases them an eighth of the window at a time. ``shm`` moves (index,
+    size) descriptors through the channel's ring in the region, the bytes stay
+    there; ``tcp`` moves the bytes as zmq frames over loopback, an eighth of
+    the credit window per data message.
     """
     from runtime.memory import SharedRegion
 
     if transport not in ("shm", "tcp"):
         raise ValueError(f"transport must be 'shm' or 'tcp'; got {transport!r}")
     if total_bytes is None and transport == "tcp":
-        total_bytes = W1_TCP_QUICK_BYTES if quick else W1_TCP_BYTES
+        total_bytes = w1_tcp_bytes(quick)
     nbufs = _w1_volume(buf_bytes, quick, total_bytes)
     nbuffers = w1_pool_buffers(buf_bytes)
     peer = "shmflow"
@@ -259,6 +266,7 @@ def w1_shmflow(buf_bytes: int, *, transport: str = "shm", quick: bool = False, t
     stats = prod["stats"]
     extra: dict[str, Any] = {"channel": {"max_in_flight": stats.get("max_in_flight_per_channel"),
                                          "messages_sent": stats.get("messages_sent"),
+                                         "consumer_wakeups_sent": cons["stats"].get("wakeups_sent"),
                                          "backpressure_seconds": round(stats.get("backpressure_seconds", 0), 4)}}
     if not ok:
         extra["error"] = f"checksum {checksum} over {cons['count']} buffers, expected {expected} over {nbufs}"

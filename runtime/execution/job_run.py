@@ -22,6 +22,7 @@ and otherwise waits on all its sockets at once.
 from __future__ import annotations
 
 import gc
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from runtime.network.events import CheckpointBarrier
 from runtime.network.gate import InputGate
 from runtime.network.partition import ResultPartition
 from runtime.network.records import Partitioner, RecordReader, RecordWriter
+from runtime.network.ring import AVAILABLE as rings_available
 from runtime.state.backend import BackendStats
 
 #: The key of a job's per-worker figures in its metrics (the other keys are subtasks, ``name[index]``).
@@ -318,7 +320,8 @@ class JobRun:
     def _connect(self, gate_endpoints: dict[str, list[str]]) -> None:
         """Create one result partition per output edge, connected to every target subtask's gate."""
         cfg = self.config
-        transport = "tcp" if cfg["network.transport"] == "tcp" else "shm"
+        # Without the compiled ring (no C compiler at install) local channels send their bytes instead.
+        transport = "shm" if cfg["network.transport"] != "tcp" and rings_available else "tcp"
         for st in self.subtasks:
             for edge in st.vertex.outputs:
                 target = self.graph.vertex(edge.target)
@@ -379,7 +382,34 @@ class JobRun:
             pending = [st for st in pending if not st.finished]
             self.host.keep_alive(now)
             if not progressed and pending:
-                poller.poll(int(self._idle_wait(pending, now) * 1000))
+                if self._park():
+                    try:
+                        poller.poll(int(self._idle_wait(pending, now) * 1000))
+                    finally:
+                        self._unpark()
+                else:
+                    os.sched_yield()  # a peer is streaming: look again soon, letting others run meanwhile
+
+    def _park(self) -> bool:
+        """Nothing progressed: park in the rings of every gate whose subtask would read and every partition
+        that waits for credits or buffers, so that a peer publishing there wakes this loop with one message.
+        Every gate takes what its socket holds (a late wake-up left there would keep the poller awake).
+        False (parked nowhere) when something arrived meanwhile: do not sleep."""
+        for st in self.subtasks:
+            if st.gate is not None and not st.gate.park(reading=st.wants_input()):
+                self._unpark()
+                return False
+        for part in self.partitions:
+            if not part.park():
+                self._unpark()
+                return False
+        return True
+
+    def _unpark(self) -> None:
+        for gate in self.gates.values():
+            gate.unpark()
+        for part in self.partitions:
+            part.unpark()
 
     def _idle_wait(self, pending: list[Subtask], now: float) -> float:
         wait = 0.05

@@ -144,6 +144,11 @@ class Subtask:
             if wm is not None:
                 self._forward_watermark(i + 1, wm)
 
+    def wants_input(self) -> bool:
+        """True when :meth:`step` would read the input gate now (it has one, and room to write)."""
+        return (self.reader is not None and not self.finished and not self._ending
+                and self.output_available())
+
     def output_available(self) -> bool:
         return all(w.available() for w in self.writers)
 

@@ -421,6 +421,13 @@ class SharedRegion:
         """The current generation of the block starting at usable ``offset``."""
         return self._generations[offset // self.granule]
 
+    @property
+    def generation_table(self) -> memoryview:
+        """The generation table itself (uint32 per granule), for compiled code that checks a block's
+        generation on every access (runtime.network.ring). Read-only by convention: only allocators bump it."""
+        self._check_open()
+        return self._generations
+
     def bump_generation(self, offset: int) -> int:
         """Advance the generation of the block at ``offset`` (called by its allocator on free)."""
         i = offset // self.granule

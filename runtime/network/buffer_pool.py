@@ -670,6 +670,7 @@ class NetworkBufferPool:
                    "memory.network.fraction / memory.network.max")
             raise OutOfMemoryError(msg) from exc
         self._setup(block, num_buffers, buffer_size, owner, owns_block=True)
+        self.allocator: BuddyAllocator | None = allocator
 
     @classmethod
     def from_segment(cls, segment: MemorySegment, buffer_size: int = 32768, *,
@@ -703,6 +704,9 @@ class NetworkBufferPool:
     def _setup(self, block: MemorySegment, num_buffers: int, buffer_size: int, owner: Hashable, *,
                owns_block: bool) -> None:
         self.region = block.region
+        # The arena's allocator (None for a granted block): result partitions carve their channels' rings
+        # from it (runtime.network.ring). Owner: the worker that owns the arena.
+        self.allocator = None
         self.num_buffers = num_buffers
         self.buffer_size = buffer_size
         self.owner = owner

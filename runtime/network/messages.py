@@ -1,66 +1,59 @@
 """The data plane's wire messages between a subpartition (sender) and its input channel (receiver).
 
-Imports: runtime.errors (and msgpack, numpy).
+Imports: runtime.errors (and msgpack).
 
 Every message is one zmq multipart message whose first frame starts with a
-one-byte kind. Hot messages carry fixed little-endian structs and raw uint32
-arrays (no per-buffer Python objects); the handshake is msgpack.
+one-byte kind. Hot messages carry fixed little-endian structs; the handshake is
+msgpack. On one host (``shm``) only the hello and wake-ups travel here: the
+descriptors, recycled buffer indices and credits go through the channel's ring
+in the shared region (:mod:`runtime.network.ring`).
 
 ====== ========== ================================================================
 kind   direction  first frame after the kind byte; further frames
 ====== ========== ================================================================
-``H``  s -> r     msgpack map: version, channel, transport, region, pool offset,
-                  buffer size, pool generation, number of buffers
-``D``  s -> r     ``<II`` backlog, count; then ``count`` x ``<II`` (buffer index,
-                  bytes filled): buffers in the shared region (shm transport)
-``B``  s -> r     ``<II`` backlog, count; then ``count`` frames of raw bytes (tcp)
-``C``  r -> s     ``<I`` credits granted
-``R``  r -> s     ``<I`` credits granted, then uint32 indices of buffers recycled
+``H``  s -> r     msgpack map: version, channel, transport; shm adds the region,
+                  pool offset, buffer size, pool generation, number of buffers,
+                  and the ring's offset, capacity and generation
+``B``  s -> r     ``<II`` backlog, count, then ``count`` x ``<I`` buffer sizes; then one
+                  frame: the ``count`` buffers' bytes, back to back (tcp)
+``C``  r -> s     ``<I`` credits granted (tcp)
+``W``  both       nothing: a wake-up for a peer that parked in the ring (shm)
 ``X``  s -> r     the sender closed the channel (after end-of-partition)
 ====== ========== ================================================================
 
-Credits: the sender ships one buffer per credit. ``R`` returns buffers to
-their pool (shm) and ``C``/``R`` grant new credits.
+Credits (tcp): the sender ships one buffer per credit; ``C`` grants new ones.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
-import numpy as np
 
 from runtime.errors import DeserializationError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import numpy.typing as npt
 
 __all__ = [
     "BYTES",
     "CLOSE",
     "CREDIT",
-    "DATA",
-    "DESCRIPTOR",
     "HELLO",
     "PROTOCOL_VERSION",
-    "RECYCLE",
+    "WAKE",
+    "WAKE_FRAME",
     "decode_bytes_header",
     "decode_credit",
-    "decode_data",
     "decode_hello",
     "encode_bytes_header",
     "encode_credit",
-    "encode_data",
     "encode_hello",
-    "encode_recycle",
 ]
 
-PROTOCOL_VERSION = 1
-HELLO, DATA, BYTES, CREDIT, RECYCLE, CLOSE = (ord(c) for c in "HDBCRX")
+PROTOCOL_VERSION = 2  # 2: shm descriptors, recycles and credits in rings; tcp batches in one frame
+HELLO, BYTES, CREDIT, WAKE, CLOSE = (ord(c) for c in "HBCWX")
+WAKE_FRAME = b"W"
 _COUNTS = struct.Struct("<II")
 _CREDIT = struct.Struct("<I")
-DESCRIPTOR = np.dtype([("index", "<u4"), ("size", "<u4")])
 
 
 def encode_hello(**fields: str | int) -> bytes:
@@ -80,53 +73,35 @@ def decode_hello(frame: bytes, *, where: str) -> dict[str, Any]:
     return hello
 
 
-def encode_data(backlog: int, descriptors: npt.NDArray[np.void]) -> bytes:
-    """``D``: ``descriptors`` is a DESCRIPTOR array of (index, size)."""
-    return b"D" + _COUNTS.pack(backlog, len(descriptors)) + descriptors.tobytes()
+def encode_bytes_header(backlog: int, sizes: list[int]) -> bytes:
+    return b"B" + _COUNTS.pack(backlog, len(sizes)) + struct.pack(f"<{len(sizes)}I", *sizes)
 
 
-def decode_data(frame: bytes | memoryview, *, where: str) -> tuple[int, npt.NDArray[np.void]]:
-    """(backlog, DESCRIPTOR array); the array is a view of ``frame``."""
+def decode_bytes_header(frame: bytes | memoryview, payload_bytes: int, *, where: str) -> tuple[int, list[int]]:
+    """(backlog, buffer sizes) of a ``B`` message whose buffers came as one frame of ``payload_bytes``."""
     if len(frame) < 1 + _COUNTS.size:
-        msg = f"{where}: data message of {len(frame)} bytes is shorter than its header"
+        msg = f"{where}: bytes header of {len(frame)} bytes is shorter than its counts"
         raise DeserializationError(msg)
     backlog, count = _COUNTS.unpack_from(frame, 1)
-    expected = 1 + _COUNTS.size + count * DESCRIPTOR.itemsize
+    expected = 1 + _COUNTS.size + 4 * count
     if len(frame) != expected:
-        msg = f"{where}: data message announces {count} descriptors ({expected} bytes); got {len(frame)} bytes"
+        msg = f"{where}: bytes header announces {count} buffers ({expected} bytes); got {len(frame)} bytes"
         raise DeserializationError(msg)
-    return backlog, np.frombuffer(frame, DESCRIPTOR, count, 1 + _COUNTS.size)
-
-
-def encode_bytes_header(backlog: int, count: int) -> bytes:
-    return b"B" + _COUNTS.pack(backlog, count)
-
-
-def decode_bytes_header(frame: bytes | memoryview, nframes: int, *, where: str) -> int:
-    """The backlog of a ``B`` message whose payload came as ``nframes`` further frames."""
-    backlog: int
-    if len(frame) != 1 + _COUNTS.size:
-        msg = f"{where}: bytes header of {len(frame)} bytes; expected {1 + _COUNTS.size}"
+    sizes = list(struct.unpack_from(f"<{count}I", frame, 1 + _COUNTS.size))
+    if sum(sizes) != payload_bytes:
+        msg = f"{where}: bytes message announces {sum(sizes)} bytes of buffers; got {payload_bytes}"
         raise DeserializationError(msg)
-    backlog, count = _COUNTS.unpack_from(frame, 1)
-    if count != nframes:
-        msg = f"{where}: bytes message announces {count} buffers; got {nframes} frames"
-        raise DeserializationError(msg)
-    return backlog
+    return backlog, sizes
 
 
 def encode_credit(credits: int) -> bytes:
     return b"C" + _CREDIT.pack(credits)
 
 
-def encode_recycle(credits: int, indices: npt.NDArray[np.uint32] | list[int]) -> bytes:
-    return b"R" + _CREDIT.pack(credits) + np.asarray(indices, dtype="<u4").tobytes()
-
-
-def decode_credit(frame: bytes | memoryview, *, where: str) -> tuple[int, npt.NDArray[np.uint32]]:
-    """(credits, indices recycled) of a ``C`` or ``R`` message."""
-    if len(frame) < 1 + _CREDIT.size or (len(frame) - 1 - _CREDIT.size) % 4:
-        msg = f"{where}: credit message of {len(frame)} bytes is malformed"
+def decode_credit(frame: bytes | memoryview, *, where: str) -> int:
+    """The credits of a ``C`` message."""
+    if len(frame) != 1 + _CREDIT.size:
+        msg = f"{where}: credit message of {len(frame)} bytes; expected {1 + _CREDIT.size}"
         raise DeserializationError(msg)
-    (credits,) = _CREDIT.unpack_from(frame, 1)
-    return credits, np.frombuffer(frame, "<u4", offset=1 + _CREDIT.size)
+    credits: int = _CREDIT.unpack_from(frame, 1)[0]
+    return credits

@@ -8,12 +8,17 @@ A **ResultPartition** has one subpartition per consumer; each subpartition is
 an :class:`OutputChannel`, a DEALER socket connected to the consumer's
 :class:`~runtime.network.gate.InputGate`. Buffers move in two ways:
 
-* ``shm``: the bytes stay in the shared region; a ``D`` message carries
-  (index, size) descriptors of buffers in the sender's pool. The receiver
-  reads them through read-only views and hands the indices back in ``R``
-  messages, which recycles them into the sender's pool. Zero copy.
-* ``tcp``: the bytes travel as zmq frames sent with ``copy=False``; the sender
-  recycles a buffer once zmq reports the frame sent (a MessageTracker).
+* ``shm`` (one host): the bytes stay in the shared region. Each channel owns a
+  ring (:mod:`runtime.network.ring`) in its worker's arena: (index, size)
+  descriptors of buffers in the sender's pool go forward through it, and the
+  receiver, which reads them through read-only views, gives the indices back
+  through it (which recycles them into the sender's pool) and grants credits
+  there. Zero copy, and no message while both sides are busy: the socket only
+  carries the hello and a wake-up for a side that parked in the ring.
+* ``tcp``: the bytes travel. A batch of buffers is joined into one zmq frame
+  (one copy, which frees the buffers at once; one zmq message per batch
+  instead of one frame per buffer: at 32 KiB the frames' own overhead cost
+  more than the copy), and credits come back as ``C`` messages.
 
 **Credits** (Flink's credit-based flow control): a sender ships a buffer only
 against a credit. Each channel is granted ``exclusive`` credits at the
@@ -23,9 +28,11 @@ flight on one channel never exceed ``exclusive + floating``, and a slow
 consumer stops its producers instead of growing memory: a sender without
 credits blocks (backpressure), and the time it blocks is counted.
 
-Descriptors and credits travel in batches: a sender ships once half its credit
-window is queued (and the credits for it are there), every queued buffer its
-credits allow in one message, and ships everything it can before it blocks.
+Over ``shm`` a buffer is pushed into the ring as soon as it is queued and a
+credit is there (a push is a few stores). Over ``tcp`` buffers travel in
+batches: a sender ships once half its credit window is queued (and the credits
+for it are there), every queued buffer its credits allow in one message, and
+ships everything it can before it blocks.
 
 Threads: none. A partition is used by one thread, which polls its sockets
 when it has to wait; every wait calls the partition's ``keep_alive`` at least
@@ -34,26 +41,29 @@ every ``KEEP_ALIVE_INTERVAL`` seconds (as the gate's waits do).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-import numpy as np
 import zmq
 
-from runtime.errors import BrokenChannelError, DeserializationError
+from runtime.errors import BrokenChannelError, DeserializationError, TransportError
+from runtime.memory import BuddyAllocator, MemorySegment
 from runtime.memory.snapshot import Snapshot
 from runtime.network import messages as msg
+from runtime.network import ring as rings
 from runtime.network.buffer_pool import LocalBufferPool, NetworkBuffer, release_buffers
 from runtime.network.transport import KEEP_ALIVE_INTERVAL, connect, context, make_socket
 
 TRANSPORTS = ("shm", "tcp")
 #: A batch of descriptors ships at most this many bytes of buffers (unless ``ship_batch`` says otherwise).
 SHIP_BATCH_BYTES = 4 << 20
-
-
+#: After returns arrived through a ring, a partition that waits for more re-checks the rings (yielding the
+#: CPU between checks) for this long before it parks; see ``gate.SPIN_SECONDS``, its twin.
+SPIN_SECONDS = 0.0005
 
 
 # --------------------------------------------------------------------- statistics
@@ -61,7 +71,7 @@ SHIP_BATCH_BYTES = 4 << 20
 class PartitionStats(Snapshot):
     buffers_sent: int
     bytes_sent: int
-    messages_sent: int
+    messages_sent: int  # zmq messages: data (tcp) or wake-ups of a parked consumer (shm)
     in_flight: int
     max_in_flight_per_channel: int
     backpressure_seconds: float  # time spent blocked for want of a credit or a free buffer
@@ -74,7 +84,9 @@ class OutputChannel:
 
     Ownership: a buffer passed to :meth:`enqueue` belongs to the channel; it is
     released back to its pool when the consumer recycles it (shm), when zmq
-    has sent its bytes (tcp), or when the channel is reclaimed.
+    has sent its bytes (tcp), or when the channel is reclaimed. Over shm the
+    channel also owns its ring's block, allocated from the partition's
+    allocator here and freed by :meth:`close`.
     Process: the producing worker, one thread.
     """
 
@@ -88,15 +100,23 @@ class OutputChannel:
         self.credits = 0
         self.queue: deque[NetworkBuffer] = deque()  # full buffers waiting for credit: the backlog
         self.in_flight: dict[int, NetworkBuffer] = {}  # shm: buffer index -> buffer, until recycled
-        # tcp: (MessageTracker, [buffers]) until zmq sent them
-        self.tracked: deque[tuple[zmq.MessageTracker, list[NetworkBuffer]]] = deque()
         self.max_in_flight = 0
         self.closed = False
-        self.socket.send(msg.encode_hello(channel=channel_id, **partition.hello_fields))
+        self.ring: rings.Ring | None = None  # shm: written by this channel and its consumer only
+        self.ring_block: MemorySegment | None = None
+        self.granted_seen = 0  # shm: the consumer's cumulative credit count, as last read from the ring
+        hello = dict(partition.hello_fields)
+        if partition.transport == "shm":
+            capacity = rings.ring_capacity(partition.pool.max)
+            allocator = cast(BuddyAllocator, partition.allocator)  # checked by the partition for shm
+            self.ring_block, self.ring = rings.create_ring(allocator, capacity, owner=f"{self.name} ring")
+            hello.update(ring_offset=self.ring_block.offset, ring_capacity=capacity,
+                         ring_generation=self.ring_block.generation)
+        self.socket.send(msg.encode_hello(channel=channel_id, **hello))
 
     @property
     def outstanding(self) -> int:
-        return len(self.in_flight) + sum(len(bufs) for _, bufs in self.tracked)
+        return len(self.in_flight)
 
     def ship_threshold(self) -> int:
         """The batch to ship: half the credit window (credits plus shm buffers in flight), at most
@@ -124,49 +144,58 @@ class OutputChannel:
         batch = [queue.popleft() for _ in range(n)]
         self.credits -= n
         part = self.partition
-        if part.transport == "shm":
-            desc = np.empty(n, msg.DESCRIPTOR)
-            desc["index"] = [b.index for b in batch]
-            desc["size"] = [b.size for b in batch]
-            self.socket.send(msg.encode_data(len(queue), desc))  # small: copying beats zmq's free callback
+        ring = self.ring
+        if ring is not None:
+            if ring.push([b.index for b in batch], [b.size for b in batch], len(queue)):
+                self.socket.send(msg.WAKE_FRAME)  # the consumer parked: the one wake-up of its wait
+                part._messages_sent += 1
             in_flight = self.in_flight
             for b in batch:
                 in_flight[b.index] = b
         else:
-            frames: list[bytes | memoryview] = [msg.encode_bytes_header(len(queue), n)]
-            frames += [b.segment.view(0, b.size) for b in batch]
-            # With track=True pyzmq returns a MessageTracker; its stub says "| None" for every call.
-            tracker = cast(zmq.MessageTracker, self.socket.send_multipart(frames, copy=False, track=True))
-            self.tracked.append((tracker, batch))
+            try:
+                payload = b"".join([b.segment.view(0, b.size) for b in batch])
+                header = msg.encode_bytes_header(len(queue), [b.size for b in batch])
+            finally:
+                release_buffers(batch)  # the bytes are in the payload now
+            self.socket.send_multipart([header, payload], copy=False)  # zmq keeps a reference until sent
+            part._messages_sent += 1
         part._buffers_sent += n
         part._bytes_sent += sum(b.size for b in batch)
-        part._messages_sent += 1
         if self.outstanding > self.max_in_flight:
             self.max_in_flight = self.outstanding
         return n
 
-    def reap_sent(self) -> None:
-        """tcp: release buffers whose frames zmq has finished sending."""
-        tracked = self.tracked
-        while tracked and tracked[0][0].done:
-            for b in tracked.popleft()[1]:
-                b.release()
-
     def on_control(self, frames: list[zmq.Frame]) -> None:
-        """Apply a credit (``C``) or recycle (``R``) message from the consumer."""
+        """Apply a message from the consumer: a credit (``C``, tcp) or a wake-up (``W``, shm: the ring
+        has something; :meth:`take_returns` reads it)."""
         frame = frames[0].buffer
         kind = frame[0]
-        if kind not in (msg.CREDIT, msg.RECYCLE):
+        if kind == msg.WAKE and self.ring is not None:
+            return
+        if kind != msg.CREDIT or self.ring is not None:
             text = f"channel {self.name}: unexpected control message kind {kind!r}"
             raise DeserializationError(text)
-        credits, indices = msg.decode_credit(frame, where=f"channel {self.name}")
-        self.credits += credits
-        if not len(indices):
+        self.credits += msg.decode_credit(frame, where=f"channel {self.name}")
+
+    def take_returns(self) -> None:
+        """shm: apply the credits granted and the buffers given back through the ring since the last call."""
+        try:
+            granted, indices = cast(rings.Ring, self.ring).take_returns()
+        except ValueError as exc:
+            text = f"channel {self.name}: {exc}"
+            raise DeserializationError(text) from None
+        if granted != self.granted_seen:
+            self.credits += granted - self.granted_seen
+            self.granted_seen = granted
+            self.partition.spin_until = time.monotonic() + SPIN_SECONDS
+        if not indices:
             return
+        self.partition.spin_until = time.monotonic() + SPIN_SECONDS
         pop = self.in_flight.pop
         returned: list[NetworkBuffer] = []
         try:
-            for i in indices.tolist():
+            for i in indices:
                 buf = pop(i, None)
                 if buf is None:
                     text = f"channel {self.name}: consumer recycled buffer {i}, not in flight"
@@ -174,6 +203,14 @@ class OutputChannel:
                 returned.append(buf)
         finally:
             release_buffers(returned)
+
+    def park(self) -> bool:
+        """shm: announce in the ring that this channel waits for credits or recycles; False (not parked)
+        if they are there already."""
+        return cast(rings.Ring, self.ring).park_producer(self.granted_seen)
+
+    def unpark(self) -> None:
+        cast(rings.Ring, self.ring).unpark_producer()
 
     def reclaim(self) -> int:
         """The consumer is gone: return every buffer this channel holds to its pool. Returns how many."""
@@ -183,15 +220,15 @@ class OutputChannel:
             n += 1
         self.queue.clear()
         self.in_flight.clear()
-        for _tracker, bufs in self.tracked:
-            for buf in bufs:
-                buf.release()
-                n += 1
-        self.tracked.clear()
         self.closed = True
         return n
 
     def close(self) -> None:
+        """Free the ring (after :meth:`reclaim`: nothing of it is in use) and close the socket."""
+        if self.ring is not None:
+            rings.free_ring(self.ring, cast(MemorySegment, self.ring_block),
+                            cast(BuddyAllocator, self.partition.allocator))
+            self.ring = self.ring_block = None
         self.socket.close(linger=0)
 
 
@@ -200,9 +237,11 @@ class ResultPartition:
 
     ``pool`` is the producer's LocalBufferPool; ``endpoints[i]`` is the gate of
     consumer ``i`` and ``channel_ids[i]`` this producer's channel number in
-    that gate. ``keep_alive`` is called at least every ``KEEP_ALIVE_INTERVAL``
-    seconds while the partition waits (for buffers, credits or recycles); it may
-    raise to end the wait (a cancelled job).
+    that gate. Over ``shm`` each channel's ring is carved from ``allocator``
+    (default: the allocator of the pool's NetworkBufferPool, the worker's
+    arena). ``keep_alive`` is called at least every ``KEEP_ALIVE_INTERVAL``
+    seconds while the partition waits (for buffers, credits or recycles); it
+    may raise to end the wait (a cancelled job).
 
     Ownership: :meth:`request_buffer` gives the caller a buffer (refcount 1);
     :meth:`send_buffer` takes it back (the channel owns it until recycled).
@@ -211,10 +250,22 @@ class ResultPartition:
 
     def __init__(self, pool: LocalBufferPool, endpoints: list[str], *, channel_ids: list[int] | int,
                  transport: str = "shm", name: str = "partition", ship_batch: int = 0,
-                 max_backlog: int = 10, keep_alive: Callable[[], None] | None = None) -> None:
+                 max_backlog: int = 10, keep_alive: Callable[[], None] | None = None,
+                 allocator: BuddyAllocator | None = None) -> None:
         if transport not in TRANSPORTS:
             text = f"transport must be one of {TRANSPORTS}; got {transport!r}"
             raise ValueError(text)
+        allocator = allocator or pool.network_pool.allocator
+        if transport == "shm":
+            if not rings.AVAILABLE:
+                text = ("the shm transport needs the compiled runtime.network._ring (pip install with a C "
+                        "compiler); set network.transport=tcp")
+                raise TransportError(text)
+            if allocator is None:
+                text = (f"partition {name}: the shm transport carves its rings from an allocator; the pool's "
+                        "network pool has none (from_segment): pass allocator=")
+                raise ValueError(text)
+        self.allocator = allocator  # shm: carves and frees the channels' rings
         self.pool = pool
         self.transport = transport
         self.name = name
@@ -236,6 +287,9 @@ class ResultPartition:
         for ch in self.channels:
             self._poller.register(ch.socket, zmq.POLLIN)
         self._by_socket = {ch.socket: ch for ch in self.channels}
+        self._rings = [ch for ch in self.channels if ch.ring is not None]
+        self._parked: list[OutputChannel] = []
+        self.spin_until = 0.0  # monotonic: re-check the rings instead of parking until then (SPIN_SECONDS)
         self._buffers_sent = self._bytes_sent = self._messages_sent = 0
         self._blocked = 0.0
 
@@ -313,7 +367,11 @@ class ResultPartition:
         queue = ch.queue
         queued = len(queue)
         batch = self.ship_batch
-        if batch:
+        if ch.ring is not None:  # a push costs a few stores: ship at once
+            if ch.credits < queued:
+                ch.take_returns()
+            ch.ship()
+        elif batch:
             if queued >= batch:
                 self._drain_channel(ch)
                 ch.ship()
@@ -381,27 +439,63 @@ class ResultPartition:
 
     @staticmethod
     def _drain_channel(ch: OutputChannel) -> None:
-        """Apply the channel's pending control messages without blocking."""
+        """Apply the channel's pending control messages and ring returns without blocking."""
         sock = ch.socket
         while sock.poll(0):
             ch.on_control(sock.recv_multipart(copy=False))
-        if ch.tracked:
-            ch.reap_sent()
+        if ch.ring is not None:
+            ch.take_returns()
 
     def _wait_control(self, timeout: float) -> None:
         """Wait up to ``timeout`` (at most KEEP_ALIVE_INTERVAL) for control messages; every wait of the
-        partition passes here, so it calls ``keep_alive`` first."""
+        partition passes here, so it calls ``keep_alive`` first. Over shm it parks in the rings of the
+        channels that hold buffers or a backlog first, so their consumers wake it."""
         if self.keep_alive is not None:
             self.keep_alive()
         timeout = min(timeout, KEEP_ALIVE_INTERVAL)
-        tracked = [t for ch in self.channels for t, _ in ch.tracked]
-        if tracked and not any(t.done for t in tracked):
-            tracked[0].wait(timeout)  # tcp: buffers return when zmq has sent them
-        else:
-            for sock, _ in self._poller.poll(int(timeout * 1000)):  # what Poller.poll does with a float
-                ch = self._by_socket[sock]
-                ch.on_control(sock.recv_multipart(copy=False))
+        if self._rings and time.monotonic() < self.spin_until:
+            os.sched_yield()  # a streaming consumer gives back again before a wake-up could arrive
+        elif self._park_channels(lambda ch: bool(ch.queue or ch.in_flight)):
+            try:
+                for sock, _ in self._poller.poll(int(timeout * 1000)):  # what Poller.poll does with a float
+                    ch = self._by_socket[sock]
+                    ch.on_control(sock.recv_multipart(copy=False))
+            finally:
+                self.unpark()
         self._drain_control()
+
+    def _park_channels(self, waits: Callable[[OutputChannel], bool]) -> bool:
+        """Park in the ring of every channel ``waits`` names; False (none stays parked) if one of them
+        has returns already."""
+        parked = self._parked
+        for ch in self._rings:
+            if waits(ch):
+                if not ch.park():
+                    self.unpark()
+                    return False
+                parked.append(ch)
+        return True
+
+    def park(self) -> bool:
+        """Before the worker's loop sleeps: announce in the rings that this partition waits, for credits
+        (channels with a backlog) or for buffers (channels holding some, when the pool has none left).
+        Returns False, parked nowhere, when returns are there already: do not sleep. Pair with
+        :meth:`unpark` after the sleep."""
+        starved = not self.pool.available()
+
+        def waits(ch: OutputChannel) -> bool:
+            return bool(ch.queue or (starved and ch.in_flight))
+
+        if time.monotonic() < self.spin_until and any(waits(ch) for ch in self._rings):
+            return False  # re-check soon: a streaming consumer gives back before a wake-up arrives
+        return self._park_channels(waits)
+
+    def unpark(self) -> None:
+        """The wait is over: no wake-up is wanted any more."""
+        for ch in self._parked:
+            if ch.ring is not None:
+                ch.unpark()
+        self._parked.clear()
 
     def reclaim_channel(self, subpartition: int) -> int:
         """Consumer ``subpartition`` died: its leased buffers return to the pool. Returns how many."""

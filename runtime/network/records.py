@@ -364,9 +364,9 @@ class RecordReader:
 
     def poll(self) -> list[tuple[int, Any]]:
         """Everything that arrived since the last poll: ``(channel, batch_or_event)`` pairs."""
-        for rb in self._held:
-            rb.release()
-        self._held = []
+        if self._held:
+            self.gate.release_all(self._held)  # one give-back per channel, not one per buffer
+            self._held = []
         out: list[tuple[int, Any]] = []
         if self._resume:
             resume, self._resume = self._resume, []
