@@ -217,10 +217,13 @@ RESTORE_FROM = {"shared memory": {}, "files": {"state.checkpoints.shared-memory.
 
 
 def _recovery_child(n: int, k: int, managed_bytes: int, workers: int, root: str, interval: float,
-                    fraction: float, restore_from: str = "shared memory") -> dict[str, Any]:
-    """One W5 job with checkpoints and a restart, a worker SIGKILLed part way (fresh process)."""
+                    fraction: float, restore_from: str = "shared memory", area: int | None = None) -> dict[str, Any]:
+    """One W5 job with checkpoints and a restart, a worker SIGKILLed part way (fresh process). ``area``: the
+    checkpoint area's size (None: ``auto``) when restoring from shared memory."""
     config = {**w5_config("managed", managed_bytes, workers),
               **checkpoint_config(root, interval=interval, restart="fixed-delay"), **RESTORE_FROM[restore_from]}
+    if area is not None and restore_from == "shared memory":
+        config["state.checkpoints.shared-memory.size"] = area
     env = _job_env(workers, config=config, mode="streaming")
     out = w5_graph(env, n, k)
     killer = _Killer(Path(root), n, k, workers, fraction, VICTIM)
@@ -266,10 +269,12 @@ def recovery_breakdown(out: dict[str, Any]) -> dict[str, float]:
 
 def w5_recovery(*, n: int = W4_N, k: int = W4_K, managed_bytes: int = W4_MANAGED_BYTES, workers: int = JOB_WORKERS,
                 interval: float = CHECKPOINT_INTERVAL, fraction: float = KILL_FRACTION,
-                restore_from: str = "shared memory", corrupt: bool = False) -> dict[str, Any]:
+                restore_from: str = "shared memory", area: int | None = None,
+                corrupt: bool = False) -> dict[str, Any]:
     """Recovery of W5 after a worker is SIGKILLed half way (module docstring), restored ``restore_from``
-    ("shared memory" or "files"). ``rate`` is the time from the kill to the restarted run's first source record,
-    in seconds."""
+    ("shared memory" or "files"; ``area``: the checkpoint area's size, None for ``auto``, which holds W5's
+    state at full scale but not the tiny run's, whose state is eight times its managed memory). ``rate`` is
+    the time from the kill to the restarted run's first source record, in seconds."""
     peer = "shmflow"
     variant = (f"W5 job ({workers} workers, managed state, {managed_bytes / MiB:g} MiB per worker), checkpoints every "
                f"{interval:g} s, fixed-delay 0: worker {VICTIM} SIGKILLed once a checkpoint covers "
@@ -280,7 +285,7 @@ def w5_recovery(*, n: int = W4_N, k: int = W4_K, managed_bytes: int = W4_MANAGED
     try:
         with tempfile.TemporaryDirectory(prefix="shmflow-bench-chk-") as root:
             out = _run_children([("job", _recovery_child, (n, k, managed_bytes, workers, root, interval,
-                                                           fraction, restore_from))])["job"]
+                                                           fraction, restore_from, area))])["job"]
     except _ChildFailed as exc:
         return _failed("recovery", peer, variant, params, "s", str(exc))
     except Exception:  # noqa: BLE001

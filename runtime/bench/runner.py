@@ -53,7 +53,9 @@ SCALES = ("full", "quick", "tiny")
 #: Tiny volumes (tests): W1 bytes and DRAM-ceiling array, W2 records, W3 lines, latency records, alloc pairs;
 #: W4 records, keys and managed memory per worker (small enough that it still spills).
 TINY = {"w1_bytes": 4 << 20, "w1_dram_bytes": 32 << 20, "w2_n": 20_000, "w3_lines": 2_000, "latency_n": 500,
-        "alloc_pairs": 2_000, "w4_n": 200_000, "w4_k": 100_000, "w4_managed_bytes": 1 << 20}
+        "alloc_pairs": 2_000, "w4_n": 200_000, "w4_k": 100_000, "w4_managed_bytes": 1 << 20,
+        # the recovery run must outlast a checkpoint and the kill: W4's tiny job ends within about 0.3 s
+        "recovery_n": 1_000_000, "recovery_k": 500_000, "recovery_area": 64 << 20}
 ALLOC_PAIRS = {"full": 200_000, "quick": 20_000, "tiny": TINY["alloc_pairs"]}
 PLOT_HINT = "pip install -e '.[bench]'"
 
@@ -372,8 +374,10 @@ def _recovery_contenders(scale: str, workers: int, bad: Callable[[str], bool]) -
     every = f"checkpoints every {interval:g} s"
     w3_section = f"recovery: W3 streaming, {every} vs none"
     w5_section = f"recovery: W5 {w5['n'] / 1e6:g} M records, {w5['k']:,} keys, managed state, {every} vs none"
-    kill_section = (f"recovery: W5 {w5['n'] / 1e6:g} M records, managed {w5['managed_bytes'] / MiB:g} MiB, a worker "
-                    f"SIGKILLed; kill -> first record again")
+    kill_kw = {**w5_kw, **({"n": TINY["recovery_n"], "k": TINY["recovery_k"], "area": TINY["recovery_area"]}
+                           if scale == "tiny" else {})}
+    kill_section = (f"recovery: W5 {kill_kw['n'] / 1e6:g} M records, managed {w5['managed_bytes'] / MiB:g} MiB, a "
+                    f"worker SIGKILLed; kill -> first record again")
     goal = "≥ 0.9× without checkpoints"
     names = {"w3": ("recovery_w3_checkpoints", "recovery_w3_plain"),
              "w5": ("recovery_w5_checkpoints", "recovery_w5_plain")}
@@ -389,10 +393,11 @@ def _recovery_contenders(scale: str, workers: int, bad: Callable[[str], bool]) -
     files, shm = "recovery_w5_files", "recovery_w5_shm"
     shmflow.append(Contender(shm, "recovery", kill_section, "shmflow", "restored from shared memory",
                              P(rc.w5_recovery, fraction=fraction, restore_from="shared memory", corrupt=bad(shm),
-                               **w5_kw),
+                               **kill_kw),
                              target=Target(2.0, "<=", "≤ 2 s from shared memory")))
     others.append(Contender(files, "recovery", kill_section, "shmflow", "restored from files",
-                            P(rc.w5_recovery, fraction=fraction, restore_from="files", corrupt=bad(files), **w5_kw)))
+                            P(rc.w5_recovery, fraction=fraction, restore_from="files", corrupt=bad(files),
+                              **kill_kw)))
     return _alternate(shmflow, others)
 
 
