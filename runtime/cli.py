@@ -171,12 +171,13 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
             coord.close()
             print(f"shmflow coordinator: {exc}", file=sys.stderr)
             return 2
-        print(f"dashboard and REST API on {web.url} (metrics at {web.url}metrics)", flush=True)
     stopping: list[bool] = []
     for signum in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C or kill: stop serving, then tear down
         signal.signal(signum, lambda *_: stopping.append(True))
     print(f"coordinator listening on {coord.endpoint}; region {coord.region.name} "
           f"({cfg.workers} worker arenas); secret in {args.secret_file or control.DEFAULT_SECRET_FILE}", flush=True)
+    if web is not None:
+        print(f"dashboard and REST API on {web.url} (metrics at {web.url}metrics)", flush=True)
     try:
         coord.serve(stop=lambda: bool(stopping))
     finally:

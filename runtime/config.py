@@ -33,8 +33,8 @@ from runtime.memory.units import format_bytes, free_bytes
 from runtime.network.budget import min_buffers_per_worker
 
 ENV_PREFIX = "SHMFLOW_"
-#: SHMFLOW_ variables that are not config keys (and so never "unknown").
-ENV_NON_CONFIG = frozenset({"SHMFLOW_SHM_PREFIX", "SHMFLOW_CONFIG"})
+#: SHMFLOW_ variables that are not config keys (and so never "unknown"); SHMFLOW_UI*: `shmflow run --ui`'s flags.
+ENV_NON_CONFIG = frozenset({"SHMFLOW_SHM_PREFIX", "SHMFLOW_CONFIG", "SHMFLOW_UI", "SHMFLOW_UI_LINGER"})
 ENV_NON_CONFIG_PREFIXES = ("SHMFLOW_TEST_", "SHMFLOW_INTERNAL_")
 SHM_DIR = "/dev/shm"
 #: Extra /dev/shm space required on top of memory.region.size (header, rounding).

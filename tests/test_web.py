@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import standing_cluster, start_cli, stop_processes, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime import StreamEnvironment
@@ -68,7 +70,7 @@ class RunningJob:
 
 
 def start_job(count: int | None, *, workers: int = 2) -> Iterator[RunningJob]:
-    env = StreamEnvironment(workers=workers, config={"rest.port": 0, "state.backend": "managed"})
+    env = StreamEnvironment(workers=workers, mode="streaming", config={"rest.port": 0, "state.backend": "managed"})
     (env.from_generator(lambda i: (i % 500, 1), rate=RATE, count=count, name="events")
         .map(lambda r: (r[0], r[1] * 2), name="double")
         .key_by(lambda r: r[0]).sum(1)
@@ -225,3 +227,48 @@ def test_the_stats_block_reader_never_sees_a_torn_update():
     with pytest.raises(IndexError, match="stats slot 2 lies outside"):
         StatsWriter(area, 2)
     writer.close()
+
+
+def test_a_standing_coordinator_serves_the_dashboard(tmp_path):
+    with standing_cluster(tmp_path) as (_, _, coord, _):
+        line = coord.stdout.readline()
+        assert line.startswith("dashboard and REST API on http://127.0.0.1:"), line
+        url = line.split()[5]
+        wait_until(lambda: _get(url + "overview")["taskmanagers"] == 2, timeout=30, msg="both workers listed")
+        assert "Memory" in _get(url)  # the page itself
+
+
+def test_a_standing_coordinator_refuses_a_busy_rest_port_unless_no_ui(tmp_path):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        busy = start_cli("coordinator", "--bind", "tcp://127.0.0.1:*", "--secret-file", str(tmp_path / "s"),
+                         "--workers", "1", "-D", f"rest.port={port}")
+        try:
+            assert busy.wait(60) == 2
+            assert f"rest.port {port} is in use on 127.0.0.1" in busy.stderr.read()
+        finally:
+            stop_processes([busy])
+        with standing_cluster(tmp_path, "--no-ui", "-D", f"rest.port={port}", workers=1):
+            pass  # it started: --no-ui binds nothing
+    finally:
+        holder.close()
+
+
+def test_shmflow_run_ui_prints_the_dashboard_url(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("from runtime import StreamEnvironment\n"
+                      "env = StreamEnvironment(workers=1)\n"
+                      "out = env.from_collection(range(100)).map(lambda x: x + 1).collect()\n"
+                      "env.execute('tiny')\n"
+                      "print(sum(out.values()))\n")
+    done = subprocess.run([sys.executable, "-m", "runtime.cli", "run", str(script), "--ui", "-D", "rest.port=0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "5050"
+    assert "shmflow dashboard: http://127.0.0.1:" in done.stderr
+    refused = subprocess.run([sys.executable, "-m", "runtime.cli", "run", str(script), "--ui-linger", "-1"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--ui-linger: must be a number of seconds >= 0; got '-1'" in refused.stderr

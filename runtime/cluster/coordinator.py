@@ -242,6 +242,8 @@ class Coordinator:
         self._next_view = 0.0  # when _watch next copies the checkpoints' figures into the JobRecord
         self._cancel_requests: set[str] = set()  # added to by request_cancel (any thread), polled by _watch
         self._region_snapshot = AllocatorSnapshot.of(self.allocator)  # replaced whenever an arena is granted/freed
+        #: worker id -> (the arena layout last parsed, its snapshot); the web server's threads only
+        self._parsed_arenas: dict[int, tuple[list[Any], AllocatorSnapshot]] = {}
 
     # ------------------------------------------------------ runtime.web.view.ClusterView
     @property
@@ -253,9 +255,15 @@ class Coordinator:
 
     def worker_infos(self) -> list[WorkerInfo]:
         now = self.clock()
-        return [WorkerInfo(wid, h.pid, AllocatorSnapshot.from_wire(h.arena_layout) if h.arena_layout else None,
-                           dict(h.state_layout), now - h.last_heard)
-                for wid, h in sorted(list(self.workers.items()))]
+        infos = []
+        for wid, h in sorted(list(self.workers.items())):
+            layout = h.arena_layout  # a heartbeat replaces the list when the arena changed: parse each once
+            cached = self._parsed_arenas.get(wid)
+            if layout and (cached is None or cached[0] is not layout):
+                cached = self._parsed_arenas[wid] = (layout, AllocatorSnapshot.from_wire(layout))
+            infos.append(WorkerInfo(wid, h.pid, cached[1] if layout and cached else None, dict(h.state_layout),
+                                    now - h.last_heard))
+        return infos
 
     def request_cancel(self, job_id: str) -> bool:
         record = self.jobs.get(job_id)

@@ -100,7 +100,7 @@ class Sampler:
         slots = len(area) // SLOT_BYTES
         workers: dict[int, WorkerSample] = {}
         subtasks: dict[tuple[int, int, int], SubtaskRates] = {}
-        for info in self.view.worker_infos():
+        for info in self.view.worker_infos():  # cheap: arena layouts are parsed once per change
             if info.worker_id >= slots:
                 continue
             got = read_slot(area, info.worker_id)

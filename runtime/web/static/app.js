@@ -130,7 +130,7 @@ function drawGraph(job) {
   const level = levels(job);
   const cols = {};
   job.vertices.forEach((v) => (cols[level[v.id]] = cols[level[v.id]] || []).push(v));
-  const ncol = Object.keys(cols).length, W = svg.clientWidth || 1000, H = 230, bw = 230, bh = 92;
+  const ncol = Object.keys(cols).length, W = svg.clientWidth || 1000, H = 230, bw = 270, bh = 92;
   const gap = ncol > 1 ? (W - 40 - bw) / (ncol - 1) : 0;
   const pos = {};
   Object.entries(cols).forEach(([c, vs]) => vs.forEach((v, i) => {
@@ -150,7 +150,7 @@ function drawGraph(job) {
     const fill = vertexColour(m["max-busyTimeMsPerSecond"], m["max-backPressuredTimeMsPerSecond"]);
     const dark = m["max-busyTimeMsPerSecond"] > 650 && m["max-backPressuredTimeMsPerSecond"] < 500;
     const ink = dark ? "#fff" : "#12182a";
-    const name = v.name.length > 30 ? v.name.slice(0, 29) + "…" : v.name;
+    const name = v.name.length > 34 ? v.name.slice(0, 33) + "…" : v.name;
     out += `<g class="vertex" data-vertex="${v.id}"><title>${esc(v.name)}</title>` +
       `<rect x="${p.x}" y="${p.y}" rx="9" width="${bw}" height="${bh}" fill="${fill}"/>` +
       `<text class="title" x="${p.x + 12}" y="${p.y + 21}" fill="${ink}" style="fill:${ink}">${esc(name)}</text>` +
@@ -240,6 +240,7 @@ function renderMemory(mem) {
   $("region-bar").innerHTML = bar(r, (b) => b.kind === "free" ? "free " + bytes(b.bytes) : b.owner.replace("worker-", "w") + " · " + bytes(b.bytes));
   $("region-legend").innerHTML = legend(r);
   $("region-orders").innerHTML = orders(r);
+  $("region-orders").classList.toggle("orderchart", r.free_by_order.length > 0);
   $("arenas").innerHTML = mem.workers.map((w) => {
     const a = w.arena, n = w.network, m = w.managed;
     if (!a) return `<div class="card"><h2>Worker ${w.id}</h2><div class="empty">no arena reported yet</div></div>`;
