@@ -137,6 +137,12 @@ def test_rest_documents_describe_the_running_job_and_metrics_count_every_record(
     got = _get(url + "taskmanagers/0/metrics?get=Status.Shuffle.AvailableMemorySegments,Status.Flink.Memory.Managed.Total")
     assert [m["id"] for m in got] == ["Status.Shuffle.AvailableMemorySegments", "Status.Flink.Memory.Managed.Total"]
     assert int(got[1]["value"]) == bounded_job.cluster.config.memory_plan().managed_bytes_per_worker
+    def sum_pages() -> list[dict[str, Any]]:  # the keyed sum keeps its state in managed pages
+        return [o for w in _get(url + "memory")["workers"] for o in w["managed"]["operators"]
+                if o["owner"].startswith("sum[") and o["chain_peak"] is not None]
+
+    wait_until(lambda: any(o["chain_peak"] >= o["bytes"] > 0 for o in sum_pages()), timeout=30,
+               msg="the sum's managed pages and their peak")
     memory = _get(url + "memory")
     assert memory["region"]["size"] == bounded_job.cluster.coordinator.allocator.size
     arena = memory["workers"][0]["arena"]

@@ -91,6 +91,9 @@ class SubtaskCounters:
     out_pool_usage: float  # 0..1: buffers of its output partitions' pools in use
     in_pool_usage: float  # 0..1: floating buffers its input gate has lent
     finished: bool
+    managed_bytes: int = 0  # managed memory its operators hold now
+    managed_peak: int = 0  # the sum of its operators' peaks in this job
+    spilled_bytes: int = 0  # its operators' ``spilled_bytes`` metric
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,7 @@ class JobRun:
     # ------------------------------------------------------------------ phases
     def run(self) -> None:
         reset_peak_rss()  # this job's peak, not the largest of every job this worker ran
+        self.memory.reset_peaks()
         self._started_ns = time.perf_counter_ns()
         self._gc_before = gc_timer().seconds
         self._gc_collections_before = gc_timer().collections
@@ -341,9 +345,19 @@ class JobRun:
             gate = st.gate
             floating = gate.floating_total if gate is not None else 0
             in_usage = (floating - gate.floating_free) / floating if gate is not None and floating else 0.0
+            held = peak = spilled = 0
+            for op in st.operators:
+                ctx = getattr(op, "ctx", None)
+                if ctx is None:
+                    continue
+                if ctx.managed is not None:
+                    now_held, most = self.memory.owner_figures(ctx.managed.owner)
+                    held, peak = held + now_held, peak + most
+                if ctx.metrics:
+                    spilled += int(ctx.metrics.get("spilled_bytes", 0))
             out.append(SubtaskCounters(
                 st.vertex.id, st.index, st.records_in, st.records_out, max(0, step - blocked), min(blocked, step),
-                max(0, now - self._started_ns - step), out_usage, in_usage, st.finished))
+                max(0, now - self._started_ns - step), out_usage, in_usage, st.finished, held, peak, spilled))
         io = self._io_manager
         return JobCounters(out, io.stats().bytes_written if io is not None else 0)
 

@@ -40,6 +40,9 @@ TASK_METRICS = {
                                      "ms per second the subtask was blocked on credits or buffers"),
     "buffers.inPoolUsage": ("buffers.inPoolUsage", "share of the input gate's floating buffers in use"),
     "buffers.outPoolUsage": ("buffers.outPoolUsage", "share of the output partitions' buffers in use"),
+    "managedMemoryUsed": ("managedMemoryUsed", "bytes of managed memory the subtask's operators hold"),
+    "managedMemoryPeak": ("managedMemoryPeak", "the sum of its operators' peaks of managed memory in this job"),
+    "spilledBytes": ("spilledBytes", "bytes its operators spilled to io.tmp-dirs"),
 }
 
 

@@ -46,6 +46,9 @@ class SubtaskRates:
     out_pool_usage: float
     in_pool_usage: float
     finished: bool
+    managed_bytes: int
+    managed_peak: int
+    spilled_bytes: int
 
 
 @dataclass
@@ -124,7 +127,8 @@ class Sampler:
                     rate(st.records_in, prev.records_in if prev else None),
                     rate(st.records_out, prev.records_out if prev else None),
                     busy, max(0.0, 1000.0 - busy - blocked) if prev else 0.0, blocked,
-                    st.out_pool_usage, st.in_pool_usage, st.finished)
+                    st.out_pool_usage, st.in_pool_usage, st.finished, st.managed_bytes, st.managed_peak,
+                    st.spilled_bytes)
             if before is None or got.written_at_ns != before.written_at_ns:
                 self._previous[info.worker_id] = got
             elif before is not None:  # the worker did not write since: keep the rates of its last interval
@@ -184,6 +188,9 @@ def subtask_rows(view: ClusterView, sample: Sample, record: JobRecord, vid: int)
                 "backPressuredTimeMsPerSecond": round(live.backpressured_ms_per_second, 1) if live else 0.0,
                 "buffers.inPoolUsage": round(live.in_pool_usage, 3) if live else 0.0,
                 "buffers.outPoolUsage": round(live.out_pool_usage, 3) if live else 0.0,
+                "managedMemoryUsed": live.managed_bytes if live else 0,
+                "managedMemoryPeak": live.managed_peak if live else 0,
+                "spilledBytes": live.spilled_bytes if live else int(final.get("spilled_bytes", 0)),
             }})
     return rows
 
@@ -303,6 +310,15 @@ def memory_document(view: ClusterView, sample: Sample) -> dict[str, Any]:
     network pool, managed memory per operator and state backend bins."""
     workers = []
     segment = view.config.segment_size
+    # owner of managed pages ("operator name[subtask]", as job_run names them) -> its operator chain's figures
+    chains: dict[str, tuple[str, SubtaskRates]] = {}
+    for record in [r for r in list(view.jobs.values()) if r.state == RUNNING]:
+        for v in record.graph.vertices:
+            for index in range(v.parallelism):
+                rates = sample.subtasks.get((job_int(record), v.id, index))
+                if rates is not None:
+                    for node in v.nodes:
+                        chains[f"{node.name}[{index}]"] = (f"{v.name}[{index}]", rates)
     for info in view.worker_infos():
         ws = sample.workers.get(info.worker_id)
         w = ws.worker if ws is not None else None
@@ -318,7 +334,11 @@ def memory_document(view: ClusterView, sample: Sample) -> dict[str, Any]:
                     "backend": stats.backend, "entries": stats.entries, "bytes_in_memory": stats.bytes_in_memory,
                     "bytes_on_disk": stats.bytes_on_disk,
                     "bins": [{"size": s, "objects": o, "bytes": b, "slots": sl} for s, o, b, sl in stats.bins]}
-                operators.append({"owner": owner, "bytes": nbytes, "blocks": blocks, "state": described})
+                chain = chains.get(owner)
+                operators.append({"owner": owner, "bytes": nbytes, "blocks": blocks, "state": described,
+                                  "chain": chain[0] if chain else None,
+                                  "chain_peak": chain[1].managed_peak if chain else None,
+                                  "chain_spilled": chain[1].spilled_bytes if chain else None})
         workers.append({
             "id": info.worker_id, "pid": info.pid, "arena": arena,
             "network": {"segments": w.network_buffers if w else 0, "available": w.network_available if w else 0,

@@ -29,7 +29,7 @@ from runtime.execution.job_run import SubtaskCounters
 
 SLOT_BYTES = 16384
 HEADER_WORDS = 32
-SUBTASK_WORDS = 12
+SUBTASK_WORDS = 14
 MAX_SUBTASKS = (SLOT_BYTES // 8 - HEADER_WORDS) // SUBTASK_WORDS
 
 # Header words.
@@ -37,6 +37,7 @@ SEQ, PID, WRITTEN_AT, STARTED_AT, RSS, GC_NS, GC_COLLECTIONS, HEARTBEATS = range
 NET_TOTAL, NET_AVAILABLE, MANAGED_BUDGET, MANAGED_USED, MANAGED_PEAK, SPILLED, JOB, SUBTASKS = range(8, 16)
 # Subtask words, from the subtask's first word.
 S_VERTEX, S_INDEX, S_IN, S_OUT, S_BUSY, S_BACKPRESSURED, S_IDLE, S_OUT_POOL, S_IN_POOL, S_FINISHED = range(10)
+S_MANAGED, S_MANAGED_PEAK, S_SPILLED = range(10, 13)
 #: Pool usages are stored in parts per million.
 PPM = 1_000_000
 
@@ -108,9 +109,10 @@ class StatsWriter:
         w[SUBTASKS] = len(shown)
         for i, st in enumerate(shown):
             base = HEADER_WORDS + i * SUBTASK_WORDS
-            w[base:base + S_FINISHED + 1] = (
+            w[base:base + S_SPILLED + 1] = (
                 st.vertex, st.index, st.records_in, st.records_out, st.busy_ns, st.backpressured_ns, st.idle_ns,
-                int(st.out_pool_usage * PPM), int(st.in_pool_usage * PPM), int(st.finished))
+                int(st.out_pool_usage * PPM), int(st.in_pool_usage * PPM), int(st.finished), st.managed_bytes,
+                st.managed_peak, st.spilled_bytes)
         w[WRITTEN_AT] = time.monotonic_ns()
         w[SEQ] += 1
 
@@ -138,10 +140,10 @@ def read_slot(area: memoryview, slot: int, *, attempts: int = 100) -> WorkerSamp
         subtasks = []
         for i in range(n):
             b = HEADER_WORDS + i * SUBTASK_WORDS
-            v = [int(x) for x in copy[b:b + S_FINISHED + 1]]
+            v = [int(x) for x in copy[b:b + S_SPILLED + 1]]
             subtasks.append(SubtaskCounters(v[S_VERTEX], v[S_INDEX], v[S_IN], v[S_OUT], v[S_BUSY],
                                             v[S_BACKPRESSURED], v[S_IDLE], v[S_OUT_POOL] / PPM, v[S_IN_POOL] / PPM,
-                                            bool(v[S_FINISHED])))
+                                            bool(v[S_FINISHED]), v[S_MANAGED], v[S_MANAGED_PEAK], v[S_SPILLED]))
         h = [int(x) for x in copy[:HEADER_WORDS]]
         worker = WorkerCounters(h[PID], h[STARTED_AT], h[RSS], h[GC_NS], h[GC_COLLECTIONS], h[HEARTBEATS],
                                 h[NET_TOTAL], h[NET_AVAILABLE], h[MANAGED_BUDGET], h[MANAGED_USED], h[MANAGED_PEAK],

@@ -66,6 +66,10 @@ function renderOverview(doc) {
     doc.taskmanagers.map((t) => `<tr><td>worker ${esc(t.id)}</td><td class=n>${t.pid}</td><td class=n>${dur(t.uptime)}</td>` +
       `<td class=n>${bytes(t.memory.rss)}</td><td class=n>${t.memory["gc-time-ms"].toFixed(0)} ms</td>` +
       `<td class=n>${num(t.heartbeats)}</td><td class=n>${(t.timeSinceLastHeartbeat / 1000).toFixed(1)} s</td></tr>`).join("");
+  const mem = doc.memory;
+  $("ov-memory").innerHTML = `<h3>region · ${bytes(mem.region.size)}</h3><div class="membar small">${bar(mem.region, (b) => b.kind === "free" ? "free" : b.owner)}</div>` +
+    mem.workers.filter((w) => w.arena).map((w) => `<h3>worker ${w.id} arena · ${bytes(w.arena.free_bytes)} free · largest free block ${bytes(w.arena.largest_free_block)}</h3>` +
+      `<div class="membar small">${bar(w.arena, (b) => b.kind === "free" ? "free" : b.owner.replace(/^worker-\d+ /, ""))}</div>`).join("");
   const jobs = doc.jobs.slice().reverse();
   $("ov-jobs").innerHTML = jobs.length ? "<tr><th>Job</th><th>State</th><th class=n>Duration</th><th class=n>Tasks</th></tr>" +
     jobs.map((j) => `<tr><td><a href="#job/${j.jid}">${esc(j.name)}</a></td><td><span class="badge ${j.state}">${j.state}</span></td>` +
@@ -77,9 +81,9 @@ function renderOverview(doc) {
 // Flink colours a vertex by its busiest subtask: light blue (idle) to red (busy), towards grey when backpressured.
 function vertexColour(busyMs, backMs) {
   const busy = Math.min(1, busyMs / 1000), back = Math.min(1, backMs / 1000);
-  const h = 210 - 210 * busy, s = 80 - 5 * busy, l = 90 - 32 * busy;
-  const mix = (a, b) => a + (b - a) * back;
-  return `hsl(${mix(h, 0).toFixed(0)}, ${mix(s, 0).toFixed(0)}%, ${mix(l, 62).toFixed(0)}%)`;
+  const idle = [206, 226, 252], hot = [232, 78, 72], grey = [158, 158, 158];
+  const rgb = idle.map((c, i) => c + (hot[i] - c) * busy).map((c, i) => c + (grey[i] - c) * back);
+  return `rgb(${rgb.map((c) => c.toFixed(0)).join(",")})`;
 }
 function levels(job) {
   const byId = Object.fromEntries(job.plan.nodes.map((n) => [n.id, n]));
@@ -148,7 +152,7 @@ function drawGraph(job) {
   job.vertices.forEach((v) => {
     const p = pos[v.id], m = v.metrics;
     const fill = vertexColour(m["max-busyTimeMsPerSecond"], m["max-backPressuredTimeMsPerSecond"]);
-    const dark = m["max-busyTimeMsPerSecond"] > 650 && m["max-backPressuredTimeMsPerSecond"] < 500;
+    const dark = m["max-busyTimeMsPerSecond"] > 550 || m["max-backPressuredTimeMsPerSecond"] > 700;
     const ink = dark ? "#fff" : "#12182a";
     const name = v.name.length > 34 ? v.name.slice(0, 33) + "…" : v.name;
     out += `<g class="vertex" data-vertex="${v.id}"><title>${esc(v.name)}</title>` +
@@ -245,10 +249,11 @@ function renderMemory(mem) {
     const a = w.arena, n = w.network, m = w.managed;
     if (!a) return `<div class="card"><h2>Worker ${w.id}</h2><div class="empty">no arena reported yet</div></div>`;
     const used = n.segments - n.available;
-    const ops = m.operators.length ? `<table class="table"><tr><th>Operator (owner of pages)</th><th class=n>Pages</th><th class=n>Bytes</th><th class=n>State</th></tr>` +
+    const ops = m.operators.length ? `<table class="table"><tr><th>Operator (owner of pages)</th><th class=n>Pages</th><th class=n>Used</th><th class=n>Peak</th><th class=n>Spilled</th><th class=n>State</th></tr>` +
       m.operators.map((o) => `<tr><td><span style="color:${ownerColour(o.owner)}">■</span> ${esc(o.owner)}</td><td class=n>${num(o.blocks)}</td><td class=n>${bytes(o.bytes)}</td>` +
+        `<td class=n>${o.chain_peak === null ? "—" : bytes(o.chain_peak)}</td><td class=n>${o.chain_spilled === null ? "—" : bytes(o.chain_spilled)}</td>` +
         `<td class=n>${o.state ? num(o.state.entries) + " entries · " + bytes(o.state.bytes_in_memory) + (o.state.bytes_on_disk ? " + " + bytes(o.state.bytes_on_disk) + " on disk" : "") : "—"}</td></tr>` +
-        (o.state && o.state.bins.length ? `<tr><td colspan=4><div class="kv" style="grid-template-columns:repeat(4,auto)">` +
+        (o.state && o.state.bins.length ? `<tr><td colspan=6><div class="kv" style="grid-template-columns:repeat(4,auto)">` +
           o.state.bins.map((b) => `<span class="k">bin ${b.size ? bytes(b.size) : "large"}</span><span>${num(b.objects)} objects · ${bytes(b.bytes)} · ${pct(b.slots ? b.objects / b.slots : 0)} full</span>`).join("") +
           `</div></td></tr>` : "")).join("") + "</table>"
       : `<div class="empty">no operator holds managed pages now</div>`;
