@@ -249,7 +249,7 @@ function renderMemory(mem) {
     const a = w.arena, n = w.network, m = w.managed;
     if (!a) return `<div class="card"><h2>Worker ${w.id}</h2><div class="empty">no arena reported yet</div></div>`;
     const used = n.segments - n.available;
-    const ops = m.operators.length ? `<table class="table"><tr><th>Operator (owner of pages)</th><th class=n>Pages</th><th class=n>Used</th><th class=n>Peak</th><th class=n>Spilled</th><th class=n>State</th></tr>` +
+    const ops = m.operators.length ? `<table class="table"><tr><th>Operator</th><th class=n>Pages</th><th class=n>Used</th><th class=n>Peak</th><th class=n>Spilled</th><th class=n>State</th></tr>` +
       m.operators.map((o) => `<tr><td><span style="color:${ownerColour(o.owner)}">■</span> ${esc(o.owner)}</td><td class=n>${num(o.blocks)}</td><td class=n>${bytes(o.bytes)}</td>` +
         `<td class=n>${o.chain_peak === null ? "—" : bytes(o.chain_peak)}</td><td class=n>${o.chain_spilled === null ? "—" : bytes(o.chain_spilled)}</td>` +
         `<td class=n>${o.state ? num(o.state.entries) + " entries · " + bytes(o.state.bytes_in_memory) + (o.state.bytes_on_disk ? " + " + bytes(o.state.bytes_on_disk) + " on disk" : "") : "—"}</td></tr>` +
