@@ -204,7 +204,9 @@ class Coordinator:
     allocator (``grant``) and frees it when the worker is gone (``reclaim``);
     nothing else is allocated from the global range. Only the coordinator
     unlinks the region.
-    Process: the coordinator process, one thread.
+    Process: the coordinator process, one thread. The web server's threads
+    (runtime.web) only read ``jobs``, ``worker_infos()`` and ``region_snapshot()``,
+    whose values this thread replaces whole, and call ``request_cancel()``.
     """
 
     def __init__(self, config: ShmflowConfig, *, endpoint: str | None = None, secret: bytes | None = None,
