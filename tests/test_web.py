@@ -278,3 +278,20 @@ def test_shmflow_run_ui_prints_the_dashboard_url(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "runtime.cli", "run", str(script), "--ui-linger", "-1"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--ui-linger: must be a number of seconds >= 0; got '-1'" in refused.stderr
+
+
+def test_metrics_alone_on_the_prometheus_reporter_port():
+    with LocalCluster(ShmflowConfig({"workers": 1})) as cluster, \
+            WebServer(cluster.coordinator, address="127.0.0.1", port=0, prom_port=_free_port()) as web:
+        assert web.prom_url is not None
+        families = {f.name for f in text_string_to_metric_families(_get(web.prom_url))}
+        assert "shmflow_taskmanager_Status_Shuffle_AvailableMemorySegments" in families
+        assert "shmflow_memory_buddy_largest_free_block_bytes" in families
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            _get(web.prom_url.replace("/metrics", "/overview"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -94,6 +94,9 @@ JOB_METRICS = "__job__"
 #: ``started_at`` (Start sent); then ``failed_at`` (the failure was detected) or ``finished_at``. The sources'
 #: first record of a run is its subtasks' ``first_record_at``.
 ATTEMPT_TIMES = "attempts"
+#: Ended jobs whose records (graph, final figures) the dashboard and REST API keep (Flink's
+#: jobstore.max-capacity, smaller: a record holds its job graph, collections included).
+KEEP_FINISHED_JOBS = 16
 HEARTBEAT_TIMEOUT = 30.0  # seconds of silence after which a worker counts as lost (a busy step can be long)
 STARTUP_TIMEOUT = 60.0
 
@@ -421,6 +424,9 @@ class Coordinator:
         self._on_tick, self._next_tick = on_tick, time.monotonic()
         self.current_job = graph.name
         record = JobRecord(secrets.token_hex(16), graph.name, graph, time.time())
+        ended = [jid for jid, r in self.jobs.items() if r.end_time]
+        for jid in ended[:max(0, len(ended) - KEEP_FINISHED_JOBS + 1)]:  # a standing cluster runs jobs for ever
+            del self.jobs[jid]
         self.jobs[record.job_id] = record
         try:
             while True:
