@@ -25,6 +25,8 @@ from runtime.execution.graph import JobGraph, StreamNode, build_job_graph
 from runtime.execution.task import Operator
 
 MODES = ("auto", "streaming", "batch")
+#: Set by `shmflow run --ui` / `--ui-linger SECONDS`: the defaults of StreamEnvironment's ui and ui_linger.
+UI_ENV, UI_LINGER_ENV = "SHMFLOW_UI", "SHMFLOW_UI_LINGER"
 
 
 class CollectResult:
@@ -59,13 +61,26 @@ class StreamEnvironment:
     standing cluster instead (``shmflow coordinator`` / ``shmflow worker``).
     ``config`` is a ShmflowConfig, a TOML path, or a dict of keys;
     ``mode`` is "streaming", "batch", or "auto" (batch when every source is bounded).
+    ``ui=True`` serves the live dashboard of an embedded cluster's job on ``rest.address`` /
+    ``rest.port`` (its URL printed on stderr), ``ui_linger`` seconds beyond the job's end.
     """
 
     def __init__(self, workers: int | None = None, *, config: Any = None, mode: str = "auto",
-                 coordinator: str | None = None, secret_file: str | None = None) -> None:
+                 coordinator: str | None = None, secret_file: str | None = None, ui: bool | None = None,
+                 ui_linger: float | None = None) -> None:
         from runtime.config import ShmflowConfig, load_config
         if mode not in MODES:
             msg = f"mode must be one of {MODES}; got {mode!r}"
+            raise InvalidArgumentError(msg)
+        # ui=None: as `shmflow run --ui` said (SHMFLOW_UI); the dashboard's address: rest.address, rest.port
+        self.ui = bool(os.environ.get(UI_ENV)) if ui is None else bool(ui)
+        linger = os.environ.get(UI_LINGER_ENV, "0") if ui_linger is None else ui_linger
+        try:
+            self.ui_linger = float(linger)
+        except (TypeError, ValueError):
+            self.ui_linger = -1.0
+        if not self.ui_linger >= 0 or self.ui_linger == float("inf"):
+            msg = f"ui_linger (--ui-linger, {UI_LINGER_ENV}) must be a number of seconds >= 0; got {linger!r}"
             raise InvalidArgumentError(msg)
         overrides = {} if workers is None else {"workers": workers}
         if isinstance(config, ShmflowConfig):
@@ -182,7 +197,8 @@ class StreamEnvironment:
         for result in self._collects.values():
             result._values = []
         return execute_job(graph, self.config, collect=self._collects, coordinator=self.coordinator,
-                           secret_file=self.secret_file, timeout=timeout)
+                           secret_file=self.secret_file, timeout=timeout, ui=self.ui and self.coordinator is None,
+                           ui_linger=self.ui_linger)
 
 
 def _insert_combiners(nodes: list[StreamNode], keyed_ids: list[int]) -> list[StreamNode]:

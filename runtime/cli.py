@@ -94,6 +94,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         os.environ["SHMFLOW_EXECUTION_SAVEPOINT_PATH"] = str(Path(args.from_checkpoint).resolve())
     if args.config:
         os.environ["SHMFLOW_CONFIG"] = str(Path(args.config).resolve())
+    if args.ui or args.ui_linger is not None:
+        from runtime.api import UI_ENV, UI_LINGER_ENV
+        os.environ[UI_ENV] = "1"
+        os.environ[UI_LINGER_ENV] = str(args.ui_linger or 0)
     script = Path(args.job).resolve()
     if not script.is_file():
         print(f"shmflow run: no such job script: {args.job}", file=sys.stderr)
@@ -157,14 +161,28 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     cfg = load_cli_config(args)
     secret = control.load_or_create_secret(args.secret_file)
     coord = Coordinator(cfg, endpoint=args.bind, secret=secret)
+    web = None
+    if not args.no_ui:
+        from runtime.errors import ConfigError
+        from runtime.web.server import WebServer
+        try:
+            web = WebServer(coord, address=cfg.rest_address, port=cfg.rest_port, prom_port=cfg.prom_port)
+        except ConfigError as exc:
+            coord.close()
+            print(f"shmflow coordinator: {exc}", file=sys.stderr)
+            return 2
     stopping: list[bool] = []
     for signum in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C or kill: stop serving, then tear down
         signal.signal(signum, lambda *_: stopping.append(True))
     print(f"coordinator listening on {coord.endpoint}; region {coord.region.name} "
           f"({cfg.workers} worker arenas); secret in {args.secret_file or control.DEFAULT_SECRET_FILE}", flush=True)
+    if web is not None:
+        print(f"dashboard and REST API on {web.url} (metrics at {web.url}metrics)", flush=True)
     try:
         coord.serve(stop=lambda: bool(stopping))
     finally:
+        if web is not None:
+            web.close()
         coord.close()
         print("coordinator stopped; region unlinked", flush=True)
     return 0
@@ -212,6 +230,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return runner.run(args)
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        msg = f"must be a number of seconds >= 0; got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmflow",
@@ -226,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-checkpoint", default=None, metavar="PATH",
                    help="start from a retained checkpoint (a chk-N directory or its _metadata; see `shmflow "
                         "checkpoints`); sets execution.savepoint.path")
+    p.add_argument("--ui", action="store_true",
+                   help="serve the live dashboard, REST API and /metrics while the job runs (rest.address, rest.port)")
+    p.add_argument("--ui-linger", type=_seconds, default=None, metavar="SECONDS",
+                   help="keep the dashboard up this long after the job ends (implies --ui)")
     p.add_argument("args", nargs="*", help="arguments for the job script (after --)")
     p.set_defaults(func=_cmd_run)
 
@@ -238,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("coordinator", help="start a standing coordinator (workers join with `shmflow worker`)")
     p.add_argument("--bind", default="tcp://127.0.0.1:6123", help="endpoint to listen on (default loopback only)")
+    p.add_argument("--no-ui", action="store_true",
+                   help="serve no dashboard, REST API or /metrics (default: on rest.address, rest.port)")
     p.add_argument("--secret-file", default=None, help="cluster secret (created 0600 if missing; "
                                                         "default ~/.shmflow/cluster.secret)")
     add_config_arguments(p)

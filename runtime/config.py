@@ -33,8 +33,8 @@ from runtime.memory.units import format_bytes, free_bytes
 from runtime.network.budget import min_buffers_per_worker
 
 ENV_PREFIX = "SHMFLOW_"
-#: SHMFLOW_ variables that are not config keys (and so never "unknown").
-ENV_NON_CONFIG = frozenset({"SHMFLOW_SHM_PREFIX", "SHMFLOW_CONFIG"})
+#: SHMFLOW_ variables that are not config keys (and so never "unknown"); SHMFLOW_UI*: `shmflow run --ui`'s flags.
+ENV_NON_CONFIG = frozenset({"SHMFLOW_SHM_PREFIX", "SHMFLOW_CONFIG", "SHMFLOW_UI", "SHMFLOW_UI_LINGER"})
 ENV_NON_CONFIG_PREFIXES = ("SHMFLOW_TEST_", "SHMFLOW_INTERNAL_")
 SHM_DIR = "/dev/shm"
 #: Extra /dev/shm space required on top of memory.region.size (header, rounding).
@@ -315,6 +315,17 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("network.transport", "transport", _choice, "auto",
             "must be one of 'auto', 'shm', 'tcp'", lambda v: v in ("auto", "shm", "tcp"),
             "data plane: shm (handles), tcp (bytes) or auto (shm on one host)", "choice"),
+    KeySpec("rest.address", "rest_address", _path, "127.0.0.1",
+            "must be a host name or address to listen on", lambda v: bool(v),
+            "where the coordinator serves the dashboard, the REST API and /metrics (Flink's key; loopback only "
+            "by default: the pages show job names and memory to whoever can connect)", "path"),
+    KeySpec("rest.port", "rest_port", _integer, 8081,
+            "must be an integer in [0, 65535] (0: any free port)", lambda v: 0 <= v <= 65535,
+            "port of the dashboard, the REST API and /metrics (Flink's key and default)", "int"),
+    KeySpec("metrics.reporter.prom.port", "prom_port", _integer, 0,
+            "must be an integer in [0, 65535] (0: /metrics on rest.port only)", lambda v: 0 <= v <= 65535,
+            "a second port serving only /metrics, for scrape configs written for Flink's PrometheusReporter "
+            "(Flink's key; its usual value is 9249)", "int"),
     KeySpec("cluster.max-message-size", "max_message_size", _size, "256mb",
             "must be a size >= 1 MiB", lambda v: v >= 1 << 20,
             "largest control message a process accepts (ZMQ_MAXMSGSIZE): a job graph with its collections; "
@@ -529,6 +540,9 @@ class ShmflowConfig:
     buffer_timeout: float
     max_record_size: int
     transport: str
+    rest_address: str
+    rest_port: int
+    prom_port: int
     max_message_size: int
     state_backend: str
     max_parallelism: int

@@ -150,6 +150,13 @@ class JobFailedError(ShmflowError):
         self.final = final
 
 
+class JobCancelledError(JobFailedError):
+    """A job was cancelled (``PATCH /jobs/<id>`` with the cluster secret); never restarted."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, final=True)
+
+
 __all__ = [
     "ShmflowError",
     "ConfigError",
@@ -160,6 +167,7 @@ __all__ = [
     "InvalidHandleError",
     "SegmentFreedError",
     "SegmentIndexError",
+    "JobCancelledError",
     "ReadOnlySegmentError",
     "ClosedResourceError",
     "RegionError",

@@ -106,7 +106,7 @@ def standing_cluster(tmp_path, *coordinator_args: str, workers: int = 2) -> Iter
     workers are stopped on the way out too."""
     secret = tmp_path / "cluster.secret"
     coord = start_cli("coordinator", "--bind", "tcp://127.0.0.1:*", "--secret-file", str(secret), "--workers",
-                      str(workers), *coordinator_args)
+                      str(workers), "-D", "rest.port=0", *coordinator_args)  # its dashboard on any free port
     started: list[subprocess.Popen] = []
     try:
         first = coord.stdout.readline()

@@ -136,6 +136,7 @@ def test_defaults() -> None:
         "network.buffers-per-channel": 8,
         "network.floating-buffers-per-gate": 16, "network.buffer-timeout": 0.1,
         "network.max-record-size": 64 * MiB, "network.transport": "auto",
+        "rest.address": "127.0.0.1", "rest.port": 8081, "metrics.reporter.prom.port": 0,
         "cluster.max-message-size": 256 * MiB, "state.backend": "heap", "pipeline.max-parallelism": 128,
         "python.gc.young-threshold": 100_000,
         "execution.checkpointing.interval": 0.0, "execution.checkpointing.mode": "exactly-once",

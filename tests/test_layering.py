@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("runtime.config",)),
     ("checkpoint", ("runtime.checkpoint",)),
     ("execution", ("runtime.execution",)),
+    ("web", ("runtime.web",)),  # stats blocks (written by workers), the coordinator's web server
     ("cluster", ("runtime.cluster",)),
     ("operators", ("operators",)),
     ("api", ("runtime.api", "runtime")),  # the package root re-exports the facade

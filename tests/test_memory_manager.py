@@ -288,3 +288,16 @@ def test_worker_process_release_all_frees_the_arena_pages_the_coordinator_sees()
             assert proc.exitcode == 0
         finally:
             reap(proc)
+
+
+def test_each_owner_has_a_peak_until_peaks_are_reset(manager):
+    pages = manager.allocate_pages("sort[0]", 4)
+    manager.allocate_pages("join[0]", 1)
+    for seg in pages[:3]:
+        manager.release(seg)
+    assert manager.owner_figures("sort[0]") == (manager.page_size, 4 * manager.page_size)
+    manager.reset_peaks()  # a new job: peaks start from what each owner holds
+    assert manager.owner_figures("sort[0]") == (manager.page_size, manager.page_size)
+    assert manager.owner_figures("nobody") == (0, 0)
+    manager.release_all("sort[0]", report=False)
+    manager.release_all("join[0]", report=False)

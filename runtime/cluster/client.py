@@ -32,6 +32,7 @@ from runtime.errors import JobFailedError, ProtocolError, WorkerLostError
 from runtime.execution.graph import JobGraph
 from runtime.network.batch import unpack_batch
 from runtime.network.transport import connect, context, make_socket
+from runtime.web.server import WebServer
 
 if TYPE_CHECKING:
     from runtime.config import ShmflowConfig
@@ -136,12 +137,15 @@ def decode_collect(records: bytes) -> list[Any]:
 
 
 def execute_job(graph: JobGraph, config: ShmflowConfig, *, collect: dict[str, Any], coordinator: str | None = None,
-                secret_file: str | None = None, timeout: float | None = None) -> JobResult:
+                secret_file: str | None = None, timeout: float | None = None, ui: bool = False,
+                ui_linger: float = 0.0) -> JobResult:
     """Run ``graph`` on an embedded cluster (or the standing one at ``coordinator``); the client's side of a job.
 
     Ships the graph, feeds every ``collect`` batch to ``collect[sink]._extend``,
     and returns the job's :class:`JobResult`. (The coordinator's side is
-    :meth:`Coordinator.run_job`.)
+    :meth:`Coordinator.run_job`.) With ``ui``, the embedded coordinator serves the
+    dashboard on ``rest.address``/``rest.port`` while the job runs (its URL on stderr),
+    and ``ui_linger`` seconds after it ends.
 
     Raises:
         JobFailedError: the job failed, could not be shipped, or the cluster did not start.
@@ -157,7 +161,12 @@ def execute_job(graph: JobGraph, config: ShmflowConfig, *, collect: dict[str, An
         except (WorkerLostError, TimeoutError) as exc:
             msg = f"job {graph.name!r} failed: the local cluster did not start: {exc}"
             raise JobFailedError(msg) from exc
-        with cluster:
+        with cluster, contextlib.ExitStack() as web:
+            if ui:
+                server = web.enter_context(WebServer(cluster.coordinator, address=config.rest_address,
+                                                     port=config.rest_port, prom_port=config.prom_port))
+                print(f"shmflow dashboard: {server.url}", file=sys.stderr, flush=True)
+                web.callback(linger, cluster.coordinator, ui_linger)
             tick = progress_printer(graph.name, cluster.coordinator, started) if sys.stderr.isatty() else None
             try:
                 metrics = cluster.coordinator.run_job(graph, worker_payloads(graph), on_collect=on_collect,
@@ -173,6 +182,13 @@ def execute_job(graph: JobGraph, config: ShmflowConfig, *, collect: dict[str, An
                          restore_from=config.savepoint_path)
     seconds = time.monotonic() - started
     return JobResult(graph.name, seconds, summarize(metrics, seconds))
+
+
+def linger(coordinator: Any, seconds: float) -> None:
+    """Keep the cluster (and its dashboard) up ``seconds`` after a job, answering the workers' heartbeats."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        coordinator.poll(min(0.2, max(0.0, until - time.monotonic())))
 
 
 SILENCE_LIMIT = 15.0  # seconds without a word from the coordinator before giving up

@@ -64,6 +64,7 @@ from runtime.cluster.restart import RestartStrategy, restart_strategy
 from runtime.errors import (
     CheckpointError,
     InsufficientNetworkBuffersError,
+    JobCancelledError,
     JobFailedError,
     OutOfMemoryError,
     ProtocolError,
@@ -75,6 +76,8 @@ from runtime.memory.layout import AllocatorSnapshot
 from runtime.memory.region import process_alive, process_start_ticks
 from runtime.network.budget import job_buffers_required
 from runtime.network.transport import bind, context, local_endpoint, make_socket
+from runtime.web.stats_block import area_bytes
+from runtime.web.view import CANCELED, FAILED, FINISHED, JobRecord, WorkerInfo
 
 if TYPE_CHECKING:
     from runtime.config import ShmflowConfig
@@ -91,6 +94,9 @@ JOB_METRICS = "__job__"
 #: ``started_at`` (Start sent); then ``failed_at`` (the failure was detected) or ``finished_at``. The sources'
 #: first record of a run is its subtasks' ``first_record_at``.
 ATTEMPT_TIMES = "attempts"
+#: Ended jobs whose records (graph, final figures) the dashboard and REST API keep (Flink's
+#: jobstore.max-capacity, smaller: a record holds its job graph, collections included).
+KEEP_FINISHED_JOBS = 16
 HEARTBEAT_TIMEOUT = 30.0  # seconds of silence after which a worker counts as lost (a busy step can be long)
 STARTUP_TIMEOUT = 60.0
 
@@ -134,6 +140,7 @@ class _Watch:
     collector: _Committer
     checkpoints: CheckpointCoordinator | None
     deadline: float | None
+    job_id: str = ""  # the JobRecord's id, which a cancel request names
 
 
 class _Committer:
@@ -200,7 +207,9 @@ class Coordinator:
     allocator (``grant``) and frees it when the worker is gone (``reclaim``);
     nothing else is allocated from the global range. Only the coordinator
     unlinks the region.
-    Process: the coordinator process, one thread.
+    Process: the coordinator process, one thread. The web server's threads
+    (runtime.web) only read ``jobs``, ``worker_infos()`` and ``region_snapshot()``,
+    whose values this thread replaces whole, and call ``request_cancel()``.
     """
 
     def __init__(self, config: ShmflowConfig, *, endpoint: str | None = None, secret: bytes | None = None,
@@ -209,7 +218,7 @@ class Coordinator:
         self.config = config
         self.plan = config.memory_plan()
         self.secret = secret or control.new_secret()
-        self.region = SharedRegion.create(self.plan.shm_bytes)
+        self.region = SharedRegion.create(self.plan.shm_bytes, stats_bytes=area_bytes(config.workers))
         try:
             self.allocator = BuddyAllocator(self.region, config.min_block)
             self.ctx = context()
@@ -233,6 +242,40 @@ class Coordinator:
         self.current_job: str | None = None  # the name of the job running now
         #: Starts a replacement for a lost worker id (the embedded cluster's); None: wait for one to register.
         self.replace_worker: Callable[[int], None] | None = None
+        #: Every job run here, by id (runtime.web.view.ClusterView: the web server reads them from its threads).
+        self.jobs: dict[str, JobRecord] = {}
+        self._next_view = 0.0  # when _watch next copies the checkpoints' figures into the JobRecord
+        self._cancel_requests: set[str] = set()  # added to by request_cancel (any thread), polled by _watch
+        self._region_snapshot = AllocatorSnapshot.of(self.allocator)  # replaced whenever an arena is granted/freed
+        #: worker id -> (the arena layout last parsed, its snapshot); the web server's threads only
+        self._parsed_arenas: dict[int, tuple[list[Any], AllocatorSnapshot]] = {}
+
+    # ------------------------------------------------------ runtime.web.view.ClusterView
+    @property
+    def stats_area(self) -> memoryview:
+        return self.region.stats_area
+
+    def region_snapshot(self) -> AllocatorSnapshot:
+        return self._region_snapshot
+
+    def worker_infos(self) -> list[WorkerInfo]:
+        now = self.clock()
+        infos = []
+        for wid, h in sorted(list(self.workers.items())):
+            layout = h.arena_layout  # a heartbeat replaces the list when the arena changed: parse each once
+            cached = self._parsed_arenas.get(wid)
+            if layout and (cached is None or cached[0] is not layout):
+                cached = self._parsed_arenas[wid] = (layout, AllocatorSnapshot.from_wire(layout))
+            infos.append(WorkerInfo(wid, h.pid, cached[1] if layout and cached else None, dict(h.state_layout),
+                                    now - h.last_heard))
+        return infos
+
+    def request_cancel(self, job_id: str) -> bool:
+        record = self.jobs.get(job_id)
+        if record is None or record.end_time:
+            return False
+        self._cancel_requests.add(job_id)
+        return True
 
     # ---------------------------------------------------------------- messaging
     def send(self, handle: WorkerHandle, message: Message) -> None:
@@ -312,6 +355,7 @@ class Coordinator:
                             format_bytes(self.plan.checkpoint_bytes_per_worker), wid)
         self.workers[wid] = handle
         self._by_identity[identity] = handle
+        self._region_snapshot = AllocatorSnapshot.of(self.allocator)
         log.info("worker %d (pid %d) registered; granted %s", wid, handle.pid, format_bytes(handle.arena.size))
         self.send(handle, Welcome(
             worker=wid, region=self.region.name, arena=list(handle.arena.handle()),
@@ -328,6 +372,7 @@ class Coordinator:
         self._by_identity.pop(handle.identity, None)
         if handle.arena is not None and not handle.arena.freed:
             self.allocator.free(handle.arena)
+        self._region_snapshot = AllocatorSnapshot.of(self.allocator)
 
     def wait_workers_attached(self, n: int, *, timeout: float = STARTUP_TIMEOUT,
                               processes: list[subprocess.Popen[bytes]] | None = None) -> None:
@@ -378,16 +423,26 @@ class Coordinator:
         attempts: list[dict[str, float]] = [{}]  # per run of the job: when each step happened (ATTEMPT_TIMES)
         self._on_tick, self._next_tick = on_tick, time.monotonic()
         self.current_job = graph.name
+        record = JobRecord(secrets.token_hex(16), graph.name, graph, time.time())
+        ended = [jid for jid, r in self.jobs.items() if r.end_time]
+        for jid in ended[:max(0, len(ended) - KEEP_FINISHED_JOBS + 1)]:  # a standing cluster runs jobs for ever
+            del self.jobs[jid]
+        self.jobs[record.job_id] = record
         try:
             while True:
                 try:
                     finished = self._run_attempt(graph, payload, collector, checkpoints, restore_dir, deadline,
-                                                 times=attempts[-1])
+                                                 times=attempts[-1], record=record)
                 except JobFailedError as exc:
                     attempts[-1]["failed_at"] = time.monotonic()
                     failures.append(str(exc))
+                    record.restarts, record.failure = len(failures), str(exc)
                     delay = None if exc.final else strategy.on_failure(time.monotonic())
                     if delay is None:
+                        record.state = CANCELED if isinstance(exc, JobCancelledError) else FAILED
+                        record.end_time = time.time()
+                        if isinstance(exc, JobCancelledError):
+                            raise
                         raise self._gave_up(graph, failures, strategy, exc) from None
                     log.warning("job %r failed (attempt %d); restarting in %.2fs: %s", graph.name, len(failures),
                                 delay, exc)
@@ -404,8 +459,17 @@ class Coordinator:
                     job.update(checkpoints.describe())
                     job["checkpoint_dir"] = str(checkpoints.storage.job_dir)
                 finished[-1] = {JOB_METRICS: job}
+                record.final = {name: figures for wid, metrics in finished.items() if wid >= 0
+                                for name, figures in metrics.items() if isinstance(figures, dict)}
+                record.checkpoints = checkpoints.describe() if checkpoints is not None else {}
+                record.state, record.end_time = FINISHED, time.time()
                 return finished
+        except BaseException as exc:
+            if not record.end_time:
+                record.state, record.failure, record.end_time = FAILED, str(exc), time.time()
+            raise
         finally:
+            self._cancel_requests.discard(record.job_id)
             self.current_job = None
 
     def _checkpointing(self, graph: JobGraph) -> bool:
@@ -484,11 +548,14 @@ class Coordinator:
 
     def _run_attempt(self, graph: JobGraph, payload: bytes | list[bytes], collector: _Committer,
                      checkpoints: CheckpointCoordinator | None, restore_dir: str,
-                     deadline: float | None, times: dict[str, float] | None = None) -> dict[int, dict[str, Any]]:
+                     deadline: float | None, times: dict[str, float] | None = None,
+                     record: JobRecord | None = None) -> dict[int, dict[str, Any]]:
         """Deploy, start and watch one run of the job; per-worker metrics. Raises JobFailedError.
         ``times`` gets ``deploy_at``, ``deployed_at`` and ``started_at`` (ATTEMPT_TIMES)."""
         times = {} if times is None else times
         job = secrets.token_hex(6)
+        if record is not None:
+            record.attempt = job
         needed = graph.max_parallelism
         participants = {wid: self.workers[wid] for wid in sorted(self.workers)[:needed]}
         cfg = self.config.as_dict()
@@ -510,7 +577,7 @@ class Coordinator:
                                      checkpoint_area=[area.offset, area.size] if area is not None else []))
         deployed: dict[int, dict[str, str]] = {}
         finished: dict[int, dict[str, Any]] = {}
-        watch = _Watch(job, participants, collector, checkpoints, deadline)
+        watch = _Watch(job, participants, collector, checkpoints, deadline, record.job_id if record else "")
         try:
             while len(deployed) < len(participants):
                 self._watch(graph, watch, deployed, None)
@@ -558,6 +625,13 @@ class Coordinator:
         if watch.deadline is not None and time.monotonic() > watch.deadline:
             msg = f"job {graph.name!r} did not finish within its timeout"
             raise JobFailedError(msg, final=True)
+        if watch.job_id in self._cancel_requests:
+            msg = f"job {graph.name!r} ({watch.job_id}) was cancelled through the REST API"
+            raise JobCancelledError(msg)
+        record = self.jobs.get(watch.job_id)
+        if watch.checkpoints is not None and record is not None and time.monotonic() >= self._next_view:
+            self._next_view = time.monotonic() + 1.0  # the dashboard shows them while the job runs
+            record.checkpoints = watch.checkpoints.describe()
         checkpoints = watch.checkpoints
         if checkpoints is not None and finished is not None:
             trigger = checkpoints.maybe_trigger(watch.job)

@@ -1,7 +1,8 @@
 """The worker process (Flink's TaskManager): registers, attaches the region, owns its arena, hosts jobs.
 
 Imports: runtime.cluster.protocol, runtime.execution.job_run, runtime.memory,
-runtime.network, runtime.state.backend (its stats type), runtime.errors. Never imports ``operators``: the operators
+runtime.network, runtime.state.backend (its stats type), runtime.web.stats_block (its writer),
+runtime.errors. Never imports ``operators``: the operators
 arrive pickled inside the job graph and run through runtime.execution.
 
 Life of a worker: connect to the coordinator and ``register``; receive a
@@ -46,7 +47,8 @@ from runtime.cluster.protocol import (
 )
 from runtime.errors import CheckpointError
 from runtime.execution.checkpointing import CheckpointSetup
-from runtime.execution.job_run import CheckpointControl, JobCancelled, JobRun
+from runtime.execution.job_run import CheckpointControl, JobCancelled, JobCounters, JobRun
+from runtime.execution.process_stats import gc_timer
 from runtime.memory import BuddyAllocator, SharedRegion
 from runtime.memory.layout import AllocatorSnapshot
 from runtime.memory.manager import MemoryManager
@@ -54,10 +56,14 @@ from runtime.memory.region import process_start_ticks
 from runtime.network import NetworkBufferPool
 from runtime.network.transport import connect, context, make_socket
 from runtime.state.backend import BackendStats
+from runtime.web.stats_block import SLOT_BYTES, StatsWriter, WorkerCounters
 
 log = logging.getLogger("shmflow.worker")
 
 HEARTBEAT_INTERVAL = 0.5
+# How often a worker publishes its counters in its stats block (the dashboard updates once a second). A publish
+# costs a few microseconds per subtask: at this rate it is far below 0.1% of a worker's time.
+STATS_INTERVAL = 0.25
 # Seconds without a word from the coordinator before a worker gives up. A coordinator on this host is also
 # watched by its pid (the region's creator), every heartbeat: its death is noticed within HEARTBEAT_INTERVAL.
 COORDINATOR_SILENCE = 45.0
@@ -101,6 +107,11 @@ class Worker:
         self._watch_creator = False  # the region's creator (the coordinator) runs in our pid namespace
         self._shutdown = False  # a Shutdown arrived while a job ran: exit once it has been torn down
         self._job_control: CheckpointControl | None = None  # the running job, told of its checkpoint messages
+        self.counters: Callable[[], JobCounters] | None = None  # set by the running job
+        self.stats: StatsWriter | None = None  # this worker's slot of the region's stats block; owner: this worker
+        self._next_stats = 0.0
+        self._started_ns = time.monotonic_ns()
+        self._heartbeats = 0
 
     # ------------------------------------------------------------------ control
     def send(self, message: Message) -> None:
@@ -119,11 +130,29 @@ class Worker:
             self._last_heartbeat = now
             self._check_creator()
             progress = self.progress() if self.progress is not None else None
+            self._heartbeats += 1
             self.send(Heartbeat(worker=self.worker_id, progress=progress, arena=self._arena_if_changed(),
                                 state=self._state_if_changed(now)))
+        if self.stats is not None and now >= self._next_stats:
+            self._next_stats = now + STATS_INTERVAL
+            self.publish_stats()
         if now - self._last_heard > COORDINATOR_SILENCE:
             msg = f"worker {self.worker_id}: no word from the coordinator for {COORDINATOR_SILENCE}s"
             raise SystemExit(msg)
+
+    def publish_stats(self) -> None:
+        """Write this worker's counters (process, memory, the running job's subtasks) into its stats slot."""
+        if self.stats is None or self.network is None or self.memory is None:
+            return
+        job = self.counters() if self.counters is not None else None
+        net, managed, gc_time = self.network.stats(), self.memory.stats(), gc_timer()
+        self.stats.publish(WorkerCounters(
+            pid=os.getpid(), started_at_ns=self._started_ns, rss_bytes=_rss_bytes(),
+            gc_ns=int(gc_time.seconds * 1e9), gc_collections=gc_time.collections, heartbeats=self._heartbeats,
+            network_buffers=net.num_buffers, network_available=net.num_buffers - net.in_use,
+            managed_budget=managed.budget, managed_used=managed.used_bytes, managed_peak=managed.high_water_mark,
+            spilled_bytes=job.spilled_bytes if job is not None else 0,
+            job=int(self._job, 16) if self._job else 0), job.subtasks if job is not None else [])
 
     def _arena_if_changed(self) -> list[Any] | None:
         """The arena's blocks (network pool, each operator's managed pages, free), if they changed since the
@@ -227,6 +256,11 @@ class Worker:
     def set_state_report(self, report: Callable[[], dict[str, BackendStats]] | None) -> None:
         self.state_report = report
 
+    def set_counters(self, counters: Callable[[], JobCounters] | None) -> None:
+        if counters is None:  # the job ends: publish its final counters first
+            self.publish_stats()
+        self.counters = counters
+
     # ----------------------------------------------------------------- lifetime
     def register(self, *, timeout: float = 60.0) -> None:
         self.send(Register(worker=self.worker_id, pid=os.getpid(), start_ticks=process_start_ticks(os.getpid()) or 0))
@@ -269,6 +303,9 @@ class Worker:
                                          owner=f"worker-{self.worker_id} network")
         self.memory = MemoryManager(alloc, budget=welcome.managed_bytes, page_size=welcome.segment_size,
                                     name=f"worker-{self.worker_id} managed memory")
+        if len(self.region.stats_area) >= (self.worker_id + 1) * SLOT_BYTES:  # a region without one: no stats
+            self.stats = StatsWriter(self.region.stats_area, self.worker_id)
+            self.publish_stats()
 
     def serve(self) -> None:
         """Run jobs until told to shut down (or the coordinator goes silent)."""
@@ -301,6 +338,8 @@ class Worker:
                     return
 
     def close(self) -> None:
+        if self.stats is not None:
+            self.stats.close()
         if self.memory is not None:
             self.memory.close()
         if self.network is not None:
@@ -308,6 +347,15 @@ class Worker:
         if self.region is not None:
             self.region.close()
         self.sock.close(linger=1000)
+
+
+def _rss_bytes() -> int:
+    """This process's resident set size now (/proc/self/statm; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _die_with_parent(parent_pid: int) -> None:

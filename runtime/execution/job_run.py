@@ -26,6 +26,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import zmq
@@ -71,6 +72,38 @@ def managed_shares(operators: list[Operator], *, budget: int, page_size: int,
     if not total or budget < page_size:
         return {}
     return {key: budget * weight // total // page_size * page_size for key, weight in weights.items()}
+
+
+@dataclass(frozen=True)
+class SubtaskCounters:
+    """One subtask's cumulative counters (the stats block's subtask record, runtime.web.stats_block).
+
+    ``busy_ns``: time in its steps, less ``backpressured_ns`` (blocked for want of a credit or a
+    buffer). ``idle_ns``: the rest of the time since the job started. The worker's subtasks share one
+    thread, so a subtask is idle also while another one works.
+    """
+
+    vertex: int
+    index: int
+    records_in: int
+    records_out: int
+    busy_ns: int
+    backpressured_ns: int
+    idle_ns: int
+    out_pool_usage: float  # 0..1: buffers of its output partitions' pools in use
+    in_pool_usage: float  # 0..1: floating buffers its input gate has lent
+    finished: bool
+    managed_bytes: int = 0  # managed memory its operators hold now
+    managed_peak: int = 0  # the sum of its operators' peaks in this job
+    spilled_bytes: int = 0  # its operators' ``spilled_bytes`` metric
+
+
+@dataclass(frozen=True)
+class JobCounters:
+    """What a running job reports to its worker's stats block: each subtask's counters, bytes spilled."""
+
+    subtasks: list[SubtaskCounters]
+    spilled_bytes: int  # written to spill files by the job's IOManager so far
 
 
 class JobCancelled(Exception):
@@ -142,6 +175,10 @@ class JobHost(Protocol):
         """Install (or clear, with None) a callable: owner of managed pages -> the stats of the state backend
         kept in them (the host reports them while the job runs)."""
 
+    def set_counters(self, counters: Callable[[], JobCounters] | None) -> None:
+        """Install (or clear, with None) a callable: every subtask's counters now (the host publishes them
+        in its stats block a few times a second)."""
+
 
 class JobRun:
     """One job on one worker: its subtasks, gates, writers and the loop that drives them.
@@ -177,6 +214,7 @@ class JobRun:
         self.pools: list[LocalBufferPool] = []
         self.writers: list[RecordWriter] = []
         self._gc_before = 0.0
+        self._started_ns = time.perf_counter_ns()  # reset when the run starts (SubtaskCounters.idle_ns)
         self._gc_collections_before = 0
         self._io_manager: IOManager | None = None
         self._managed: list[ManagedMemory] = []  # every operator's managed share, for the state report
@@ -190,11 +228,14 @@ class JobRun:
     # ------------------------------------------------------------------ phases
     def run(self) -> None:
         reset_peak_rss()  # this job's peak, not the largest of every job this worker ran
+        self.memory.reset_peaks()
+        self._started_ns = time.perf_counter_ns()
         self._gc_before = gc_timer().seconds
         self._gc_collections_before = gc_timer().collections
         thresholds: tuple[int, ...] | None = None  # the process's GC thresholds, restored after the job
         self.host.set_progress(lambda: {st.vertex.name: [st.records_in, st.records_out] for st in self.subtasks})
         self.host.set_state_report(self._state_report)
+        self.host.set_counters(self.counters)
         self.host.set_job_control(self)
         try:
             import cloudpickle  # the job graph arrives pickled (its HMAC was verified on receipt)
@@ -223,6 +264,7 @@ class JobRun:
         finally:
             self.host.set_progress(None)
             self.host.set_state_report(None)
+            self.host.set_counters(None)
             self.host.set_job_control(None)
             self._close()
             gc.unfreeze()
@@ -292,6 +334,35 @@ class JobRun:
             self.subtasks.append(st)
         self._current = None
         self.host.report_deployed(self.job_id, gates)
+
+    def counters(self) -> JobCounters:
+        """Every subtask's counters now, and bytes spilled. Cheap: a few reads per subtask, no I/O."""
+        now = time.perf_counter_ns()
+        out = []
+        for st in self.subtasks:
+            blocked = int(sum(w.partition.stats().backpressure_seconds for w in st.writers) * 1e9)
+            step = st.step_ns
+            pools = [w.partition.pool.stats() for w in st.writers]
+            held = sum(p.max for p in pools)
+            out_usage = sum(p.in_use for p in pools) / held if held else 0.0
+            gate = st.gate
+            floating = gate.floating_total if gate is not None else 0
+            in_usage = (floating - gate.floating_free) / floating if gate is not None and floating else 0.0
+            held = peak = spilled = 0
+            for op in st.operators:
+                ctx = getattr(op, "ctx", None)
+                if ctx is None:
+                    continue
+                if ctx.managed is not None:
+                    now_held, most = self.memory.owner_figures(ctx.managed.owner)
+                    held, peak = held + now_held, peak + most
+                if ctx.metrics:
+                    spilled += int(ctx.metrics.get("spilled_bytes", 0))
+            out.append(SubtaskCounters(
+                st.vertex.id, st.index, st.records_in, st.records_out, max(0, step - blocked), min(blocked, step),
+                max(0, now - self._started_ns - step), out_usage, in_usage, st.finished, held, peak, spilled))
+        io = self._io_manager
+        return JobCounters(out, io.stats().bytes_written if io is not None else 0)
 
     def _state_report(self) -> dict[str, BackendStats]:
         """The stats of each managed state backend now, by the owner of its managed pages (``name[subtask]``,
@@ -367,10 +438,12 @@ class JobRun:
                 self._handle_control()
             for st in pending:
                 self._current = st.vertex.name
+                began = time.perf_counter_ns()
                 if st.step():
                     progressed = True
                 if st.fire_timers(time.time()):
                     progressed = True
+                st.step_ns += time.perf_counter_ns() - began  # busy + backpressured time (SubtaskCounters)
             self._current = None
             if self._snapshots.pending:
                 self._snapshots.poll()
@@ -541,4 +614,4 @@ class JobRun:
             self._io_manager = None
 
 
-__all__ = ["WORKER_METRICS", "JobCancelled", "JobHost", "JobRun", "managed_shares"]
+__all__ = ["WORKER_METRICS", "JobCancelled", "JobCounters", "JobHost", "JobRun", "SubtaskCounters", "managed_shares"]

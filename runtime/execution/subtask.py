@@ -67,6 +67,7 @@ class Subtask:
         self._ending = False  # input done; waiting for the writers to drain
         self.records_in = 0
         self.records_out = 0
+        self.step_ns = 0  # time in step() and fire_timers(), added by the job's loop (JobRun.counters)
         self.first_record_at: float | None = None  # time.monotonic() (system-wide) of the first record
         self.finished_at: float | None = None
         self._source: SourceOperator | None = cast(SourceOperator, operators[0]) if vertex.is_source else None

@@ -131,6 +131,7 @@ class MemoryManager:
         # Guarded by self._lock. Segments are hashed by identity.
         self._held: dict[Hashable, dict[MemorySegment, None]] = {}  # owner -> its live segments
         self._bytes: dict[Hashable, int] = {}  # owner -> bytes held (rounded block sizes)
+        self._peaks: dict[Hashable, int] = {}  # owner -> most bytes it held at once since reset_peaks()
         self._released: weakref.WeakSet[MemorySegment] = weakref.WeakSet()  # for double-release errors
         self._used = 0
         self._segments = 0
@@ -236,7 +237,9 @@ class MemoryManager:
         if not held:  # allocate_pages(owner, 0)
             del self._held[owner]
             return
-        self._bytes[owner] = self._bytes.get(owner, 0) + nbytes
+        held_now = self._bytes[owner] = self._bytes.get(owner, 0) + nbytes
+        if held_now > self._peaks.get(owner, 0):
+            self._peaks[owner] = held_now
         self._used += nbytes
         self._segments += len(segments)
         self._allocations += 1
@@ -402,6 +405,16 @@ class MemoryManager:
         """Bytes held per owner (owners holding nothing are absent)."""
         with self._lock:
             return dict(self._bytes)
+
+    def owner_figures(self, owner: Hashable) -> tuple[int, int]:
+        """(bytes ``owner`` holds now, the most it held at once since :meth:`reset_peaks`)."""
+        with self._lock:
+            return self._bytes.get(owner, 0), self._peaks.get(owner, 0)
+
+    def reset_peaks(self) -> None:
+        """Forget every owner's peak (a new job starts: its operators' peaks are its own)."""
+        with self._lock:
+            self._peaks = dict(self._bytes)
 
     def segments(self, owner: Hashable) -> list[MemorySegment]:
         """The live segments of ``owner``, in allocation order."""

@@ -4,8 +4,11 @@ Imports: runtime.errors, runtime.memory.segment (stdlib and numpy otherwise).
 
 Layout of the block (all integers little-endian)::
 
-    [ header (HEADER_FIXED bytes) | generation table (uint32 per granule) | pad | usable area ]
-                                                                            ^ offset 0 of every segment
+    [ header (HEADER_FIXED bytes) | generation table (uint32 per granule) | stats area | pad | usable area ]
+                                                                                         ^ offset 0 of every segment
+
+The stats area (``stats_bytes`` at creation, 0: none) lies outside the usable area: the
+allocator never carves it. Its layout and its writers are ``runtime.web.stats_block``'s.
 
 The header names the creator (pid and the kernel's start time of that pid), so a
 block whose creator is gone can be recognised and removed by :func:`sweep`, even
@@ -55,8 +58,8 @@ DEFAULT_PREFIX = "shmflow-"
 PREFIX_ENV = "SHMFLOW_SHM_PREFIX"
 DEFAULT_GRANULE = 256
 
-# magic, version, header_bytes, usable_bytes, granule, creator_pid, creator_start_ticks
-_HEADER = struct.Struct("<8sIIQQQQ")
+# magic, version, header_bytes, usable_bytes, granule, creator_pid, creator_start_ticks, stats_offset, stats_bytes
+_HEADER = struct.Struct("<8sIIQQQQQQ")
 HEADER_FIXED = 64
 _USABLE_ALIGN = 4096
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -245,10 +248,11 @@ def shm_free_bytes() -> int:
     return free
 
 
-def _layout(size: int, granule: int) -> tuple[int, int]:
-    """(offset of the generation table's end, header bytes) for ``size`` usable bytes."""
+def _layout(size: int, granule: int, stats_bytes: int = 0) -> tuple[int, int]:
+    """(stats area offset, header bytes) for ``size`` usable bytes and a stats area of ``stats_bytes``."""
     table_bytes = 4 * ((size + granule - 1) // granule)
-    header = HEADER_FIXED + table_bytes
+    stats_offset = (HEADER_FIXED + table_bytes + 63) // 64 * 64  # a cache line of its own: slots are written hot
+    header = stats_offset + stats_bytes
     header = (header + _USABLE_ALIGN - 1) // _USABLE_ALIGN * _USABLE_ALIGN
     return table_bytes, header
 
@@ -275,7 +279,8 @@ class SharedRegion:
         if len(mapping) < HEADER_FIXED:
             msg = f"shared block {name!r} is {len(mapping)} bytes, smaller than a shmflow header"
             raise RegionError(msg)
-        magic, version, header_bytes, usable, granule, pid, ticks = _HEADER.unpack_from(mapping, 0)
+        magic, version, header_bytes, usable, granule, pid, ticks, stats_offset, stats_bytes = \
+            _HEADER.unpack_from(mapping, 0)
         if magic != MAGIC or version != VERSION:
             msg = f"shared block {name!r} is not a shmflow region (magic {magic!r}, version {version})"
             raise RegionError(msg)
@@ -294,20 +299,24 @@ class SharedRegion:
         self.array: np.ndarray = np.frombuffer(self.buf, dtype=np.uint8)
         table_len = (usable + granule - 1) // granule
         self._generations = whole[HEADER_FIXED: HEADER_FIXED + 4 * table_len].cast("I")
+        #: The stats area (see the module docstring): every process may map it; who writes which part of it
+        #: is runtime.web.stats_block's rule (one writer per slot).
+        self.stats_area: memoryview = whole[stats_offset: stats_offset + stats_bytes]
         whole.release()
         weakref.finalize(self, SharedRegion._finalize, self.name if creator else None)
 
     # ----------------------------------------------------------------- creation
     @classmethod
     def create(cls, size: int, *, granule: int = DEFAULT_GRANULE, prefix: str | None = None,
-               sweep_dead: bool = True) -> SharedRegion:
+               sweep_dead: bool = True, stats_bytes: int = 0) -> SharedRegion:
         """Create a new region with ``size`` usable bytes (the header comes on top).
 
         ``granule`` is the resolution of the generation table: allocators on this
         region need ``min_block >= granule``. The name is
         ``<prefix><creator pid>-<random>``; ``prefix`` defaults to
         ``$SHMFLOW_SHM_PREFIX`` or ``shmflow-``. With ``sweep_dead`` (default),
-        blocks of dead creators are removed first (see :func:`sweep`).
+        blocks of dead creators are removed first (see :func:`sweep`). ``stats_bytes``:
+        the size of the stats area in the header (``stats_area``), zeroed.
 
         Raises:
             InvalidSizeError: size or granule not positive, granule not a power of two.
@@ -328,7 +337,10 @@ class SharedRegion:
             raise RegionError(msg)
         if sweep_dead:
             sweep()
-        _, header_bytes = _layout(size, granule)
+        if stats_bytes < 0 or stats_bytes % 8:
+            msg = f"stats_bytes must be a multiple of 8 >= 0; got {stats_bytes}"
+            raise InvalidSizeError(msg)
+        stats_offset, header_bytes = _layout(size, granule, stats_bytes)
         total = header_bytes + size
         free = shm_free_bytes()
         if total > free:
@@ -347,7 +359,8 @@ class SharedRegion:
         _CLEANUP.add(name)
         try:
             ticks = _process_start_ticks(pid) or 0
-            _HEADER.pack_into(mapping, 0, MAGIC, VERSION, header_bytes, size, granule, pid, ticks)
+            _HEADER.pack_into(mapping, 0, MAGIC, VERSION, header_bytes, size, granule, pid, ticks,
+                              stats_offset, stats_bytes)
             return cls(name, mapping, creator=True)
         except BaseException:
             _unlink_name(name)
@@ -496,7 +509,7 @@ class SharedRegion:
             self.unlink()
         mapping, self._mmap = self._mmap, None
         self.array = None  # type: ignore[assignment]  # drops the numpy export; closed regions are never read
-        for view in (self._generations, self.buf):
+        for view in (self._generations, self.stats_area, self.buf):
             try:
                 view.release()
             except BufferError:
@@ -552,7 +565,7 @@ def creator_of(name: str) -> tuple[int | None, int | None]:
     except OSError:
         raw = b""
     if len(raw) == _HEADER.size:
-        magic, _, _, _, _, pid, ticks = _HEADER.unpack(raw)
+        magic, _, _, _, _, pid, ticks, _, _ = _HEADER.unpack(raw)
         if magic == MAGIC:
             return pid, ticks or None
     m = re.search(r"(\d+)-[0-9a-f]+$", name)
