@@ -40,6 +40,14 @@ def _assert_exactly_once(updates: list, n: int) -> None:
         assert counts == list(range(1, len(counts) + 1)), f"{key}: {counts[:20]}..."
 
 
+def _assert_restored_from(metrics: dict, kept_in: str) -> None:
+    """Every restored subtask was read from ``kept_in`` ("shared memory" or "files"), per the workers' metrics."""
+    workers = metrics["workers"].values()
+    restored = {"shared memory": sum(w["restored_from_memory"] for w in workers),
+                "files": sum(w["restored_from_files"] for w in workers)}
+    assert restored[kept_in] >= 2 and sum(restored.values()) == restored[kept_in], restored
+
+
 def _workers_of_this_process() -> list[int]:
     """The pids of the worker processes this test process started."""
     pids = []
@@ -102,10 +110,7 @@ def test_a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice(tmp_path
     _assert_exactly_once(out.values(), n)
     assert result.metrics["restarts"] == 1
     assert result.metrics["checkpoints"] >= 1
-    workers = result.metrics["workers"].values()
-    restored = {"shared memory": sum(w["restored_from_memory"] for w in workers),
-                "files": sum(w["restored_from_files"] for w in workers)}
-    assert restored[kept_in] >= 2 and sum(restored.values()) == restored[kept_in], restored
+    _assert_restored_from(result.metrics, kept_in)
 
 
 def _incremental_completed(checkpoints: Path) -> bool:
@@ -141,10 +146,7 @@ def test_a_worker_killed_after_incremental_checkpoints_restores_the_chain_exactl
     result = box["result"]
     _assert_exactly_once(out.values(), n)
     assert result.metrics["restarts"] == 1
-    workers = result.metrics["workers"].values()
-    restored = {"shared memory": sum(w["restored_from_memory"] for w in workers),
-                "files": sum(w["restored_from_files"] for w in workers)}
-    assert restored[kept_in] >= 2 and sum(restored.values()) == restored[kept_in], restored
+    _assert_restored_from(result.metrics, kept_in)
 
 
 def _failing_once_at(index: int, marker: Path):

@@ -104,13 +104,7 @@ def encode_parts(value: Any, *, state: str = "?") -> tuple[bytes, list[Any]]:
                                                          use_bin_type=True))
         return _default(obj)
 
-    try:
-        header: bytes = msgpack.packb(value, default=default, strict_types=True, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        msg = (f"state {state!r} cannot hold a value of type {_type_path(value)}: {exc}; a state holds None, "
-               f"bool, int (64-bit), float, str, bytes, and lists, tuples and dicts of them")
-        raise StateSerializationError(msg) from exc
-    return header, buffers
+    return _pack(value, default, state), buffers
 
 
 def decode_parts(header: bytes | memoryview, buffers: list[memoryview]) -> Any:
@@ -150,8 +144,13 @@ def encode(value: Any, *, state: str = "?") -> bytes:
     Raises:
         StateSerializationError: names the state, the value's type, and what a state may hold.
     """
+    return _pack(value, _default, state)
+
+
+def _pack(value: Any, default: Any, state: str) -> bytes:
+    """msgpack of ``value`` with ``default`` for what msgpack does not know; StateSerializationError else."""
     try:
-        data: bytes = msgpack.packb(value, default=_default, strict_types=True, use_bin_type=True)
+        data: bytes = msgpack.packb(value, default=default, strict_types=True, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         msg = (f"state {state!r} cannot hold a value of type {_type_path(value)}: {exc}; a state holds None, "
                f"bool, int (64-bit), float, str, bytes, and lists, tuples and dicts of them")
