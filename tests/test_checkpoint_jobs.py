@@ -40,6 +40,18 @@ def _assert_exactly_once(updates: list, n: int) -> None:
         assert counts == list(range(1, len(counts) + 1)), f"{key}: {counts[:20]}..."
 
 
+def _kill_a_worker_once(thread: threading.Thread, box: dict, ready) -> object:
+    """Once ``ready()`` (polled; the job still running), SIGKILL worker 1; the job's result after it ended."""
+    deadline = time.monotonic() + 60
+    while not ready():
+        assert time.monotonic() < deadline and thread.is_alive(), box
+        time.sleep(0.02)  # sleep-ok: waiting for a file another process writes
+    os.kill(_workers_of_this_process()[1], signal.SIGKILL)
+    thread.join(120)
+    assert "error" not in box, box.get("error")
+    return box["result"]
+
+
 def _assert_restored_from(metrics: dict, kept_in: str) -> None:
     """Every restored subtask was read from ``kept_in`` ("shared memory" or "files"), per the workers' metrics."""
     workers = metrics["workers"].values()
@@ -98,15 +110,7 @@ def test_a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice(tmp_path
     env = _env(tmp_path, **({"state.checkpoints.shared-memory.size": 0} if kept_in == "files" else {}))
     out = env.from_generator(_key, rate=10_000, count=n).key_by(_first).count().collect()
     thread, box = _run_in_thread(env, "killed-mid-run")
-    deadline = time.monotonic() + 60
-    while not _completed(tmp_path / "checkpoints"):
-        assert time.monotonic() < deadline and thread.is_alive(), box
-        time.sleep(0.02)  # sleep-ok: waiting for a file another process writes
-    victim = _workers_of_this_process()[1]
-    os.kill(victim, signal.SIGKILL)
-    thread.join(120)
-    assert "error" not in box, box.get("error")
-    result = box["result"]
+    result = _kill_a_worker_once(thread, box, lambda: bool(_completed(tmp_path / "checkpoints")))
     _assert_exactly_once(out.values(), n)
     assert result.metrics["restarts"] == 1
     assert result.metrics["checkpoints"] >= 1
@@ -136,14 +140,7 @@ def test_a_worker_killed_after_incremental_checkpoints_restores_the_chain_exactl
                             **({"state.checkpoints.shared-memory.size": 0} if kept_in == "files" else {})})
     out = env.from_generator(lambda i: (f"k{i % 20_000}", i), rate=20_000, count=n).key_by(_first).count().collect()
     thread, box = _run_in_thread(env, "incremental")
-    deadline = time.monotonic() + 60
-    while not _incremental_completed(tmp_path / "checkpoints"):
-        assert time.monotonic() < deadline and thread.is_alive(), box
-        time.sleep(0.02)  # sleep-ok: waiting for a file another process writes
-    os.kill(_workers_of_this_process()[1], signal.SIGKILL)
-    thread.join(120)
-    assert "error" not in box, box.get("error")
-    result = box["result"]
+    result = _kill_a_worker_once(thread, box, lambda: _incremental_completed(tmp_path / "checkpoints"))
     _assert_exactly_once(out.values(), n)
     assert result.metrics["restarts"] == 1
     _assert_restored_from(result.metrics, kept_in)
@@ -423,14 +420,8 @@ def test_a_process_function_with_state_and_timers_survives_a_killed_worker(tmp_p
     env = _env(tmp_path, **{"state.backend": backend, "memory.managed.size": "1mb"})
     out = (env.from_generator(_key, rate=10_000, count=n).key_by(_first).process(CountAndFinal()).collect())
     thread, box = _run_in_thread(env, f"process-{backend}")
-    deadline = time.monotonic() + 60
-    while not _completed(tmp_path / "checkpoints"):
-        assert time.monotonic() < deadline and thread.is_alive(), box
-        time.sleep(0.02)  # sleep-ok: waiting for a file another process writes
-    os.kill(_workers_of_this_process()[1], signal.SIGKILL)
-    thread.join(120)
-    assert "error" not in box, box.get("error")
-    assert box["result"].metrics["restarts"] == 1
+    assert _kill_a_worker_once(thread, box, lambda: bool(_completed(tmp_path / "checkpoints"))).metrics[
+        "restarts"] == 1
     updates = [r for r in out.values() if len(r) == 2]
     finals = sorted(r for r in out.values() if len(r) == 3)
     _assert_exactly_once(updates, n)
