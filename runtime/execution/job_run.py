@@ -430,6 +430,8 @@ class JobRun:
         for part in self.partitions:
             for ch in part.channels:
                 poller.register(ch.socket, zmq.POLLIN)
+            if part.doorbell is not None:  # tcp: buffers zmq let go of are back; ship_all drains it
+                poller.register(part.doorbell, zmq.POLLIN)
         pending = [st for st in self.subtasks if not st.finished]
         while pending:
             now = time.monotonic()

@@ -734,6 +734,22 @@ class NetworkBufferPool:
             rows = self._row_views = list(self.region.array[start:start + n * size].reshape(n, size))
         return rows
 
+    def span(self, index: int, nbytes: int) -> npt.NDArray[np.uint8]:
+        """A uint8 view of ``nbytes`` bytes from the start of buffer ``index`` on, across the buffers after
+        it (the pool's buffers lie back to back in its block).
+
+        Ownership: the caller must hold every buffer the span covers for as long as the view is used
+        (a tcp channel hands it to zmq, which sends it without a copy). Raises InvalidSizeError if the
+        span leaves the block.
+        """
+        size = self.buffer_size
+        if not 0 <= index < self.num_buffers or not 0 <= nbytes <= (self.num_buffers - index) * size:
+            msg = (f"span of {nbytes} bytes from buffer {index} leaves network buffer pool {self.owner!r} "
+                   f"({self.num_buffers} x {size} bytes)")
+            raise InvalidSizeError(msg)
+        start = self.block_offset + index * size
+        return self.region.array[start:start + nbytes]
+
     @property
     def closed(self) -> bool:
         return self._closed

@@ -300,18 +300,29 @@ class InputGate:
         if kind != msg.BYTES or ch.region is not None:
             text = f"{where}: unexpected message kind {kind!r}"
             raise DeserializationError(text)
-        if len(frames) != 3:
-            text = f"{where}: bytes message of {len(frames) - 1} frames; expected a header and one payload"
+        if len(frames) < 3:
+            text = f"{where}: bytes message of {len(frames) - 1} frames; expected a header and a payload"
             raise DeserializationError(text)
-        payload = frames[2].buffer
-        backlog, sizes = msg.decode_bytes_header(head.buffer, len(payload), where=where)
+        payloads = [frame.buffer for frame in frames[2:]]
+        total = sum(len(p) for p in payloads)
+        backlog, sizes = msg.decode_bytes_header(head.buffer, total, where=where)
         ready = self._ready
         cindex = ch.index
+        parts = iter(payloads)
+        payload = next(parts)
+        end = len(payload)
         start = 0
-        for size in sizes:  # views of the one frame: it lives until the last of them is released
+        for size in sizes:  # views of the frames: each lives until the last view of it is released
+            while start + size > end:  # the buffer is in the next frame: a frame holds whole buffers
+                if start != end:
+                    text = f"{where}: a buffer of {size} bytes crosses the end of a payload frame"
+                    raise DeserializationError(text)
+                payload = next(parts)  # the sizes add up to the frames' total: there is a next one
+                end = len(payload)
+                start = 0
             ready.append(ReceivedBuffer(self, cindex, -1, payload[start:start + size]))
             start += size
-        self._bytes += start
+        self._bytes += total
         self._received(ch, len(sizes), backlog)
 
     # ------------------------------------------------------------------ parking

@@ -15,7 +15,8 @@ kind   direction  first frame after the kind byte; further frames
                   pool offset, buffer size, pool generation, number of buffers,
                   and the ring's offset, capacity and generation
 ``B``  s -> r     ``<II`` backlog, count, then ``count`` x ``<I`` buffer sizes; then one
-                  frame: the ``count`` buffers' bytes, back to back (tcp)
+                  or more frames: the ``count`` buffers' bytes in order, back to back,
+                  each buffer whole in one frame (tcp)
 ``C``  r -> s     ``<I`` credits granted (tcp)
 ``W``  both       nothing: a wake-up for a peer that parked in the ring (shm)
 ``X``  s -> r     the sender closed the channel (after end-of-partition)
@@ -78,7 +79,7 @@ def encode_bytes_header(backlog: int, sizes: list[int]) -> bytes:
 
 
 def decode_bytes_header(frame: bytes | memoryview, payload_bytes: int, *, where: str) -> tuple[int, list[int]]:
-    """(backlog, buffer sizes) of a ``B`` message whose buffers came as one frame of ``payload_bytes``."""
+    """(backlog, buffer sizes) of a ``B`` message whose buffers came in frames of ``payload_bytes`` in all."""
     if len(frame) < 1 + _COUNTS.size:
         msg = f"{where}: bytes header of {len(frame)} bytes is shorter than its counts"
         raise DeserializationError(msg)

@@ -15,10 +15,15 @@ an :class:`OutputChannel`, a DEALER socket connected to the consumer's
   through it (which recycles them into the sender's pool) and grants credits
   there. Zero copy, and no message while both sides are busy: the socket only
   carries the hello and a wake-up for a side that parked in the ring.
-* ``tcp``: the bytes travel. A batch of buffers is joined into one zmq frame
-  (one copy, which frees the buffers at once; one zmq message per batch
-  instead of one frame per buffer: at 32 KiB the frames' own overhead cost
-  more than the copy), and credits come back as ``C`` messages.
+* ``tcp``: the bytes travel, straight from the sender's buffers (Flink's
+  Netty writes its network buffers to the socket the same way). A batch is one
+  zmq message: each run of buffers that lie back to back in the pool and are
+  full (but the last) is one frame, a view of the pool that zmq sends without
+  a copy; the run's buffers go back to the pool when zmq lets go of the frame
+  (:meth:`OutputChannel.frames_sent`, from pyzmq's garbage-collector thread).
+  A batch scattered over more runs than ``MAX_FRAMES`` is joined into one
+  frame instead (a copy, which frees the buffers at once). Credits come back
+  as ``C`` messages.
 
 **Credits** (Flink's credit-based flow control): a sender ships a buffer only
 against a credit. Each channel is granted ``exclusive`` credits at the
@@ -42,7 +47,9 @@ every ``KEEP_ALIVE_INTERVAL`` seconds (as the gate's waits do).
 from __future__ import annotations
 
 import os
+import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +68,11 @@ from runtime.network.transport import KEEP_ALIVE_INTERVAL, connect, context, mak
 TRANSPORTS = ("shm", "tcp")
 #: A batch of descriptors ships at most this many bytes of buffers (unless ``ship_batch`` says otherwise).
 SHIP_BATCH_BYTES = 4 << 20
+#: A tcp batch whose buffers form more runs than this (buffers back to back in the pool) is copied into one
+#: frame rather than sent as that many zero-copy frames (each costs a zmq message part and its release).
+MAX_FRAMES = 8
+#: Closing a tcp channel waits at most this long for zmq to let go of its zero-copy frames.
+ZERO_COPY_CLOSE_SECONDS = 5.0
 #: After returns arrived through a ring, a partition that waits for more re-checks the rings (yielding the
 #: CPU between checks) for this long before it parks; see ``gate.SPIN_SECONDS``, its twin.
 SPIN_SECONDS = 0.0005
@@ -105,6 +117,11 @@ class OutputChannel:
         self.ring: rings.Ring | None = None  # shm: written by this channel and its consumer only
         self.ring_block: MemorySegment | None = None
         self.granted_seen = 0  # shm: the consumer's cumulative credit count, as last read from the ring
+        # tcp: buffers handed to zmq without a copy, and of those the ones it let go of (frames_sent, which
+        # runs in whichever thread drops the frame's last reference: the lock keeps the count whole).
+        self.zero_copy_sent = 0
+        self.zero_copy_returned = 0
+        self._returns_lock = threading.Lock()
         hello = dict(partition.hello_fields)
         if partition.transport == "shm":
             capacity = rings.ring_capacity(partition.pool.max)
@@ -116,7 +133,9 @@ class OutputChannel:
 
     @property
     def outstanding(self) -> int:
-        return len(self.in_flight)
+        """Buffers this channel holds that are neither queued nor back in the pool: recycled by the
+        consumer later (shm), or still referenced by zmq (tcp)."""
+        return len(self.in_flight) + self.zero_copy_sent - self.zero_copy_returned
 
     def ship_threshold(self) -> int:
         """The batch to ship: half the credit window (credits plus shm buffers in flight), at most
@@ -153,18 +172,55 @@ class OutputChannel:
             for b in batch:
                 in_flight[b.index] = b
         else:
-            try:
-                payload = b"".join([b.segment.view(0, b.size) for b in batch])
-                header = msg.encode_bytes_header(len(queue), [b.size for b in batch])
-            finally:
-                release_buffers(batch)  # the bytes are in the payload now
-            self.socket.send_multipart([header, payload], copy=False)  # zmq keeps a reference until sent
+            header = msg.encode_bytes_header(len(queue), [b.size for b in batch])
+            self.socket.send_multipart([header, *self._frames(batch)], copy=False)
             part._messages_sent += 1
         part._buffers_sent += n
         part._bytes_sent += sum(b.size for b in batch)
         if self.outstanding > self.max_in_flight:
             self.max_in_flight = self.outstanding
         return n
+
+    def _frames(self, batch: list[NetworkBuffer]) -> list[object]:
+        """tcp: the payload frames of ``batch``: one view of the pool per run of buffers back to back and
+        full but the last, whose buffers :meth:`frames_sent` releases once zmq dropped the view; or, when
+        the batch is scattered over more than ``MAX_FRAMES`` runs, one joined copy (buffers released now)."""
+        net = self.partition.pool.network_pool
+        capacity = net.buffer_size
+        runs: list[tuple[int, int]] = []
+        start = 0
+        for k in range(1, len(batch)):
+            prev = batch[k - 1]
+            if batch[k].index != prev.index + 1 or prev.size != capacity:
+                runs.append((start, k))
+                start = k
+        runs.append((start, len(batch)))
+        if len(runs) > MAX_FRAMES:
+            try:
+                return [b"".join([b.segment.view(0, b.size) for b in batch])]
+            finally:
+                release_buffers(batch)  # the bytes are in the payload now
+        frames: list[object] = []
+        for first, end in runs:
+            run = batch[first:end]
+            view = net.span(run[0].index, (len(run) - 1) * capacity + run[-1].size)
+            weakref.finalize(view, self.frames_sent, run)
+            frames.append(view)
+        self.zero_copy_sent += len(batch)
+        return frames
+
+    def frames_sent(self, run: list[NetworkBuffer]) -> None:
+        """tcp: zmq let go of the frame of ``run`` (sent, or dropped with the socket): release its buffers
+        and ring the partition's doorbell, which wakes a producer that waits for buffers.
+
+        Process: the producer's; any thread (pyzmq's garbage-collector thread for a zero-copy frame).
+        """
+        try:
+            release_buffers(run)
+        finally:
+            with self._returns_lock:
+                self.zero_copy_returned += len(run)
+            self.partition.ring_doorbell()
 
     def on_control(self, frames: list[zmq.Frame]) -> None:
         """Apply a message from the consumer: a credit (``C``, tcp) or a wake-up (``W``, shm: the ring
@@ -224,12 +280,17 @@ class OutputChannel:
         return n
 
     def close(self) -> None:
-        """Free the ring (after :meth:`reclaim`: nothing of it is in use) and close the socket."""
+        """Free the ring (after :meth:`reclaim`: nothing of it is in use) and close the socket; tcp: wait
+        until zmq let go of every frame that still points into the pool (dropped with the socket), so
+        that the pool may be destroyed after."""
         if self.ring is not None:
             rings.free_ring(self.ring, cast(MemorySegment, self.ring_block),
                             cast(BuddyAllocator, self.partition.allocator))
             self.ring = self.ring_block = None
         self.socket.close(linger=0)
+        deadline = time.monotonic() + ZERO_COPY_CLOSE_SECONDS
+        while self.zero_copy_sent != self.zero_copy_returned and time.monotonic() < deadline:
+            time.sleep(0.001)
 
 
 class ResultPartition:
@@ -286,6 +347,13 @@ class ResultPartition:
         self._poller = zmq.Poller()
         for ch in self.channels:
             self._poller.register(ch.socket, zmq.POLLIN)
+        # tcp: readable once zmq let go of zero-copy frames (their buffers are back in the pool); a wait for
+        # buffers polls it with the sockets. Written by OutputChannel.frames_sent, drained by _drain_control.
+        self.doorbell: int | None = None
+        self._doorbell_lock = threading.Lock()  # a late frames_sent must not write to a closed (reused) fd
+        if transport == "tcp":
+            self.doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._poller.register(self.doorbell, zmq.POLLIN)
         self._by_socket = {ch.socket: ch for ch in self.channels}
         self._rings = [ch for ch in self.channels if ch.ring is not None]
         self._parked: list[OutputChannel] = []
@@ -434,8 +502,19 @@ class ResultPartition:
 
     # ------------------------------------------------------------------ control
     def _drain_control(self) -> None:
+        if self.doorbell is not None:
+            try:
+                os.eventfd_read(self.doorbell)
+            except BlockingIOError:
+                pass  # nothing came back since the last drain
         for ch in self.channels:
             self._drain_channel(ch)
+
+    def ring_doorbell(self) -> None:
+        """tcp: buffers came back from zmq; wake a wait for them (any thread)."""
+        with self._doorbell_lock:
+            if self.doorbell is not None:
+                os.eventfd_write(self.doorbell, 1)
 
     @staticmethod
     def _drain_channel(ch: OutputChannel) -> None:
@@ -458,8 +537,9 @@ class ResultPartition:
         elif self._park_channels(lambda ch: bool(ch.queue or ch.in_flight)):
             try:
                 for sock, _ in self._poller.poll(int(timeout * 1000)):  # what Poller.poll does with a float
-                    ch = self._by_socket[sock]
-                    ch.on_control(sock.recv_multipart(copy=False))
+                    ch = self._by_socket.get(sock)
+                    if ch is not None:  # else the doorbell, drained below
+                        ch.on_control(sock.recv_multipart(copy=False))
             finally:
                 self.unpark()
         self._drain_control()
@@ -521,6 +601,10 @@ class ResultPartition:
         for ch in self.channels:
             ch.reclaim()
             ch.close()
+        with self._doorbell_lock:
+            if self.doorbell is not None:
+                os.close(self.doorbell)
+                self.doorbell = None
 
     def __enter__(self) -> ResultPartition:
         return self
