@@ -53,7 +53,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import zmq
 
@@ -181,7 +181,7 @@ class OutputChannel:
             self.max_in_flight = self.outstanding
         return n
 
-    def _frames(self, batch: list[NetworkBuffer]) -> list[object]:
+    def _frames(self, batch: list[NetworkBuffer]) -> list[Any]:
         """tcp: the payload frames of ``batch``: one view of the pool per run of buffers back to back and
         full but the last, whose buffers :meth:`frames_sent` releases once zmq dropped the view; or, when
         the batch is scattered over more than ``MAX_FRAMES`` runs, one joined copy (buffers released now)."""
@@ -200,7 +200,7 @@ class OutputChannel:
                 return [b"".join([b.segment.view(0, b.size) for b in batch])]
             finally:
                 release_buffers(batch)  # the bytes are in the payload now
-        frames: list[object] = []
+        frames: list[Any] = []  # views of the pool (ndarrays: a finalizer needs a weak reference)
         for first, end in runs:
             run = batch[first:end]
             view = net.span(run[0].index, (len(run) - 1) * capacity + run[-1].size)
