@@ -139,8 +139,10 @@ def _w1_producer(region_name: str, endpoints: Any, barrier: Any, done: Any, buf_
                  nbuffers: int, transport: str) -> dict[str, Any]:
     from runtime.memory import BuddyAllocator, SharedRegion
     from runtime.network import NetworkBufferPool
+    from runtime.network.heap import keep_message_memory
     from runtime.network.partition import ResultPartition
 
+    keep_message_memory()  # as a worker process does at start
     region = SharedRegion.attach(region_name)
     net = pool = part = None
     try:
@@ -181,7 +183,9 @@ def _w1_producer(region_name: str, endpoints: Any, barrier: Any, done: Any, buf_
 
 def _w1_consumer(endpoints: Any, barrier: Any, done: Any, nbufs: int, buf_bytes: int, transport: str) -> dict[str, Any]:
     from runtime.network.gate import InputGate
+    from runtime.network.heap import keep_message_memory
 
+    keep_message_memory()  # as a worker process does at start
     exclusive, floating = w1_credits(buf_bytes)
     gate = InputGate(1, exclusive=exclusive, floating=floating, name="bench-w1",
                      endpoint="tcp://127.0.0.1:*" if transport == "tcp" else None)

@@ -53,7 +53,7 @@ from runtime.memory import BuddyAllocator, SharedRegion
 from runtime.memory.layout import AllocatorSnapshot
 from runtime.memory.manager import MemoryManager
 from runtime.memory.region import process_start_ticks
-from runtime.network import NetworkBufferPool
+from runtime.network import NetworkBufferPool, heap
 from runtime.network.transport import connect, context, make_socket
 from runtime.state.backend import BackendStats
 from runtime.web.stats_block import SLOT_BYTES, StatsWriter, WorkerCounters
@@ -387,6 +387,7 @@ def main(argv: list[str]) -> None:
     (hex) on stdin. REGION_FD: an inherited descriptor of the region (a replacement worker's)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the coordinator tears down
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    heap.keep_message_memory()  # zmq's message memory stays mapped between messages
     worker_id, endpoint, parent = int(argv[0]), argv[1], int(argv[2])
     max_message_size = int(argv[3]) if len(argv) > 3 else control.DEFAULT_MAX_MESSAGE_SIZE
     region_fd = int(argv[4]) if len(argv) > 4 else None

@@ -71,6 +71,9 @@ SHIP_BATCH_BYTES = 4 << 20
 #: A tcp batch whose buffers form more runs than this (buffers back to back in the pool) is copied into one
 #: frame rather than sent as that many zero-copy frames (each costs a zmq message part and its release).
 MAX_FRAMES = 8
+#: A tcp data message carries at most this many bytes of buffers: several messages in flight let the
+#: consumer work on one while the next arrives (it sees a message only once all of it is there).
+TCP_MESSAGE_BYTES = 1 << 20
 #: Closing a tcp channel waits at most this long for zmq to let go of its zero-copy frames.
 ZERO_COPY_CLOSE_SECONDS = 5.0
 #: After returns arrived through a ring, a partition that waits for more re-checks the rings (yielding the
@@ -155,7 +158,8 @@ class OutputChannel:
         self.queue.append(buffer)
 
     def ship(self) -> int:
-        """Send as many queued buffers as credits allow, in one message. Returns how many."""
+        """Send as many queued buffers as credits allow: over shm in one push, over tcp in messages of at
+        most ``TCP_MESSAGE_BYTES`` of buffers. Returns how many."""
         n = min(self.credits, len(self.queue))
         if n <= 0:
             return 0
@@ -172,9 +176,13 @@ class OutputChannel:
             for b in batch:
                 in_flight[b.index] = b
         else:
-            header = msg.encode_bytes_header(len(queue), [b.size for b in batch])
-            self.socket.send_multipart([header, *self._frames(batch)], copy=False)
-            part._messages_sent += 1
+            cap = part.message_cap
+            for first in range(0, n, cap):
+                chunk = batch[first:first + cap]
+                backlog = len(queue) + n - first - len(chunk)  # what stays queued after this message
+                header = msg.encode_bytes_header(backlog, [b.size for b in chunk])
+                self.socket.send_multipart([header, *self._frames(chunk)], copy=False)
+                part._messages_sent += 1
         part._buffers_sent += n
         part._bytes_sent += sum(b.size for b in batch)
         if self.outstanding > self.max_in_flight:
@@ -343,6 +351,7 @@ class ResultPartition:
         # (Flink's max-buffers-per-channel): bounds the backlog a slow consumer causes.
         self.max_backlog = max(1, max_backlog)
         self.ship_cap = max(1, SHIP_BATCH_BYTES // pool.network_pool.buffer_size)
+        self.message_cap = max(1, TCP_MESSAGE_BYTES // pool.network_pool.buffer_size)  # tcp: buffers a message
         self._poll_mask = 3 if self.ship_cap >= 32 else 0
         self._poller = zmq.Poller()
         for ch in self.channels:
