@@ -362,6 +362,30 @@ def test_a_torn_descriptor_is_refused_never_followed(index, size, advance, what)
             net.close(check=False)
 
 
+def test_a_return_of_a_buffer_not_in_flight_is_refused_naming_it():
+    """The producer releases what came back before the bad index; what follows it stays in flight."""
+    with SharedRegion.create(4 * MiB) as region:
+        net, pool, part, gate = _partition_and_gate(region)
+        try:
+            bufs = part.request_buffers(3, timeout=5)
+            part.send_buffers(0, bufs)
+            a, b, c = (buf.index for buf in bufs)
+            got = gate.next_buffers(timeout=5)
+            assert [rb.index for rb in got] == [a, b, c]
+            stray = next(i for i in range(16) if i not in (a, b, c))
+            gate.channels[0].ring.give_back([a, stray, c], 0)  # what a broken consumer would send
+            with pytest.raises(DeserializationError, match=rf"^channel p\[0\]: consumer recycled buffer {stray}, "
+                               "not in flight$"):
+                part.channels[0].take_returns()
+            assert sorted(part.channels[0].in_flight) == [b, c] and pool.in_use() == 2
+            assert bufs[0].refcount == 0 and bufs[2].refcount == 1
+        finally:
+            part.close()
+            gate.close()
+            pool.destroy()
+            net.close(check=False)
+
+
 def test_a_closed_ring_is_detached_and_its_block_freed():
     """The producer closes: the ring's block returns to the allocator, and the gate stops using the ring
     (it parks without it instead of reading freed memory)."""

@@ -146,12 +146,7 @@ class OutputChannel:
         part = self.partition
         ring = self.ring
         if ring is not None:
-            if ring.push([b.index for b in batch], [b.size for b in batch], len(queue)):
-                self.socket.send(msg.WAKE_FRAME)  # the consumer parked: the one wake-up of its wait
-                part._messages_sent += 1
-            in_flight = self.in_flight
-            for b in batch:
-                in_flight[b.index] = b
+            return self._push(ring, batch)
         else:
             try:
                 payload = b"".join([b.segment.view(0, b.size) for b in batch])
@@ -193,16 +188,35 @@ class OutputChannel:
             return
         self.partition.spin_until = time.monotonic() + SPIN_SECONDS
         pop = self.in_flight.pop
-        returned: list[NetworkBuffer] = []
-        try:
-            for i in indices:
-                buf = pop(i, None)
-                if buf is None:
-                    text = f"channel {self.name}: consumer recycled buffer {i}, not in flight"
-                    raise DeserializationError(text)
-                returned.append(buf)
-        finally:
-            release_buffers(returned)
+        returned = [pop(i, None) for i in indices]
+        if None in returned:  # release what came back before the bad index; what follows it stays in flight
+            bad = returned.index(None)
+            for i, buf in zip(indices[bad + 1:], returned[bad + 1:]):
+                if buf is not None:
+                    self.in_flight[i] = buf
+            release_buffers(cast("list[NetworkBuffer]", returned[:bad]))
+            text = f"channel {self.name}: consumer recycled buffer {indices[bad]}, not in flight"
+            raise DeserializationError(text)
+        release_buffers(cast("list[NetworkBuffer]", returned))
+
+    def _push(self, ring: rings.Ring, batch: list[NetworkBuffer]) -> int:
+        """shm: publish ``batch`` (off the queue, its credits spent) in the ring. Its buffers stay in
+        flight, still this channel's, until the consumer gives them back (:meth:`take_returns`).
+        Returns how many."""
+        indices = [b.index for b in batch]
+        sizes = [b._size for b in batch]
+        part = self.partition
+        if ring.push(indices, sizes, len(self.queue)):
+            self.socket.send(msg.WAKE_FRAME)  # the consumer parked: the one wake-up of its wait
+            part._messages_sent += 1
+        in_flight = self.in_flight
+        in_flight.update(zip(indices, batch))
+        n = len(batch)
+        part._buffers_sent += n
+        part._bytes_sent += sum(sizes)
+        if len(in_flight) > self.max_in_flight:
+            self.max_in_flight = len(in_flight)
+        return n
 
     def park(self) -> bool:
         """shm: announce in the ring that this channel waits for credits or recycles; False (not parked)
