@@ -337,8 +337,7 @@ class ResultPartition:
         try:
             while True:
                 self.ship_all()
-                self._wait_control(0.05 if timeout is None else max(0.0, min(0.05, start + timeout - time.monotonic())))
-                bufs = self.pool.try_request_buffers(n)
+                bufs = self.pool.try_request_buffers(n)  # shm: ship_all took what the rings gave back
                 if bufs:
                     return bufs
                 if timeout is not None and time.monotonic() - start >= timeout:
@@ -346,6 +345,7 @@ class ResultPartition:
                             f"({self._in_flight()} in flight, {self._backlog()} queued); the consumers are not "
                             f"reading — raise network.buffers-per-channel or check the consumers")
                     raise TimeoutError(msg_)
+                self._wait_control(0.05 if timeout is None else max(0.0, min(0.05, start + timeout - time.monotonic())))
         finally:
             self._blocked += time.monotonic() - start
 
@@ -382,8 +382,7 @@ class ResultPartition:
         queued = len(queue)
         batch = self.ship_batch
         if ch.ring is not None:  # a push costs a few stores: ship at once
-            if ch.credits < queued:
-                ch.take_returns()
+            ch.take_returns()  # a few loads: credits, and recycles back in the pool before it runs dry
             ch.ship()
         elif batch:
             if queued >= batch:
