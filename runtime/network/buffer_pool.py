@@ -387,7 +387,7 @@ class LocalBufferPool:
 
         From the network pool a pool first takes what it lacks to its min (each of those is one
         guarantee fewer reserved), then excess up to its max while more buffers are free than are
-        reserved for the other pools' mins. If you change this, update ``_recycle_many_locked`` and
+        reserved for the other pools' mins. If you change this, update ``_place_locked`` and
         ``_available_locked``.
         """
         if self._destroyed:
@@ -473,7 +473,7 @@ class LocalBufferPool:
             if buffer._refcount <= 0:
                 self._raise_double_free(buffer.index)
             buffer._refcount = 0
-            todo = self._recycle_many_locked([buffer])
+            todo = self._recycle_locked(buffer)
         _call_listeners(todo)
 
     def recycle_index(self, index: int) -> None:
@@ -522,7 +522,7 @@ class LocalBufferPool:
         if buffer._refcount <= 0:
             self._raise_double_free(buffer.index)
         buffer._refcount -= 1
-        return () if buffer._refcount else self._recycle_many_locked([buffer])
+        return () if buffer._refcount else self._recycle_locked(buffer)
 
     def _release_run_locked(self, buffers: list[NetworkBuffer], start: int,
                             todo: list[tuple[BufferListener, LocalBufferPool]]) -> int:
@@ -532,22 +532,31 @@ class LocalBufferPool:
         Listeners to call go to ``todo``, also when a DoubleFreeError ends the run (the buffers before
         the doubly released one are released and recycled).
         """
-        zero: list[NetworkBuffer] = []
+        out = self._out
+        indices: list[int] = []  # of the buffers recycled
         i = start
         try:
             for buf in islice(buffers, start, None):
                 if buf._pool is not self:
                     break
                 refs = buf._refcount
-                if refs <= 0:
+                if refs == 1:  # its last reference: recycle it (as _recycle_locked does)
+                    buf._refcount = 0
+                    index = buf.index
+                    del out[index]
+                    indices.append(index)
+                    buf._retired = True  # as _retire(buf)
+                    seg = buf._segment
+                    if seg is not None:
+                        seg._freed = True
+                elif refs > 1:
+                    buf._refcount = refs - 1
+                else:
                     self._raise_double_free(buf.index)
-                buf._refcount = refs - 1
-                if refs == 1:
-                    zero.append(buf)
                 i += 1
         finally:
-            if zero:
-                todo.extend(self._recycle_many_locked(zero))
+            if indices:
+                todo.extend(self._place_locked(indices))
         return i
 
     def _raise_double_free(self, index: int) -> NoReturn:
@@ -555,8 +564,16 @@ class LocalBufferPool:
                "recycled; release each reference exactly once")
         raise DoubleFreeError(msg)
 
-    def _recycle_many_locked(self, buffers: list[NetworkBuffer]) -> _Todo:
-        """Take ``buffers`` back (distinct, lent by this pool, refcounts already 0); returns the
+    def _recycle_locked(self, buffer: NetworkBuffer) -> _Todo:
+        """Take ``buffer`` back (lent by this pool, refcount already 0); returns the listeners to call.
+        Caller holds the lock."""
+        index = buffer.index
+        del self._out[index]
+        _retire(buffer)
+        return self._place_locked([index])
+
+    def _place_locked(self, indices: list[int]) -> _Todo:
+        """Put the indices of buffers just taken back (no longer lent) where they belong; returns the
         listeners to call. Caller holds the lock.
 
         Where they go is what recycling them one by one would do: while the pool holds more than its
@@ -566,15 +583,6 @@ class LocalBufferPool:
         ``_take_many_locked`` and ``_available_locked``.
         """
         out = self._out
-        indices = []
-        for buf in buffers:
-            index = buf.index
-            del out[index]
-            indices.append(index)
-            buf._retired = True  # as _retire(buf)
-            seg = buf._segment
-            if seg is not None:
-                seg._freed = True
         net = self._network
         if net._closed:
             return ()
