@@ -13,6 +13,8 @@ import threading
 import msgpack
 import pytest
 from helpers import SPAWN, reap, wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from runtime.errors import (
     DoubleFreeError,
@@ -34,6 +36,7 @@ from runtime.network.buffer_pool import (
     NetworkBufferPool,
     NetworkBufferPoolStats,
     buffer_view,
+    release_buffers,
 )
 
 KiB = 1024
@@ -166,6 +169,149 @@ def test_try_request_buffers_takes_what_the_share_allows_under_one_lock(net):
     a.destroy()
     with pytest.raises(ClosedResourceError, match="destroyed"):
         a.try_request_buffers(1)
+
+
+def test_batch_release_recycles_and_voids_each_buffer(net):
+    pool = net.create_buffer_pool(2, 6, name="p")
+    bufs = pool.try_request_buffers(6)
+    bufs[0].retain()
+    release_buffers(bufs)
+    assert pool.in_use() == 1 and bufs[0].refcount == 1  # the retained one is still lent
+    for buf in bufs[1:]:
+        assert buf.refcount == 0
+        with pytest.raises(SegmentFreedError):
+            buf.segment.get_int64(0)
+        with pytest.raises(SegmentFreedError, match=r"^array of network buffer \d+ of 'p', which was recycled"):
+            buf.array  # noqa: B018
+    bufs[0].release()
+    assert (pool.stats().held, net.stats().free) == (2, 6)  # the min stays with the pool, the excess went back
+
+
+def test_batch_release_of_a_buffer_released_twice_names_it_and_stops_there(net):
+    pool = net.create_buffer_pool(0, 8, name="p")
+    a, b, c = pool.try_request_buffers(3)
+    b.release()
+    message = (f"network buffer {b.index} of local pool 'p' was released after it was recycled; "
+               "release each reference exactly once")
+    with pytest.raises(DoubleFreeError, match=f"^{re.escape(message)}$"):
+        release_buffers([a, b, c])
+    assert (a.refcount, c.refcount, pool.in_use()) == (0, 1, 1)  # a before it released; c after it untouched
+    with pytest.raises(DoubleFreeError):
+        release_buffers([c, c])  # the same reference twice in one batch
+    assert pool.in_use() == 0 and net.stats().free == 8
+
+
+def test_batch_release_runs_each_pools_listeners_once_outside_the_lock(net):
+    p = net.create_buffer_pool(2, 4, name="p")
+    q = net.create_buffer_pool(0, 4, name="q")
+    calls = []
+
+    def listener(pool: LocalBufferPool) -> None:
+        calls.append((pool.name, pool.available()))  # would deadlock if called under the lock
+
+    p.add_listener(listener)
+    q.add_listener(listener)
+    mine, theirs = p.try_request_buffers(2), q.try_request_buffers(3)
+    release_buffers(mine)  # p keeps both (its min): only p hears, once
+    assert calls == [("p", 4)]
+    calls.clear()
+    release_buffers(theirs)  # excess back to the network pool: every listening pool with room hears, once
+    assert sorted(calls) == [("p", 4), ("q", 4)]
+    calls.clear()
+    p.remove_listener(listener)
+    q.remove_listener(listener)
+    release_buffers(p.try_request_buffers(1))
+    assert calls == []
+
+
+class _PoolModel:
+    """The redistribution policy one buffer at a time, in counts (see the module docstring of buffer_pool)."""
+
+    def __init__(self, num_buffers: int, shares: list[tuple[int, int]]) -> None:
+        self.free, self.reserved = num_buffers, sum(lo for lo, _ in shares)
+        self.pools = [{"min": lo, "max": hi, "out": 0, "avail": 0, "destroyed": False} for lo, hi in shares]
+
+    def take(self, i: int) -> bool:
+        p = self.pools[i]
+        if p["avail"]:
+            p["avail"] -= 1
+        elif p["out"] < p["min"] and self.free:
+            self.reserved -= 1
+            self.free -= 1
+        elif p["out"] < p["max"] and self.free > self.reserved:
+            self.free -= 1
+        else:
+            return False
+        p["out"] += 1
+        return True
+
+    def recycle(self, i: int) -> None:
+        p = self.pools[i]
+        p["out"] -= 1
+        if not p["destroyed"] and p["out"] + p["avail"] < p["min"]:
+            p["avail"] += 1
+        else:
+            self.free += 1
+
+    def destroy(self, i: int) -> None:
+        p = self.pools[i]
+        p["destroyed"] = True
+        self.reserved -= max(0, p["min"] - p["out"] - p["avail"])
+        self.free += p["avail"]
+        p["avail"] = 0
+
+    def counts(self) -> tuple[int, int, list[tuple[int, int]]]:
+        return self.free, self.reserved, [(p["out"] + p["avail"], p["out"]) for p in self.pools]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["take", "take", "release", "destroy"]), st.integers(0, 2),
+                          st.integers(0, 9)), max_size=30))
+def test_batch_take_and_release_match_the_policy_one_at_a_time(alloc, steps):
+    """Pools driven in batches (try_request_buffers, release_buffers) and one buffer at a time hold what
+    the policy gives one buffer at a time. (Each example closes its network pools, so the shared
+    allocator is as fresh as the fixture's.)"""
+    shares = [(1, 4), (2, 8), (0, 3)]
+    model = _PoolModel(8, shares)
+    nets = [NetworkBufferPool(alloc, 8, 4096, owner=f"n{k}") for k in range(2)]
+    pools = [[n.create_buffer_pool(lo, hi, name=f"p{i}") for i, (lo, hi) in enumerate(shares)] for n in nets]
+    held: list[list[list[NetworkBuffer]]] = [[[], [], []], [[], [], []]]
+    try:
+        for kind, which, count in steps:
+            if model.pools[which]["destroyed"]:
+                continue
+            if kind == "take":
+                expected = sum(model.take(which) for _ in range(count))
+            elif kind == "release":
+                for _ in range(min(count, model.pools[which]["out"])):
+                    model.recycle(which)
+            else:
+                model.destroy(which)
+            for batch in (False, True):
+                pool, mine = pools[batch][which], held[batch][which]
+                if kind == "take":
+                    got = pool.try_request_buffers(count) if batch else [
+                        b for b in (pool.try_request_buffer() for _ in range(count)) if b is not None]
+                    assert len(got) == expected
+                    mine.extend(got)
+                elif kind == "release":
+                    gone, mine[:] = mine[:count], mine[count:]
+                    if batch:
+                        release_buffers(gone)
+                    else:
+                        for buf in gone:
+                            buf.release()
+                else:
+                    pool.destroy()
+                stats = nets[batch].stats()
+                assert (stats.free, stats.reserved, [(p.stats().held, p.in_use()) for p in pools[batch]]) \
+                    == model.counts()
+            assert [sorted(b.index for b in h) for h in held[0]] == [sorted(b.index for b in h) for h in held[1]]
+    finally:
+        for k in range(2):
+            for h in held[k]:
+                release_buffers(h)
+            nets[k].close()
 
 
 def test_excess_is_redistributed_to_a_pool_that_still_needs_its_min(net):

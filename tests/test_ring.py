@@ -16,7 +16,7 @@ from helpers import SPAWN, reap
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.errors import DeserializationError
+from runtime.errors import DeserializationError, DoubleFreeError
 from runtime.memory import BuddyAllocator, SharedRegion
 from runtime.network import NetworkBufferPool
 from runtime.network import _ring as compiled
@@ -355,6 +355,52 @@ def test_a_torn_descriptor_is_refused_never_followed(index, size, advance, what)
                 gate.next_buffer(timeout=5)
             with pytest.raises(DeserializationError):  # still refused: the head did not move past it
                 gate.next_buffer(timeout=0)
+        finally:
+            part.close()
+            gate.close()
+            pool.destroy()
+            net.close(check=False)
+
+
+def test_release_all_stops_at_a_buffer_released_twice_naming_it():
+    with SharedRegion.create(4 * MiB) as region:
+        net, pool, part, gate = _partition_and_gate(region)
+        try:
+            part.send_buffers(0, part.request_buffers(3, timeout=5))
+            a, b, c = gate.next_buffers(timeout=5)
+            b.release()
+            with pytest.raises(DoubleFreeError, match=rf"^buffer {b.index} of channel 0 was released twice$"):
+                gate.release_all([a, b, c])
+            assert a.view is None and c.view is not None  # a before it released; c after it untouched
+            assert gate.stats().unreleased == 1
+            gate.release_all([c])
+            assert gate.stats().unreleased == 0
+            part.wait_all_recycled(timeout=5)
+            assert pool.in_use() == 0
+        finally:
+            part.close()
+            gate.close()
+            pool.destroy()
+            net.close(check=False)
+
+
+def test_a_return_of_a_buffer_not_in_flight_is_refused_naming_it():
+    """The producer releases what came back before the bad index; what follows it stays in flight."""
+    with SharedRegion.create(4 * MiB) as region:
+        net, pool, part, gate = _partition_and_gate(region)
+        try:
+            bufs = part.request_buffers(3, timeout=5)
+            part.send_buffers(0, bufs)
+            a, b, c = (buf.index for buf in bufs)
+            got = gate.next_buffers(timeout=5)
+            assert [rb.index for rb in got] == [a, b, c]
+            stray = next(i for i in range(16) if i not in (a, b, c))
+            gate.channels[0].ring.give_back([a, stray, c], 0)  # what a broken consumer would send
+            with pytest.raises(DeserializationError, match=rf"^channel p\[0\]: consumer recycled buffer {stray}, "
+                               "not in flight$"):
+                part.channels[0].take_returns()
+            assert sorted(part.channels[0].in_flight) == [b, c] and pool.in_use() == 2
+            assert bufs[0].refcount == 0 and bufs[2].refcount == 1
         finally:
             part.close()
             gate.close()

@@ -28,6 +28,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import TYPE_CHECKING, NamedTuple, NoReturn, TypeVar
 
 from runtime.errors import (
@@ -201,7 +202,7 @@ class NetworkBuffer:
     def __init__(self, pool: LocalBufferPool, index: int, segment: MemorySegment | None = None) -> None:
         self.index = index
         self._segment = segment  # made on first use of ``segment``
-        self.capacity = pool._network.buffer_size if segment is None else segment.size
+        self.capacity = pool._buffer_size if segment is None else segment.size
         self._size = 0
         self._refcount = 1
         self._pool = pool
@@ -231,7 +232,9 @@ class NetworkBuffer:
             msg = (f"array of network buffer {self.index} of {self._pool.name!r}, which was recycled; "
                    "request a new buffer")
             raise SegmentFreedError(msg)
-        return self._pool._network._rows()[self.index]
+        net = self._pool._network
+        rows = net._row_views
+        return (net._rows() if rows is None else rows)[self.index]
 
     @property
     def refcount(self) -> int:
@@ -306,6 +309,7 @@ class LocalBufferPool:
         self.min = min_buffers
         self.max = max_buffers
         self.name = name
+        self._buffer_size = network.buffer_size
         # Guarded by self._lock (the network pool's):
         self._available: deque[int] = deque()  # idle indices held here; only while held <= min
         self._out: dict[int, NetworkBuffer] = {}  # index -> the buffer object lent for it
@@ -348,18 +352,15 @@ class LocalBufferPool:
         """Up to ``n`` buffers available now (possibly none), under one acquisition of the lock.
 
         The batch counterpart of :meth:`try_request_buffer` for producers that fill many buffers
-        in a row. Ownership: the caller owns each (refcount 1), as for :meth:`request_buffer`.
+        in a row: the indices come off the free lists in bulk and the buffers are made in one pass.
+        Ownership: the caller owns each (refcount 1), as for :meth:`request_buffer`.
         Process: as :meth:`request_buffer`. Raises ClosedResourceError if the pool was destroyed.
         """
-        out: list[NetworkBuffer] = []
+        if n <= 0:
+            return []
         with self._lock:
-            take, lend = self._take_locked, self._lend_locked
-            for _ in range(n):
-                index = take()
-                if index is None:
-                    break
-                out.append(lend(index))
-        return out
+            indices = self._take_many_locked(n)
+            return self._lend_many_locked(indices) if indices else []
 
     def wait_available(self, *, timeout: float | None = None) -> None:
         """Block until a request would not block (Flink's BufferListener, synchronously).
@@ -377,26 +378,53 @@ class LocalBufferPool:
 
     def _take_locked(self) -> int | None:
         """One index from here or from the network pool, or None. Caller holds the lock."""
+        got = self._take_many_locked(1)
+        return got[0] if got else None
+
+    def _take_many_locked(self, n: int) -> list[int]:
+        """Up to ``n`` indices (n >= 1): the local ones first, then the network pool's, as ``n`` single
+        takes would get them. Caller holds the lock. Raises ClosedResourceError if destroyed.
+
+        From the network pool a pool first takes what it lacks to its min (each of those is one
+        guarantee fewer reserved), then excess up to its max while more buffers are free than are
+        reserved for the other pools' mins. If you change this, update ``_place_locked`` and
+        ``_available_locked``.
+        """
         if self._destroyed:
             self._raise_destroyed()
-        if self._available:
-            return self._available.popleft()
+        avail = self._available
+        if len(avail) >= n:  # the steady state of a pool that holds its min
+            popleft = avail.popleft
+            return [popleft() for _ in range(n)]
+        taken = list(avail)
+        avail.clear()
         net = self._network
-        held = len(self._out)  # nothing is available locally, so held == in use
-        if held < self.min and net._free:
-            net._reserved -= 1
-            return net._free.popleft()
-        if held < self.max and len(net._free) > net._reserved:
-            return net._free.popleft()
-        return None
+        free = net._free
+        held = len(self._out) + len(taken)  # nothing is left locally, so held == in use + taken
+        want = n - len(taken)
+        own = min(want, self.min - held, len(free))
+        if own > 0:
+            net._reserved -= own
+            held += own
+            want -= own
+            taken += [free.popleft() for _ in range(own)]
+        extra = min(want, self.max - held, len(free) - net._reserved)
+        if extra > 0:
+            taken += [free.popleft() for _ in range(extra)]
+        return taken
 
     def _lend_locked(self, index: int) -> NetworkBuffer:
-        buf = NetworkBuffer(self, index)
-        self._out[index] = buf
-        self._requests += 1
-        if len(self._out) > self._peak:
-            self._peak = len(self._out)
-        return buf
+        return self._lend_many_locked([index])[0]
+
+    def _lend_many_locked(self, indices: list[int]) -> list[NetworkBuffer]:
+        """A fresh NetworkBuffer (refcount 1) per index, recorded as lent. Caller holds the lock."""
+        bufs = [NetworkBuffer(self, i) for i in indices]
+        out = self._out
+        out.update(zip(indices, bufs))
+        self._requests += len(bufs)
+        if len(out) > self._peak:
+            self._peak = len(out)
+        return bufs
 
     def _wait_locked(self, timeout: float | None, attempt: Callable[[], _T | None], what: str, *,
                      blocked: bool) -> _T:
@@ -496,40 +524,90 @@ class LocalBufferPool:
         buffer._refcount -= 1
         return () if buffer._refcount else self._recycle_locked(buffer)
 
+    def _release_run_locked(self, buffers: list[NetworkBuffer], start: int,
+                            todo: list[tuple[BufferListener, LocalBufferPool]]) -> int:
+        """Drop one reference of each buffer from ``buffers[start]`` on while they are this pool's, and
+        recycle those that reach 0 in one batch. Returns where the run ended. Caller holds the lock.
+
+        Listeners to call go to ``todo``, also when a DoubleFreeError ends the run (the buffers before
+        the doubly released one are released and recycled).
+        """
+        out = self._out
+        indices: list[int] = []  # of the buffers recycled
+        i = start
+        try:
+            for buf in islice(buffers, start, None):
+                if buf._pool is not self:
+                    break
+                refs = buf._refcount
+                if refs == 1:  # its last reference: recycle it (as _recycle_locked does)
+                    buf._refcount = 0
+                    index = buf.index
+                    del out[index]
+                    indices.append(index)
+                    buf._retired = True  # as _retire(buf)
+                    seg = buf._segment
+                    if seg is not None:
+                        seg._freed = True
+                elif refs > 1:
+                    buf._refcount = refs - 1
+                else:
+                    self._raise_double_free(buf.index)
+                i += 1
+        finally:
+            if indices:
+                todo.extend(self._place_locked(indices))
+        return i
+
     def _raise_double_free(self, index: int) -> NoReturn:
         msg = (f"network buffer {index} of local pool {self.name!r} was released after it was "
                "recycled; release each reference exactly once")
         raise DoubleFreeError(msg)
 
     def _recycle_locked(self, buffer: NetworkBuffer) -> _Todo:
-        """Take ``buffer`` back (refcount already 0); returns the listeners to call.
-
-        If you change where a buffer goes, update ``_take_locked`` and ``available``.
-        """
+        """Take ``buffer`` back (lent by this pool, refcount already 0); returns the listeners to call.
+        Caller holds the lock."""
         index = buffer.index
         del self._out[index]
         _retire(buffer)
+        return self._place_locked([index])
+
+    def _place_locked(self, indices: list[int]) -> _Todo:
+        """Put the indices of buffers just taken back (no longer lent) where they belong; returns the
+        listeners to call. Caller holds the lock.
+
+        Where they go is what recycling them one by one would do: while the pool holds more than its
+        min they return to the network pool (shared first come first served, and every waiting pool
+        is woken); the rest stay here, idle. A destroyed pool keeps none (Flink's lazy destroy).
+        Each listener is called once per batch. If you change where a buffer goes, update
+        ``_take_many_locked`` and ``_available_locked``.
+        """
+        out = self._out
         net = self._network
         if net._closed:
             return ()
-        if not self._destroyed and len(self._out) + len(self._available) < self.min:
-            self._available.append(index)
+        k = len(indices)
+        keep = 0 if self._destroyed else max(0, min(k, self.min - len(out) - len(self._available)))
+        if keep:
+            self._available.extend(indices[k - keep:])
             if self._waiters:
                 self._cond.notify_all()
-            return tuple((fn, self) for fn in self._listeners) if self._listeners else ()
-        # Excess, shared first come first served; or a destroyed pool's late return (Flink's lazy destroy).
-        if self._destroyed and not self._out:
-            net._draining.discard(self)
-        net._free.append(index)
-        net._wake_waiting_locked()
-        if not net._listening:
-            return ()
-        return tuple((fn, pool) for pool in net._listening
-                     if pool is self or len(pool._out) + len(pool._available) < pool.max
-                     for fn in pool._listeners)
+        if keep < k:
+            if self._destroyed and not out:
+                net._draining.discard(self)
+            net._free.extend(indices[:k - keep])
+            net._wake_waiting_locked()
+            if not net._listening:
+                return ()
+            # Every pool with room may take an excess buffer (this one too, if it listens: not destroyed).
+            return tuple((fn, pool) for pool in net._listening
+                         if pool is self or len(pool._out) + len(pool._available) < pool.max
+                         for fn in pool._listeners)
+        return tuple((fn, self) for fn in self._listeners) if self._listeners else ()
 
     def add_listener(self, fn: BufferListener) -> None:
-        """Call ``fn(pool)`` after each recycle that may let this pool hand out a buffer.
+        """Call ``fn(pool)`` after each recycle that may let this pool hand out a buffer (once per
+        batch that ``release_buffers`` recycles).
 
         Listeners run outside the lock, in the recycling thread; they must not block.
         Process: the pool's worker.
@@ -621,10 +699,12 @@ def _call_listeners(todo: _Todo) -> None:
 
 
 def release_buffers(buffers: list[NetworkBuffer]) -> None:
-    """``release()`` each buffer (one reference each), taking each pool's lock once per run of its buffers.
+    """``release()`` each buffer (one reference each), taking each pool's lock once per run of its
+    buffers and recycling the run's buffers that reach refcount 0 in one batch.
 
-    Ownership and errors: as ``NetworkBuffer.release`` for each, in order (a DoubleFreeError stops
-    the run; the buffers before it stay released). Listeners run after, unlocked.
+    Ownership and errors: as ``NetworkBuffer.release`` for each, in order (a DoubleFreeError, which
+    names the buffer, stops the run; the buffers before it stay released). Listeners run after,
+    unlocked, once per pool and run.
     """
     todo: list[tuple[BufferListener, LocalBufferPool]] = []
     i, n = 0, len(buffers)
@@ -632,12 +712,7 @@ def release_buffers(buffers: list[NetworkBuffer]) -> None:
         while i < n:
             pool = buffers[i]._pool
             with pool._lock:
-                release = pool._release_locked
-                while i < n and buffers[i]._pool is pool:
-                    got = release(buffers[i])
-                    if got:
-                        todo.extend(got)
-                    i += 1
+                i = pool._release_run_locked(buffers, i, todo)
     finally:
         _call_listeners(tuple(todo))
 

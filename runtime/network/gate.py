@@ -465,19 +465,20 @@ class InputGate:
         Raises DoubleFreeError at the first buffer released already (those before it stay released).
         """
         groups: dict[int, list[int]] = {}
+        channel, group = -1, []  # the group of the channel of the previous buffer (runs are the rule)
         twice = None
         for rb in buffers:
-            if rb.gate is not self:
-                rb.release()
-                continue
-            if rb._released:
+            if rb._released or rb.gate is not self:
+                if rb.gate is not self:
+                    rb.release()
+                    continue
                 twice = rb
                 break
             rb._released = True
             rb.view = None
-            group = groups.get(rb.channel)
-            if group is None:
-                group = groups[rb.channel] = []
+            if rb.channel != channel:
+                channel = rb.channel
+                group = groups.setdefault(channel, [])
             group.append(rb.index)
         for channel, indices in groups.items():
             self._release_many(self.channels[channel], indices)

@@ -169,12 +169,7 @@ class OutputChannel:
         part = self.partition
         ring = self.ring
         if ring is not None:
-            if ring.push([b.index for b in batch], [b.size for b in batch], len(queue)):
-                self.socket.send(msg.WAKE_FRAME)  # the consumer parked: the one wake-up of its wait
-                part._messages_sent += 1
-            in_flight = self.in_flight
-            for b in batch:
-                in_flight[b.index] = b
+            return self._push(ring, batch)
         else:
             cap = part.message_cap
             for first in range(0, n, cap):
@@ -257,16 +252,35 @@ class OutputChannel:
             return
         self.partition.spin_until = time.monotonic() + SPIN_SECONDS
         pop = self.in_flight.pop
-        returned: list[NetworkBuffer] = []
-        try:
-            for i in indices:
-                buf = pop(i, None)
-                if buf is None:
-                    text = f"channel {self.name}: consumer recycled buffer {i}, not in flight"
-                    raise DeserializationError(text)
-                returned.append(buf)
-        finally:
-            release_buffers(returned)
+        returned = [pop(i, None) for i in indices]
+        if None in returned:  # release what came back before the bad index; what follows it stays in flight
+            bad = returned.index(None)
+            for i, buf in zip(indices[bad + 1:], returned[bad + 1:]):
+                if buf is not None:
+                    self.in_flight[i] = buf
+            release_buffers(cast("list[NetworkBuffer]", returned[:bad]))
+            text = f"channel {self.name}: consumer recycled buffer {indices[bad]}, not in flight"
+            raise DeserializationError(text)
+        release_buffers(cast("list[NetworkBuffer]", returned))
+
+    def _push(self, ring: rings.Ring, batch: list[NetworkBuffer]) -> int:
+        """shm: publish ``batch`` (off the queue, its credits spent) in the ring. Its buffers stay in
+        flight, still this channel's, until the consumer gives them back (:meth:`take_returns`).
+        Returns how many."""
+        indices = [b.index for b in batch]
+        sizes = [b._size for b in batch]
+        part = self.partition
+        if ring.push(indices, sizes, len(self.queue)):
+            self.socket.send(msg.WAKE_FRAME)  # the consumer parked: the one wake-up of its wait
+            part._messages_sent += 1
+        in_flight = self.in_flight
+        in_flight.update(zip(indices, batch))
+        n = len(batch)
+        part._buffers_sent += n
+        part._bytes_sent += sum(sizes)
+        if len(in_flight) > self.max_in_flight:
+            self.max_in_flight = len(in_flight)
+        return n
 
     def park(self) -> bool:
         """shm: announce in the ring that this channel waits for credits or recycles; False (not parked)
@@ -400,8 +414,7 @@ class ResultPartition:
         try:
             while True:
                 self.ship_all()
-                self._wait_control(0.05 if timeout is None else max(0.0, min(0.05, start + timeout - time.monotonic())))
-                bufs = self.pool.try_request_buffers(n)
+                bufs = self.pool.try_request_buffers(n)  # shm: ship_all took what the rings gave back
                 if bufs:
                     return bufs
                 if timeout is not None and time.monotonic() - start >= timeout:
@@ -409,6 +422,7 @@ class ResultPartition:
                             f"({self._in_flight()} in flight, {self._backlog()} queued); the consumers are not "
                             f"reading — raise network.buffers-per-channel or check the consumers")
                     raise TimeoutError(msg_)
+                self._wait_control(0.05 if timeout is None else max(0.0, min(0.05, start + timeout - time.monotonic())))
         finally:
             self._blocked += time.monotonic() - start
 
@@ -445,8 +459,7 @@ class ResultPartition:
         queued = len(queue)
         batch = self.ship_batch
         if ch.ring is not None:  # a push costs a few stores: ship at once
-            if ch.credits < queued:
-                ch.take_returns()
+            ch.take_returns()  # a few loads: credits, and recycles back in the pool before it runs dry
             ch.ship()
         elif batch:
             if queued >= batch:
