@@ -166,22 +166,23 @@ class OutputChannel:
         queue = self.queue
         batch = [queue.popleft() for _ in range(n)]
         self.credits -= n
-        part = self.partition
         ring = self.ring
         if ring is not None:
             return self._push(ring, batch)
-        else:
-            cap = part.message_cap
-            for first in range(0, n, cap):
-                chunk = batch[first:first + cap]
-                backlog = len(queue) + n - first - len(chunk)  # what stays queued after this message
-                header = msg.encode_bytes_header(backlog, [b.size for b in chunk])
-                self.socket.send_multipart([header, *self._frames(chunk)], copy=False)
-                part._messages_sent += 1
+        return self._send_bytes(batch)
+
+    def _send_bytes(self, batch: list[NetworkBuffer]) -> int:
+        """tcp: send ``batch`` (off the queue, its credits spent) in messages of at most the partition's
+        ``message_cap`` buffers, each with the backlog that stays queued after it. Returns how many."""
+        part = self.partition
+        n, cap, queued = len(batch), part.message_cap, len(self.queue)
+        for first in range(0, n, cap):
+            chunk = batch[first:first + cap]
+            header = msg.encode_bytes_header(queued + n - first - len(chunk), [b.size for b in chunk])
+            self.socket.send_multipart([header, *self._frames(chunk)], copy=False)
+            part._messages_sent += 1
         part._buffers_sent += n
         part._bytes_sent += sum(b.size for b in batch)
-        if len(self.in_flight) > self.max_in_flight:  # shm: what credits bound (zmq's hold on tcp frames is not)
-            self.max_in_flight = len(self.in_flight)
         return n
 
     def _frames(self, batch: list[NetworkBuffer]) -> list[Any]:
