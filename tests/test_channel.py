@@ -316,3 +316,39 @@ def test_closing_a_tcp_partition_takes_back_the_buffers_zmq_still_held():
         assert part.doorbell is None
         pool.destroy()
         net.close()  # check=True: raises if a buffer were still lent
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_a_producer_without_credits_announces_its_backlog_and_gets_floating_credits(transport):
+    """Its last data said "no backlog", so the gate took its floating credits back; once its queue grows with
+    no credit left, it announces the backlog (an ``A`` message) and the gate lends it floating credits: all
+    six buffers arrive although the consumer releases none."""
+    exclusive, floating = 2, 4
+    with SharedRegion.create(8 * MiB) as region:
+        net = NetworkBufferPool(BuddyAllocator(region), 16, BUF)
+        pool = net.create_buffer_pool(16, 16, name="producer")
+        gate = InputGate(1, exclusive=exclusive, floating=floating, name="g", endpoint=_endpoint_for(transport))
+        part = ResultPartition(pool, [gate.endpoint], channel_ids=0, transport=transport, name="p", ship_batch=1,
+                               max_backlog=16)
+        try:
+            gate.wait_connected(timeout=30)
+            gate.flush_credits()
+            got = []
+            for k in range(exclusive + floating):
+                buf = part.request_buffer(timeout=30)
+                buf.size = 8
+                part.send_buffer(0, buf, block=False)
+                got.extend(gate.next_buffers(timeout=0))
+            deadline = time.monotonic() + 30
+            while len(got) < exclusive + floating and time.monotonic() < deadline:
+                part.ship_all()
+                got.extend(gate.next_buffers(timeout=0.05))
+            assert len(got) == exclusive + floating
+            assert part.stats().backlog == 0
+            assert gate.stats().floating_lent == floating
+            gate.release_all(got)
+        finally:
+            part.close()
+            gate.close()
+            pool.destroy()
+            net.close(check=False)

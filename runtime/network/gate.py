@@ -282,6 +282,18 @@ class InputGate:
             ch.floating += lend
             self._grant(ch, lend)
 
+    def _on_backlog(self, ch: _ChannelState, backlog: int) -> None:
+        """The producer of ``ch`` announced ``backlog`` queued buffers and has no credit: lend it floating
+        credits, and over tcp send them at once (it waits for them)."""
+        ch.backlog = backlog
+        if backlog and self.floating_free:
+            lend = min(backlog, self.floating_free)
+            self.floating_free -= lend
+            ch.floating += lend
+            self._grant(ch, lend)
+            if ch.region is None:
+                self._send_credits(ch)
+
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
         head = frames[1]
@@ -297,6 +309,9 @@ class InputGate:
         where = f"channel {ch.name}"
         if kind == msg.WAKE and ch.region is not None:
             return  # a producer published into a ring this gate parked in: _poll_rings takes it
+        if kind == msg.BACKLOG:
+            self._on_backlog(ch, msg.decode_backlog(head.buffer, where=where))
+            return
         if kind != msg.BYTES or ch.region is not None:
             text = f"{where}: unexpected message kind {kind!r}"
             raise DeserializationError(text)

@@ -18,11 +18,16 @@ kind   direction  first frame after the kind byte; further frames
                   or more frames: the ``count`` buffers' bytes in order, back to back,
                   each buffer whole in one frame (tcp)
 ``C``  r -> s     ``<I`` credits granted (tcp)
+``A``  s -> r     ``<I`` backlog: the sender has this many buffers queued and no credit
+                  (both transports; the receiver may lend it floating credits)
 ``W``  both       nothing: a wake-up for a peer that parked in the ring (shm)
 ``X``  s -> r     the sender closed the channel (after end-of-partition)
 ====== ========== ================================================================
 
 Credits (tcp): the sender ships one buffer per credit; ``C`` grants new ones.
+Backlog: every ``B`` message and every ring push carries the sender's backlog; a
+sender whose queue grows while it has no credit (so it ships nothing that could
+carry it) announces it once with ``A``, as Flink's BacklogAnnouncement does.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import msgpack
 from runtime.errors import DeserializationError
 
 __all__ = [
+    "BACKLOG",
     "BYTES",
     "CLOSE",
     "CREDIT",
@@ -42,16 +48,18 @@ __all__ = [
     "PROTOCOL_VERSION",
     "WAKE",
     "WAKE_FRAME",
+    "decode_backlog",
     "decode_bytes_header",
     "decode_credit",
     "decode_hello",
+    "encode_backlog",
     "encode_bytes_header",
     "encode_credit",
     "encode_hello",
 ]
 
-PROTOCOL_VERSION = 2  # 2: shm descriptors, recycles and credits in rings; tcp batches in one frame
-HELLO, BYTES, CREDIT, WAKE, CLOSE = (ord(c) for c in "HBCWX")
+PROTOCOL_VERSION = 3  # 2: shm descriptors, recycles and credits in rings; 3: tcp payload frames, A
+HELLO, BYTES, CREDIT, WAKE, CLOSE, BACKLOG = (ord(c) for c in "HBCWXA")
 WAKE_FRAME = b"W"
 _COUNTS = struct.Struct("<II")
 _CREDIT = struct.Struct("<I")
@@ -93,6 +101,19 @@ def decode_bytes_header(frame: bytes | memoryview, payload_bytes: int, *, where:
         msg = f"{where}: bytes message announces {sum(sizes)} bytes of buffers; got {payload_bytes}"
         raise DeserializationError(msg)
     return backlog, sizes
+
+
+def encode_backlog(backlog: int) -> bytes:
+    return b"A" + _CREDIT.pack(backlog)
+
+
+def decode_backlog(frame: bytes | memoryview, *, where: str) -> int:
+    """The backlog of an ``A`` message."""
+    if len(frame) != 1 + _CREDIT.size:
+        msg = f"{where}: backlog message of {len(frame)} bytes; expected {1 + _CREDIT.size}"
+        raise DeserializationError(msg)
+    backlog: int = _CREDIT.unpack_from(frame, 1)[0]
+    return backlog
 
 
 def encode_credit(credits: int) -> bytes:

@@ -122,6 +122,7 @@ class OutputChannel:
         self.granted_seen = 0  # shm: the consumer's cumulative credit count, as last read from the ring
         # tcp: buffers handed to zmq without a copy, and of those the ones it let go of (frames_sent, which
         # runs in whichever thread drops the frame's last reference: the lock keeps the count whole).
+        self.announced = 0  # the backlog the consumer was last told of (with data, or by announce_backlog)
         self.zero_copy_sent = 0
         self.zero_copy_returned = 0
         self._returns_lock = threading.Lock()
@@ -181,6 +182,7 @@ class OutputChannel:
             header = msg.encode_bytes_header(queued + n - first - len(chunk), [b.size for b in chunk])
             self.socket.send_multipart([header, *self._frames(chunk)], copy=False)
             part._messages_sent += 1
+        self.announced = queued
         part._buffers_sent += n
         part._bytes_sent += sum(b.size for b in batch)
         return n
@@ -271,7 +273,8 @@ class OutputChannel:
         indices = [b.index for b in batch]
         sizes = [b._size for b in batch]
         part = self.partition
-        if ring.push(indices, sizes, len(self.queue)):
+        self.announced = len(self.queue)
+        if ring.push(indices, sizes, self.announced):
             self.socket.send(msg.WAKE_FRAME)  # the consumer parked: the one wake-up of its wait
             part._messages_sent += 1
         in_flight = self.in_flight
@@ -282,6 +285,14 @@ class OutputChannel:
         if len(in_flight) > self.max_in_flight:
             self.max_in_flight = len(in_flight)
         return n
+
+    def announce_backlog(self) -> None:
+        """Tell the consumer of this channel's backlog: it has buffers queued and no credit, and the
+        consumer, told of none with the last data, may have taken its floating credits back. One ``A``
+        message, until data carries the backlog again."""
+        self.announced = len(self.queue)
+        self.socket.send(msg.encode_backlog(self.announced))
+        self.partition._messages_sent += 1
 
     def park(self) -> bool:
         """shm: announce in the ring that this channel waits for credits or recycles; False (not parked)
@@ -475,6 +486,8 @@ class ResultPartition:
                     threshold = ch.ship_threshold()
                 if ch.credits >= threshold:
                     ch.ship()
+        if queue and not ch.credits and not ch.announced and not ch.closed:
+            ch.announce_backlog()
         if block and len(queue) >= self.max_backlog:
             self._wait_backlog(ch)
 
