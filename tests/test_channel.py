@@ -334,7 +334,7 @@ def test_a_producer_without_credits_announces_its_backlog_and_gets_floating_cred
             gate.wait_connected(timeout=30)
             gate.flush_credits()
             got = []
-            for k in range(exclusive + floating):
+            for _ in range(exclusive + floating):
                 buf = part.request_buffer(timeout=30)
                 buf.size = 8
                 part.send_buffer(0, buf, block=False)

@@ -4,6 +4,7 @@ descriptor. The ring lives in a real shared region; the producer and the consume
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import struct
@@ -314,14 +315,22 @@ def test_free_running_producer_and_consumer_with_zeromq_wakeups(capacity, count)
 
 
 # ------------------------------------------------------------------------- gate: torn descriptors
+@contextlib.contextmanager
 def _partition_and_gate(region: SharedRegion):
+    """(net, pool, part, gate): a shm channel in this process, connected; all closed after."""
     alloc = BuddyAllocator(region, min_block=4096)
     net = NetworkBufferPool(alloc, 16, BUFFER_SIZE)
     pool = net.create_buffer_pool(4, 16, name="producer")
     gate = InputGate(1, exclusive=4, floating=0, name="g")
     part = ResultPartition(pool, [gate.endpoint], channel_ids=0, name="p")
-    gate.wait_connected(timeout=30)
-    return net, pool, part, gate
+    try:
+        gate.wait_connected(timeout=30)
+        yield net, pool, part, gate
+    finally:
+        part.close()
+        gate.close()
+        pool.destroy()
+        net.close(check=False)
 
 
 def _publish_raw(region: SharedRegion, part: ResultPartition, index: int, size: int, *, advance: int = 1) -> None:
@@ -340,90 +349,63 @@ def _publish_raw(region: SharedRegion, part: ResultPartition, index: int, size: 
     (3, 8, 1 << 40, r"ring tail \d+ is \d+ entries ahead of head 1; it holds 16"),
 ])
 def test_a_torn_descriptor_is_refused_never_followed(index, size, advance, what):
-    with SharedRegion.create(4 * MiB) as region:
-        net, pool, part, gate = _partition_and_gate(region)
-        try:
-            buf = part.request_buffer(timeout=5)
-            buf.segment.put_bytes(0, b"fine")
-            buf.size = 4
-            part.send_buffer(0, buf)
-            rb = gate.next_buffer(timeout=5)
-            assert rb is not None and bytes(rb.view) == b"fine"
-            rb.release()
-            _publish_raw(region, part, index, size, advance=advance)
-            with pytest.raises(DeserializationError, match=r"^channel g<-0: " + what):
-                gate.next_buffer(timeout=5)
-            with pytest.raises(DeserializationError):  # still refused: the head did not move past it
-                gate.next_buffer(timeout=0)
-        finally:
-            part.close()
-            gate.close()
-            pool.destroy()
-            net.close(check=False)
+    with SharedRegion.create(4 * MiB) as region, _partition_and_gate(region) as (net, pool, part, gate):
+        buf = part.request_buffer(timeout=5)
+        buf.segment.put_bytes(0, b"fine")
+        buf.size = 4
+        part.send_buffer(0, buf)
+        rb = gate.next_buffer(timeout=5)
+        assert rb is not None and bytes(rb.view) == b"fine"
+        rb.release()
+        _publish_raw(region, part, index, size, advance=advance)
+        with pytest.raises(DeserializationError, match=r"^channel g<-0: " + what):
+            gate.next_buffer(timeout=5)
+        with pytest.raises(DeserializationError):  # still refused: the head did not move past it
+            gate.next_buffer(timeout=0)
 
 
 def test_release_all_stops_at_a_buffer_released_twice_naming_it():
-    with SharedRegion.create(4 * MiB) as region:
-        net, pool, part, gate = _partition_and_gate(region)
-        try:
-            part.send_buffers(0, part.request_buffers(3, timeout=5))
-            a, b, c = gate.next_buffers(timeout=5)
-            b.release()
-            with pytest.raises(DoubleFreeError, match=rf"^buffer {b.index} of channel 0 was released twice$"):
-                gate.release_all([a, b, c])
-            assert a.view is None and c.view is not None  # a before it released; c after it untouched
-            assert gate.stats().unreleased == 1
-            gate.release_all([c])
-            assert gate.stats().unreleased == 0
-            part.wait_all_recycled(timeout=5)
-            assert pool.in_use() == 0
-        finally:
-            part.close()
-            gate.close()
-            pool.destroy()
-            net.close(check=False)
+    with SharedRegion.create(4 * MiB) as region, _partition_and_gate(region) as (net, pool, part, gate):
+        part.send_buffers(0, part.request_buffers(3, timeout=5))
+        a, b, c = gate.next_buffers(timeout=5)
+        b.release()
+        with pytest.raises(DoubleFreeError, match=rf"^buffer {b.index} of channel 0 was released twice$"):
+            gate.release_all([a, b, c])
+        assert a.view is None and c.view is not None  # a before it released; c after it untouched
+        assert gate.stats().unreleased == 1
+        gate.release_all([c])
+        assert gate.stats().unreleased == 0
+        part.wait_all_recycled(timeout=5)
+        assert pool.in_use() == 0
 
 
 def test_a_return_of_a_buffer_not_in_flight_is_refused_naming_it():
     """The producer releases what came back before the bad index; what follows it stays in flight."""
-    with SharedRegion.create(4 * MiB) as region:
-        net, pool, part, gate = _partition_and_gate(region)
-        try:
-            bufs = part.request_buffers(3, timeout=5)
-            part.send_buffers(0, bufs)
-            a, b, c = (buf.index for buf in bufs)
-            got = gate.next_buffers(timeout=5)
-            assert [rb.index for rb in got] == [a, b, c]
-            stray = next(i for i in range(16) if i not in (a, b, c))
-            gate.channels[0].ring.give_back([a, stray, c], 0)  # what a broken consumer would send
-            with pytest.raises(DeserializationError, match=rf"^channel p\[0\]: consumer recycled buffer {stray}, "
-                               "not in flight$"):
-                part.channels[0].take_returns()
-            assert sorted(part.channels[0].in_flight) == [b, c] and pool.in_use() == 2
-            assert bufs[0].refcount == 0 and bufs[2].refcount == 1
-        finally:
-            part.close()
-            gate.close()
-            pool.destroy()
-            net.close(check=False)
+    with SharedRegion.create(4 * MiB) as region, _partition_and_gate(region) as (net, pool, part, gate):
+        bufs = part.request_buffers(3, timeout=5)
+        part.send_buffers(0, bufs)
+        a, b, c = (buf.index for buf in bufs)
+        got = gate.next_buffers(timeout=5)
+        assert [rb.index for rb in got] == [a, b, c]
+        stray = next(i for i in range(16) if i not in (a, b, c))
+        gate.channels[0].ring.give_back([a, stray, c], 0)  # what a broken consumer would send
+        with pytest.raises(DeserializationError, match=rf"^channel p\[0\]: consumer recycled buffer {stray}, "
+                           "not in flight$"):
+            part.channels[0].take_returns()
+        assert sorted(part.channels[0].in_flight) == [b, c] and pool.in_use() == 2
+        assert bufs[0].refcount == 0 and bufs[2].refcount == 1
 
 
 def test_a_closed_ring_is_detached_and_its_block_freed():
     """The producer closes: the ring's block returns to the allocator, and the gate stops using the ring
     (it parks without it instead of reading freed memory)."""
-    with SharedRegion.create(4 * MiB) as region:
-        net, pool, part, gate = _partition_and_gate(region)
+    with SharedRegion.create(4 * MiB) as region, _partition_and_gate(region) as (net, _pool, part, gate):
         alloc = net.allocator
-        try:
-            used = alloc.allocated_bytes
-            part.close()
-            assert alloc.allocated_bytes == used - 4096  # the ring's block (16 slots: one 4 KiB block)
-            assert gate.next_buffer(timeout=0.2) is None
-            assert gate._rings == []  # detached: RingGone was seen, nothing else
-        finally:
-            gate.close()
-            pool.destroy()
-            net.close(check=False)
+        used = alloc.allocated_bytes
+        part.close()
+        assert alloc.allocated_bytes == used - 4096  # the ring's block (16 slots: one 4 KiB block)
+        assert gate.next_buffer(timeout=0.2) is None
+        assert gate._rings == []  # detached: RingGone was seen, nothing else
 
 
 def test_ring_capacity_covers_the_pool():

@@ -109,11 +109,7 @@ def encode_backlog(backlog: int) -> bytes:
 
 def decode_backlog(frame: bytes | memoryview, *, where: str) -> int:
     """The backlog of an ``A`` message."""
-    if len(frame) != 1 + _CREDIT.size:
-        msg = f"{where}: backlog message of {len(frame)} bytes; expected {1 + _CREDIT.size}"
-        raise DeserializationError(msg)
-    backlog: int = _CREDIT.unpack_from(frame, 1)[0]
-    return backlog
+    return _decode_count(frame, "backlog", where)
 
 
 def encode_credit(credits: int) -> bytes:
@@ -122,8 +118,13 @@ def encode_credit(credits: int) -> bytes:
 
 def decode_credit(frame: bytes | memoryview, *, where: str) -> int:
     """The credits of a ``C`` message."""
+    return _decode_count(frame, "credit", where)
+
+
+def _decode_count(frame: bytes | memoryview, what: str, where: str) -> int:
+    """The one ``<I`` count after the kind byte of a ``C`` or ``A`` message."""
     if len(frame) != 1 + _CREDIT.size:
-        msg = f"{where}: credit message of {len(frame)} bytes; expected {1 + _CREDIT.size}"
+        msg = f"{where}: {what} message of {len(frame)} bytes; expected {1 + _CREDIT.size}"
         raise DeserializationError(msg)
-    credits: int = _CREDIT.unpack_from(frame, 1)[0]
-    return credits
+    count: int = _CREDIT.unpack_from(frame, 1)[0]
+    return count
