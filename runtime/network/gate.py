@@ -274,25 +274,25 @@ class InputGate:
             raise DeserializationError(text)
         ch.granted -= n
         ch.unreleased += n
-        ch.backlog = backlog
         self._buffers += n
-        if backlog and self.floating_free:  # lend floating credits to a channel with a backlog
-            lend = min(backlog, self.floating_free)
+        self._lend_floating(ch, backlog)
+
+    def _lend_floating(self, ch: _ChannelState, backlog: int) -> int:
+        """The sender of ``ch`` has ``backlog`` buffers queued: lend it up to that many floating credits
+        while the gate has some. Returns how many it lent."""
+        ch.backlog = backlog
+        lend = min(backlog, self.floating_free)
+        if lend:
             self.floating_free -= lend
             ch.floating += lend
             self._grant(ch, lend)
+        return lend
 
     def _on_backlog(self, ch: _ChannelState, backlog: int) -> None:
         """The producer of ``ch`` announced ``backlog`` queued buffers and has no credit: lend it floating
         credits, and over tcp send them at once (it waits for them)."""
-        ch.backlog = backlog
-        if backlog and self.floating_free:
-            lend = min(backlog, self.floating_free)
-            self.floating_free -= lend
-            ch.floating += lend
-            self._grant(ch, lend)
-            if ch.region is None:
-                self._send_credits(ch)
+        if self._lend_floating(ch, backlog) and ch.region is None:
+            self._send_credits(ch)
 
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes

@@ -120,9 +120,9 @@ class OutputChannel:
         self.ring: rings.Ring | None = None  # shm: written by this channel and its consumer only
         self.ring_block: MemorySegment | None = None
         self.granted_seen = 0  # shm: the consumer's cumulative credit count, as last read from the ring
+        self.announced = 0  # the backlog the consumer was last told of (with data, or by announce_backlog)
         # tcp: buffers handed to zmq without a copy, and of those the ones it let go of (frames_sent, which
         # runs in whichever thread drops the frame's last reference: the lock keeps the count whole).
-        self.announced = 0  # the backlog the consumer was last told of (with data, or by announce_backlog)
         self.zero_copy_sent = 0
         self.zero_copy_returned = 0
         self._returns_lock = threading.Lock()
