@@ -386,6 +386,7 @@ class ResultPartition:
         # buffers polls it with the sockets. Written by OutputChannel.frames_sent, drained by _drain_control.
         self.doorbell: int | None = None
         self._doorbell_lock = threading.Lock()  # a late frames_sent must not write to a closed (reused) fd
+        self._doorbell_rung = False  # set by ring_doorbell (any thread), cleared by _drain_control
         if transport == "tcp":
             self.doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._poller.register(self.doorbell, zmq.POLLIN)
@@ -538,11 +539,12 @@ class ResultPartition:
 
     # ------------------------------------------------------------------ control
     def _drain_control(self) -> None:
-        if self.doorbell is not None:
+        if self._doorbell_rung:  # read the eventfd only when it was written: this runs every loop
+            self._doorbell_rung = False
             try:
-                os.eventfd_read(self.doorbell)
+                os.eventfd_read(cast(int, self.doorbell))
             except BlockingIOError:
-                pass  # nothing came back since the last drain
+                pass  # a drain after the flag was set again took it already
         for ch in self.channels:
             self._drain_channel(ch)
 
@@ -550,6 +552,7 @@ class ResultPartition:
         """tcp: buffers came back from zmq; wake a wait for them (any thread)."""
         with self._doorbell_lock:
             if self.doorbell is not None:
+                self._doorbell_rung = True  # before the write: a drain that misses the write reads it later
                 os.eventfd_write(self.doorbell, 1)
 
     @staticmethod
@@ -641,6 +644,7 @@ class ResultPartition:
             if self.doorbell is not None:
                 os.close(self.doorbell)
                 self.doorbell = None
+                self._doorbell_rung = False
 
     def __enter__(self) -> ResultPartition:
         return self
