@@ -545,10 +545,7 @@ class LocalBufferPool:
                     index = buf.index
                     del out[index]
                     indices.append(index)
-                    buf._retired = True  # as _retire(buf)
-                    seg = buf._segment
-                    if seg is not None:
-                        seg._freed = True
+                    _retire(buf)
                 elif refs > 1:
                     buf._refcount = refs - 1
                 else:
